@@ -1,0 +1,2 @@
+def attention(): pass
+def backend_status(): pass

@@ -1,0 +1,11 @@
+"""Experiments that write tidy records under results/ (and only that).
+
+Each study module exposes ``run(*, quick: bool, results_dir: Path) -> list[Path]``
+(the results files it wrote) and ``FIGURES``, a list of functions
+``f(results_dir: Path, figures_dir: Path) -> list[Path]`` that read stored
+results only. `nkattn study NAME` and `nkattn figures` walk this registry.
+"""
+
+STUDIES = {
+    "rank-entropy": "nkattn.studies.rank_entropy",
+}
