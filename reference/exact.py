@@ -63,14 +63,18 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / float(np.sqrt(head_dim))
 
 
-def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None):
-    """Oracle: dense float64 attention. Returns (O, lse) as float64."""
-    q = np.asarray(q, dtype=np.float64)
-    k = _expand_kv_heads(np.asarray(k, dtype=np.float64), q.shape[1])
-    v = _expand_kv_heads(np.asarray(v, dtype=np.float64), q.shape[1])
+def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, compute_dtype=np.float64):
+    """Oracle: dense attention. Returns (O, lse) in `compute_dtype`.
+
+    float64 is the reference; ``compute_dtype=np.float32`` is the naive float32
+    formula whose error sets a float32 kernel's error budget.
+    """
+    q = np.asarray(q, dtype=compute_dtype)
+    k = _expand_kv_heads(np.asarray(k, dtype=compute_dtype), q.shape[1])
+    v = _expand_kv_heads(np.asarray(v, dtype=compute_dtype), q.shape[1])
     batch, _, nq, head_dim = q.shape
     nk = k.shape[2]
-    scale = default_scale(head_dim) if scale is None else float(scale)
+    scale = q.dtype.type(default_scale(head_dim) if scale is None else scale)
 
     s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
     counts = visible_key_counts(batch, nq, nk, causal, key_lengths)
@@ -78,11 +82,11 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None):
     s = np.where(visible, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     has_keys = np.isfinite(m)
-    p = np.where(visible, np.exp(s - np.where(has_keys, m, 0.0)), 0.0)
+    zero, one = q.dtype.type(0), q.dtype.type(1)
+    p = np.where(visible, np.exp(s - np.where(has_keys, m, zero)), zero)
     l = p.sum(axis=-1, keepdims=True)
-    o = np.where(has_keys, (p @ v) / np.where(has_keys, l, 1.0), 0.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(has_keys, m + np.log(np.where(has_keys, l, 1.0)), -np.inf)
+    o = np.where(has_keys, (p @ v) / np.where(has_keys, l, one), zero)
+    lse = np.where(has_keys, m + np.log(np.where(has_keys, l, one)), q.dtype.type(-np.inf))
     return o, lse[..., 0]
 
 
@@ -96,8 +100,8 @@ class StreamingOrder:
     """The operation order shared by the exact kernel and its float64 mirror.
 
     A query row's dot product is split among `dot_split` threads; thread `part`
-    owns the elements ``c * vec * dot_split + part * vec + t`` (t < vec), sums its
-    products in increasing element order from 0.0, and the partial sums are
+    owns the elements ``(c // vec) * vec * dot_split + part * vec + c % vec``, sums
+    its products in increasing c (starting from the first product), and the partial sums are
     combined pairwise (a butterfly: ``x[0::2] + x[1::2]`` until one is left).
     Keys are visited in tiles of `block_n`.
     """
@@ -183,8 +187,8 @@ def _canonical_scores(q_parts, k_parts, scale):
 
     q_parts (..., split, ept), k_parts (..., split, ept) broadcastable.
     """
-    partial = np.zeros(np.broadcast_shapes(q_parts.shape, k_parts.shape)[:-1])
-    for c in range(q_parts.shape[-1]):
+    partial = q_parts[..., 0] * k_parts[..., 0]
+    for c in range(1, q_parts.shape[-1]):
         partial = partial + q_parts[..., c] * k_parts[..., c]
     while partial.shape[-1] > 1:
         partial = partial[..., 0::2] + partial[..., 1::2]

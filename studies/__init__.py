@@ -7,5 +7,6 @@ results only. `nkattn study NAME` and `nkattn figures` walk this registry.
 """
 
 STUDIES = {
+    "exact-bits": "nkattn.studies.exact_bits",
     "rank-entropy": "nkattn.studies.rank_entropy",
 }

@@ -1,0 +1,68 @@
+"""`nkattn run`: every method on the available backend, checked against float64, as one table."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import nkattn
+from nkattn.api import METHODS
+from nkattn.reference.exact import attention_ref, streaming_attention_ref
+from nkattn.testing import relative_error
+
+# The simulator runs each CUDA thread as a Python thread; keep its input small.
+SIMULATOR_MAX_N = 64
+SIMULATOR_MAX_HEADS = 2
+
+
+def load_default_input(simulator: bool):
+    from nkattn.sample import load_sample
+
+    sample = load_sample()
+    q, k, v = sample["q"], sample["k"], sample["v"]
+    if simulator:
+        q, k, v = (x[:, :SIMULATOR_MAX_HEADS, :SIMULATOR_MAX_N] for x in (q, k, v))
+    return q, k, v, sample["description"]
+
+
+def _bit_reference(method, q, k, v, causal):
+    if method == "exact":
+        return streaming_attention_ref(q, k, v, causal=causal)[0]
+    return None
+
+
+def run_all(*, simulator: bool, repeats: int = 3, causal: bool = True) -> int:
+    q32, k32, v32, description = load_default_input(simulator)
+    backend = "reference" if nkattn.backend_status()["cuda"] else "cuda"
+    backend_label = "cuda (simulator)" if backend == "cuda" and simulator else backend
+    print(f"input: {description}; shape q {q32.shape}, causal={causal}")
+    rows = []
+    for method in METHODS:
+        oracle = attention_ref(q32, k32, v32, causal=causal)[0]
+        for dtype in (np.float32, np.float64):
+            q, k, v = (x.astype(dtype) for x in (q32, k32, v32))
+            outs, times = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                outs.append(nkattn.attention(q, k, v, method=method, causal=causal, backend=backend))
+                times.append(time.perf_counter() - start)
+            deterministic = all(np.array_equal(outs[0].view(np.uint8), o.view(np.uint8)) for o in outs[1:])
+            bits = "n/a"
+            if dtype == np.float64:
+                expected = _bit_reference(method, q, k, v, causal)
+                if expected is not None:
+                    bits = "yes" if np.array_equal(outs[0].view(np.uint8), expected.view(np.uint8)) else "no"
+            rows.append(
+                (method, backend_label, np.dtype(dtype).name, f"{relative_error(outs[0], oracle):.2e}", bits,
+                 "yes" if deterministic else "no", f"{1e3 * float(np.median(times)):.1f}")
+            )
+    header = ("method", "backend", "dtype", "max rel err vs f64", "bit-identical", "deterministic", "time ms")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("bit-identical: float64 output equal, bit for bit, to the float64 streaming reference "
+          "(float32 has no bit-level reference: n/a); time is wall-clock per call, compilation in the first")
+    return 0

@@ -1,0 +1,191 @@
+"""Benchmark: the fused exact kernel beside torch SDPA on one GPU.
+
+Question: how fast is the numba float32 streaming kernel against the peers a user
+would otherwise call (torch SDPA's fp32 memory-efficient and math backends; fp16
+flash and cuDNN as context), and does its memory stay O(N)?
+
+Data: random normal q, k, v (never zeros), B = 1, H = 8, N in {1K, 4K, 16K, 64K},
+d in {64, 128}, causal and not; plus N = 1M, d = 64, H = 1 in float32 for memory.
+
+Method: CUDA events around each call after warm-up, median of >= 20 runs (3 at
+N = 1M, where one call takes seconds); TFLOP/s = 4·B·H·Nq·Nk·d / time, halved
+for causal; peak device memory from torch's allocator (inputs and outputs are
+torch tensors, the kernel allocates nothing else) and from the driver's free
+memory. Every output is poisoned with NaN first and checked fully written, and
+sampled rows are compared with the float64 reference.
+
+Results: results/bench/exact-<device>.json, one record per (impl, dtype, shape).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nkattn.reference.exact import attention_ref
+from nkattn.results import RESULTS_DIR, make_meta, write_results
+from nkattn.timing import attention_flops, cuda_time_ms, device_name, device_slug
+
+SEQ_LENS = (1024, 4096, 16384, 65536)
+HEAD_DIMS = (64, 128)
+LONG_N = 1 << 20
+CHECK_ROWS = 8
+MATH_BACKEND_MAX_SCORE_BYTES = 40e9  # the math backend materialises B·H·N² scores
+
+
+def _record(impl, dtype, batch, heads, n, d, causal, timing, peak_bytes, **extra):
+    tflops = attention_flops(batch, heads, n, n, d, causal) / (timing["median_ms"] * 1e-3) / 1e12
+    return {
+        "impl": impl,
+        "dtype": dtype,
+        "B": batch,
+        "H": heads,
+        "N": n,
+        "d": d,
+        "causal": causal,
+        "median_ms": timing["median_ms"],
+        "min_ms": timing["min_ms"],
+        "p90_ms": timing["p90_ms"],
+        "repeats": timing["repeats"],
+        "tflops": tflops,
+        "peak_bytes": peak_bytes,
+        **extra,
+    }
+
+
+def _check_rows(torch, q, k, v, out, causal, rows):
+    """max relative error of sampled rows against the float64 oracle; NaN means unwritten."""
+    if torch.isnan(out).any().item():
+        raise AssertionError("output has NaN: some element was not written")
+    n = q.shape[2]
+    idx = np.linspace(0, n - 1, rows).astype(int)
+    qh = q[:, :, idx].double().cpu().numpy()
+    kh, vh = k.double().cpu().numpy(), v.double().cpu().numpy()
+    ref_rows = []
+    for r, i in enumerate(idx):
+        # a single query row i of a causal problem sees keys [0, i]
+        o_ref, _ = attention_ref(qh[:, :, r : r + 1], kh[:, :, : i + 1] if causal else kh, vh[:, :, : i + 1] if causal else vh)
+        ref_rows.append(o_ref)
+    ref = np.concatenate(ref_rows, axis=2)
+    got = out[:, :, idx].double().cpu().numpy()
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def _run_nkattn(torch, cuda, q, k, v, causal):
+    from nkattn.cuda_kernels.exact import exact_attention
+
+    batch, heads, n, d = q.shape
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, heads, n), float("nan"), dtype=q.dtype, device=q.device)
+    qd, kd, vd, od, ld = (cuda.as_cuda_array(t) for t in (q, k, v, out, lse))
+    lengths = cuda.to_device(np.full(batch, n, dtype=np.int32))
+    scale = 1.0 / math.sqrt(d)
+
+    def call():
+        exact_attention(qd, kd, vd, lengths, causal=causal, scale=scale, out=od, lse=ld)
+
+    return out, call
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _peak_bytes(torch, cuda, fn, resident):
+    """Peak device memory of one call: its resident inputs/outputs plus what it allocates.
+
+    Returns (peak bytes from torch's allocator, driver-level used-memory growth).
+    """
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    free_before, _ = cuda.current_context().get_memory_info()
+    result = fn()
+    torch.cuda.synchronize()
+    free_after, _ = cuda.current_context().get_memory_info()
+    del result
+    return _nbytes(*resident) + torch.cuda.max_memory_allocated() - base, free_before - free_after
+
+
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 20, seq_lens=None, long_sequence=None) -> list[Path]:
+    import torch
+    import torch.nn.functional as F
+    from numba import cuda
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from numba.core import config
+
+    if config.ENABLE_CUDASIM or not cuda.is_available():
+        raise RuntimeError("the benchmark needs a CUDA GPU (the simulator is on or no GPU was found)")
+    name = device_name()
+    if seq_lens is None:
+        seq_lens = (1024, 4096) if quick else SEQ_LENS
+    partial = quick or tuple(seq_lens) != SEQ_LENS
+    long_sequence = not partial if long_sequence is None else long_sequence
+    records = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    configs = [(n, d, c) for n in seq_lens for d in HEAD_DIMS for c in (False, True)]
+    for n, d, causal in tqdm(configs, desc="exact bench"):
+        batch, heads = 1, 8
+        shape = (batch, heads, n, d)
+        q, k, v = (torch.randn(shape, device="cuda", generator=gen, dtype=torch.float32) for _ in range(3))
+        out, call = _run_nkattn(torch, cuda, q, k, v, causal)
+        peak_total, _ = _peak_bytes(torch, cuda, call, (q, k, v, out))
+        peak_total += batch * heads * n * 4  # lse
+        err = _check_rows(torch, q, k, v, out, causal, CHECK_ROWS)
+        timing = cuda_time_ms(call, repeats=repeats)
+        records.append(_record("nkattn-exact", "float32", batch, heads, n, d, causal, timing, peak_total, max_rel_err_sampled=err))
+        del out
+
+        peers = [("torch-sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, torch.float32)]
+        if batch * heads * n * n * 4 <= MATH_BACKEND_MAX_SCORE_BYTES:
+            peers.append(("torch-sdpa-math", SDPBackend.MATH, torch.float32))
+        peers += [("torch-sdpa-flash", SDPBackend.FLASH_ATTENTION, torch.float16), ("torch-sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, torch.float16)]
+        for impl, backend, tdtype in peers:
+            qt, kt, vt = (x.to(tdtype) for x in (q, k, v))
+
+            def peer_call(qt=qt, kt=kt, vt=vt, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+            try:
+                peak_total, _ = _peak_bytes(torch, cuda, peer_call, (qt, kt, vt))
+                timing = cuda_time_ms(peer_call, repeats=repeats)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                records.append({"impl": impl, "dtype": str(tdtype).removeprefix("torch."), "B": batch, "H": heads, "N": n, "d": d, "causal": causal, "skipped": str(exc).splitlines()[0][:200]})
+                continue
+            records.append(_record(impl, str(tdtype).removeprefix("torch."), batch, heads, n, d, causal, timing, peak_total))
+            del qt, kt, vt
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    if long_sequence:
+        records.append(_long_sequence(torch, cuda))
+    meta = make_meta(
+        device=name,
+        config={"seq_lens": list(seq_lens), "head_dims": list(HEAD_DIMS), "B": 1, "H": 8, "repeats": repeats, "long_N": LONG_N},
+        command="nkattn bench exact" + (" --quick" if quick else ""),
+    )
+    path = Path(results_dir) / "bench" / f"exact-{device_slug(name)}{'-partial' if partial else ''}.json"
+    return [write_results(path, meta, records)]
+
+
+def _long_sequence(torch, cuda):
+    """N = 1M, d = 64, H = 1, float32: peak device memory against Q+K+V+O+lse."""
+    n, d = LONG_N, 64
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    torch.cuda.empty_cache()
+    q, k, v = (torch.randn((1, 1, n, d), device="cuda", generator=gen) for _ in range(3))
+    out, call = _run_nkattn(torch, cuda, q, k, v, False)
+    io_bytes = _nbytes(q, k, v, out) + n * 4  # Q + K + V + O + lse
+    peak, driver_delta = _peak_bytes(torch, cuda, call, (q, k, v, out))
+    peak += n * 4
+    err = _check_rows(torch, q, k, v, out, False, 4)
+    timing = cuda_time_ms(call, warmup=1, repeats=3)
+    return _record(
+        "nkattn-exact", "float32", 1, 1, n, d, False, timing, peak,
+        io_bytes=io_bytes, peak_over_io=peak / io_bytes, driver_used_delta=driver_delta, max_rel_err_sampled=err,
+    )

@@ -1,0 +1,259 @@
+"""Exact attention: kernel vs float64 oracle and bit-level mirror, determinism, invariance, extremes.
+
+Under the simulator (no GPU) the grids are tiny; on a GPU the same tests run the
+full grid, plus the `gpu`-marked ones (float32 precision, many repeats).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numba import cuda
+
+import nkattn
+from nkattn.cuda_kernels.exact import exact_attention
+from nkattn.reference.exact import attention_ref, streaming_attention_ref, streaming_order
+from nkattn.testing import assert_bit_identical, assert_within_budget, relative_error
+
+from .conftest import REAL_GPU, SIMULATOR
+
+
+def case(b, h, hkv, nq, nk, d, causal=False, dtype=np.float64, key_lengths=None, marks=()):
+    cid = f"B{b}-H{h}-Hkv{hkv}-Nq{nq}-Nk{nk}-d{d}{'-causal' if causal else ''}{'-kl' if key_lengths else ''}-f{np.dtype(dtype).itemsize * 8}"
+    return pytest.param(dict(b=b, h=h, hkv=hkv, nq=nq, nk=nk, d=d, causal=causal, dtype=dtype, key_lengths=key_lengths), id=cid, marks=marks)
+
+
+SIM_GRID = [
+    case(1, 1, 1, 1, 1, 16),
+    case(2, 2, 1, 17, 33, 16, causal=True),
+    case(1, 2, 2, 33, 17, 16, causal=True),
+    case(2, 1, 1, 20, 70, 16, key_lengths=(70, 5)),
+    case(1, 1, 1, 15, 40, 32, causal=True, key_lengths=(23,)),
+    case(1, 1, 1, 9, 9, 64),
+    case(1, 1, 1, 5, 9, 128, causal=True),
+    case(1, 1, 1, 3, 9, 256),
+    case(1, 2, 1, 17, 33, 16, causal=True, dtype=np.float32),
+    case(1, 1, 1, 9, 40, 64, dtype=np.float32),
+]
+
+GPU_GRID = [
+    case(b, h, hkv, nq, nk, d, causal, dtype)
+    for dtype in (np.float64, np.float32)
+    for d in (16, 32, 64, 128, 256)
+    for (nq, nk) in [(1, 1), (15, 15), (16, 16), (17, 17), (63, 63), (113, 203), (203, 113), (127, 128), (129, 129)]
+    for causal in (False, True)
+    for (b, h, hkv) in [(2, 3, 1)]
+] + [case(3, 4, 2, 257, 300, 64, True, np.float32, key_lengths=(300, 0, 77)), case(3, 4, 2, 257, 300, 64, False, np.float64, key_lengths=(1, 150, 300))]
+
+GRID = GPU_GRID if REAL_GPU else SIM_GRID
+
+
+def make_inputs(c, seed=0, logit_scale=1.0):
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((c["b"], c["h"], c["nq"], c["d"])) * logit_scale).astype(c["dtype"])
+    k = rng.standard_normal((c["b"], c["hkv"], c["nk"], c["d"])).astype(c["dtype"])
+    v = rng.standard_normal((c["b"], c["hkv"], c["nk"], c["d"])).astype(c["dtype"])
+    return q, k, v
+
+
+def run_kernel(q, k, v, causal=False, key_lengths=None, scale=None):
+    return nkattn.attention(q, k, v, causal=causal, key_lengths=key_lengths, scale=scale, return_lse=True, backend="cuda")
+
+
+@pytest.mark.parametrize("c", GRID)
+def test_kernel_within_error_budget_of_float64_oracle(c):
+    q, k, v = make_inputs(c)
+    o, lse = run_kernel(q, k, v, c["causal"], c["key_lengths"])
+    o_ref, lse_ref = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"])
+    if c["dtype"] == np.float64:
+        assert relative_error(o, o_ref) <= 1e-12
+        assert relative_error(lse, lse_ref) <= 1e-12
+    else:
+        o_naive, lse_naive = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"], compute_dtype=np.float32)
+        assert_within_budget("O", o, o_ref, o_naive, floor=1e-7 if SIMULATOR else 0.0)
+        assert_within_budget("lse", lse, lse_ref, lse_naive, floor=1e-7 if SIMULATOR else 0.0)
+
+
+@pytest.mark.parametrize("c", [p for p in GRID if p.values[0]["dtype"] == np.float64])
+def test_float64_kernel_bit_identical_to_streaming_reference(c):
+    q, k, v = make_inputs(c, seed=1)
+    o, lse = run_kernel(q, k, v, c["causal"], c["key_lengths"])
+    o_ref, lse_ref = streaming_attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"])
+    assert_bit_identical("O", o, o_ref)
+    assert_bit_identical("lse", lse, lse_ref)
+
+
+def test_streaming_mirror_matches_oracle():
+    rng = np.random.default_rng(2)
+    for d in (16, 64, 256):
+        q = rng.standard_normal((2, 4, 37, d))
+        k, v = rng.standard_normal((2, 2, 2, 53, d))
+        for causal in (False, True):
+            for key_lengths in (None, (53, 20)):
+                o_ref, lse_ref = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths)
+                o, lse = streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths)
+                assert relative_error(o, o_ref) <= 1e-14
+                assert relative_error(lse, lse_ref) <= 1e-14
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_repeated_runs_are_bit_identical(dtype):
+    c = dict(b=2 if REAL_GPU else 1, h=2 if REAL_GPU else 1, hkv=1, nq=300 if REAL_GPU else 20, nk=517 if REAL_GPU else 37, d=64 if REAL_GPU else 16, dtype=dtype)
+    q, k, v = make_inputs(c, seed=3)
+    runs = [run_kernel(q, k, v, causal=True) for _ in range(10)]
+    for o, lse in runs[1:]:
+        assert_bit_identical("O", o, runs[0][0])
+        assert_bit_identical("lse", lse, runs[0][1])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_alone_equals_row_in_large_batch(dtype, causal):
+    c = dict(b=3, h=4, hkv=2, nq=200 if REAL_GPU else 24, nk=200 if REAL_GPU else 24, d=64 if REAL_GPU else 16, dtype=dtype)
+    q, k, v = make_inputs(c, seed=4)
+    o_all, lse_all = run_kernel(q, k, v, causal=causal)
+    for b, h, i in [(0, 0, 0), (2, 3, c["nq"] - 1), (1, 2, c["nq"] // 2 + 1)]:
+        kvh = h // 2
+        keys = slice(0, i + 1) if causal else slice(None)
+        o_one, lse_one = run_kernel(q[b : b + 1, h : h + 1, i : i + 1], k[b : b + 1, kvh : kvh + 1, keys], v[b : b + 1, kvh : kvh + 1, keys])
+        assert_bit_identical(f"O[{b},{h},{i}]", o_one[0, 0, 0], o_all[b, h, i])
+        assert_bit_identical(f"lse[{b},{h},{i}]", lse_one[0, 0, 0], lse_all[b, h, i])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("logit", [1e4, -1e4])
+def test_huge_logits_stay_finite_and_accurate(dtype, logit):
+    c = dict(b=1, h=2, hkv=1, nq=19, nk=40, d=16, dtype=dtype)
+    q, k, v = make_inputs(c, seed=5)
+    # scores of magnitude ~1e4: plain exp would overflow, the running max must not
+    q = (q / np.abs(q).max() * logit).astype(dtype)
+    k = np.abs(k).astype(dtype)
+    o, lse = run_kernel(q, k, v, causal=True)
+    o_ref, lse_ref = attention_ref(q, k, v, causal=True)
+    assert np.isfinite(o).all() and np.isfinite(lse).all()
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert relative_error(o, o_ref) <= tol
+    assert relative_error(lse, lse_ref) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fully_masked_rows_give_zero_and_minus_inf(dtype):
+    c = dict(b=2, h=1, hkv=1, nq=20, nk=6, d=16, dtype=dtype)
+    q, k, v = make_inputs(c, seed=6)
+    # causal with Nq > Nk: the first Nq - Nk rows see nothing; batch 1 has no keys at all
+    o, lse = run_kernel(q, k, v, causal=True, key_lengths=np.array([6, 0]))
+    assert not np.isnan(o).any() and not np.isnan(lse).any()
+    assert (o[0, :, :14] == 0).all() and (lse[0, :, :14] == -np.inf).all()
+    assert (o[1] == 0).all() and (lse[1] == -np.inf).all()
+    assert np.isfinite(lse[0, :, 14:]).all()
+
+
+def test_single_key_returns_its_value():
+    q = np.random.default_rng(7).standard_normal((1, 1, 5, 16))
+    k = np.ones((1, 1, 1, 16))
+    v = np.arange(16, dtype=np.float64).reshape(1, 1, 1, 16)
+    o, lse = run_kernel(q, k, v)
+    assert_bit_identical("O", o, np.broadcast_to(v, o.shape).copy())
+    np.testing.assert_allclose(lse, q.sum(-1) / 4.0, rtol=1e-13)
+
+
+def _nan_padded_device_view(x, pad=3):
+    """x placed inside a NaN-filled buffer, as a strided device view."""
+    b, h, n, d = x.shape
+    buf = np.full((b + 1, h + 2, n + 2 * pad, 2 * d), np.nan, dtype=x.dtype)
+    buf[1:, 1 : h + 1, pad : pad + n, d:] = x
+    return cuda.to_device(buf)[1:, 1 : h + 1, pad : pad + n, d:]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_views_into_nan_padded_buffers(dtype):
+    c = dict(b=2, h=2, hkv=1, nq=130 if REAL_GPU else 21, nk=203 if REAL_GPU else 35, d=32 if REAL_GPU else 16, dtype=dtype)
+    q, k, v = make_inputs(c, seed=8)
+    lengths = cuda.to_device(np.array([c["nk"], c["nk"] - 7], dtype=np.int32))
+    o_view, lse_view = exact_attention(*(_nan_padded_device_view(x) for x in (q, k, v)), lengths, causal=True, scale=0.25)
+    o_cont, lse_cont = exact_attention(*(cuda.to_device(x) for x in (q, k, v)), lengths, causal=True, scale=0.25)
+    o_view, lse_view = o_view.copy_to_host(), lse_view.copy_to_host()
+    assert not np.isnan(o_view).any() and not np.isnan(lse_view).any()
+    assert_bit_identical("O", o_view, o_cont.copy_to_host())
+    assert_bit_identical("lse", lse_view, lse_cont.copy_to_host())
+
+
+def test_every_output_element_is_written():
+    c = dict(b=2, h=3, hkv=3, nq=19, nk=23, d=16, dtype=np.float32)
+    q, k, v = make_inputs(c, seed=9)
+    out = cuda.to_device(np.full(q.shape, np.nan, dtype=np.float32))
+    lse = cuda.to_device(np.full(q.shape[:3], np.nan, dtype=np.float32))
+    lengths = cuda.to_device(np.array([23, 0], dtype=np.int32))
+    exact_attention(*(cuda.to_device(x) for x in (q, k, v)), lengths, causal=False, scale=0.25, out=out, lse=lse)
+    assert not np.isnan(out.copy_to_host()).any()
+    assert not np.isnan(lse.copy_to_host()).any()
+
+
+@settings(max_examples=6 if SIMULATOR else 60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    nq=st.integers(1, 40),
+    nk=st.integers(1, 40),
+    d=st.sampled_from([16] if SIMULATOR else [16, 32, 64, 128, 256]),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_float64_kernel_matches_mirror_and_oracle(b, hkv, group, nq, nk, d, causal, masked, seed):
+    rng = np.random.default_rng(seed)
+    c = dict(b=b, h=hkv * group, hkv=hkv, nq=nq, nk=nk, d=d, dtype=np.float64)
+    q, k, v = make_inputs(c, seed=seed)
+    key_lengths = rng.integers(0, nk + 1, size=b) if masked else None
+    o, lse = run_kernel(q, k, v, causal, key_lengths)
+    o_mirror, lse_mirror = streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths)
+    assert_bit_identical("O", o, o_mirror)
+    assert_bit_identical("lse", lse, lse_mirror)
+    o_ref, lse_ref = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths)
+    assert relative_error(o, o_ref) <= 1e-12
+    assert relative_error(lse, lse_ref) <= 1e-12
+
+
+def test_canonical_order_fits_the_shared_memory_budget():
+    for dtype in (np.float32, np.float64):
+        for d in (16, 32, 64, 128, 256):
+            order = streaming_order(dtype, d)
+            assert d % (order.dot_split * order.vec) == 0
+            shared = (2 * d + order.block_m()) * order.block_n * np.dtype(dtype).itemsize
+            assert shared <= 48 * 1024
+            owned = np.sort(order.owned_elements(d).ravel())
+            assert np.array_equal(owned, np.arange(d))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_many_repeated_gpu_runs_are_bit_identical(dtype):
+    c = dict(b=2, h=8, hkv=2, nq=1000, nk=1531, d=64, dtype=dtype)
+    q, k, v = (cuda.to_device(x) for x in make_inputs(c, seed=10))
+    lengths = cuda.to_device(np.array([1531, 900], dtype=np.int32))
+    first = [x.copy_to_host() for x in exact_attention(q, k, v, lengths, causal=True, scale=0.125)]
+    for _ in range(100):
+        again = [x.copy_to_host() for x in exact_attention(q, k, v, lengths, causal=True, scale=0.125)]
+        assert_bit_identical("O", again[0], first[0])
+        assert_bit_identical("lse", again[1], first[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_device_tensors_in_device_tensors_out(framework):
+    lib = pytest.importorskip(framework)
+    rng = np.random.default_rng(11)
+    host = [rng.standard_normal((1, 4, 100, 64)).astype(np.float32) for _ in range(3)]
+    if framework == "torch":
+        dev = [lib.from_numpy(x).cuda() for x in host]
+        before = [x.clone() for x in dev]
+    else:
+        dev = [lib.asarray(x) for x in host]
+        before = [x.copy() for x in dev]
+    out = nkattn.attention(*dev, causal=True)
+    assert type(out) is type(dev[0])
+    got = out.cpu().numpy() if framework == "torch" else lib.asnumpy(out)
+    np.testing.assert_array_equal(got, nkattn.attention(*host, causal=True))
+    for x, y in zip(dev, before):
+        assert bool((x == y).all())
