@@ -26,7 +26,7 @@ from functools import cache
 from types import SimpleNamespace
 
 import numpy as np
-from numba import cuda, from_dtype
+from numba import cuda, from_dtype, uint32
 from numba.core import config
 
 from nkattn.reference import exact as ref
@@ -34,7 +34,44 @@ from nkattn.reference import exact as ref
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 if not SIMULATOR:
-    from numba.cuda import libdevice
+    from llvmlite import ir
+    from numba.cuda import cgutils, libdevice
+    from numba.cuda.extending import intrinsic
+    from numba.core import types
+
+
+if SIMULATOR:
+
+    def load_vec16(arr, idx):
+        """Stand-in: the 16 bytes of `arr` from `idx` as a tuple."""
+        width = 16 // arr.dtype.itemsize
+        return tuple(arr[idx + t] for t in range(width))
+
+else:
+
+    @intrinsic
+    def load_vec16(typingctx, arr, idx):
+        """One 16-byte shared-memory load (``ld.shared.v4.f32`` / ``.v2.f64``) as a tuple.
+
+        numba issues one scalar load per element; a vector load moves 4 (2) values per
+        instruction, which is what keeps the register-blocked products from being
+        bound by load issue. `arr` must be shared memory and ``idx`` 16-byte aligned.
+        """
+        width = 16 // (arr.dtype.bitwidth // 8)
+        sig = types.UniTuple(arr.dtype, width)(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            arrty, idxty = sig.args
+            ary = context.make_array(arrty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, arrty, ary, [args[1]], wraparound=False)
+            elem = context.get_data_type(arrty.dtype)
+            vec = ir.VectorType(elem, width)
+            shared_ptr = builder.addrspacecast(builder.bitcast(ptr, vec.as_pointer()), vec.as_pointer(3))
+            loaded = builder.load(shared_ptr, align=16)
+            items = [builder.extract_element(loaded, ir.Constant(ir.IntType(32), t)) for t in range(width)]
+            return context.make_tuple(builder, sig.return_type, items)
+
+        return sig, codegen
 
 
 def _arithmetic(contract: bool):
@@ -121,42 +158,67 @@ def _portable_math(mul, add, div):
     return exp, log
 
 
+# The simulator runs every CUDA thread as a Python thread: it runs a scaled-down
+# tiling of the same structure (16 threads, 8 x 8 tiles), which also lets tests
+# cross many tile boundaries at N <= 64. The mirror is given the same order.
+SIMULATOR_ORDER = ref.StreamingOrder(threads_y=4, threads_x=4, rows_per_thread=2, keys_per_thread=2)
+
+
+def kernel_order(dtype, head_dim: int) -> ref.StreamingOrder:
+    """The tiling the kernels run with: the canonical order, or the simulator's."""
+    order = ref.streaming_order(dtype, head_dim)
+    return SIMULATOR_ORDER if SIMULATOR else order
+
+
 @cache
-def streaming_primitives(dtype, head_dim: int, *, contract: bool | None = None, portable_math: bool | None = None):
+def streaming_primitives(
+    dtype, head_dim: int, *, order: ref.StreamingOrder | None = None, contract: bool | None = None, portable_math: bool | None = None
+):
     """Device functions of the tiled online-softmax loop for one dtype and head dim.
 
-    Returns a namespace with the constants of the canonical order (`BLOCK_M`,
-    `BLOCK_N`, `DOT_SPLIT`, `ELEMS`, `THREADS`, `NB_DTYPE`, `NEG_INF`, `ZERO`)
-    and the device functions:
+    The block layout is the canonical order's (`nkattn.reference.exact.StreamingOrder`):
+    thread ``tid = ty * TX + tx`` owns query rows ``ty * TM + i`` (i < TM) of the
+    block and, in a key tile, keys ``tx * TN + j`` (j < TN) for scores and head
+    dims ``tx * TD + e`` (e < TD, TD = d / TX) for the accumulator. The TX threads
+    of a row are adjacent lanes of one warp, so row reductions are shuffles.
 
-    ``visible_keys(q_idx, nq, nk_b, causal)``
-        keys [0, count) a query row sees (bottom-right causal, key_lengths).
-    ``load_q_row(q, b, h, q_idx, part, q_reg)``
-        this thread's share of a query row into registers (zeros past Nq).
-    ``load_kv_tile(k, v, b, kvh, tile_start, k_tile, v_tile, tid)``
-        a K and a V tile into shared memory, zeros past Nk.
-    ``row_score(q_reg, k_tile, jj, part, qk_scale, scratch, tid)``
-        one query-key score in the canonical dot order (every thread of the block must call it).
-    ``online_softmax_rescale(m_i, l_i, m_tile, acc)``
-        new running max, rescaled sum and accumulator.
-    ``online_softmax_accumulate(acc, l_i, s, m_new, v_tile, jj, part)``
-        add one key's exp(s - m) to the sum and its P·V term to the accumulator.
-    ``store_row(o, lse, b, h, q_idx, part, acc, m_i, l_i)``
-        O = acc / l and lse = m + log(l) (O = 0, lse = -inf for a row with no key).
+    One dynamic shared buffer holds Qᵀ (d x BM, rows padded by one), Kᵀ (d x BN,
+    padded), V (BN x d), Pᵀ (BN x BM, padded) and a scratch row used by the
+    simulator's shuffle stand-in; the `*_OFFSET` constants locate them.
+
+    Returns a namespace of those constants and the device functions:
+
+    ``visible_keys(q_idx, nq, nk_b, causal)``      keys [0, count) a row sees
+    ``load_q_tile(q, b, h, row0, smem, tid)``        Qᵀ into shared memory
+    ``fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid)``  a K/V tile into registers
+    ``store_kv_tile(smem, k_buf, v_buf, tid)``       those registers into Kᵀ and V in shared memory
+    ``tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)``  the thread's TM x TN block of q·k
+    ``online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
+        mask and scale the scores, update running max and sum, rescale acc, write Pᵀ
+    ``accumulate_pv(smem, ty, tx, acc, p_frag, v_frag)``  acc += P·V over the tile
+    ``store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)``
+        O = acc / l, lse = m + log(l); O = 0 and lse = -inf for a row with no key
     """
     dtype = np.dtype(dtype)
-    order = ref.streaming_order(dtype, head_dim)
-    BLOCK_N = order.block_n
-    DOT_SPLIT = order.dot_split
-    VEC = order.vec
-    ELEMS = order.elements_per_thread(head_dim)
-    THREADS = ref.THREADS_PER_BLOCK
-    BLOCK_M = order.block_m()
+    order = kernel_order(dtype, head_dim) if order is None else order
+    TY, TX, TM, TN = order.threads_y, order.threads_x, order.rows_per_thread, order.keys_per_thread
+    BM, BN, THREADS, D = order.block_m, order.block_n, order.threads, head_dim
+    if D % TX or 32 % TX:
+        raise ValueError(f"order {order} does not fit head dim {D}: TX must divide d and 32")
+    TD = D // TX
+    PAD = 16 // dtype.itemsize  # keeps rows 16-byte aligned while spreading transposed stores over banks
+    LDQ, LDK, LDP = BM + PAD, BN + PAD, BM + PAD
+    Q_OFFSET = 0
+    K_OFFSET = Q_OFFSET + D * LDQ
+    V_OFFSET = K_OFFSET + D * LDK
+    P_OFFSET = V_OFFSET + BN * D
+    SCRATCH_OFFSET = P_OFFSET + BN * LDP
+    SHARED_BYTES = order.shared_elements(D, PAD) * dtype.itemsize
+    LOG_TX = int(math.log2(TX))
     NB_DTYPE = from_dtype(dtype)
     NEG_INF = dtype.type(-np.inf)
     ZERO = dtype.type(0)
-    HEAD_DIM = head_dim
-    LOG_SPLIT = int(math.log2(DOT_SPLIT))
+    ONE = dtype.type(1)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"streaming kernels support float32 and float64, not {dtype}")
     # float64 defaults to the bit-exact flavour, float32 to the fast one; the other
@@ -169,11 +231,6 @@ def streaming_primitives(dtype, head_dim: int, *, contract: bool | None = None, 
     exp, log = _portable_math(mul, add, div) if portable else _library_math()
 
     @cuda.jit(device=True, inline="always")
-    def element(c, part):
-        # thread `part` owns VEC-wide chunks part, part + DOT_SPLIT, ... of the row
-        return (c // VEC) * (VEC * DOT_SPLIT) + part * VEC + (c % VEC)
-
-    @cuda.jit(device=True, inline="always")
     def visible_keys(q_idx, nq, nk_b, causal):
         if q_idx >= nq:
             return 0
@@ -183,99 +240,218 @@ def streaming_primitives(dtype, head_dim: int, *, contract: bool | None = None, 
         return max(count, 0)
 
     @cuda.jit(device=True, inline="always")
-    def load_q_row(q, b, h, q_idx, part, q_reg):
-        if q_idx < q.shape[2]:
-            for c in range(ELEMS):
-                q_reg[c] = q[b, h, q_idx, element(c, part)]
-        else:
-            for c in range(ELEMS):
-                q_reg[c] = ZERO
+    def load_q_tile(q, b, h, row0, smem, tid):
+        nq = q.shape[2]
+        for idx in range(tid, BM * D, THREADS):
+            r = idx // D
+            c = idx - r * D
+            if row0 + r < nq:
+                smem[Q_OFFSET + c * LDQ + r] = q[b, h, row0 + r, c]
+            else:
+                smem[Q_OFFSET + c * LDQ + r] = ZERO
+
+    KV_PER_THREAD = BN * D // THREADS
+    if BN * D % THREADS:
+        raise ValueError(f"order {order}: a {BN} x {D} tile does not split over {THREADS} threads")
 
     @cuda.jit(device=True, inline="always")
-    def load_kv_tile(k, v, b, kvh, tile_start, k_tile, v_tile, tid):
-        nk = k.shape[2]
-        for idx in range(tid, BLOCK_N * HEAD_DIM, THREADS):
-            r = idx // HEAD_DIM
-            c = idx - r * HEAD_DIM
+    def fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid):
+        # global -> registers, issued before the current tile's arithmetic so that the
+        # loads are in flight while it runs; keys past nk_b are zeros: masked scores
+        # ignore them and p = 0 times a zero value adds nothing, whatever the caller's
+        # buffer holds there
+        for t in range(KV_PER_THREAD):
+            idx = tid + t * THREADS
+            r = idx // D
+            c = idx - r * D
             j = tile_start + r
-            if j < nk:
-                k_tile[r, c] = k[b, kvh, j, c]
-                v_tile[r, c] = v[b, kvh, j, c]
+            if j < nk_b:
+                k_buf[t] = k[b, kvh, j, c]
+                v_buf[t] = v[b, kvh, j, c]
             else:
-                k_tile[r, c] = ZERO
-                v_tile[r, c] = ZERO
+                k_buf[t] = ZERO
+                v_buf[t] = ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def store_kv_tile(smem, k_buf, v_buf, tid):
+        # registers -> shared memory: K transposed (Kᵀ, d x BN), V as is
+        for t in range(KV_PER_THREAD):
+            idx = tid + t * THREADS
+            r = idx // D
+            c = idx - r * D
+            smem[K_OFFSET + c * LDK + r] = k_buf[t]
+            smem[V_OFFSET + r * D + c] = v_buf[t]
+
+    # Hot loops index shared memory with unsigned offsets (a signed index makes numba
+    # emit negative-index wraparound arithmetic on every load) and read 16 bytes per
+    # load where the layout allows it.
+    VEC = 16 // dtype.itemsize
+    CHUNK = order.dot_chunk
+
+    @cuda.jit(device=True, inline="always")
+    def load_run(smem, base, n, dst):
+        # dst[0:n] = smem[base:base + n]
+        if n % VEC == 0:
+            for t4 in range(n // VEC):
+                vec = load_vec16(smem, base + uint32(t4 * VEC))
+                for t in range(VEC):
+                    dst[t4 * VEC + t] = vec[t]
+        else:
+            for t in range(n):
+                dst[t] = smem[base + uint32(t)]
+
+    @cuda.jit(device=True, inline="always")
+    def tile_scores(smem, ty, tx, s, partial, q_frag, k_frag):
+        # s = sum over chunks of CHUNK elements of (sequential sum of q·k over the chunk)
+        q_col = uint32(Q_OFFSET + ty * TM)
+        k_col = uint32(K_OFFSET + tx * TN)
+        for c0 in range(0, D, CHUNK):
+            load_run(smem, q_col, TM, q_frag)
+            load_run(smem, k_col, TN, k_frag)
+            for i in range(TM):
+                for j in range(TN):
+                    partial[i, j] = mul(q_frag[i], k_frag[j])
+            for c in range(1, CHUNK):
+                q_col += uint32(LDQ)
+                k_col += uint32(LDK)
+                load_run(smem, q_col, TM, q_frag)
+                load_run(smem, k_col, TN, k_frag)
+                for i in range(TM):
+                    for j in range(TN):
+                        partial[i, j] = add(partial[i, j], mul(q_frag[i], k_frag[j]))
+            q_col += uint32(LDQ)
+            k_col += uint32(LDK)
+            for i in range(TM):
+                for j in range(TN):
+                    s[i, j] = partial[i, j] if c0 == 0 else add(s[i, j], partial[i, j])
 
     if SIMULATOR:
 
-        def row_group_sum(x, scratch, tid):
+        def row_max(x, smem, tid):
             # stand-in for the shuffle butterfly: same pairing, through shared memory
-            for step in range(LOG_SPLIT):
-                scratch[tid] = x
+            for step in range(LOG_TX):
+                smem[SCRATCH_OFFSET + tid] = x
                 cuda.syncthreads()
-                x = add(x, scratch[tid ^ (1 << step)])
+                other = smem[SCRATCH_OFFSET + (tid ^ (1 << step))]
                 cuda.syncthreads()
+                x = other if other > x else x
+            return x
+
+        def row_sum(x, smem, tid):
+            for step in range(LOG_TX):
+                smem[SCRATCH_OFFSET + tid] = x
+                cuda.syncthreads()
+                other = smem[SCRATCH_OFFSET + (tid ^ (1 << step))]
+                cuda.syncthreads()
+                x = add(x, other)
             return x
 
     else:
 
         @cuda.jit(device=True, inline="always")
-        def row_group_sum(x, scratch, tid):
-            # butterfly over the DOT_SPLIT adjacent lanes of one row; a + b == b + a,
-            # so every lane ends with the same bits
-            for step in range(LOG_SPLIT):
+        def row_max(x, smem, tid):
+            for step in range(LOG_TX):
+                other = cuda.shfl_xor_sync(0xFFFFFFFF, x, 1 << step)
+                x = other if other > x else x
+            return x
+
+        @cuda.jit(device=True, inline="always")
+        def row_sum(x, smem, tid):
+            # a + b == b + a, so every lane of the butterfly ends with the same bits
+            for step in range(LOG_TX):
                 x = add(x, cuda.shfl_xor_sync(0xFFFFFFFF, x, 1 << step))
             return x
 
     @cuda.jit(device=True, inline="always")
-    def row_score(q_reg, k_tile, jj, part, qk_scale, scratch, tid):
-        partial = mul(q_reg[0], k_tile[jj, element(0, part)])
-        for c in range(1, ELEMS):
-            partial = add(partial, mul(q_reg[c], k_tile[jj, element(c, part)]))
-        return mul(row_group_sum(partial, scratch, tid), qk_scale)
+    def online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid):
+        key0 = tile_start + tx * TN
+        for i in range(TM):
+            m_tile = NEG_INF
+            for j in range(TN):
+                x = mul(s[i, j], qk_scale)
+                if key0 + j >= kv_end[i]:
+                    x = NEG_INF
+                s[i, j] = x
+                if x > m_tile:
+                    m_tile = x
+            m_tile = row_max(m_tile, smem, tid)
+            m_new = m_tile if m_tile > m_i[i] else m_i[i]
+            # a row that has seen no key yet keeps l = 0 and acc = 0 (never -inf - -inf)
+            m_use = ZERO if m_new == NEG_INF else m_new
+            alpha = exp(add(m_i[i], -m_use))
+            p_row = ZERO
+            for j in range(TN):
+                p = exp(add(s[i, j], -m_use))
+                smem[P_OFFSET + (tx * TN + j) * LDP + ty * TM + i] = p
+                p_row = p if j == 0 else add(p_row, p)
+            l_i[i] = add(mul(l_i[i], alpha), row_sum(p_row, smem, tid))
+            m_i[i] = m_new
+            for e in range(TD):
+                acc[i, e] = mul(acc[i, e], alpha)
 
     @cuda.jit(device=True, inline="always")
-    def online_softmax_rescale(m_i, l_i, m_tile, acc):
-        m_new = m_tile if m_tile > m_i else m_i
-        alpha = exp(add(m_i, -m_new))
-        for c in range(ELEMS):
-            acc[c] = mul(acc[c], alpha)
-        return m_new, mul(l_i, alpha)
+    def accumulate_pv(smem, ty, tx, acc, p_frag, v_frag):
+        p_col = uint32(P_OFFSET + ty * TM)
+        v_row = uint32(V_OFFSET + tx * TD)
+        for j in range(BN):
+            load_run(smem, p_col, TM, p_frag)
+            load_run(smem, v_row, TD, v_frag)
+            for i in range(TM):
+                for e in range(TD):
+                    acc[i, e] = add(acc[i, e], mul(p_frag[i], v_frag[e]))
+            p_col += uint32(LDP)
+            v_row += uint32(D)
 
     @cuda.jit(device=True, inline="always")
-    def online_softmax_accumulate(acc, l_i, s, m_new, v_tile, jj, part):
-        p = exp(add(s, -m_new))
-        for c in range(ELEMS):
-            acc[c] = add(acc[c], mul(p, v_tile[jj, element(c, part)]))
-        return add(l_i, p)
-
-    @cuda.jit(device=True, inline="always")
-    def store_row(o, lse, b, h, q_idx, part, acc, m_i, l_i):
-        if l_i > ZERO:
-            for c in range(ELEMS):
-                o[b, h, q_idx, element(c, part)] = div(acc[c], l_i)
-            if part == 0:
-                lse[b, h, q_idx] = add(m_i, log(l_i))
-        else:
-            for c in range(ELEMS):
-                o[b, h, q_idx, element(c, part)] = ZERO
-            if part == 0:
-                lse[b, h, q_idx] = NEG_INF
+    def store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i):
+        for i in range(TM):
+            q_idx = row0 + ty * TM + i
+            if q_idx < nq:
+                if l_i[i] > ZERO:
+                    for e in range(TD):
+                        o[b, h, q_idx, tx * TD + e] = div(acc[i, e], l_i[i])
+                    if tx == 0:
+                        lse[b, h, q_idx] = add(m_i[i], log(l_i[i]))
+                else:
+                    for e in range(TD):
+                        o[b, h, q_idx, tx * TD + e] = ZERO
+                    if tx == 0:
+                        lse[b, h, q_idx] = NEG_INF
 
     return SimpleNamespace(
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        DOT_SPLIT=DOT_SPLIT,
-        ELEMS=ELEMS,
-        THREADS=THREADS,
-        HEAD_DIM=HEAD_DIM,
-        NB_DTYPE=NB_DTYPE,
-        NEG_INF=NEG_INF,
-        ZERO=ZERO,
+        TX=TX, TM=TM, TN=TN, TD=TD, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
+        NB_DTYPE=NB_DTYPE, NEG_INF=NEG_INF, ZERO=ZERO, ONE=ONE,
         visible_keys=visible_keys,
-        load_q_row=load_q_row,
-        load_kv_tile=load_kv_tile,
-        row_score=row_score,
-        online_softmax_rescale=online_softmax_rescale,
-        online_softmax_accumulate=online_softmax_accumulate,
-        store_row=store_row,
+        load_q_tile=load_q_tile,
+        KV_PER_THREAD=KV_PER_THREAD,
+        fetch_kv_tile=fetch_kv_tile,
+        store_kv_tile=store_kv_tile,
+        tile_scores=tile_scores,
+        online_softmax_update=online_softmax_update,
+        accumulate_pv=accumulate_pv,
+        store_rows=store_rows,
     )
+
+
+STATIC_SHARED_LIMIT = 48 * 1024
+_opted_in: set = set()
+
+
+def launch_with_shared_memory(kernel, grid, block, shared_bytes, stream, *args):
+    """Launch `kernel` with `shared_bytes` of dynamic shared memory.
+
+    A block may use more than 48 KB only after the function opts in
+    (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); numba has no switch for it,
+    so the compiled function for these argument types is looked up and set once.
+    """
+    if shared_bytes > STATIC_SHARED_LIMIT and not SIMULATOR:
+        from numba.cuda.cudadrv.driver import binding, driver
+
+        compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+        cufunc = compiled._codelibrary.get_cufunc()
+        key = (id(cufunc), shared_bytes)
+        if key not in _opted_in:
+            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            driver.cuKernelSetAttribute(attr, shared_bytes, cufunc.handle, cufunc.device.id)
+            _opted_in.add(key)
+    kernel[grid, block, stream, shared_bytes](*args)

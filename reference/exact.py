@@ -35,12 +35,6 @@ import numpy as np
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
-# Threads per block of the exact kernel; part of the canonical order because the
-# shared-memory budget that fixes `block_n` depends on it.
-THREADS_PER_BLOCK = 128
-SHARED_MEMORY_BUDGET = 48 * 1024
-
-
 def visible_key_counts(batch: int, nq: int, nk: int, causal: bool, key_lengths=None) -> np.ndarray:
     """Number of visible keys of every query row, shape (batch, nq).
 
@@ -99,49 +93,65 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, comput
 class StreamingOrder:
     """The operation order shared by the exact kernel and its float64 mirror.
 
-    A query row's dot product is split among `dot_split` threads; thread `part`
-    owns the elements ``(c // vec) * vec * dot_split + part * vec + c % vec``, sums
-    its products in increasing c (starting from the first product), and the partial sums are
-    combined pairwise (a butterfly: ``x[0::2] + x[1::2]`` until one is left).
-    Keys are visited in tiles of `block_n`.
+    A block of ``threads_y * threads_x`` threads owns ``block_m`` query rows and
+    walks the keys in tiles of ``block_n``. Within a tile:
+
+    * a score is ``dot * scale``: the dot product sums `dot_chunk` consecutive
+      elements at a time (in increasing order, each product and sum rounded) and
+      adds the chunk sums in order, which keeps float32 rounding error near that of
+      a pairwise sum;
+    * the tile's row sum of ``p = exp(s - m_new)`` is formed by `threads_x` threads,
+      each summing `keys_per_thread` consecutive keys in order, then combined
+      pairwise (a butterfly: ``x[0::2] + x[1::2]`` until one is left);
+    * the accumulator is rescaled by ``alpha = exp(m_old - m_new)``, then
+      ``acc += p_j * v_j`` for every key j of the tile in order (masked keys have
+      p = 0 and change nothing).
     """
 
-    block_n: int
-    dot_split: int
-    vec: int
+    threads_y: int
+    threads_x: int
+    rows_per_thread: int
+    keys_per_thread: int
+    dot_chunk: int = 16
 
-    def elements_per_thread(self, head_dim: int) -> int:
-        return head_dim // self.dot_split
-
+    @property
     def block_m(self) -> int:
-        return THREADS_PER_BLOCK // self.dot_split
+        return self.threads_y * self.rows_per_thread
 
-    def owned_elements(self, head_dim: int) -> np.ndarray:
-        """(dot_split, elements_per_thread) element indices owned by each part."""
-        ept = self.elements_per_thread(head_dim)
-        c = np.arange(ept)
-        parts = np.arange(self.dot_split)[:, None]
-        return (c // self.vec) * self.vec * self.dot_split + parts * self.vec + (c % self.vec)
+    @property
+    def block_n(self) -> int:
+        return self.threads_x * self.keys_per_thread
+
+    @property
+    def threads(self) -> int:
+        return self.threads_y * self.threads_x
+
+    def shared_elements(self, head_dim: int, pad: int) -> int:
+        """Elements of the kernel's shared buffer: Qᵀ, Kᵀ (rows padded by `pad`), V, Pᵀ (padded) and a scratch row."""
+        bm, bn = self.block_m, self.block_n
+        return head_dim * (bm + pad) + head_dim * (bn + pad) + bn * head_dim + bn * (bm + pad) + self.threads
 
 
 def streaming_order(dtype, head_dim: int) -> StreamingOrder:
     """The canonical order for a dtype and head dim (see `StreamingOrder`).
 
-    float32 threads hold 32 elements of q and of the accumulator, float64 threads
-    16, so both stay in registers; the key tile is the largest power of two up to
-    64 whose K, V and score tiles fit the static shared-memory budget.
+    256 threads; float32 up to d = 128 runs 128 x 64 tiles, 8 x 4 scores per
+    thread (the fastest layout on the H100 in results/bench/exact-tune-h100.json),
+    and at d = 256 64 x 64 tiles, 4 x 4 per thread, to fit shared memory; float64
+    runs 64 x 64 tiles, 4 x 4 per thread, with narrower key tiles at d >= 128.
     """
     dtype = np.dtype(dtype)
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
-    per_thread = {np.dtype(np.float32): 32, np.dtype(np.float64): 16}[dtype]
-    dot_split = max(1, head_dim // per_thread)
-    vec = 16 // dtype.itemsize
-    block_m = THREADS_PER_BLOCK // dot_split
-    block_n = 64
-    while (2 * head_dim + block_m) * block_n * dtype.itemsize > SHARED_MEMORY_BUDGET:
-        block_n //= 2
-    return StreamingOrder(block_n=block_n, dot_split=dot_split, vec=min(vec, head_dim // dot_split))
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"no streaming order for dtype {dtype}")
+    if dtype == np.float64 and head_dim == 256:
+        return StreamingOrder(threads_y=8, threads_x=16, rows_per_thread=4, keys_per_thread=2)
+    if dtype == np.float64 and head_dim == 128:
+        return StreamingOrder(threads_y=16, threads_x=16, rows_per_thread=4, keys_per_thread=2)
+    if dtype == np.float32 and head_dim <= 128:
+        return StreamingOrder(threads_y=16, threads_x=16, rows_per_thread=8, keys_per_thread=4)
+    return StreamingOrder(threads_y=16, threads_x=16, rows_per_thread=4, keys_per_thread=4)
 
 
 # Portable exp and log: built from +, *, /, floor and ldexp only, each correctly
@@ -182,17 +192,11 @@ def log_positive(x: np.ndarray) -> np.ndarray:
     return e * LN2_HI + (e * LN2_LO + t * s)
 
 
-def _canonical_scores(q_parts, k_parts, scale):
-    """Scores of every query against one key in the canonical dot order.
-
-    q_parts (..., split, ept), k_parts (..., split, ept) broadcastable.
-    """
-    partial = q_parts[..., 0] * k_parts[..., 0]
-    for c in range(1, q_parts.shape[-1]):
-        partial = partial + q_parts[..., c] * k_parts[..., c]
-    while partial.shape[-1] > 1:
-        partial = partial[..., 0::2] + partial[..., 1::2]
-    return partial[..., 0] * scale
+def _butterfly_sum(x):
+    """Pairwise sum over the last axis, in the order of a shuffle butterfly."""
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
 
 
 def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, order=None):
@@ -208,39 +212,47 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
     nk = k.shape[2]
     scale = default_scale(head_dim) if scale is None else float(scale)
     order = streaming_order(np.float64, head_dim) if order is None else order
-    owned = order.owned_elements(head_dim)
-    q_parts = q[..., owned]  # (B, H, Nq, split, ept)
-    k_parts = k[..., owned]  # (B, H, Nk, split, ept)
+    bn = order.block_n
 
-    counts = visible_key_counts(batch, nq, nk, causal, key_lengths)[:, None, :]  # (B, 1, Nq)
+    counts = visible_key_counts(batch, nq, nk, causal, key_lengths)[:, None, :, None]  # (B, 1, Nq, 1)
     m = np.full((batch, heads, nq), -np.inf)
     l = np.zeros((batch, heads, nq))
     acc = np.zeros((batch, heads, nq, head_dim))
     with np.errstate(invalid="ignore", over="ignore"):
-        for tile_start in range(0, nk, order.block_n):
-            tile_end = min(tile_start + order.block_n, nk)
-            active = counts > tile_start  # rows that see a key of this tile
-            if not active.any():
+        for tile_start in range(0, nk, bn):
+            if not (counts > tile_start).any():
                 break
-            s = np.stack(
-                [_canonical_scores(q_parts, k_parts[:, :, j, None], scale) for j in range(tile_start, tile_end)],
-                axis=-1,
-            )
-            visible = np.arange(tile_start, tile_end) < counts[..., None]
-            m_tile = np.where(visible, s, -np.inf).max(axis=-1)
-            # online-softmax update: rescale the running sum and accumulator
-            m_new = np.maximum(m, m_tile)
-            alpha = exp_nonpositive(m - np.where(active, m_new, 0.0))
-            l_new = l * alpha
-            acc_new = acc * alpha[..., None]
-            for jj, j in enumerate(range(tile_start, tile_end)):
-                see = visible[..., jj]
-                p = exp_nonpositive(np.where(see, s[..., jj] - m_new, -np.inf))
-                l_new = np.where(see, l_new + p, l_new)
-                acc_new = np.where(see[..., None], acc_new + p[..., None] * v[:, :, j, None, :], acc_new)
-            m = np.where(active, m_new, m)
-            l = np.where(active, l_new, l)
-            acc = np.where(active[..., None], acc_new, acc)
+            # the tile, zero-padded past Nk like the kernel's shared-memory copy
+            k_tile = np.zeros((batch, heads, bn, head_dim))
+            v_tile = np.zeros((batch, heads, bn, head_dim))
+            tile_end = min(tile_start + bn, nk)
+            k_tile[:, :, : tile_end - tile_start] = k[:, :, tile_start:tile_end]
+            v_tile[:, :, : tile_end - tile_start] = v[:, :, tile_start:tile_end]
+
+            # scores: chunked dot over d, then the scale
+            for c0 in range(0, head_dim, order.dot_chunk):
+                part = q[..., None, c0] * k_tile[:, :, None, :, c0]
+                for c in range(c0 + 1, c0 + order.dot_chunk):
+                    part = part + q[..., None, c] * k_tile[:, :, None, :, c]
+                s = part if c0 == 0 else s + part
+            s = s * scale
+            visible = (tile_start + np.arange(bn)) < counts
+            s = np.where(visible, s, -np.inf)
+
+            # online-softmax update
+            m_new = np.maximum(m, s.max(axis=-1))
+            m_use = np.where(m_new == -np.inf, 0.0, m_new)
+            alpha = exp_nonpositive(m - m_use)
+            p = exp_nonpositive(s - m_use[..., None])
+            per_thread = p.reshape(*p.shape[:-1], order.threads_x, order.keys_per_thread)
+            partial = per_thread[..., 0]
+            for t in range(1, order.keys_per_thread):
+                partial = partial + per_thread[..., t]
+            l = l * alpha + _butterfly_sum(partial)
+            acc = acc * alpha[..., None]
+            for j in range(bn):
+                acc = acc + p[..., j, None] * v_tile[:, :, None, j, :]
+            m = m_new
 
     has_keys = l > 0
     o = np.where(has_keys[..., None], acc / np.where(has_keys, l, 1.0)[..., None], 0.0)

@@ -8,5 +8,6 @@ results only. `nkattn study NAME` and `nkattn figures` walk this registry.
 
 STUDIES = {
     "exact-bits": "nkattn.studies.exact_bits",
+    "exact-tune": "nkattn.studies.exact_tune",
     "rank-entropy": "nkattn.studies.rank_entropy",
 }

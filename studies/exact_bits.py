@@ -48,6 +48,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> list[Path]:
     from numba import cuda
 
     from nkattn.cuda_kernels.exact import exact_attention
+    from nkattn.cuda_kernels.online_softmax import kernel_order
     from nkattn.timing import device_name, device_slug
 
     n = 65 if quick else 513
@@ -56,7 +57,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> list[Path]:
     for d in (64, 128):
         rng = np.random.default_rng(d)
         q, k, v = (rng.standard_normal((batch, heads, n, d)) for _ in range(3))
-        o_ref, lse_ref = streaming_attention_ref(q, k, v, causal=True)
+        o_ref, lse_ref = streaming_attention_ref(q, k, v, causal=True, order=kernel_order(np.float64, d))
         qd, kd, vd = (cuda.to_device(x) for x in (q, k, v))
         lengths = cuda.to_device(np.full(batch, n, dtype=np.int32))
         for flavour, options in FLAVOURS.items():
