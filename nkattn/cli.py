@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, simulator, backends").set_defaults(func=cmd_info)
 
     p = sub.add_parser("run", help="run every method on the built-in real-attention sample and print a table")
-    p.add_argument("--repeats", type=int, default=3, help="runs per method for the determinism check")
+    p.add_argument("--repeats", type=int, default=None, help="runs per method for the determinism check (default 3, 2 in the simulator)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time kernels on the GPU beside torch SDPA and write results/bench/")

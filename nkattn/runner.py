@@ -12,8 +12,9 @@ from nkattn.reference.exact import attention_ref, streaming_attention_ref
 from nkattn.testing import relative_error
 
 # The simulator runs each CUDA thread as a Python thread; keep its input small.
-SIMULATOR_MAX_N = 64
+SIMULATOR_MAX_N = 32
 SIMULATOR_MAX_HEADS = 2
+SIMULATOR_REPEATS = 2
 
 
 def load_default_input(simulator: bool):
@@ -28,12 +29,16 @@ def load_default_input(simulator: bool):
 
 def _bit_reference(method, q, k, v, causal):
     if method == "exact":
-        return streaming_attention_ref(q, k, v, causal=causal)[0]
+        from nkattn.cuda_kernels.online_softmax import kernel_order
+
+        return streaming_attention_ref(q, k, v, causal=causal, order=kernel_order(q.dtype, q.shape[-1]))[0]
     return None
 
 
-def run_all(*, simulator: bool, repeats: int = 3, causal: bool = True) -> int:
+def run_all(*, simulator: bool, repeats: int | None = None, causal: bool = True) -> int:
     q32, k32, v32, description = load_default_input(simulator)
+    if repeats is None:
+        repeats = SIMULATOR_REPEATS if simulator else 3
     backend = "reference" if nkattn.backend_status()["cuda"] else "cuda"
     backend_label = "cuda (simulator)" if backend == "cuda" and simulator else backend
     print(f"input: {description}; shape q {q32.shape}, causal={causal}")

@@ -7,6 +7,7 @@ results only. `nkattn study NAME` and `nkattn figures` walk this registry.
 """
 
 STUDIES = {
+    "exact-bench": "nkattn.studies.exact_bench",
     "exact-bits": "nkattn.studies.exact_bits",
     "exact-tune": "nkattn.studies.exact_tune",
     "rank-entropy": "nkattn.studies.rank_entropy",

@@ -189,3 +189,64 @@ def _long_sequence(torch, cuda):
         "nkattn-exact", "float32", 1, 1, n, d, False, timing, peak,
         io_bytes=io_bytes, peak_over_io=peak / io_bytes, driver_used_delta=driver_delta, max_rel_err_sampled=err,
     )
+
+
+BENCH_FILE = "exact-h100.json"
+IMPL_STYLE = {
+    "nkattn-exact": ("nkattn exact (fp32)", "-", "o"),
+    "torch-sdpa-efficient": ("torch SDPA efficient (fp32)", "-", "s"),
+    "torch-sdpa-math": ("torch SDPA math (fp32)", "-", "^"),
+    "torch-sdpa-flash": ("torch SDPA flash (fp16)", ":", "v"),
+    "torch-sdpa-cudnn": ("torch SDPA cuDNN (fp16)", ":", "D"),
+}
+
+
+def fig_throughput(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """TFLOP/s against N for every implementation, d = 64 and 128, causal and not."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import PAGE_WIDTH, load_result, save_figure, style
+
+    data = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench exact (on the H100)")
+    records = [r for r in data["records"] if "tflops" in r and r["H"] == 8]
+    with style():
+        fig, axes = plt.subplots(1, 4, figsize=(PAGE_WIDTH, 2.2), sharey=True)
+        for ax, (d, causal) in zip(axes, [(64, False), (64, True), (128, False), (128, True)]):
+            for impl, (label, line, marker) in IMPL_STYLE.items():
+                pts = sorted((r["N"], r["tflops"]) for r in records if r["impl"] == impl and r["d"] == d and r["causal"] == causal)
+                if pts:
+                    ax.plot(*zip(*pts), line, marker=marker, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_title(f"d = {d}, {'causal' if causal else 'full'}")
+        axes[0].set_ylabel("TFLOP/s (4·B·H·N²·d / time)")
+        axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"{data['meta']['device']}, B = 1, H = 8", y=1.02)
+        return save_figure(fig, Path(figures_dir) / "bench", "exact_throughput")
+
+
+def fig_memory(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Peak device memory against N: the fused kernel stays at its inputs and outputs."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import COLUMN_WIDTH, load_result, save_figure, style
+
+    data = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench exact (on the H100)")
+    records = [r for r in data["records"] if "peak_bytes" in r and r["H"] == 8 and r["d"] == 64 and not r["causal"]]
+    with style():
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+        for impl, (label, line, marker) in IMPL_STYLE.items():
+            pts = sorted((r["N"], r["peak_bytes"] / 2**30) for r in records if r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts), line, marker=marker, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("peak device memory (GiB)")
+        ax.set_title("d = 64, B = 1, H = 8: inputs, outputs, workspace")
+        ax.legend()
+        return save_figure(fig, Path(figures_dir) / "bench", "exact_memory")
+
+
+FIGURES = [fig_throughput, fig_memory]

@@ -14,7 +14,7 @@ import nkattn
 from nkattn.cuda_kernels.exact import exact_attention
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
 from nkattn.reference.exact import attention_ref, streaming_attention_ref, streaming_order
-from nkattn.testing import assert_bit_identical, assert_within_budget, relative_error
+from nkattn.testing import assert_bit_identical, assert_within_budget, float32_floor, relative_error
 
 from .conftest import REAL_GPU, SIMULATOR
 
@@ -58,6 +58,16 @@ def make_inputs(c, seed=0, logit_scale=1.0):
     return q, k, v
 
 
+def check_float32(name, got, ref64, naive):
+    """The float32 error budget on a GPU; the simulator does float32 math as NumPy
+    scalars without FMA, so there it only catches indexing bugs (STYLE: no float32
+    precision claims from the simulator)."""
+    if SIMULATOR:
+        assert relative_error(got, ref64) <= 1e-3, name
+    else:
+        assert_within_budget(name, got, ref64, naive, floor=float32_floor(ref64))
+
+
 def run_kernel(q, k, v, causal=False, key_lengths=None, scale=None):
     return nkattn.attention(q, k, v, causal=causal, key_lengths=key_lengths, scale=scale, return_lse=True, backend="cuda")
 
@@ -72,8 +82,8 @@ def test_kernel_within_error_budget_of_float64_oracle(c):
         assert relative_error(lse, lse_ref) <= 1e-12
     else:
         o_naive, lse_naive = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"], compute_dtype=np.float32)
-        assert_within_budget("O", o, o_ref, o_naive, floor=1e-7 if SIMULATOR else 0.0)
-        assert_within_budget("lse", lse, lse_ref, lse_naive, floor=1e-7 if SIMULATOR else 0.0)
+        check_float32("O", o, o_ref, o_naive)
+        check_float32("lse", lse, lse_ref, lse_naive)
 
 
 @pytest.mark.parametrize("c", [p for p in GRID if p.values[0]["dtype"] == np.float64])
@@ -103,7 +113,7 @@ def test_streaming_mirror_matches_oracle(canonical):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_repeated_runs_are_bit_identical(dtype):
-    c = dict(b=2 if REAL_GPU else 1, h=2 if REAL_GPU else 1, hkv=1, nq=300 if REAL_GPU else 9, nk=517 if REAL_GPU else 19, d=64 if REAL_GPU else 16, dtype=dtype)
+    c = dict(b=2 if REAL_GPU else 1, h=2 if REAL_GPU else 1, hkv=1, nq=300 if REAL_GPU else 5, nk=517 if REAL_GPU else 9, d=64 if REAL_GPU else 16, dtype=dtype)
     q, k, v = make_inputs(c, seed=3)
     runs = [run_kernel(q, k, v, causal=True) for _ in range(10)]
     for o, lse in runs[1:]:
@@ -114,7 +124,7 @@ def test_repeated_runs_are_bit_identical(dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_row_alone_equals_row_in_large_batch(dtype, causal):
-    c = dict(b=3 if REAL_GPU else 2, h=4, hkv=2, nq=200 if REAL_GPU else 17, nk=200 if REAL_GPU else 17, d=64 if REAL_GPU else 16, dtype=dtype)
+    c = dict(b=3 if REAL_GPU else 2, h=4, hkv=2, nq=200 if REAL_GPU else 10, nk=200 if REAL_GPU else 10, d=64 if REAL_GPU else 16, dtype=dtype)
     q, k, v = make_inputs(c, seed=4)
     o_all, lse_all = run_kernel(q, k, v, causal=causal)
     for b, h, i in [(0, 0, 0), (c["b"] - 1, 3, c["nq"] - 1), (1, 2, c["nq"] // 2 + 1)]:
@@ -136,9 +146,14 @@ def test_huge_logits_stay_finite_and_accurate(dtype, logit):
     o, lse = run_kernel(q, k, v, causal=True)
     o_ref, lse_ref = attention_ref(q, k, v, causal=True)
     assert np.isfinite(o).all() and np.isfinite(lse).all()
-    tol = 1e-12 if dtype == np.float64 else 1e-5
-    assert relative_error(o, o_ref) <= tol
-    assert relative_error(lse, lse_ref) <= tol
+    if dtype == np.float64:
+        assert relative_error(o, o_ref) <= 1e-12
+        assert relative_error(lse, lse_ref) <= 1e-12
+    else:
+        # scores of 1e4 carry an absolute float32 error of ~1e-3: judge against the naive float32 formula
+        o_naive, lse_naive = attention_ref(q, k, v, causal=True, compute_dtype=np.float32)
+        check_float32("O", o, o_ref, o_naive)
+        check_float32("lse", lse, lse_ref, lse_naive)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
