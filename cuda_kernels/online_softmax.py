@@ -182,9 +182,10 @@ def streaming_primitives(
     dims ``tx * TD + e`` (e < TD, TD = d / TX) for the accumulator. The TX threads
     of a row are adjacent lanes of one warp, so row reductions are shuffles.
 
-    One dynamic shared buffer holds Qᵀ (d x BM, rows padded by one), Kᵀ (d x BN,
-    padded), V (BN x d), Pᵀ (BN x BM, padded) and a scratch row used by the
-    simulator's shuffle stand-in; the `*_OFFSET` constants locate them.
+    One dynamic shared buffer holds Qᵀ (d x BM), Kᵀ (d x BN), V (BN x d), Pᵀ
+    (BN x BM) and a scratch row used by the simulator's shuffle stand-in; rows of
+    the transposed tiles are padded by 16 bytes, which keeps vector loads aligned
+    and spreads the transposing stores over banks.
 
     Returns a namespace of those constants and the device functions:
 
@@ -201,7 +202,7 @@ def streaming_primitives(
     """
     dtype = np.dtype(dtype)
     order = kernel_order(dtype, head_dim) if order is None else order
-    TY, TX, TM, TN = order.threads_y, order.threads_x, order.rows_per_thread, order.keys_per_thread
+    TX, TM, TN = order.threads_x, order.rows_per_thread, order.keys_per_thread
     BM, BN, THREADS, D = order.block_m, order.block_n, order.threads, head_dim
     if D % TX or 32 % TX:
         raise ValueError(f"order {order} does not fit head dim {D}: TX must divide d and 32")
@@ -218,7 +219,6 @@ def streaming_primitives(
     NB_DTYPE = from_dtype(dtype)
     NEG_INF = dtype.type(-np.inf)
     ZERO = dtype.type(0)
-    ONE = dtype.type(1)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"streaming kernels support float32 and float64, not {dtype}")
     # float64 defaults to the bit-exact flavour, float32 to the fast one; the other
@@ -420,7 +420,7 @@ def streaming_primitives(
 
     return SimpleNamespace(
         TX=TX, TM=TM, TN=TN, TD=TD, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
-        NB_DTYPE=NB_DTYPE, NEG_INF=NEG_INF, ZERO=ZERO, ONE=ONE,
+        NB_DTYPE=NB_DTYPE, NEG_INF=NEG_INF, ZERO=ZERO,
         visible_keys=visible_keys,
         load_q_tile=load_q_tile,
         KV_PER_THREAD=KV_PER_THREAD,

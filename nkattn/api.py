@@ -115,7 +115,7 @@ def _validate(q, k, v, scale, key_lengths, method, backend):
             raise TypeError(f"{name} has dtype {dt}; supported: float32, float64")
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"q, k, v must share one dtype, got q {dtypes['q']}, k {dtypes['k']}, v {dtypes['v']}")
-    (bq, hq, nq, dq), (bk, hk, nk, dk), (bv, hv, nv, dv) = shapes["q"], shapes["k"], shapes["v"]
+    (bq, hq, nq, dq), (bk, hk, nk, dk) = shapes["q"], shapes["k"]
     if shapes["k"] != shapes["v"]:
         raise ValueError(f"k and v must have the same shape, got k {shapes['k']} and v {shapes['v']}")
     if bq != bk:

@@ -230,12 +230,13 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
             v_tile[:, :, : tile_end - tile_start] = v[:, :, tile_start:tile_end]
 
             # scores: chunked dot over d, then the scale
+            dot = None
             for c0 in range(0, head_dim, order.dot_chunk):
                 part = q[..., None, c0] * k_tile[:, :, None, :, c0]
                 for c in range(c0 + 1, c0 + order.dot_chunk):
                     part = part + q[..., None, c] * k_tile[:, :, None, :, c]
-                s = part if c0 == 0 else s + part
-            s = s * scale
+                dot = part if dot is None else dot + part
+            s = dot * scale
             visible = (tile_start + np.arange(bn)) < counts
             s = np.where(visible, s, -np.inf)
 
