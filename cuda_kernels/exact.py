@@ -16,6 +16,15 @@ from numba import cuda
 from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory, streaming_primitives
 
 
+def tuned_register_cap(dtype, head_dim: int) -> int | None:
+    """Register cap of the fastest float32 variant on the H100 (results/bench/exact-tune-h100.json).
+
+    At d <= 64 a cap of 128 lets two 256-thread blocks share an SM (21 against 17
+    TFLOP/s at d = 64); at d = 128 the cap spills and halves the speed.
+    """
+    return 128 if np.dtype(dtype) == np.float32 and head_dim <= 64 else None
+
+
 @cache
 def exact_attention_kernel(
     dtype,
@@ -24,8 +33,8 @@ def exact_attention_kernel(
     order=None,
     contract: bool | None = None,
     portable_math: bool | None = None,
-    prefetch: bool = True,
-    max_registers: int | None = None,
+    prefetch: bool = False,
+    max_registers: int | None | str = "tuned",
 ):
     """Build the fused forward kernel for one dtype and head dim.
 
@@ -48,16 +57,19 @@ def exact_attention_kernel(
     `contract` and `portable_math` select the arithmetic (see
     `streaming_primitives`); the defaults are the float64 bit-exact and the float32
     fast flavours. `prefetch` loads the next K/V tile into registers while the
-    current one is computed; `max_registers` caps registers per thread (occupancy).
-    Neither changes the bits.
+    current one is computed (off: the staging registers cost more occupancy than
+    the overlap gains on the H100); `max_registers` caps registers per thread
+    ("tuned": `tuned_register_cap`). Neither changes the bits.
     """
+    if max_registers == "tuned":
+        max_registers = tuned_register_cap(dtype, head_dim)
     sp = streaming_primitives(np.dtype(dtype), head_dim, order=order, contract=contract, portable_math=portable_math)
     TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
     NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
-    KV_PER_THREAD = sp.KV_PER_THREAD
     PREFETCH = prefetch
-    visible_keys, load_q_tile, fetch_kv_tile, store_kv_tile = (
-        sp.visible_keys, sp.load_q_tile, sp.fetch_kv_tile, sp.store_kv_tile
+    KV_BUF = sp.KV_PER_THREAD if prefetch else 1  # staging registers only when prefetching
+    visible_keys, load_q_tile, fetch_kv_tile, store_kv_tile, load_kv_tile = (
+        sp.visible_keys, sp.load_q_tile, sp.fetch_kv_tile, sp.store_kv_tile, sp.load_kv_tile
     )
     tile_scores, online_softmax_update, accumulate_pv, store_rows = (
         sp.tile_scores, sp.online_softmax_update, sp.accumulate_pv, sp.store_rows
@@ -87,8 +99,8 @@ def exact_attention_kernel(
         q_frag = cuda.local.array(TM, NB_DTYPE)
         k_frag = cuda.local.array(TN, NB_DTYPE)
         v_frag = cuda.local.array(TD, NB_DTYPE)
-        k_buf = cuda.local.array(KV_PER_THREAD, NB_DTYPE)
-        v_buf = cuda.local.array(KV_PER_THREAD, NB_DTYPE)
+        k_buf = cuda.local.array(KV_BUF, NB_DTYPE)
+        v_buf = cuda.local.array(KV_BUF, NB_DTYPE)
         for i in range(TM):
             kv_end[i] = visible_keys(row0 + ty * TM + i, nq, nk_b, causal)
             m_i[i] = NEG_INF
@@ -102,10 +114,11 @@ def exact_attention_kernel(
         if PREFETCH:
             fetch_kv_tile(k, v, b, kvh, 0, nk_b, k_buf, v_buf, tid)
         for tile_start in range(0, block_kv_end, BN):
-            if not PREFETCH:
-                fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid)
             cuda.syncthreads()  # Q is loaded and every read of the previous tile is done
-            store_kv_tile(smem, k_buf, v_buf, tid)
+            if PREFETCH:
+                store_kv_tile(smem, k_buf, v_buf, tid)
+            else:
+                load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)
             cuda.syncthreads()  # the whole K/V tile is in shared memory
             if PREFETCH and tile_start + BN < block_kv_end:
                 fetch_kv_tile(k, v, b, kvh, tile_start + BN, nk_b, k_buf, v_buf, tid)

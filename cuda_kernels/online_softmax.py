@@ -193,6 +193,7 @@ def streaming_primitives(
     ``load_q_tile(q, b, h, row0, smem, tid)``        Qᵀ into shared memory
     ``fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid)``  a K/V tile into registers
     ``store_kv_tile(smem, k_buf, v_buf, tid)``       those registers into Kᵀ and V in shared memory
+    ``load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)``  the same, global to shared directly
     ``tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)``  the thread's TM x TN block of q·k
     ``online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
         mask and scale the scores, update running max and sum, rescale acc, write Pᵀ
@@ -271,6 +272,20 @@ def streaming_primitives(
             else:
                 k_buf[t] = ZERO
                 v_buf[t] = ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid):
+        # global -> shared directly: no staging registers (see fetch_kv_tile for keys past nk_b)
+        for idx in range(tid, BN * D, THREADS):
+            r = idx // D
+            c = idx - r * D
+            j = tile_start + r
+            if j < nk_b:
+                smem[K_OFFSET + c * LDK + r] = k[b, kvh, j, c]
+                smem[V_OFFSET + r * D + c] = v[b, kvh, j, c]
+            else:
+                smem[K_OFFSET + c * LDK + r] = ZERO
+                smem[V_OFFSET + r * D + c] = ZERO
 
     @cuda.jit(device=True, inline="always")
     def store_kv_tile(smem, k_buf, v_buf, tid):
@@ -426,6 +441,7 @@ def streaming_primitives(
         KV_PER_THREAD=KV_PER_THREAD,
         fetch_kv_tile=fetch_kv_tile,
         store_kv_tile=store_kv_tile,
+        load_kv_tile=load_kv_tile,
         tile_scores=tile_scores,
         online_softmax_update=online_softmax_update,
         accumulate_pv=accumulate_pv,

@@ -143,6 +143,9 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
         peers = [("torch-sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, torch.float32)]
         if batch * heads * n * n * 4 <= MATH_BACKEND_MAX_SCORE_BYTES:
             peers.append(("torch-sdpa-math", SDPBackend.MATH, torch.float32))
+        else:
+            records.append({"impl": "torch-sdpa-math", "dtype": "float32", "B": batch, "H": heads, "N": n, "d": d, "causal": causal,
+                            "skipped": f"not run: its B·H·N² float32 scores ({batch * heads * n * n * 4 / 1e9:.0f} GB) exceed {MATH_BACKEND_MAX_SCORE_BYTES / 1e9:.0f} GB"})
         peers += [("torch-sdpa-flash", SDPBackend.FLASH_ATTENTION, torch.float16), ("torch-sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, torch.float16)]
         for impl, backend, tdtype in peers:
             qt, kt, vt = (x.to(tdtype) for x in (q, k, v))
@@ -157,7 +160,10 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 records.append({"impl": impl, "dtype": str(tdtype).removeprefix("torch."), "B": batch, "H": heads, "N": n, "d": d, "causal": causal, "skipped": str(exc).splitlines()[0][:200]})
                 continue
-            records.append(_record(impl, str(tdtype).removeprefix("torch."), batch, heads, n, d, causal, timing, peak_total))
+            # error against float64 attention of the float32 inputs (for fp16 peers it includes rounding the inputs)
+            err = _check_rows(torch, q, k, v, peer_call().float(), causal, CHECK_ROWS)
+            records.append(_record(impl, str(tdtype).removeprefix("torch."), batch, heads, n, d, causal, timing, peak_total,
+                                   max_rel_err_sampled=err))
             del qt, kt, vt
         del q, k, v
         torch.cuda.empty_cache()
