@@ -316,6 +316,13 @@ def streaming_primitives(
                 dst[t] = smem[base + uint32(t)]
 
     @cuda.jit(device=True, inline="always")
+    def rank1_update(dst, a, b, rows, cols):
+        # dst[i, j] += a[i] * b[j]: the register-blocked step of both products
+        for i in range(rows):
+            for j in range(cols):
+                dst[i, j] = add(dst[i, j], mul(a[i], b[j]))
+
+    @cuda.jit(device=True, inline="always")
     def tile_scores(smem, ty, tx, s, partial, q_frag, k_frag):
         # s = sum over chunks of CHUNK elements of (sequential sum of q·k over the chunk)
         q_col = uint32(Q_OFFSET + ty * TM)
@@ -331,9 +338,7 @@ def streaming_primitives(
                 k_col += uint32(LDK)
                 load_run(smem, q_col, TM, q_frag)
                 load_run(smem, k_col, TN, k_frag)
-                for i in range(TM):
-                    for j in range(TN):
-                        partial[i, j] = add(partial[i, j], mul(q_frag[i], k_frag[j]))
+                rank1_update(partial, q_frag, k_frag, TM, TN)
             q_col += uint32(LDQ)
             k_col += uint32(LDK)
             for i in range(TM):
@@ -411,9 +416,7 @@ def streaming_primitives(
         for j in range(BN):
             load_run(smem, p_col, TM, p_frag)
             load_run(smem, v_row, TD, v_frag)
-            for i in range(TM):
-                for e in range(TD):
-                    acc[i, e] = add(acc[i, e], mul(p_frag[i], v_frag[e]))
+            rank1_update(acc, p_frag, v_frag, TM, TD)
             p_col += uint32(LDP)
             v_row += uint32(D)
 
