@@ -140,7 +140,8 @@ def _validate(q, k, v, scale, key_lengths, method, backend):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
     lengths = None
     if key_lengths is not None:
-        lengths = np.asarray(key_lengths.copy_to_host() if hasattr(key_lengths, "copy_to_host") else key_lengths)
+        # B integers: reading them to the host to validate costs one tiny copy
+        lengths = np.asarray(_to_host(key_lengths))
         if lengths.ndim != 1 or lengths.shape[0] != bq:
             raise ValueError(f"key_lengths must have shape (B,) = ({bq},), got {lengths.shape}")
         if not np.issubdtype(lengths.dtype, np.integer):

@@ -67,6 +67,14 @@ def test_numba_device_arrays_in_device_arrays_out():
     np.testing.assert_array_equal(out.copy_to_host(), nkattn.attention(q, k, v, causal=True, backend="cuda"))
 
 
+def test_key_lengths_on_the_device_are_accepted():
+    q, k, v = qkv(b=2, dtype=np.float64)
+    lengths = np.array([8, 3], dtype=np.int32)
+    on_device = nkattn.attention(q, k, v, key_lengths=cuda.to_device(lengths), backend="cuda")
+    on_host = nkattn.attention(q, k, v, key_lengths=lengths, backend="cuda")
+    np.testing.assert_array_equal(on_device, on_host)
+
+
 def test_reference_and_cuda_backends_agree():
     q, k, v = qkv(dtype=np.float64, nq=13, nk=21)
     a = nkattn.attention(q, k, v, causal=True, backend="reference")
