@@ -347,23 +347,23 @@ def streaming_primitives(
 
     if SIMULATOR:
 
+        def exchange(x, smem, tid, step):
+            # stand-in for shfl_xor: the partner lane's value, through shared memory
+            smem[SCRATCH_OFFSET + tid] = x
+            cuda.syncthreads()
+            other = smem[SCRATCH_OFFSET + (tid ^ (1 << step))]
+            cuda.syncthreads()
+            return other
+
         def row_max(x, smem, tid):
-            # stand-in for the shuffle butterfly: same pairing, through shared memory
             for step in range(LOG_TX):
-                smem[SCRATCH_OFFSET + tid] = x
-                cuda.syncthreads()
-                other = smem[SCRATCH_OFFSET + (tid ^ (1 << step))]
-                cuda.syncthreads()
+                other = exchange(x, smem, tid, step)
                 x = other if other > x else x
             return x
 
         def row_sum(x, smem, tid):
             for step in range(LOG_TX):
-                smem[SCRATCH_OFFSET + tid] = x
-                cuda.syncthreads()
-                other = smem[SCRATCH_OFFSET + (tid ^ (1 << step))]
-                cuda.syncthreads()
-                x = add(x, other)
+                x = add(x, exchange(x, smem, tid, step))
             return x
 
     else:
