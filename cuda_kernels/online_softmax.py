@@ -35,9 +35,9 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 if not SIMULATOR:
     from llvmlite import ir
+    from numba.core import types
     from numba.cuda import cgutils, libdevice
     from numba.cuda.extending import intrinsic
-    from numba.core import types
 
 
 if SIMULATOR:
@@ -172,7 +172,8 @@ def kernel_order(dtype, head_dim: int) -> ref.StreamingOrder:
 
 @cache
 def streaming_primitives(
-    dtype, head_dim: int, *, order: ref.StreamingOrder | None = None, contract: bool | None = None, portable_math: bool | None = None
+    dtype, head_dim: int, *, order: ref.StreamingOrder | None = None, contract: bool | None = None, portable_math: bool | None = None,
+    qk_tiles: bool = True,
 ):
     """Device functions of the tiled online-softmax loop for one dtype and head dim.
 
@@ -187,6 +188,10 @@ def streaming_primitives(
     the transposed tiles are padded by 16 bytes, which keeps vector loads aligned
     and spreads the transposing stores over banks.
 
+    A path whose scores come from elsewhere (table lookups) passes
+    ``qk_tiles=False``: the Qᵀ and Kᵀ regions then take no space, and
+    ``SHARED_BYTES`` covers V, Pᵀ and the scratch row.
+
     Returns a namespace of those constants and the device functions:
 
     ``visible_keys(q_idx, nq, nk_b, causal)``      keys [0, count) a row sees
@@ -194,12 +199,17 @@ def streaming_primitives(
     ``fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid)``  a K/V tile into registers
     ``store_kv_tile(smem, k_buf, v_buf, tid)``       those registers into Kᵀ and V in shared memory
     ``load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)``  the same, global to shared directly
+    ``load_k_tile(k, ...)``, ``load_v_tile(v, ...)``   one of the two, same arguments otherwise
+    ``gather_q_tile(q, b, h, row_idx, smem, tid)``   Qᵀ of rows ``row_idx[r]`` (-1: a zero row)
+    ``gather_kv_tile(k, v, b, kvh, key_idx, smem, tid)``  Kᵀ and V of keys ``key_idx[j]`` (-1: zero)
     ``tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)``  the thread's TM x TN block of q·k
     ``online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
         mask and scale the scores, update running max and sum, rescale acc, write Pᵀ
     ``accumulate_pv(smem, ty, tx, acc, p_frag, v_frag)``  acc += P·V over the tile
-    ``store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)``
-        O = acc / l, lse = m + log(l); O = 0 and lse = -inf for a row with no key
+    ``store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)``
+        the thread's row i as query q_idx: O = acc / l, lse = m + log(l); O = 0 and
+        lse = -inf for a row with no key
+    ``store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)``  every row of the thread, rows from row0
     """
     dtype = np.dtype(dtype)
     order = kernel_order(dtype, head_dim) if order is None else order
@@ -211,11 +221,12 @@ def streaming_primitives(
     PAD = 16 // dtype.itemsize  # keeps rows 16-byte aligned while spreading transposed stores over banks
     LDQ, LDK, LDP = BM + PAD, BN + PAD, BM + PAD
     Q_OFFSET = 0
-    K_OFFSET = Q_OFFSET + D * LDQ
-    V_OFFSET = K_OFFSET + D * LDK
+    K_OFFSET = Q_OFFSET + (D * LDQ if qk_tiles else 0)
+    V_OFFSET = K_OFFSET + (D * LDK if qk_tiles else 0)
     P_OFFSET = V_OFFSET + BN * D
     SCRATCH_OFFSET = P_OFFSET + BN * LDP
-    SHARED_BYTES = order.shared_elements(D, PAD) * dtype.itemsize
+    SHARED_BYTES = (SCRATCH_OFFSET + THREADS) * dtype.itemsize
+    assert not qk_tiles or SHARED_BYTES == order.shared_elements(D, PAD) * dtype.itemsize
     LOG_TX = int(math.log2(TX))
     NB_DTYPE = from_dtype(dtype)
     NEG_INF = dtype.type(-np.inf)
@@ -281,6 +292,47 @@ def streaming_primitives(
             c = idx - r * D
             j = tile_start + r
             if j < nk_b:
+                smem[K_OFFSET + c * LDK + r] = k[b, kvh, j, c]
+                smem[V_OFFSET + r * D + c] = v[b, kvh, j, c]
+            else:
+                smem[K_OFFSET + c * LDK + r] = ZERO
+                smem[V_OFFSET + r * D + c] = ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def load_k_tile(k, b, kvh, tile_start, nk_b, smem, tid):
+        # Kᵀ alone, for paths that need no values (score-only kernels)
+        for idx in range(tid, BN * D, THREADS):
+            r = idx // D
+            c = idx - r * D
+            j = tile_start + r
+            smem[K_OFFSET + c * LDK + r] = k[b, kvh, j, c] if j < nk_b else ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def load_v_tile(v, b, kvh, tile_start, nk_b, smem, tid):
+        # V alone, for paths whose scores come from elsewhere (table lookups)
+        for idx in range(tid, BN * D, THREADS):
+            r = idx // D
+            c = idx - r * D
+            j = tile_start + r
+            smem[V_OFFSET + r * D + c] = v[b, kvh, j, c] if j < nk_b else ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def gather_q_tile(q, b, h, row_idx, smem, tid):
+        # rows in the caller's order (a sorted bucket, a palette group); -1 pads the tile
+        for idx in range(tid, BM * D, THREADS):
+            r = idx // D
+            c = idx - r * D
+            q_idx = row_idx[r]
+            smem[Q_OFFSET + c * LDQ + r] = q[b, h, q_idx, c] if q_idx >= 0 else ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def gather_kv_tile(k, v, b, kvh, key_idx, smem, tid):
+        # keys in the caller's order; -1 pads the tile with zeros, as past nk_b in load_kv_tile
+        for idx in range(tid, BN * D, THREADS):
+            r = idx // D
+            c = idx - r * D
+            j = key_idx[r]
+            if j >= 0:
                 smem[K_OFFSET + c * LDK + r] = k[b, kvh, j, c]
                 smem[V_OFFSET + r * D + c] = v[b, kvh, j, c]
             else:
@@ -355,12 +407,16 @@ def streaming_primitives(
             cuda.syncthreads()
             return other
 
+        # device functions even here: the simulator swaps in its `cuda` module for
+        # the duration of a device function call, which `exchange` relies on
+        @cuda.jit(device=True, inline="always")
         def row_max(x, smem, tid):
             for step in range(LOG_TX):
                 other = exchange(x, smem, tid, step)
                 x = other if other > x else x
             return x
 
+        @cuda.jit(device=True, inline="always")
         def row_sum(x, smem, tid):
             for step in range(LOG_TX):
                 x = add(x, exchange(x, smem, tid, step))
@@ -421,20 +477,24 @@ def streaming_primitives(
             v_row += uint32(D)
 
     @cuda.jit(device=True, inline="always")
+    def store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i):
+        if l_i[i] > ZERO:
+            for e in range(TD):
+                o[b, h, q_idx, tx * TD + e] = div(acc[i, e], l_i[i])
+            if tx == 0:
+                lse[b, h, q_idx] = add(m_i[i], log(l_i[i]))
+        else:
+            for e in range(TD):
+                o[b, h, q_idx, tx * TD + e] = ZERO
+            if tx == 0:
+                lse[b, h, q_idx] = NEG_INF
+
+    @cuda.jit(device=True, inline="always")
     def store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i):
         for i in range(TM):
             q_idx = row0 + ty * TM + i
             if q_idx < nq:
-                if l_i[i] > ZERO:
-                    for e in range(TD):
-                        o[b, h, q_idx, tx * TD + e] = div(acc[i, e], l_i[i])
-                    if tx == 0:
-                        lse[b, h, q_idx] = add(m_i[i], log(l_i[i]))
-                else:
-                    for e in range(TD):
-                        o[b, h, q_idx, tx * TD + e] = ZERO
-                    if tx == 0:
-                        lse[b, h, q_idx] = NEG_INF
+                store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)
 
     return SimpleNamespace(
         TX=TX, TM=TM, TN=TN, TD=TD, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
@@ -445,10 +505,16 @@ def streaming_primitives(
         fetch_kv_tile=fetch_kv_tile,
         store_kv_tile=store_kv_tile,
         load_kv_tile=load_kv_tile,
+        load_k_tile=load_k_tile,
+        load_v_tile=load_v_tile,
+        gather_q_tile=gather_q_tile,
+        gather_kv_tile=gather_kv_tile,
         tile_scores=tile_scores,
         online_softmax_update=online_softmax_update,
         accumulate_pv=accumulate_pv,
+        store_row=store_row,
         store_rows=store_rows,
+        row_max=row_max,
     )
 
 

@@ -77,3 +77,14 @@ def assert_bit_identical(name: str, got, expected) -> None:
             f"{name}: {np.mean(~same):.2%} of elements differ in bits; first at {bad}: "
             f"{got[bad]!r} vs {expected[bad]!r}"
         )
+
+
+def nan_padded_device_view(x, pad=3):
+    """x placed inside a NaN-filled buffer, as a strided device view: a kernel that reads
+    outside its inputs, or assumes contiguity, turns the output NaN or changes its bits."""
+    from numba import cuda
+
+    b, h, n, d = x.shape
+    buf = np.full((b + 1, h + 2, n + 2 * pad, 2 * d), np.nan, dtype=x.dtype)
+    buf[1:, 1 : h + 1, pad : pad + n, d:] = x
+    return cuda.to_device(buf)[1:, 1 : h + 1, pad : pad + n, d:]

@@ -14,7 +14,7 @@ import nkattn
 from nkattn.cuda_kernels.exact import exact_attention
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
 from nkattn.reference.exact import attention_ref, streaming_attention_ref, streaming_order
-from nkattn.testing import assert_bit_identical, assert_within_budget, float32_floor, relative_error
+from nkattn.testing import assert_bit_identical, assert_within_budget, float32_floor, nan_padded_device_view, relative_error
 
 from .conftest import REAL_GPU, SIMULATOR
 
@@ -177,20 +177,12 @@ def test_single_key_returns_its_value():
     np.testing.assert_allclose(lse, q.sum(-1) / 4.0, rtol=1e-13)
 
 
-def _nan_padded_device_view(x, pad=3):
-    """x placed inside a NaN-filled buffer, as a strided device view."""
-    b, h, n, d = x.shape
-    buf = np.full((b + 1, h + 2, n + 2 * pad, 2 * d), np.nan, dtype=x.dtype)
-    buf[1:, 1 : h + 1, pad : pad + n, d:] = x
-    return cuda.to_device(buf)[1:, 1 : h + 1, pad : pad + n, d:]
-
-
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_views_into_nan_padded_buffers(dtype):
     c = dict(b=2, h=2, hkv=1, nq=130 if REAL_GPU else 9, nk=203 if REAL_GPU else 17, d=32 if REAL_GPU else 16, dtype=dtype)
     q, k, v = make_inputs(c, seed=8)
     lengths = cuda.to_device(np.array([c["nk"], c["nk"] - 7], dtype=np.int32))
-    o_view, lse_view = exact_attention(*(_nan_padded_device_view(x) for x in (q, k, v)), lengths, causal=True, scale=0.25)
+    o_view, lse_view = exact_attention(*(nan_padded_device_view(x) for x in (q, k, v)), lengths, causal=True, scale=0.25)
     o_cont, lse_cont = exact_attention(*(cuda.to_device(x) for x in (q, k, v)), lengths, causal=True, scale=0.25)
     o_view, lse_view = o_view.copy_to_host(), lse_view.copy_to_host()
     assert not np.isnan(o_view).any() and not np.isnan(lse_view).any()
