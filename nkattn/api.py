@@ -9,13 +9,16 @@ before any launch (numba.cuda kernels cannot raise).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from nkattn.reference.exact import SUPPORTED_HEAD_DIMS, attention_ref, default_scale
+from nkattn.reference.lsh import lsh_attention_ref, validate_lsh_params
 
-METHODS = ("exact",)
+METHODS = ("exact", "lsh", "table")
+LSH_DEFAULTS = {"lsh_bits": 8, "lsh_tables": 4, "seed": 0, "lsh_shared_qk": False}
+TABLE_VARIANTS = ("dot", "seed")
 BACKENDS = ("cuda", "reference")
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -26,6 +29,7 @@ class Request:
     dtype: np.dtype
     head_dim: int
     on_device: bool
+    options: dict = field(default_factory=dict)
 
 
 def _is_device_array(x) -> bool:
@@ -62,13 +66,18 @@ def _cuda_reasons(req: Request) -> list[str]:
     reasons = []
     if not _cuda_available():
         reasons.append("no CUDA GPU found and the CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 to use it)")
-    if req.method not in ("exact",):
+    if req.method not in METHODS:
         reasons.append(f"no CUDA kernel for method {req.method!r}")
+    if req.method == "lsh":
+        from nkattn.cuda_kernels.lsh import MAX_TABLES
+
+        if req.options["lsh_tables"] > MAX_TABLES:
+            reasons.append(f"the LSH kernel supports lsh_tables <= {MAX_TABLES}, got {req.options['lsh_tables']}")
     return reasons
 
 
 def _reference_reasons(req: Request) -> list[str]:
-    if req.method != "exact":
+    if req.method not in METHODS:
         return [f"no reference for method {req.method!r}"]
     return []
 
@@ -89,11 +98,51 @@ def _shape_dtype(x):
     return x.shape, x.dtype
 
 
-def _validate(q, k, v, scale, key_lengths, method, backend):
+def _method_options(method, options):
+    """The method's keyword options with defaults; options of another method are an error."""
+    given = {name: value for name, value in options.items() if value is not None}
+    table = given.pop("table", None)
+    if table is not None and method != "table":
+        raise ValueError(f"table only applies to method='table', not method={method!r}")
+    if method == "table":
+        from nkattn.reference.table import TableCodebook
+
+        table = "dot" if table is None else table
+        if not (isinstance(table, TableCodebook) or (isinstance(table, str) and table in TABLE_VARIANTS)):
+            raise ValueError(f"table must be one of {TABLE_VARIANTS} or a fitted TableCodebook, got {table!r}")
+        if given.get("seed") is not None:
+            seed = given.pop("seed")
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        else:
+            seed = 0
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))} only apply to method='lsh', not method={method!r}")
+        return {"table": table, "seed": seed}
+    if method != "lsh":
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))} only apply to method='lsh', not method={method!r}")
+        return {}
+    merged = {**LSH_DEFAULTS, **given}
+    validate_lsh_params(merged["lsh_bits"], merged["lsh_tables"])
+    seed = merged["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    merged["lsh_shared_qk"] = bool(merged["lsh_shared_qk"])
+    return merged
+
+
+def _validate(q, k, v, scale, key_lengths, method, backend, options):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
+    options = _method_options(method, options)
+    shared_qk = options.get("lsh_shared_qk", False)
+    if shared_qk:
+        if k is not None:
+            raise ValueError("lsh_shared_qk=True derives the keys from q (Reformer): pass k=None")
+        k = q
     arrays = {"q": q, "k": k, "v": v}
     on_device = {name: _is_device_array(x) for name, x in arrays.items()}
     for name, x in arrays.items():
@@ -116,6 +165,8 @@ def _validate(q, k, v, scale, key_lengths, method, backend):
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"q, k, v must share one dtype, got q {dtypes['q']}, k {dtypes['k']}, v {dtypes['v']}")
     (bq, hq, nq, dq), (bk, hk, nk, dk) = shapes["q"], shapes["k"]
+    if shared_qk and shapes["v"] != shapes["q"]:
+        raise ValueError(f"lsh_shared_qk=True needs v of q's shape {shapes['q']}, got {shapes['v']}")
     if shapes["k"] != shapes["v"]:
         raise ValueError(f"k and v must have the same shape, got k {shapes['k']} and v {shapes['v']}")
     if bq != bk:
@@ -149,7 +200,7 @@ def _validate(q, k, v, scale, key_lengths, method, backend):
         if lengths.min() < 0 or lengths.max() > nk:
             raise ValueError(f"key_lengths must lie in [0, Nk={nk}], got min {lengths.min()} max {lengths.max()}")
         lengths = lengths.astype(np.int32)
-    req = Request(method=method, dtype=dtypes["q"], head_dim=dq, on_device=on_device["q"])
+    req = Request(method=method, dtype=dtypes["q"], head_dim=dq, on_device=on_device["q"], options=options)
     return req, scale, lengths
 
 
@@ -176,6 +227,11 @@ def attention(
     key_lengths=None,
     return_lse: bool = False,
     backend: str = "auto",
+    lsh_bits: int | None = None,
+    lsh_tables: int | None = None,
+    seed: int | None = None,
+    lsh_shared_qk: bool | None = None,
+    table=None,
 ):
     """Attention ``softmax(scale · q kᵀ + mask) · v``; semantics in `nkattn.reference.exact`.
 
@@ -188,8 +244,23 @@ def attention(
 
     backend: "cuda" (a GPU, or the CUDA simulator when NUMBA_ENABLE_CUDASIM=1),
     "reference" (NumPy float64), or "auto" (the first that can run the request).
+
+    method="exact" is softmax attention; method="lsh" restricts every query to the
+    keys that share a SimHash bucket with it in at least one of ``lsh_tables``
+    tables of ``lsh_bits`` bits (default 8 bits, 4 tables; hyperplanes from
+    ``seed``); ``lsh_shared_qk=True`` is Reformer's shared-QK mode (pass k=None).
+    Semantics in `nkattn.reference.lsh`.
+
+    method="table" reads every score from a 256 x 256 uint16 table indexed by
+    per-row palette codes: ``table="dot"`` (default) fits k-means palettes to the
+    rows of q and of k (seeded by ``seed``) with ``table ≈ scale · c_q c_kᵀ``;
+    ``table="seed"`` is seed 004's Base17 L1-distance table with scores
+    ``-table / 1000``; a fitted `nkattn.reference.table.TableCodebook` encodes
+    q and k with its palettes. Fitting and encoding run on the host (q and k are
+    copied there). Semantics in `nkattn.reference.table`.
     """
-    req, scale, lengths = _validate(q, k, v, scale, key_lengths, method, backend)
+    options = dict(lsh_bits=lsh_bits, lsh_tables=lsh_tables, seed=seed, lsh_shared_qk=lsh_shared_qk, table=table)
+    req, scale, lengths = _validate(q, k, v, scale, key_lengths, method, backend, options)
     chosen = _pick_backend(req, backend)
     causal = bool(causal)
     if chosen == "reference":
@@ -205,8 +276,34 @@ def _to_host(x):
     return _numba_view(x).copy_to_host()
 
 
+def _table_inputs(q, k, req, scale):
+    """Palette codes and the uint16 table for method="table", fitted and encoded on the host."""
+    from nkattn.reference.table import TableCodebook, dot_table, seed_table
+
+    table = req.options["table"]
+    qh, kh = _to_host(q), _to_host(k)
+    if isinstance(table, TableCodebook):
+        return table.encode_q(qh), table.encode_k(kh), table.table_u16, table.score_scale, table.score_offset
+    fitted = dot_table(qh, kh, scale, seed=req.options["seed"]) if table == "dot" else seed_table(qh, kh)
+    return fitted.q_codes, fitted.k_codes, fitted.table_u16, fitted.score_scale, fitted.score_offset
+
+
 def _run_reference(q, k, v, req, causal, scale, lengths):
-    out, lse = attention_ref(_to_host(q), _to_host(k), _to_host(v), causal=causal, scale=scale, key_lengths=lengths)
+    if req.method == "table":
+        from nkattn.reference.table import table_attention_ref
+
+        q_codes, k_codes, table_u16, score_scale, score_offset = _table_inputs(q, k, req, scale)
+        out, lse = table_attention_ref(q_codes, k_codes, table_u16, _to_host(v), score_scale=score_scale,
+                                       score_offset=score_offset, causal=causal, key_lengths=lengths)
+    elif req.method == "lsh":
+        opts = req.options
+        out, lse, _ = lsh_attention_ref(
+            _to_host(q), None if k is None else _to_host(k), _to_host(v), bits=opts["lsh_bits"],
+            tables=opts["lsh_tables"], seed=opts["seed"], causal=causal, scale=scale, key_lengths=lengths,
+            shared_qk=opts["lsh_shared_qk"],
+        )
+    else:
+        out, lse = attention_ref(_to_host(q), _to_host(k), _to_host(v), causal=causal, scale=scale, key_lengths=lengths)
     out, lse = out.astype(req.dtype), lse.astype(req.dtype)
     if req.on_device:
         return _like_input(q, out), _like_input(q, lse)
@@ -248,20 +345,52 @@ def _empty_like_framework(template, shape, dtype):
     return d, d
 
 
+def _cuda_launcher(req, q, k, scale):
+    """The kernel launcher of a method, with the method's options bound."""
+    if req.method == "table":
+        from numba import cuda
+
+        from nkattn.cuda_kernels.table import table_attention
+
+        q_codes, k_codes, table_u16, score_scale, score_offset = _table_inputs(q, k, req, scale)
+
+        def launch(qd, kd, vd, key_lengths, *, scale, **kw):
+            return table_attention(cuda.to_device(q_codes), cuda.to_device(k_codes), table_u16, vd, key_lengths,
+                                   score_scale=score_scale, score_offset=score_offset, **kw)
+
+        return launch
+    if req.method == "lsh":
+        from nkattn.cuda_kernels.lsh import lsh_attention
+
+        opts = req.options
+
+        def launch(qd, kd, vd, key_lengths, **kw):
+            return lsh_attention(
+                qd, kd, vd, key_lengths, bits=opts["lsh_bits"], tables=opts["lsh_tables"], seed=opts["seed"],
+                shared_qk=opts["lsh_shared_qk"], **kw,
+            )
+
+        return launch
+    from nkattn.cuda_kernels.exact import exact_attention
+
+    return exact_attention
+
+
 def _run_cuda(q, k, v, req, causal, scale, lengths):
     from numba import cuda
 
-    from nkattn.cuda_kernels.exact import exact_attention
-
+    launch = _cuda_launcher(req, q, k, scale)
     batch, heads, nq, head_dim = _shape_dtype(q)[0]
-    nk = _shape_dtype(k)[0][2]
+    nk = nq if k is None else _shape_dtype(k)[0][2]
     key_lengths = np.full(batch, nk, dtype=np.int32) if lengths is None else lengths
     if req.on_device:
-        qd, kd, vd = (_numba_view(x) for x in (q, k, v))
+        qd, vd = _numba_view(q), _numba_view(v)
+        kd = None if k is None else _numba_view(k)
         out, out_view = _empty_like_framework(q, (batch, heads, nq, head_dim), req.dtype)
         lse, lse_view = _empty_like_framework(q, (batch, heads, nq), req.dtype)
-        exact_attention(qd, kd, vd, cuda.to_device(key_lengths), causal=causal, scale=scale, out=out_view, lse=lse_view)
+        launch(qd, kd, vd, cuda.to_device(key_lengths), causal=causal, scale=scale, out=out_view, lse=lse_view)
         return out, lse
-    qd, kd, vd = (cuda.to_device(np.ascontiguousarray(x)) for x in (q, k, v))
-    out, lse = exact_attention(qd, kd, vd, cuda.to_device(key_lengths), causal=causal, scale=scale)
+    qd, vd = (cuda.to_device(np.ascontiguousarray(x)) for x in (q, v))
+    kd = None if k is None else cuda.to_device(np.ascontiguousarray(k))
+    out, lse = launch(qd, kd, vd, cuda.to_device(key_lengths), causal=causal, scale=scale)
     return out.copy_to_host(), lse.copy_to_host()

@@ -56,12 +56,19 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     _choose_simulator()
-    from nkattn.studies import exact_bench
+    if args.name == "exact":
+        from nkattn.studies import exact_bench
 
-    if args.name != "exact":
-        print(f"unknown benchmark {args.name!r}; available: exact", file=sys.stderr)
-        return 2
-    for path in exact_bench.run(quick=args.quick, repeats=args.repeats, seq_lens=args.seq_lens, long_sequence=args.long):
+        paths = exact_bench.run(quick=args.quick, repeats=args.repeats, seq_lens=args.seq_lens, long_sequence=args.long)
+    elif args.name == "lsh":
+        from nkattn.studies import lsh_bench
+
+        paths = lsh_bench.run(quick=args.quick, seq_lens=args.seq_lens)
+    else:
+        from nkattn.studies import table_bench
+
+        paths = table_bench.run(quick=args.quick, repeats=args.repeats)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -112,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time kernels on the GPU beside torch SDPA and write results/bench/")
-    p.add_argument("name", choices=["exact"])
+    p.add_argument("name", choices=["exact", "lsh", "table"])
     p.add_argument("--quick", action="store_true", help="small sizes only")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="runs per timing (exact, table)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="override the sequence lengths (writes a -partial file)")
-    p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="also run N = 1M (default: with the full grid)")
+    p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="exact: also run N = 1M (default: with the full grid)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("study", help="run a study and write results/<study>/")

@@ -10,5 +10,9 @@ STUDIES = {
     "exact-bench": "nkattn.studies.exact_bench",
     "exact-bits": "nkattn.studies.exact_bits",
     "exact-tune": "nkattn.studies.exact_tune",
+    "distance": "nkattn.studies.distance",
+    "lsh": "nkattn.studies.lsh_recall",
+    "lsh-bench": "nkattn.studies.lsh_bench",
     "rank-entropy": "nkattn.studies.rank_entropy",
+    "table-bench": "nkattn.studies.table_bench",
 }
