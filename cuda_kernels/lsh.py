@@ -5,22 +5,23 @@ with keys in any table, each key counted once; empty candidate set -> O = 0,
 lse = -inf). One call runs:
 
 1. `simhash_kernel`: every row's bucket in every table (float64 projections,
-   bit i = [x · r_i > 0]), codes (B, Hx, L, N) int32.
+   bit i = [x · r_i > 0]), as codes (B, Hx, L, N) int32 for sorting and
+   (B, Hx, N, L) uint16 for reading a row's codes of all tables at once.
 2. A stable LSD radix sort by bucket of every (b, head, table) segment at once,
    8 bits per pass: per-tile digit histograms, one exclusive scan per segment,
    an in-order scatter. Each thread walks its tile of consecutive elements in
    order, so the result is the unique (bucket, index) order: no atomics, no
    data-dependent nondeterminism. Then each bucket's [start, end) among the
-   sorted keys.
-3. `lsh_attention_kernel`, launched once per table t: a block takes BM
-   consecutive queries of the *sorted* query order, so its rows come in runs that
-   share a bucket. For each run it streams the bucket's keys (index order) in
-   tiles of BN through the spine's device code (gathered tile loads, tile_scores,
-   online_softmax_update, accumulate_pv). A score is hidden when the row is not in
-   the run, the key is not visible (key_lengths, causal), or the pair already
-   shared a bucket in an earlier table (that is what counts each key once). The
-   running (m, l, acc) of every query lives in (lse, l, O) between launches; the
-   last table writes O = acc / l and lse = m + log l.
+   sorted rows, and for queries the first work item of each bucket (a scan of
+   ceil(bucket size / BM)).
+3. `lsh_attention_kernel`, launched once per table t: a block takes one work
+   item, up to BM queries of one bucket, and streams that bucket's keys (index
+   order) in tiles of BN through the spine's device code (gathered tile loads,
+   tile_scores, online_softmax_update, accumulate_pv). A score is hidden when the
+   key is not visible (key_lengths, causal) or the pair already shared a bucket
+   in an earlier table (that is what counts each key once). The running
+   (m, l, acc) of every query lives in (lse, l, O) between launches; the last
+   table writes O = acc / l and lse = m + log l.
 
 Memory beyond Q, K, V, O, lse: codes, permutations and sort scratch, O(N·L)
 int32, and bucket bounds O(L·2^bits). Every query is owned by one block per
