@@ -13,7 +13,7 @@ lse = -inf). One call runs:
    order, so the result is the unique (bucket, index) order: no atomics, no
    data-dependent nondeterminism. Then each bucket's [start, end) among the
    sorted rows, and for queries the first work item of each bucket (a scan of
-   ceil(bucket size / BM)).
+   ceil(bucket size / BM)) and the bucket of each work item.
 3. `lsh_attention_kernel`, launched once per table t: a block takes one work
    item, up to BM queries of one bucket, and streams that bucket's keys (index
    order) in tiles of BN through the spine's device code (gathered tile loads,
@@ -58,7 +58,7 @@ ROW_BLOCK = 32 if SIMULATOR else 256
 # The LSH kernel's tiling: 32 x 32 tiles, 128 threads. Buckets hold tens to hundreds of
 # rows and keys, so small tiles waste less on padding; at N = 1M on the H100 this ran
 # 14 bits x 48 tables in 374 ms against 429 (32 x 64 tiles), 567 (64 x 64) and 596 ms
-# (128 x 64, the exact kernel's).
+# (128 x 64, the exact kernel's); the final bench is in results/bench/lsh-h100.json.
 LSH_ORDERS = {np.dtype(np.float32): StreamingOrder(threads_y=8, threads_x=16, rows_per_thread=4, keys_per_thread=2)}
 
 
@@ -265,23 +265,34 @@ def bucket_bounds(sorted_codes, bits: int, stream=0):
     start = cuda.device_array((segments, 1 << bits), dtype=np.int32, stream=stream)
     end = cuda.device_array((segments, 1 << bits), dtype=np.int32, stream=stream)
     fill_grid = (math.ceil((1 << bits) / ROW_BLOCK), segments)
-    zero_kernel[fill_grid, ROW_BLOCK, stream](start)
-    zero_kernel[fill_grid, ROW_BLOCK, stream](end)
+    fill_kernel[fill_grid, ROW_BLOCK, stream](start, 0)
+    fill_kernel[fill_grid, ROW_BLOCK, stream](end, 0)
     bucket_bounds_kernel[(math.ceil(n / ROW_BLOCK), segments), ROW_BLOCK, stream](sorted_codes, start, end)
     return start, end
 
 
 @cuda.jit
-def zero_kernel(a):
+def fill_kernel(a, value):
     p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     seg = cuda.blockIdx.y
     if p < a.shape[1]:
-        a[seg, p] = 0
+        a[seg, p] = value
 
 
 # --------------------------------------------------------------------------------------
 # 3. bucketed attention, one launch per table
 # --------------------------------------------------------------------------------------
+
+
+@cuda.jit
+def item_buckets_kernel(first_item, start, end, rows_per_item, item_bucket):
+    """item_bucket[s, first_item[s, bucket] + i] = bucket for each of the bucket's items."""
+    p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    seg = cuda.blockIdx.y
+    if p < first_item.shape[1]:
+        first = first_item[seg, p]
+        for i in range((end[seg, p] - start[seg, p] + rows_per_item - 1) // rows_per_item):
+            item_bucket[seg, first + i] = p
 
 
 @cuda.jit
@@ -317,6 +328,7 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
     TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
     NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
     PAIRS = MAX_TABLES // 2
+    THREADS = sp.THREADS
     SHARED_QK = shared_qk
     SELF_LOGIT = NB_DTYPE(ref.SELF_LOGIT)
     NO_LIMIT = np.int32(2**31 - 1)
@@ -326,13 +338,19 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
     )
 
     @cuda.jit(device=True, inline="always")
-    def load_earlier_codes(dst, row, codes, b, h, idx, t, unused_half):
-        # codes of tables 0..t-1, two per uint32 (table 2p low, 2p + 1 high); a missing
-        # high half is `unused_half`, which differs between queries (0) and keys (1)
-        for p in range((t + 1) // 2):
-            lo = uint32(codes[b, h, idx, 2 * p])
-            hi = uint32(codes[b, h, idx, 2 * p + 1]) if 2 * p + 1 < t else uint32(unused_half)
-            dst[row, p] = lo | (hi << 16)
+    def load_earlier_codes(dst, index, count, codes, b, h, t, unused_half, tid):
+        # codes of tables 0..t-1 of rows index[0:count] (-1: none), two per uint32 (table 2p
+        # low, 2p + 1 high), the (row, pair) grid shared by all threads; a missing high half
+        # is `unused_half`, which differs between queries (0) and keys (1)
+        pairs = (t + 1) // 2
+        for idx in range(tid, count * pairs, THREADS):
+            r = idx // pairs
+            p = idx - r * pairs
+            j = index[r]
+            if j >= 0:
+                lo = uint32(codes[b, h, j, 2 * p])
+                hi = uint32(codes[b, h, j, 2 * p + 1]) if 2 * p + 1 < t else uint32(unused_half)
+                dst[r, p] = lo | (hi << 16)
 
     @cuda.jit(device=True, inline="always")
     def hide_scores(s, t, row_idx, row_vis, key_idx, q_prev, k_prev, self_score, ty, tx, seen, q_pair, k_pair):
@@ -361,7 +379,7 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
 
     @cuda.jit
     def lsh_attention_fwd(
-        q, k, v, key_lengths, q_perm, q_start, q_end, q_items, q_codes, k_perm, k_start, k_end, k_codes,
+        q, k, v, key_lengths, q_perm, q_start, q_end, q_items, item_bucket, q_codes, k_perm, k_start, k_end, k_codes,
         o, lse, l_state, qk_scale, causal, group, t, last,
     ):
         tid = cuda.threadIdx.x
@@ -374,20 +392,11 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
         kvh = h // group
         nk_b = key_lengths[b]
 
-        # the item's bucket: the last bucket whose first item is <= this one
-        lo = 0
-        hi = q_items.shape[3] - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if q_items[b, h, t, mid] <= item:
-                lo = mid
-            else:
-                hi = mid - 1
-        bucket = lo
+        bucket = item_bucket[b, h, t, item]
+        if bucket < 0:
+            return  # past the last item (uniform over the block)
         row_begin = q_start[b, h, t, bucket] + (item - q_items[b, h, t, bucket]) * BM
         row_end = min(row_begin + BM, q_end[b, h, t, bucket])
-        if row_begin >= row_end:
-            return  # past the last item (uniform over the block)
         seg_start = k_start[b, kvh, t, bucket]
         seg_end = k_end[b, kvh, t, bucket]
         if seg_start == seg_end and t > 0 and not last:
@@ -413,17 +422,17 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
         q_pair = cuda.local.array(TM, uint32)
         k_pair = cuda.local.array(TN, uint32)
 
-        # the item's rows: original index, visible keys, buckets in earlier tables
+        # the item's rows: original index, visible keys, then their buckets in earlier tables
         for r in range(tid, BM, cuda.blockDim.x):
             if row_begin + r < row_end:
                 q_idx = q_perm[b, h, t, row_begin + r]
                 row_idx[r] = q_idx
                 row_vis[r] = visible_keys(q_idx, nq, nk_b, causal)
-                load_earlier_codes(q_prev, r, q_codes, b, h, q_idx, t, 0)
             else:
                 row_idx[r] = -1
                 row_vis[r] = 0
-        cuda.syncthreads()  # row tables are complete
+        cuda.syncthreads()  # row indices are known
+        load_earlier_codes(q_prev, row_idx, BM, q_codes, b, h, t, 0, tid)
 
         # running statistics: fresh in the first table, carried over after it
         for i in range(TM):
@@ -449,16 +458,13 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
         for tile_start in range(seg_start, seg_end, BN):
             if k_perm[b, kvh, t, tile_start] >= block_vis:
                 break
-            cuda.syncthreads()  # Q is loaded and every read of the previous tile is done
+            cuda.syncthreads()  # Q and the rows' codes are loaded; every read of the previous tile is done
             for c in range(tid, BN, cuda.blockDim.x):
                 key_idx[c] = k_perm[b, kvh, t, tile_start + c] if tile_start + c < seg_end else -1
             cuda.syncthreads()  # the tile's key indices are known
             gather_kv_tile(k, v, b, kvh, key_idx, smem, tid)
-            for c in range(tid, BN, cuda.blockDim.x):
-                kv_idx = key_idx[c]
-                if kv_idx >= 0:
-                    load_earlier_codes(k_prev, c, k_codes, b, kvh, kv_idx, t, 1)
-            cuda.syncthreads()  # K/V tile and the keys' earlier buckets are in shared memory
+            load_earlier_codes(k_prev, key_idx, BN, k_codes, b, kvh, t, 1, tid)
+            cuda.syncthreads()  # K/V tile, the rows' and keys' earlier buckets are in shared memory
             tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)
             hide_scores(s, t, row_idx, row_vis, key_idx, q_prev, k_prev, self_score, ty, tx, seen, q_pair, k_pair)
             online_softmax_update(s, m_i, l_i, acc, kv_end, 0, qk_scale, smem, ty, tx, tid)
@@ -522,17 +528,21 @@ def build_buckets(q, k, planes, bits: int, *, shared_qk: bool = False, stream=0)
     return LshBuckets(*q_parts, k_codes, k_perm, k_start, k_end)
 
 
-def work_items(buckets: LshBuckets, bits: int, rows_per_item: int, stream=0):
-    """First work item of every query bucket (B, H, L, 2^bits): an exclusive scan of
-    ceil(bucket size / rows_per_item)."""
+def work_items(buckets: LshBuckets, bits: int, rows_per_item: int, max_items: int, stream=0):
+    """The query work items of every (b, head, table): the first item of each bucket
+    (B, H, L, 2^bits), an exclusive scan of ceil(bucket size / rows_per_item), and the
+    bucket of each item (B, H, L, max_items), -1 past the last."""
     batch, heads, tables, nb = buckets.q_start.shape
     segments = batch * heads * tables
+    start, end = buckets.q_start.reshape(segments, nb), buckets.q_end.reshape(segments, nb)
     items = cuda.device_array((segments, nb), dtype=np.int32, stream=stream)
-    bucket_items_kernel[(math.ceil(nb / ROW_BLOCK), segments), ROW_BLOCK, stream](
-        buckets.q_start.reshape(segments, nb), buckets.q_end.reshape(segments, nb), rows_per_item, items
-    )
+    bucket_grid = (math.ceil(nb / ROW_BLOCK), segments)
+    bucket_items_kernel[bucket_grid, ROW_BLOCK, stream](start, end, rows_per_item, items)
     exclusive_scan_kernel[segments, SCAN_THREADS, stream](items.reshape(segments, nb, 1))
-    return items.reshape(batch, heads, tables, nb)
+    item_bucket = cuda.device_array((segments, max_items), dtype=np.int32, stream=stream)
+    fill_kernel[(math.ceil(max_items / ROW_BLOCK), segments), ROW_BLOCK, stream](item_bucket, -1)
+    item_buckets_kernel[bucket_grid, ROW_BLOCK, stream](items, start, end, rows_per_item, item_bucket)
+    return items.reshape(batch, heads, tables, nb), item_bucket.reshape(batch, heads, tables, max_items)
 
 
 def unit_rows(x, stream=0):
@@ -564,16 +574,17 @@ def lsh_attention(
     planes = cuda.to_device(ref.hyperplanes(head_dim, bits, tables, seed), stream=stream)
     buckets = build_buckets(q, k, planes, bits, shared_qk=shared_qk, stream=stream)
     kernel, sp = lsh_attention_kernel(dtype, head_dim, shared_qk=shared_qk, order=order)
-    items = work_items(buckets, bits, sp.BM, stream)
+    # sum over buckets of ceil(c / BM) <= Nq / BM + (non-empty buckets)
+    max_items = math.ceil(nq / sp.BM) + min(1 << bits, nq)
+    first_item, item_bucket = work_items(buckets, bits, sp.BM, max_items, stream)
     if out is None:
         out = cuda.device_array((batch, heads, nq, head_dim), dtype=dtype, stream=stream)
     if lse is None:
         lse = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream)
     l_state = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream) if tables > 1 else lse
-    # sum over buckets of ceil(c / BM) <= Nq / BM + (non-empty buckets)
-    grid = (math.ceil(nq / sp.BM) + min(1 << bits, nq), heads, batch)
+    grid = (max_items, heads, batch)
     args = (
-        q, k, v, key_lengths, buckets.q_perm, buckets.q_start, buckets.q_end, items, buckets.q_codes,
+        q, k, v, key_lengths, buckets.q_perm, buckets.q_start, buckets.q_end, first_item, item_bucket, buckets.q_codes,
         buckets.k_perm, buckets.k_start, buckets.k_end, buckets.k_codes,
         out, lse, l_state, dtype.type(scale), bool(causal), heads // k.shape[1],
     )

@@ -159,8 +159,8 @@ Conclusion (verdicts on seed 003)
 
     "1M tokens in < 0.5 s": measured on the H100 by `lsh-bench`
     (results/bench/lsh-h100.json): at N = 1M, d = 64, 14 bits x 48 tables finds
-    the cosine-0.9 needle for 0.999 of 1,024 queries in 372 ms per call, hashing
-    and sorting included (37x faster than our exact fp32 kernel, 25x faster than
+    the cosine-0.9 needle for 0.999 of 1,024 queries in 367 ms per call, hashing
+    and sorting included (37x faster than our exact fp32 kernel, 26x faster than
     torch SDPA's fp32 kernel), so the time claim holds for needles, while its
     recall@50 is 0.14. The seed's own NumPy demo was not run (it is not in the
     seed text).
