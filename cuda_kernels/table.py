@@ -122,8 +122,13 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
 
 def table_words(table_u16) -> np.ndarray:
     """The (256, 256) uint16 table as the 32,768 uint32 words the kernel copies."""
-    table_u16 = np.ascontiguousarray(table_u16, dtype=np.uint16)
-    return table_u16.reshape(-1).view(np.uint32)
+    table_u16 = np.asarray(table_u16)
+    if table_u16.shape != (PALETTE, PALETTE) or table_u16.dtype != np.uint16:
+        raise ValueError(
+            f"the lookup kernel needs a ({PALETTE}, {PALETTE}) uint16 table (pad smaller palettes with "
+            f"nkattn.reference.table.pad_table), got {table_u16.shape} {table_u16.dtype}"
+        )
+    return np.ascontiguousarray(table_u16).reshape(-1).view(np.uint32)
 
 
 def table_attention(

@@ -714,3 +714,11 @@ def test_api_table_bad_inputs():
         nkattn.attention(q, q, q, method="table", lsh_bits=4)
     with pytest.raises(ValueError, match="d >= 17"):
         nkattn.attention(np.zeros((1, 1, 4, 16)), np.zeros((1, 1, 4, 16)), np.zeros((1, 1, 4, 16)), method="table", table="seed")
+
+
+@pytest.mark.parametrize("table", [np.zeros((128, 128), np.uint16), np.zeros((256, 256), np.float32)], ids=["128x128", "float32"])
+def test_table_kernel_rejects_a_table_it_cannot_hold(table):
+    codes = cuda.to_device(np.zeros((1, 1, 4), np.uint8))
+    v = cuda.to_device(np.zeros((1, 1, 4, 16), np.float32))
+    with pytest.raises(ValueError, match="256, 256"):
+        table_attention(codes, codes, table, v, cuda.to_device(np.array([4], np.int32)), score_scale=1.0, causal=False)
