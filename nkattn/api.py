@@ -98,6 +98,12 @@ def _shape_dtype(x):
     return x.shape, x.dtype
 
 
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return seed
+
+
 def _method_options(method, options):
     """The method's keyword options with defaults; options of another method are an error."""
     given = {name: value for name, value in options.items() if value is not None}
@@ -110,12 +116,7 @@ def _method_options(method, options):
         table = "dot" if table is None else table
         if not (isinstance(table, TableCodebook) or (isinstance(table, str) and table in TABLE_VARIANTS)):
             raise ValueError(f"table must be one of {TABLE_VARIANTS} or a fitted TableCodebook, got {table!r}")
-        if given.get("seed") is not None:
-            seed = given.pop("seed")
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        else:
-            seed = 0
+        seed = _check_seed(given.pop("seed", 0))
         if given:
             raise ValueError(f"{', '.join(sorted(given))} only apply to method='lsh', not method={method!r}")
         return {"table": table, "seed": seed}
@@ -125,9 +126,7 @@ def _method_options(method, options):
         return {}
     merged = {**LSH_DEFAULTS, **given}
     validate_lsh_params(merged["lsh_bits"], merged["lsh_tables"])
-    seed = merged["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_seed(merged["seed"])
     merged["lsh_shared_qk"] = bool(merged["lsh_shared_qk"])
     return merged
 
