@@ -41,6 +41,45 @@ def _table_offset(sp) -> int:
 
 
 @cache
+def lookup_device_code(dtype, head_dim: int, order=None):
+    """The spine without Q/K tiles, and the lookup steps both table kernels share::
+
+        copy_table(words, table_words, tid)                     the table into shared memory
+        load_row_codes(row_code, q_codes, b, h, row0, nq, tid)  the rows' codes, premultiplied by 256
+        load_key_codes(key_code, k_codes, b, kvh, tile_start, nk_b, tid)  the key tile's codes
+        lookup_tile_scores(entries, row_code, key_code, s, ty, tx)  s[i, j] = table[code_i, code_j]
+    """
+    sp = streaming_primitives(np.dtype(dtype), head_dim, order=order, qk_tiles=False)
+    TM, TN, BM, BN, THREADS, NB_DTYPE = sp.TM, sp.TN, sp.BM, sp.BN, sp.THREADS, sp.NB_DTYPE
+    TABLE_OFFSET = _table_offset(sp)
+    TABLE16, TABLE32 = TABLE_OFFSET // 2, TABLE_OFFSET // 4
+
+    @cuda.jit(device=True, inline="always")
+    def copy_table(words, table_words, tid):
+        for idx in range(tid, TABLE_WORDS, THREADS):
+            words[TABLE32 + idx] = table_words[idx]
+
+    @cuda.jit(device=True, inline="always")
+    def load_row_codes(row_code, q_codes, b, h, row0, nq, tid):
+        for r in range(tid, BM, THREADS):
+            row_code[r] = int32(q_codes[b, h, row0 + r]) * PALETTE if row0 + r < nq else 0
+
+    @cuda.jit(device=True, inline="always")
+    def load_key_codes(key_code, k_codes, b, kvh, tile_start, nk_b, tid):
+        for c in range(tid, BN, THREADS):
+            key_code[c] = int32(k_codes[b, kvh, tile_start + c]) if tile_start + c < nk_b else 0
+
+    @cuda.jit(device=True, inline="always")
+    def lookup_tile_scores(entries, row_code, key_code, s, ty, tx):
+        for i in range(TM):
+            base = TABLE16 + row_code[ty * TM + i]
+            for j in range(TN):
+                s[i, j] = NB_DTYPE(entries[base + key_code[tx * TN + j]])
+
+    return sp, TABLE_OFFSET + PALETTE * PALETTE * 2, copy_table, load_row_codes, load_key_codes, lookup_tile_scores
+
+
+@cache
 def table_attention_kernel(dtype, head_dim: int, *, order=None):
     """Build the lookup attention kernel for one dtype and head dim.
 
@@ -50,12 +89,11 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
         shared memory:  [ V tile | Pᵀ | scratch ][ table, 256 x 256 uint16 ]
         per key tile:   s[i, j] = table[code_q[i] * 256 + code_k[j]]  -> online softmax -> acc += P V
     """
-    sp = streaming_primitives(np.dtype(dtype), head_dim, order=order, qk_tiles=False)
+    sp, shared_bytes, copy_table, load_row_codes, load_key_codes, lookup_tile_scores = lookup_device_code(
+        dtype, head_dim, order
+    )
     TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
-    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN, THREADS = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN, sp.THREADS
-    TABLE_OFFSET = _table_offset(sp)
-    TABLE16 = TABLE_OFFSET // 2
-    TABLE32 = TABLE_OFFSET // 4
+    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
     visible_keys, load_v_tile = sp.visible_keys, sp.load_v_tile
     online_softmax_update, accumulate_pv, store_row = sp.online_softmax_update, sp.accumulate_pv, sp.store_row
 
@@ -85,10 +123,8 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
         p_frag = cuda.local.array(TM, NB_DTYPE)
         v_frag = cuda.local.array(TD, NB_DTYPE)
 
-        for idx in range(tid, TABLE_WORDS, THREADS):
-            words[TABLE32 + idx] = table_words[idx]
-        for r in range(tid, BM, THREADS):
-            row_code[r] = int32(q_codes[b, h, row0 + r]) * PALETTE if row0 + r < nq else 0
+        copy_table(words, table_words, tid)
+        load_row_codes(row_code, q_codes, b, h, row0, nq, tid)
         for i in range(TM):
             kv_end[i] = visible_keys(row0 + ty * TM + i, nq, nk_b, causal)
             m_i[i] = NEG_INF
@@ -100,13 +136,9 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
         for tile_start in range(0, block_kv_end, BN):
             cuda.syncthreads()  # the table and row codes are in place; the previous tile is read
             load_v_tile(v, b, kvh, tile_start, nk_b, smem, tid)
-            for c in range(tid, BN, THREADS):
-                key_code[c] = int32(k_codes[b, kvh, tile_start + c]) if tile_start + c < nk_b else 0
+            load_key_codes(key_code, k_codes, b, kvh, tile_start, nk_b, tid)
             cuda.syncthreads()  # V tile and key codes are in shared memory
-            for i in range(TM):
-                base = TABLE16 + row_code[ty * TM + i]
-                for j in range(TN):
-                    s[i, j] = NB_DTYPE(entries[base + key_code[tx * TN + j]])
+            lookup_tile_scores(entries, row_code, key_code, s, ty, tx)
             online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, score_scale, smem, ty, tx, tid)
             cuda.syncthreads()  # every thread's P block is written
             accumulate_pv(smem, ty, tx, acc, p_frag, v_frag)
@@ -117,7 +149,7 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
                 m_i[i] = m_i[i] + score_offset  # shift invariance: the offset only moves lse
                 store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)
 
-    return table_attention_fwd, sp, TABLE_OFFSET + PALETTE * PALETTE * 2
+    return table_attention_fwd, sp, shared_bytes
 
 
 def table_words(table_u16) -> np.ndarray:
@@ -172,11 +204,13 @@ def score_rowmax_kernel(dtype, head_dim: int, lookup: bool, *, order=None):
     production differs (one shared-memory lookup, or a d-long dot product through
     the spine's `tile_scores`). The maximum makes every score count.
     """
-    sp = streaming_primitives(np.dtype(dtype), head_dim, order=order, qk_tiles=not lookup)
-    TM, TN, TX, BM, BN, THREADS = sp.TM, sp.TN, sp.TX, sp.BM, sp.BN, sp.THREADS
+    lookup_sp, lookup_shared, copy_table, load_row_codes, load_key_codes, lookup_tile_scores = lookup_device_code(
+        dtype, head_dim, order
+    )
+    sp = lookup_sp if lookup else streaming_primitives(np.dtype(dtype), head_dim, order=order)
+    shared = lookup_shared if lookup else sp.SHARED_BYTES
+    TM, TN, TX, BM, BN = sp.TM, sp.TN, sp.TX, sp.BM, sp.BN
     NB_DTYPE, NEG_INF, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.SHARED_ALIGN
-    TABLE_OFFSET = _table_offset(sp)
-    TABLE16, TABLE32 = TABLE_OFFSET // 2, TABLE_OFFSET // 4
     LOOKUP = lookup
     tile_scores, load_q_tile, load_k_tile = sp.tile_scores, sp.load_q_tile, sp.load_k_tile
     row_max = sp.row_max
@@ -204,25 +238,19 @@ def score_rowmax_kernel(dtype, head_dim: int, lookup: bool, *, order=None):
         for i in range(TM):
             best[i] = NEG_INF
         if LOOKUP:
-            for idx in range(tid, TABLE_WORDS, THREADS):
-                words[TABLE32 + idx] = table_words[idx]
-            for r in range(tid, BM, THREADS):
-                row_code[r] = int32(q_codes[b, h, row0 + r]) * PALETTE if row0 + r < nq else 0
+            copy_table(words, table_words, tid)
+            load_row_codes(row_code, q_codes, b, h, row0, nq, tid)
         else:
             load_q_tile(q, b, h, row0, smem, tid)
         for tile_start in range(0, nk, BN):
             cuda.syncthreads()  # the previous tile is read
             if LOOKUP:
-                for c in range(tid, BN, THREADS):
-                    key_code[c] = int32(k_codes[b, h, tile_start + c]) if tile_start + c < nk else 0
+                load_key_codes(key_code, k_codes, b, h, tile_start, nk, tid)
             else:
                 load_k_tile(k, b, h, tile_start, nk, smem, tid)
             cuda.syncthreads()  # the tile's codes or Kᵀ are in shared memory
             if LOOKUP:
-                for i in range(TM):
-                    base = TABLE16 + row_code[ty * TM + i]
-                    for j in range(TN):
-                        s[i, j] = NB_DTYPE(entries[base + key_code[tx * TN + j]])
+                lookup_tile_scores(entries, row_code, key_code, s, ty, tx)
             else:
                 tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)
             for i in range(TM):
@@ -236,7 +264,6 @@ def score_rowmax_kernel(dtype, head_dim: int, lookup: bool, *, order=None):
             if tx == 0 and row0 + ty * TM + i < nq:
                 out[b, h, row0 + ty * TM + i] = m
 
-    shared = TABLE_OFFSET + PALETTE * PALETTE * 2 if lookup else sp.SHARED_BYTES
     return score_rowmax, sp, shared
 
 
