@@ -1,0 +1,363 @@
+"""Exact attention on Hopper tensor cores (wgmma): float16 and bfloat16 inputs, float32 softmax.
+
+One launch, online softmax, O(N) memory, FlashAttention-3's structure without its
+warp specialization: each warpgroup owns 64 query rows; S = Q·Kᵀ and O += P·V are
+wgmma products (Q and K K-major, V MN-major, all from swizzled shared memory,
+P from registers); the next K/V tile is copied with cp.async while the current
+one is computed. Semantics are `nkattn.reference.exact`'s.
+
+`tc_attention(q, k, v, ...)` takes numba device arrays holding the 16-bit
+patterns (uint16) and returns (O as uint16 patterns, lse as float32);
+`nkattn.attention` converts framework arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from numba import cuda, from_dtype, uint32, uint64
+
+from nkattn.cuda_kernels import ptx
+from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory
+from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functions
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HALF_KINDS = ("f16", "bf16")
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Rows per block (64 per warpgroup), keys per tile, and whether the softmax of tile j+1
+    runs while P_j·V_j is on the tensor cores (FlashAttention-3's intra-warpgroup overlap).
+
+    The overlap is off by default: ptxas cannot prove that the softmax reads only the finished
+    group's accumulators and serializes every wgmma of the kernel (its C7514 "wgmma.mma_async
+    instructions are serialized" report); measured on the H100 it is 10 % slower (322 against
+    357 TFLOP/s at N = 16K, d = 128, fp16).
+    """
+
+    block_m: int
+    block_n: int
+    overlap: bool = False
+
+
+def default_config(kind: str, head_dim: int, value_dim: int) -> TileConfig:
+    """The tile shape for a (kind, d, dv); the simulator runs one 64-row warpgroup and 16-key tiles
+    so that tiny inputs cross many tile edges."""
+    if SIMULATOR:
+        return TileConfig(64, 16)
+    widest = max(head_dim, value_dim)
+    # three K/V slots must fit beside Q in 227 KB of shared memory
+    return TileConfig(128, 128 if widest <= 128 else 32)
+
+
+def padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@cache
+def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
+    """Build the fused wgmma forward kernel for one (kind, d, dv, tile shape).
+
+    Grid ``(ceil(Nq / BM), H, B)``; a block of BM / 64 warpgroups owns BM query rows,
+    warpgroup ``wg`` rows ``64 wg .. 64 wg + 63``, and streams BN-key tiles through a
+    ring of three shared-memory K/V slots (cp.async, two tiles ahead)::
+
+                      K tile j+1 (BN x d)              V tile j (BN x dv)
+        Q (BM x d)  --wgmma SS-->  S_{j+1} (64 x BN per warpgroup, registers)
+                                   | mask, running max m,
+                                   | P_{j+1} = 2^(S·c - m), running sum l
+                                   v
+                        P_j (f16/bf16 registers) --wgmma RS--> O += P_j V_j (64 x dv, registers)
+
+    Iteration j issues S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j back to back (16 wgmmas in
+    flight for d = BN = 128), waits, and computes the softmax of tile j+1; with
+    ``config.overlap`` it waits for the first product only and computes the softmax while
+    the tensor cores run the second. Then O is rescaled and P_{j+1} packed.
+    The thread that holds S[r, c] in the accumulator layout also holds P[r, c] as part
+    of the A operand of P·V (`ptx` module docstring), so P never leaves registers.
+
+    Rows of the block see keys [0, kv_end); tiles are visited in order up to the last
+    key any row sees, and a tile a row sees nothing of leaves its state bit for bit
+    unchanged (p = 0, alpha = 1): a row's bits do not depend on its neighbours, the
+    batch, or how many rows are launched. No atomics; fixed reduction order (the row
+    sum is kept per thread and reduced over the quad once, at the end).
+    """
+    if kind not in HALF_KINDS:
+        raise ValueError(f"kind must be one of {HALF_KINDS}, got {kind!r}")
+    if head_dim % 8 or value_dim % 8 or not 8 <= max(head_dim, value_dim) <= MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be multiples of 8 up to {MAX_HEAD_DIM}, got d={head_dim}, dv={value_dim}")
+    BM, BN, OVERLAP = config.block_m, config.block_n, config.overlap
+    if BM % 64 or BN % 16 or not 16 <= BN <= 256:
+        raise ValueError(f"bad tile config {config}")
+    NWG = BM // 64
+    THREADS = 128 * NWG
+    STAGES = 3
+    K_STEP = 16
+    DP = padded(head_dim, K_STEP)   # Q/K columns in shared memory (zero-filled past d)
+    DVP = padded(value_dim, 16)     # V columns: whole 32-byte swizzle rows
+    ESIZE = 2
+    q_tile = TileLayout(BM, DP, ESIZE, 0)
+    k_tile = TileLayout(BN, DP, ESIZE, q_tile.end)
+    v_tile = TileLayout(BN, DVP, ESIZE, k_tile.end)
+    SLOT = TileLayout(BN, DVP, ESIZE, v_tile.end).offset - k_tile.offset  # one ring slot: a K and a V tile
+    SHARED_BYTES = k_tile.offset + STAGES * SLOT + TILE_ALIGN  # + slack to align the buffer at run time
+    SLOT_ELEMS = SLOT // ESIZE
+    if q_tile.width < K_STEP * ESIZE:
+        raise ValueError(f"d={head_dim}: Q/K tile rows too narrow")
+
+    _, load_q = tile_functions(q_tile, ESIZE, THREADS)
+    _, load_k = tile_functions(k_tile, ESIZE, THREADS)
+    _, load_v = tile_functions(v_tile, ESIZE, THREADS)
+    mma_s = ptx.wgmma(kind, BN, "desc")
+    # P·V in column chunks of at most 128 (one wgmma of N = 256 with 128 accumulators takes
+    # ptxas minutes to schedule, two of N = 128 seconds); the second chunk starts on a column block
+    N_O1 = min(DVP, 128)
+    SPLIT_O = DVP > N_O1
+    mma_o1 = ptx.wgmma(kind, N_O1, "regs", transpose_b=True)
+    mma_o2 = ptx.wgmma(kind, DVP - N_O1, "regs", transpose_b=True, acc_offset=N_O1 // 2) if SPLIT_O else mma_o1
+    pack = ptx.pack_f16x2 if kind == "f16" else ptx.pack_bf16x2
+    wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
+    wait_mma_all, wait_mma_but_one = ptx.wgmma_wait(0), ptx.wgmma_wait(1)
+    Q_BITS, K_BITS, V_BITS = q_tile.k_major_bits(), k_tile.k_major_bits(), v_tile.mn_major_bits()
+    QK_STEPS = DP // K_STEP
+    PV_STEPS = BN // K_STEP
+    # per K step: the start of Q's (warpgroup 0) and K's (slot 0) operand; the V operand of step j
+    Q_STARTS = tuple(q_tile.k_major_start(0, s * K_STEP) for s in range(QK_STEPS))
+    K_STARTS = tuple(k_tile.k_major_start(0, s * K_STEP) for s in range(QK_STEPS))
+    V_STARTS = tuple(v_tile.mn_major_start(j * K_STEP) for j in range(PV_STEPS))
+    WG_ROWS_BYTES = 64 * q_tile.width  # warpgroup wg's rows start 64 wg rows into every column block
+    SLOT_UNITS = SLOT >> 4
+    Q_DELTAS = tuple(np.uint64((x - Q_STARTS[0]) >> 4) for x in Q_STARTS)
+    K_DELTAS = tuple(np.uint64((x - K_STARTS[0]) >> 4) for x in K_STARTS)
+    V_DELTAS = tuple(np.uint64((x - V_STARTS[0]) >> 4) for x in V_STARTS)
+    V_CHUNK2 = np.uint64((N_O1 * ESIZE // v_tile.width) * v_tile.block_bytes >> 4)
+    NS, NO, NP = BN // 2, DVP // 2, BN // 4
+    MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
+    SMEM_TYPE = from_dtype(np.dtype(np.uint16))
+    NEG_INF = np.float32(-np.inf)
+    F32_ZERO = np.float32(0.0)
+    F32_ONE = np.float32(1.0)
+    F32_LN2 = np.float32(LN2)
+
+    @cuda.jit(device=True, inline="always")
+    def visible_keys(q_idx, nq, nk_b, causal):
+        if q_idx >= nq:
+            return 0
+        count = nk_b
+        if causal:
+            count = min(count, q_idx + 1 + nk_b - nq)
+        return max(count, 0)
+
+    @cuda.jit(device=True, inline="always")
+    def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
+        slot = base + (j % STAGES) * SLOT_ELEMS
+        load_k(smem, slot, k, b, kvh, j * BN, nk_b, k.shape[3], tid)
+        load_v(smem, slot, v, b, kvh, j * BN, nk_b, v.shape[3], tid)
+
+    @cuda.jit(device=True, inline="always")
+    def issue_qk(smem, acc_s, q_desc, k_desc, j):
+        # S = Q K_jᵀ for this warpgroup's 64 rows (asynchronous: commit, then wait before reading);
+        # a descriptor holds the address >> 4, so adding a byte offset >> 4 moves it
+        slot = uint64((j % STAGES) * SLOT_UNITS)
+        for s in range(QK_STEPS):
+            mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
+
+    @cuda.jit(device=True, inline="always")
+    def issue_pv(smem, acc_o, p_regs, v_desc, j):
+        slot = uint64((j % STAGES) * SLOT_UNITS)
+        for s in range(PV_STEPS):
+            desc = v_desc + slot + V_DELTAS[s]
+            mma_o1(acc_o, p_regs, 4 * s, desc, 1, smem)
+            if SPLIT_O:
+                mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
+
+    @cuda.jit(device=True, inline="always")
+    def softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2):
+        """Mask tile j's scores, update the running max; acc_s becomes P (float32).
+        Returns (m0, m1, alpha0, alpha1, this thread's row sums of P)."""
+        if masked:
+            for i in range(NS):
+                col = tile_start + 8 * (i // 4) + 2 * tq + (i & 1)
+                if col >= (kv_end0 if (i & 2) == 0 else kv_end1):
+                    acc_s[i] = NEG_INF
+        mt0 = NEG_INF
+        mt1 = NEG_INF
+        for i in range(NS):
+            if (i & 2) == 0:
+                mt0 = max(mt0, acc_s[i])
+            else:
+                mt1 = max(mt1, acc_s[i])
+        mt0 = ptx.quad_max(mt0, tid)
+        mt1 = ptx.quad_max(mt1, tid)
+        # the running max in the scaled log2 domain (scale > 0 commutes with max)
+        mn0 = max(m0, mt0 * qk_scale_log2)
+        mn1 = max(m1, mt1 * qk_scale_log2)
+        # a row that has seen no key keeps l = 0 and O = 0 (never -inf - -inf)
+        mu0 = F32_ZERO if mn0 == NEG_INF else mn0
+        mu1 = F32_ZERO if mn1 == NEG_INF else mn1
+        ps0 = F32_ZERO
+        ps1 = F32_ZERO
+        for i in range(NS):
+            if (i & 2) == 0:
+                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu0)
+                ps0 += p
+            else:
+                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu1)
+                ps1 += p
+            acc_s[i] = p
+        return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
+
+    @cuda.jit(device=True, inline="always")
+    def pack_p(acc_s, p_regs):
+        # register r of K step s holds S chunk 2s + (r >> 1), row g + 8 (r & 1)
+        for s in range(PV_STEPS):
+            for r in range(4):
+                e = 8 * s + 4 * (r >> 1) + 2 * (r & 1)
+                p_regs[4 * s + r] = pack(acc_s[e], acc_s[e + 1])
+
+    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
+    def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+        tid = cuda.threadIdx.x
+        wg = tid // 128
+        t = tid % 128
+        g = (t % 32) // 4
+        tq = t % 4
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        nq = q.shape[2]
+        # causal: the heaviest row blocks (most keys) start first, so the last wave is short
+        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
+        row0 = block * BM
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, SMEM_TYPE)
+        addr0 = ptx.shared_address(smem, 0)
+        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        aligned = addr0 + base * ESIZE
+        q_desc = ptx.smem_descriptor(aligned + Q_STARTS[0] + wg * WG_ROWS_BYTES, Q_BITS)
+        k_desc = ptx.smem_descriptor(aligned + K_STARTS[0], K_BITS)
+        v_desc = ptx.smem_descriptor(aligned + V_STARTS[0], V_BITS)
+
+        r0 = row0 + 64 * wg + 16 * (t // 32) + g  # this thread's two rows: r0 and r0 + 8
+        kv_end0 = visible_keys(r0, nq, nk_b, causal)
+        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
+        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)  # causal: the last row sees most
+        block_kv_min = visible_keys(row0, nq, nk_b, causal)  # tiles below it need no mask
+        n_tiles = (block_kv_end + BN - 1) // BN
+
+        acc_s = cuda.local.array(NS, np.float32)
+        acc_o = cuda.local.array(NO, np.float32)
+        p_regs = cuda.local.array(NP, np.uint32)
+        for i in range(NO):
+            acc_o[i] = F32_ZERO
+        m0 = NEG_INF
+        m1 = NEG_INF
+        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
+        l1 = F32_ZERO
+
+        # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
+        load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
+        if n_tiles > 0:
+            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
+        ptx.cp_async_commit()
+        if n_tiles > 1:
+            load_tile(smem, base, k, v, b, kvh, 1, nk_b, tid)
+        ptx.cp_async_commit()
+        wait_copies_but_one()
+        ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
+        cuda.syncthreads()  # Q and tile 0 are in shared memory
+        if n_tiles > 0:
+            ptx.wgmma_fence()
+            issue_qk(smem, acc_s, q_desc, k_desc, 0)
+            ptx.wgmma_commit()
+            wait_mma_all()
+            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
+                                                       qk_scale_log2)
+            l0 = ps0
+            l1 = ps1
+            pack_p(acc_s, p_regs)
+
+        for j in range(n_tiles):
+            wait_copies_all()
+            ptx.fence_proxy_async()
+            cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
+            if j + 2 < n_tiles:
+                load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
+                ptx.cp_async_commit()
+            more = j + 1 < n_tiles
+            ptx.wgmma_fence()  # acc_o was rescaled and p_regs packed by ordinary instructions
+            if more:
+                issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
+                ptx.wgmma_commit()
+            issue_pv(smem, acc_o, p_regs, v_desc, j)
+            ptx.wgmma_commit()
+            if more:
+                if OVERLAP:
+                    wait_mma_but_one()  # S_{j+1} is done; P_j V_j may still run during the softmax
+                else:
+                    wait_mma_all()
+                tile_start = (j + 1) * BN
+                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
+                                                           kv_end1, m0, m1, tq, tid, qk_scale_log2)
+                l0 = l0 * alpha0 + ps0
+                l1 = l1 * alpha1 + ps1
+            wait_mma_all()  # O += P_j V_j is done: acc_o and p_regs are free
+            if more:
+                for i in range(NO):
+                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                pack_p(acc_s, p_regs)
+
+        l0 = ptx.quad_sum(l0, tid)
+        l1 = ptx.quad_sum(l1, tid)
+        dv = o.shape[3]
+        for half in range(2):
+            row = r0 + 8 * half
+            l_row = l0 if half == 0 else l1
+            m_row = m0 if half == 0 else m1
+            if row < nq:
+                # l == 0: the row saw no key; a NaN l (non-finite input) propagates
+                inv = F32_ZERO if l_row == F32_ZERO else F32_ONE / l_row
+                for c in range(DVP // 8):
+                    col = 8 * c + 2 * tq
+                    if col < dv:
+                        i = 4 * c + 2 * half
+                        ptx.store_b32(o, b, h, row, col, pack(acc_o[i] * inv, acc_o[i + 1] * inv))
+                if tq == 0:
+                    lse[b, h, row] = NEG_INF if l_row == F32_ZERO else (m_row + math.log2(l_row)) * F32_LN2
+
+    return tc_attention_fwd, SHARED_BYTES
+
+
+def launch_config(config: TileConfig, batch: int, heads: int, nq: int):
+    """(grid, block): one block per BM query rows of one (b, h); 128 threads per 64 rows."""
+    return (math.ceil(nq / config.block_m), heads, batch), 128 * (config.block_m // 64)
+
+
+def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str, out=None, lse=None, stream=0,
+                 config: TileConfig | None = None):
+    """Run the wgmma kernel on uint16 device arrays holding f16/bf16 patterns; returns (O, lse).
+
+    q (B, H, Nq, d), k (B, Hkv, Nk, d), v (B, Hkv, Nk, dv); O (B, H, Nq, dv) uint16 patterns of
+    ``kind``, lse (B, H, Nq) float32. The last dim of each input must be contiguous and its rows
+    16-byte aligned (cp.async); `key_lengths` is an int32 device array of B lengths.
+    """
+    batch, heads, nq, head_dim = q.shape
+    value_dim = v.shape[3]
+    config = default_config(kind, head_dim, value_dim) if config is None else config
+    if out is None:
+        out = cuda.device_array((batch, heads, nq, value_dim), dtype=np.uint16, stream=stream)
+    if lse is None:
+        lse = cuda.device_array((batch, heads, nq), dtype=np.float32, stream=stream)
+    kernel, shared_bytes = tc_attention_kernel(kind, head_dim, value_dim, config)
+    grid, block = launch_config(config, batch, heads, nq)
+    launch_with_shared_memory(
+        kernel, grid, block, shared_bytes, stream,
+        q, k, v, key_lengths, out, lse, np.float32(scale * LOG2E), bool(causal), heads // k.shape[1],
+    )
+    return out, lse

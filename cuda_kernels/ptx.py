@@ -1,0 +1,525 @@
+"""PTX building blocks for the tensor-core kernels, as numba intrinsics, each with a simulator stand-in.
+
+numba has no tensor-core API, so every instruction here is inline PTX emitted
+through llvmlite's ``InlineAsm`` from a numba ``@intrinsic`` (the way
+`online_softmax.load_vec16` is built). Each building block has a pure-Python
+stand-in with the same lane/element semantics, selected when
+``NUMBA_ENABLE_CUDASIM=1``, so that the kernels built on them run in CI.
+
+Fragment layouts (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply";
+`accumulator_coords`, `a_fragment_coords` compute them and the tests check
+them against NumPy on the GPU). A warpgroup is 128 consecutive threads; thread
+``t`` is in warp ``w = t // 32`` with ``g = (t % 32) // 4`` and ``tq = t % 4``:
+
+* **Accumulator D of m64nNk*** (N/2 float32 registers ``d[0:N/2]``): register
+  ``4c + e`` holds ``D[16w + g + 8(e >= 2), 8c + 2tq + (e & 1)]``. Rows ``16w + g``
+  and ``16w + g + 8`` belong to the 4 lanes of one quad, so row reductions are
+  two ``shfl.xor`` steps (1, 2).
+* **A from registers, f16/bf16 m64k16** (4 x b32, two halves each, low half
+  first): register ``r`` holds ``A[16w + g + 8(r & 1), 2tq + 8(r >> 1) + {0, 1}]``.
+  That is the accumulator layout of two adjacent n8 chunks, so P = softmax(S)
+  becomes the A operand of P·V without leaving registers.
+* **A from registers, tf32 m64k8** (4 x b32): register ``r`` holds
+  ``A[16w + g + 8(r & 1), tq + 4(r >> 1)]``.
+* **Shared-memory operands** are described by a 64-bit matrix descriptor
+  (`descriptor_bits`, `smem_descriptor`): start address, leading and stride byte offsets (all
+  >> 4) and the swizzle mode. A *K-major* operand (K contiguous: Q, K) is stored
+  in column blocks of ``W`` bytes (W = 128, 64 or 32, the swizzle width); a
+  block holds rows of W bytes, 8-row groups ``8W`` bytes apart (SBO), and the
+  16-byte chunks of row r are permuted by ``chunk ^ (r % 8)`` (`swizzle`). An
+  *MN-major* operand (N contiguous: V in P·V, read with the transpose flag) has
+  the same physical layout with the roles of rows and columns exchanged: rows
+  are K (keys), W-byte blocks run along N (head dim).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cache
+
+import numpy as np
+from numba import cuda, uint64
+from numba.core import config
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+WARPGROUP = 128
+SWIZZLE_MODES = {128: 1, 64: 2, 32: 3}  # descriptor bits 62-63 for each swizzle width in bytes
+KINDS = ("f16", "bf16", "tf32")
+K_STEP = {"f16": 16, "bf16": 16, "tf32": 8}  # K of one wgmma instruction
+ELEMENT_BYTES = {"f16": 2, "bf16": 2, "tf32": 4}
+
+if not SIMULATOR:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+
+# ---------------------------------------------------------------- layouts (host and stand-ins)
+
+
+def accumulator_coords(t: int, i: int) -> tuple[int, int]:
+    """(row, col) of accumulator register ``i`` of warpgroup thread ``t`` (m64nN, float32)."""
+    w, lane = divmod(t, 32)
+    g, tq = divmod(lane, 4)
+    chunk, e = divmod(i, 4)
+    return 16 * w + g + 8 * (e >> 1), 8 * chunk + 2 * tq + (e & 1)
+
+
+def a_fragment_coords(kind: str, t: int, r: int) -> list[tuple[int, int]]:
+    """(row, k) of the elements in A register ``r`` of thread ``t`` (low half first for f16/bf16)."""
+    w, lane = divmod(t, 32)
+    g, tq = divmod(lane, 4)
+    row = 16 * w + g + 8 * (r & 1)
+    if kind == "tf32":
+        return [(row, tq + 4 * (r >> 1))]
+    k0 = 2 * tq + 8 * (r >> 1)
+    return [(row, k0), (row, k0 + 1)]
+
+
+def swizzle(byte_offset: int, width: int) -> int:
+    """The swizzled byte offset (Swizzle<b,4,3>): 16-byte chunk bits [4, 4+b) ^= bits [7, 7+b).
+
+    Valid inside a region aligned to ``8 * width`` bytes, which is how every tile is placed.
+    """
+    mask = width // 16 - 1
+    return byte_offset ^ (((byte_offset >> 7) & mask) << 4)
+
+
+def swizzle_width(row_bytes: int) -> int:
+    """The widest swizzle (128, 64 or 32 bytes) that divides a tile row of ``row_bytes``."""
+    for width in (128, 64, 32):
+        if row_bytes % width == 0:
+            return width
+    raise ValueError(f"a tile row of {row_bytes} bytes is not a multiple of 32 bytes")
+
+
+def descriptor_bits(lbo: int, sbo: int, width: int) -> np.uint64:
+    """Every field of a 64-bit shared-memory matrix descriptor but the start address: leading
+    byte offset (bits 16-29), stride byte offset (32-45), both >> 4, and the swizzle mode
+    (62-63). `smem_descriptor` adds the start address (bits 0-13, >> 4) on the device."""
+    return np.uint64(((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (SWIZZLE_MODES[width] << 62))
+
+
+def descriptor_host(address: int, high_bits) -> int:
+    """`smem_descriptor` on the host, as a Python int."""
+    return int(high_bits) | (address >> 4)
+
+
+def _decode_descriptor(desc: int) -> tuple[int, int, int, int]:
+    start = (desc & 0x3FFF) << 4
+    lbo = ((desc >> 16) & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    width = {mode: w for w, mode in SWIZZLE_MODES.items()}[(desc >> 62) & 3]
+    return start, lbo, sbo, width
+
+
+def k_major_offset(desc: int, row: int, k: int, element_bytes: int) -> int:
+    """Byte address of element (row, k) of a K-major swizzled operand (one wgmma's K fits one block)."""
+    start, _, sbo, width = _decode_descriptor(desc)
+    return swizzle(start + (row // 8) * sbo + (row % 8) * width + k * element_bytes, width)
+
+
+def mn_major_offset(desc: int, n: int, k: int, element_bytes: int) -> int:
+    """Byte address of element (n, k) of an MN-major swizzled operand: N contiguous in W-byte
+    blocks ``lbo`` bytes apart, K rows of W bytes with 8-row groups ``sbo`` apart."""
+    start, lbo, sbo, width = _decode_descriptor(desc)
+    per_block = width // element_bytes
+    return swizzle(start + (n // per_block) * lbo + (n % per_block) * element_bytes + (k // 8) * sbo + (k % 8) * width, width)
+
+
+def _half_values(bits, kind: str) -> np.ndarray:
+    """float64 values of 16-bit patterns (f16 or bf16) or of tf32 read from float32 containers."""
+    bits = np.asarray(bits)
+    if kind == "f16":
+        return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+    if kind == "bf16":
+        import ml_dtypes
+
+        return bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+    # the tensor cores read the top 19 bits of a float32 container (tf32)
+    return (np.asarray(bits, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+
+
+# ------------------------------------------------------------------------- the intrinsics
+
+if not SIMULATOR:
+    _I32, _I64, _F32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+    def _call_asm(builder, asm, constraints, ret, operands):
+        fnty = ir.FunctionType(ret, [op.type for op in operands])
+        return builder.call(ir.InlineAsm(fnty, asm, constraints, side_effect=True), operands)
+
+    def _element_pointer(context, builder, arrty, array, indices, index_types):
+        ary = context.make_array(arrty)(context, builder, array)
+        idx = [context.cast(builder, i, t, types.intp) for i, t in zip(indices, index_types)]
+        return cgutils.get_item_pointer(context, builder, arrty, ary, idx, wraparound=False)
+
+    def _shared_u32(builder, ptr):
+        shared = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3))
+        return builder.trunc(builder.ptrtoint(shared, _I64), _I32)
+
+    def _statement(asm):
+        """An intrinsic ``f()`` that emits one PTX statement with a memory clobber."""
+
+        @intrinsic
+        def statement(typingctx):
+            def codegen(context, builder, sig, args):
+                _call_asm(builder, asm, "~{memory}", ir.VoidType(), [])
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        return statement
+
+    @intrinsic
+    def shared_address(typingctx, arr, idx):
+        """The 32-bit shared-window address of ``arr[idx]`` (``arr`` in shared memory)."""
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+            return _shared_u32(builder, ptr)
+
+        return types.uint32(arr, idx), codegen
+
+    @intrinsic
+    def cp_async16(typingctx, smem, smem_idx, src, b, h, row, col, src_bytes):
+        """Copy 16 bytes from ``src[b, h, row, col:]`` to ``smem[smem_idx:]`` asynchronously
+        (``cp.async.cg``, L2 only), zero-filling from byte ``src_bytes`` on (0: all zeros, and
+        nothing is read). Both addresses must be 16-byte aligned."""
+
+        def codegen(context, builder, sig, args):
+            dst = _element_pointer(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+            src_ptr = _element_pointer(context, builder, sig.args[2], args[2], args[3:7], sig.args[3:7])
+            global_ptr = builder.addrspacecast(src_ptr, ir.PointerType(src_ptr.type.pointee, 1))
+            nbytes = context.cast(builder, args[7], sig.args[7], types.int32)
+            _call_asm(
+                builder, "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r,~{memory}", ir.VoidType(),
+                [_shared_u32(builder, dst), builder.ptrtoint(global_ptr, _I64), nbytes],
+            )
+            return context.get_dummy_value()
+
+        return types.void(smem, smem_idx, src, b, h, row, col, src_bytes), codegen
+
+    cp_async_commit = _statement("cp.async.commit_group;")
+    fence_proxy_async = _statement("fence.proxy.async.shared::cta;")
+    wgmma_fence = _statement("wgmma.fence.sync.aligned;")
+    wgmma_commit = _statement("wgmma.commit_group.sync.aligned;")
+
+    @cache
+    def cp_async_wait(pending: int):
+        """Wait until at most ``pending`` of this thread's cp.async groups are in flight."""
+        return _statement(f"cp.async.wait_group {pending};")
+
+    @cache
+    def wgmma_wait(pending: int):
+        """Wait until at most ``pending`` of the warpgroup's wgmma groups are in flight."""
+        return _statement(f"wgmma.wait_group.sync.aligned {pending};")
+
+    @intrinsic
+    def pack_f16x2(typingctx, lo, hi):
+        """Two float32 rounded to f16 (nearest even) in one b32, ``lo`` in the low half."""
+
+        def codegen(context, builder, sig, args):
+            return _call_asm(builder, "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", _I32, list(args))
+
+        return types.uint32(types.float32, types.float32), codegen
+
+    @intrinsic
+    def pack_bf16x2(typingctx, lo, hi):
+        """Two float32 rounded to bf16 (nearest even) in one b32, ``lo`` in the low half."""
+
+        def codegen(context, builder, sig, args):
+            return _call_asm(builder, "cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", _I32, list(args))
+
+        return types.uint32(types.float32, types.float32), codegen
+
+    @intrinsic
+    def round_tf32(typingctx, x):
+        """float32 rounded to tf32 (10 mantissa bits, nearest, ties away), low 13 bits zero."""
+
+        def codegen(context, builder, sig, args):
+            bits = _call_asm(builder, "cvt.rna.tf32.f32 $0, $1;", "=r,f", _I32, list(args))
+            return builder.bitcast(bits, _F32)
+
+        return types.float32(types.float32), codegen
+
+    @intrinsic
+    def ex2(typingctx, x):
+        """2**x, ``ex2.approx.ftz.f32`` (2 ulp; ex2(-inf) = 0, NaN stays NaN)."""
+
+        def codegen(context, builder, sig, args):
+            return _call_asm(builder, "ex2.approx.ftz.f32 $0, $1;", "=f,f", _F32, list(args))
+
+        return types.float32(types.float32), codegen
+
+    @intrinsic
+    def store_b32(typingctx, arr, b, h, row, col, value):
+        """Store the 32-bit ``value`` at ``arr[b, h, row, col]`` (two 16-bit elements at once)."""
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1:5], sig.args[1:5])
+            builder.store(args[5], builder.bitcast(ptr, _I32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(arr, b, h, row, col, types.uint32), codegen
+
+    def _wgmma_asm(kind, n, a_operand, transpose_b, first_input):
+        nacc = n // 2
+        dtypes = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "tf32": "f32.tf32.tf32"}[kind]
+        acc = ",".join(f"${i}" for i in range(nacc))
+        scale = f"${first_input + (1 if a_operand == 'desc' else 4) + 1}"
+        a = f"${first_input}" if a_operand == "desc" else "{" + ",".join(f"${first_input + r}" for r in range(4)) + "}"
+        b = f"${first_input + (1 if a_operand == 'desc' else 4)}"
+        if kind == "tf32":
+            tail = ""  # tf32 has no transpose immediates: both operands must be K-major
+        elif a_operand == "desc":
+            tail = f", 0, {int(transpose_b)}"
+        else:
+            tail = f", {int(transpose_b)}"
+        return (
+            "{\n.reg .pred p;\n"
+            f"setp.ne.b32 p, {scale}, 0;\n"
+            f"wgmma.mma_async.sync.aligned.m64n{n}k{K_STEP[kind]}.{dtypes} {{{acc}}}, {a}, {b}, p, 1, 1{tail};\n}}"
+        )
+
+    @cache
+    def wgmma(kind: str, n: int, a_operand: str, transpose_b: bool = False, acc_offset: int = 0):
+        """``D (+)= A·Bᵀ`` of one warpgroup, m64 n``n`` k16 (f16/bf16) or k8 (tf32), float32 D.
+
+        Returns an intrinsic ``f(acc, a, desc_b, scale_d, smem)`` updating the local float32
+        array ``acc[acc_offset:acc_offset + n/2]`` in place (D in the accumulator layout). ``a`` is a shared-memory
+        descriptor (``a_operand="desc"``, K-major) or, with ``a_operand="regs"``, a local
+        uint32 array followed by an offset: ``f(acc, a_regs, a_offset, desc_b, scale_d, smem)``
+        reads ``a_regs[a_offset:a_offset + 4]``. ``smem`` is the block's dynamic shared
+        array the descriptors point into (the GPU ignores it; the simulator reads it). B is K-major, or MN-major with
+        ``transpose_b`` (f16/bf16 only). ``scale_d = 0`` ignores acc (D = A·Bᵀ).
+        Asynchronous: fence before, commit and wait after (`wgmma_fence`, `wgmma_commit`,
+        `wgmma_wait`); acc must not be touched in between.
+        """
+        if kind not in KINDS or n % 8 or not 8 <= n <= 256:
+            raise ValueError(f"no wgmma for kind={kind!r} n={n}")
+        if transpose_b and kind == "tf32":
+            raise ValueError("tf32 wgmma reads both operands K-major (no transpose)")
+        nacc = n // 2
+        if a_operand == "desc":
+            asm = _wgmma_asm(kind, n, "desc", transpose_b, nacc)
+            constraints = ",".join(["=f"] * nacc + ["l", "l", "r"] + [str(i) for i in range(nacc)])
+
+            @intrinsic
+            def mma(typingctx, acc, desc_a, desc_b, scale_d, smem):
+                def codegen(context, builder, sig, args):
+                    ptrs = [_element_pointer(context, builder, sig.args[0], args[0],
+                                             [context.get_constant(types.intp, acc_offset + i)], [types.intp])
+                            for i in range(nacc)]
+                    operands = [context.cast(builder, args[1], sig.args[1], types.uint64),
+                                context.cast(builder, args[2], sig.args[2], types.uint64),
+                                context.cast(builder, args[3], sig.args[3], types.int32)]
+                    out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * nacc),
+                                    operands + [builder.load(p) for p in ptrs])
+                    for i, p in enumerate(ptrs):
+                        builder.store(builder.extract_value(out, i), p)
+                    return context.get_dummy_value()
+
+                return types.void(acc, desc_a, desc_b, scale_d, smem), codegen
+
+            return mma
+        if a_operand != "regs":
+            raise ValueError(f"a_operand must be 'desc' or 'regs', got {a_operand!r}")
+        asm = _wgmma_asm(kind, n, "regs", transpose_b, nacc)
+        constraints = ",".join(["=f"] * nacc + ["r"] * 4 + ["l", "r"] + [str(i) for i in range(nacc)])
+
+        @intrinsic
+        def mma_rs(typingctx, acc, a_regs, a_offset, desc_b, scale_d, smem):
+            def codegen(context, builder, sig, args):
+                ptrs = [_element_pointer(context, builder, sig.args[0], args[0],
+                                         [context.get_constant(types.intp, acc_offset + i)], [types.intp])
+                        for i in range(nacc)]
+                base = context.cast(builder, args[2], sig.args[2], types.intp)
+                a_vals = []
+                for r in range(4):
+                    idx = builder.add(base, context.get_constant(types.intp, r))
+                    word = builder.load(_element_pointer(context, builder, sig.args[1], args[1], [idx], [types.intp]))
+                    # tf32 fragments may be kept as float32: the instruction takes their bits
+                    a_vals.append(word if word.type == _I32 else builder.bitcast(word, _I32))
+                operands = a_vals + [context.cast(builder, args[3], sig.args[3], types.uint64),
+                                     context.cast(builder, args[4], sig.args[4], types.int32)]
+                out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * nacc),
+                                operands + [builder.load(p) for p in ptrs])
+                for i, p in enumerate(ptrs):
+                    builder.store(builder.extract_value(out, i), p)
+                return context.get_dummy_value()
+
+            return types.void(acc, a_regs, a_offset, desc_b, scale_d, smem), codegen
+
+        return mma_rs
+
+    @cuda.jit(device=True, inline="always")
+    def quad_max(x, tid):
+        """max over the 4 lanes of a quad (the lanes that share accumulator rows)."""
+        x = max(x, cuda.shfl_xor_sync(0xFFFFFFFF, x, 1))
+        return max(x, cuda.shfl_xor_sync(0xFFFFFFFF, x, 2))
+
+    @cuda.jit(device=True, inline="always")
+    def quad_sum(x, tid):
+        """sum over the 4 lanes of a quad; a butterfly, so every lane holds the same bits."""
+        x = x + cuda.shfl_xor_sync(0xFFFFFFFF, x, 1)
+        return x + cuda.shfl_xor_sync(0xFFFFFFFF, x, 2)
+
+else:  # ------------------------------------------------------------- simulator stand-ins
+    # Cross-lane exchanges (shuffles, wgmma's register operand) go through a per-block
+    # scratch dictionary: the simulator runs the threads of one block as Python threads
+    # and `cuda.syncthreads()` orders them.
+    _scratch: dict = {}
+    _scratch_lock = threading.Lock()
+
+    def _block_scratch(name, shape, dtype=np.float64):
+        key = (tuple(cuda.blockIdx), name, shape)
+        with _scratch_lock:
+            if key not in _scratch:
+                _scratch[key] = np.zeros(shape, dtype=dtype)
+            return _scratch[key]
+
+    def _smem_kind(smem, kind):
+        return kind if smem.dtype == np.uint16 else "tf32"
+
+    @cuda.jit(device=True)
+    def shared_address(arr, idx):
+        # the simulator's shared "address" is the byte offset in the block's dynamic buffer
+        return int(idx) * arr.dtype.itemsize
+
+    @cuda.jit(device=True)
+    def cp_async16(smem, smem_idx, src, b, h, row, col, src_bytes):
+        width = 16 // smem.dtype.itemsize
+        valid = int(src_bytes) // smem.dtype.itemsize
+        for t in range(width):
+            if t < valid:
+                value = src[b, h, row, col + t]
+                smem[smem_idx + t] = value
+            else:
+                smem[smem_idx + t] = 0
+
+    def _no_op():
+        pass
+
+    cp_async_commit = fence_proxy_async = wgmma_fence = wgmma_commit = cuda.jit(device=True)(_no_op)
+
+    @cache
+    def cp_async_wait(pending: int):
+        return cuda.jit(device=True)(_no_op)
+
+    @cache
+    def wgmma_wait(pending: int):
+        return cuda.jit(device=True)(_no_op)
+
+    def _f16_bits(x) -> int:
+        return int(np.array(x, dtype=np.float16).view(np.uint16))
+
+    def _bf16_bits(x) -> int:
+        import ml_dtypes
+
+        return int(np.array(x, dtype=ml_dtypes.bfloat16).view(np.uint16))
+
+    @cuda.jit(device=True)
+    def pack_f16x2(lo, hi):
+        return _f16_bits(lo) | (_f16_bits(hi) << 16)
+
+    @cuda.jit(device=True)
+    def pack_bf16x2(lo, hi):
+        return _bf16_bits(lo) | (_bf16_bits(hi) << 16)
+
+    @cuda.jit(device=True)
+    def round_tf32(x):
+        # cvt.rna: nearest, ties away from zero, on the float32 bit pattern (NaN and inf kept)
+        bits = int(np.array(x, dtype=np.float32).view(np.uint32))
+        if (bits & 0x7F800000) != 0x7F800000:
+            bits = (bits + 0x1000) & 0xFFFFE000
+        return float(np.array(bits, dtype=np.uint32).view(np.float32))
+
+    @cuda.jit(device=True)
+    def ex2(x):
+        with np.errstate(over="ignore"):
+            return float(np.exp2(np.float64(x)))
+
+    @cuda.jit(device=True)
+    def store_b32(arr, b, h, row, col, value):
+        arr[b, h, row, col] = value & 0xFFFF
+        arr[b, h, row, col + 1] = value >> 16
+
+    def _quad_exchange(x, tid, step, name):
+        lanes = _block_scratch(name, (cuda.blockDim.x,))
+        lanes[tid] = x
+        cuda.syncthreads()
+        other = lanes[tid ^ step]
+        cuda.syncthreads()
+        return other
+
+    @cuda.jit(device=True)
+    def quad_max(x, tid):
+        x = max(x, _quad_exchange(x, tid, 1, "quad"))
+        return max(x, _quad_exchange(x, tid, 2, "quad"))
+
+    @cuda.jit(device=True)
+    def quad_sum(x, tid):
+        x = x + _quad_exchange(x, tid, 1, "quad")
+        return x + _quad_exchange(x, tid, 2, "quad")
+
+    def _operand(smem, kind, desc, rows, k_step, mn_major):
+        """The (rows x K) operand a descriptor points at, as float64 values."""
+        esize = ELEMENT_BYTES[kind]
+        offset = mn_major_offset if mn_major else k_major_offset
+        idx = np.array([[offset(int(desc), r, k, esize) // smem.dtype.itemsize for k in range(k_step)] for r in range(rows)])
+        return _half_values(smem[idx.ravel()].reshape(idx.shape), _smem_kind(smem, kind))
+
+    @cache
+    def wgmma(kind: str, n: int, a_operand: str, transpose_b: bool = False, acc_offset: int = 0):
+        if kind not in KINDS or n % 8 or not 8 <= n <= 256:
+            raise ValueError(f"no wgmma for kind={kind!r} n={n}")
+        if transpose_b and kind == "tf32":
+            raise ValueError("tf32 wgmma reads both operands K-major (no transpose)")
+        k_step = K_STEP[kind]
+
+        def accumulate(acc, a_matrix, b_matrix, scale_d, t):
+            for i in range(n // 2):
+                row, col = accumulator_coords(t, i)
+                value = float(np.dot(a_matrix[row], b_matrix[col]))
+                acc[acc_offset + i] = value + (acc[acc_offset + i] if scale_d else 0.0)
+
+        if a_operand == "desc":
+
+            @cuda.jit(device=True)
+            def mma(acc, desc_a, desc_b, scale_d, smem):
+                a_matrix = _operand(smem, kind, desc_a, 64, k_step, False)
+                b_matrix = _operand(smem, kind, desc_b, n, k_step, transpose_b)
+                accumulate(acc, a_matrix, b_matrix, scale_d, cuda.threadIdx.x % WARPGROUP)
+
+            return mma
+        if a_operand != "regs":
+            raise ValueError(f"a_operand must be 'desc' or 'regs', got {a_operand!r}")
+
+        @cuda.jit(device=True)
+        def mma_rs(acc, a_regs, a_offset, desc_b, scale_d, smem):
+            tid = cuda.threadIdx.x
+            t = tid % WARPGROUP
+            a_matrix = _block_scratch(("wgmma_a", tid // WARPGROUP), (64, k_step))
+            for r in range(4):
+                coords = a_fragment_coords(kind, t, r)
+                if kind == "tf32":
+                    a_matrix[coords[0]] = _half_values(np.float32(a_regs[a_offset + r]), "tf32")
+                else:
+                    word = int(a_regs[a_offset + r])
+                    a_matrix[coords[0]], a_matrix[coords[1]] = _half_values([word & 0xFFFF, word >> 16], kind)
+            cuda.syncthreads()  # every lane's A fragment is in the scratch matrix
+            b_matrix = _operand(smem, kind, desc_b, n, k_step, transpose_b)
+            accumulate(acc, a_matrix, b_matrix, scale_d, t)
+            cuda.syncthreads()  # every lane has read A before the next call overwrites it
+
+        return mma_rs
+
+
+@cuda.jit(device=True, inline="always")
+def smem_descriptor(address, high_bits):
+    """The matrix descriptor of the operand at shared ``address``: ``high_bits`` from
+    `descriptor_bits` (offsets and swizzle, fixed per tile layout) plus the start address."""
+    return high_bits | (uint64(address) >> uint64(4))

@@ -1,0 +1,203 @@
+"""The wgmma exact-attention kernel (float16, bfloat16) against float64, FlashAttention's rule.
+
+The reference is `attention_ref` in float64 on the half inputs (exactly representable);
+the budget is twice the error of the same formula computed the way torch computes it
+in half precision (products accumulated in float32, S, P and O rounded to the half
+type), plus one half-precision ulp of the largest output (storing the exact answer
+already costs half of it). The simulator runs a 64-row, 16-key tiling on tiny
+shapes (it checks indexing, masks and layouts, not float32 rounding); the GPU runs
+the production tiling on the full grid.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import cuda
+
+from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
+from nkattn.reference.exact import attention_ref, default_scale
+from nkattn.testing import (
+    assert_bit_identical,
+    assert_within_budget,
+    nan_padded_device_view,
+)
+from tests.conftest import REAL_GPU
+
+HALF = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+def to_bits(x, kind):
+    return np.asarray(x).astype(HALF[kind]).view(np.uint16)
+
+
+def from_bits(bits, kind):
+    return np.asarray(bits).view(HALF[kind]).astype(np.float64)
+
+
+def naive_half(q, k, v, kind, *, causal=False, key_lengths=None, scale=None):
+    """torch's half-precision formula: float32 accumulation, S, P and O rounded to ``kind``."""
+    half = HALF[kind]
+
+    def rnd(x):
+        return x.astype(half).astype(np.float32)
+
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    s = rnd(np.einsum("bhqd,bhkd->bhqk", q.astype(np.float32), k.astype(np.float32)) * np.float32(scale))
+    nq, nk = q.shape[2], k.shape[2]
+    lengths = np.full(q.shape[0], nk) if key_lengths is None else np.asarray(key_lengths)
+    ends = np.broadcast_to(lengths[:, None], (q.shape[0], nq)).copy()
+    if causal:
+        ends = np.minimum(ends, np.arange(nq)[None, :] + 1 + lengths[:, None] - nq)
+    visible = np.arange(nk)[None, None, None, :] < ends[:, None, :, None]
+    s = np.where(visible, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    p = np.where(visible, np.exp(s - m), 0).astype(np.float32)
+    denom = p.sum(-1, keepdims=True)
+    o = (rnd(p) @ v.astype(np.float32)) / np.where(denom > 0, denom, 1)
+    return rnd(o)
+
+
+def run_kernel(q, k, v, kind, *, causal, key_lengths=None, config=None, scale=None):
+    lengths = np.full(q.shape[0], k.shape[2], np.int32) if key_lengths is None else np.asarray(key_lengths, np.int32)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    devs = [x if hasattr(x, "copy_to_host") else cuda.to_device(to_bits(x, kind)) for x in (q, k, v)]
+    out, lse = tc_attention(*devs, cuda.to_device(lengths), causal=causal, scale=scale, kind=kind, config=config)
+    return out.copy_to_host(), lse.copy_to_host()
+
+
+def half_inputs(rng, b, h, hkv, nq, nk, d, dv, kind, spread=1.0):
+    q = from_bits(to_bits(rng.normal(size=(b, h, nq, d)) * spread, kind), kind)
+    k = from_bits(to_bits(rng.normal(size=(b, hkv, nk, d)) * spread, kind), kind)
+    v = from_bits(to_bits(rng.normal(size=(b, hkv, nk, dv)), kind), kind)
+    return q, k, v
+
+
+def check_against_float64(q, k, v, kind, *, causal, key_lengths=None, config=None, scale=None):
+    out_bits, lse = run_kernel(q, k, v, kind, causal=causal, key_lengths=key_lengths, config=config, scale=scale)
+    ref_o, ref_lse = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, scale=scale)
+    got = from_bits(out_bits, kind)
+    if not REAL_GPU:  # the simulator's float64 scalar math only checks indexing and masks
+        assert_within_budget("O", got, ref_o, floor=2e-2 * max(1.0, np.abs(ref_o).max()))
+        assert_within_budget("lse", lse, ref_lse, floor=1e-3 * max(1.0, np.abs(ref_lse[np.isfinite(ref_lse)]).max(initial=0)))
+        return
+    naive = naive_half(q, k, v, kind, causal=causal, key_lengths=key_lengths, scale=scale)
+    ulp = float(ml_dtypes.finfo(HALF[kind]).eps) * float(np.abs(ref_o).max(initial=0.0))
+    assert_within_budget("O", got, ref_o, naive=naive, floor=ulp)
+    # lse is float32: its budget is the float32 formula's error plus a float32 ulp
+    naive_lse = attention_ref(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal,
+                              key_lengths=key_lengths, scale=scale, compute_dtype=np.float32)[1]
+    finite = np.isfinite(ref_lse)
+    lse_floor = 4 * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(ref_lse[finite]).max(initial=0.0)))
+    assert_within_budget("lse", lse, ref_lse, naive=naive_lse, floor=lse_floor)
+
+
+def _case(b, h, hkv, nq, nk, d, dv, causal, kind, gpu=False):
+    ident = f"B{b}-H{h}-Hkv{hkv}-Nq{nq}-Nk{nk}-d{d}" + (f"-dv{dv}" if dv != d else "") + ("-causal" if causal else "") + f"-{kind}"
+    return pytest.param(b, h, hkv, nq, nk, d, dv, causal, kind, id=ident, marks=[pytest.mark.gpu] if gpu else [])
+
+
+SIM_GRID = [
+    _case(1, 2, 1, 17, 17, 16, 16, True, "f16"),
+    _case(1, 1, 1, 33, 20, 24, 24, False, "bf16"),
+    _case(2, 2, 2, 9, 40, 16, 32, True, "f16"),
+]
+GPU_GRID = [
+    _case(b, h, hkv, nq, nk, d, d, causal, kind, gpu=True)
+    for kind in ("f16", "bf16")
+    for d in (16, 24, 32, 40, 64, 80, 96, 112, 128, 256)
+    for (b, h, hkv, nq, nk) in ((1, 2, 1, 1, 1), (2, 4, 2, 129, 129), (1, 2, 2, 203, 127), (1, 1, 1, 127, 1000))
+    for causal in (False, True)
+] + [
+    _case(1, 2, 1, 200, 300, d, dv, causal, "f16", gpu=True)
+    for d, dv in ((64, 32), (32, 128), (128, 64), (64, 48))
+    for causal in (False, True)
+]
+
+
+@pytest.mark.parametrize("b, h, hkv, nq, nk, d, dv, causal, kind", SIM_GRID + GPU_GRID)
+def test_matches_float64(b, h, hkv, nq, nk, d, dv, causal, kind):
+    rng = np.random.default_rng(nq * 7 + nk + d)
+    q, k, v = half_inputs(rng, b, h, hkv, nq, nk, d, dv, kind)
+    check_against_float64(q, k, v, kind, causal=causal)
+
+
+@pytest.mark.parametrize("kind", ["f16", pytest.param("bf16", marks=pytest.mark.gpu)])
+def test_key_lengths_and_empty_rows(kind):
+    rng = np.random.default_rng(3)
+    n = 40 if not REAL_GPU else 300
+    q, k, v = half_inputs(rng, 3, 2, 1, n, n, 16, 16, kind)
+    lengths = np.array([0, 5, n], dtype=np.int32)
+    check_against_float64(q, k, v, kind, causal=True, key_lengths=lengths)
+    out, lse = run_kernel(q, k, v, kind, causal=False, key_lengths=lengths)
+    assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_repeats_are_bit_identical(kind, d):
+    rng = np.random.default_rng(4)
+    q, k, v = half_inputs(rng, 2, 4, 2, 700, 900, d, d, kind)
+    devs = [cuda.to_device(to_bits(x, kind)) for x in (q, k, v)]
+    first = run_kernel(*devs, kind, causal=True)
+    for _ in range(100):
+        again = run_kernel(*devs, kind, causal=True)
+        assert_bit_identical("O", again[0], first[0])
+        assert_bit_identical("lse", again[1], first[1])
+
+
+@pytest.mark.parametrize("kind", ["f16", pytest.param("bf16", marks=pytest.mark.gpu)])
+def test_batch_invariance(kind):
+    """A row's bits do not depend on the batch it is in or on how many rows are launched."""
+    rng = np.random.default_rng(5)
+    n, d = (24, 16) if not REAL_GPU else (333, 64)
+    q, k, v = half_inputs(rng, 3, 2, 2, n, n, d, d, kind)
+    full = run_kernel(q, k, v, kind, causal=True)
+    alone = run_kernel(q[1:2], k[1:2], v[1:2], kind, causal=True)
+    assert_bit_identical("O", alone[0], full[0][1:2])
+    assert_bit_identical("lse", alone[1], full[1][1:2])
+    # the first rows alone (bottom-right causal alignment keeps them seeing the same keys)
+    rows = n // 3
+    short = run_kernel(q[:, :, :rows], k[:, :, : n - (n - rows)], v[:, :, :rows], kind, causal=True)
+    assert_bit_identical("O", short[0], full[0][:, :, :rows])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_nan_padded_views_and_extremes(kind):
+    rng = np.random.default_rng(6)
+    q, k, v = half_inputs(rng, 1, 2, 1, 257, 257, 64, 64, kind)
+    plain = run_kernel(q, k, v, kind, causal=True)
+    views = [nan_padded_device_view(to_bits(x, kind)) for x in (q, k, v)]
+    padded_run = run_kernel(*views, kind, causal=True)
+    assert_bit_identical("O", padded_run[0], plain[0])
+    assert_bit_identical("lse", padded_run[1], plain[1])
+    # logits near ±1e4 (one-hot rows), in exactly representable inputs
+    q2, k2 = (from_bits(to_bits(x / np.abs(x).max() * 40.0, kind), kind) for x in (q, k))
+    check_against_float64(q2, k2, v, kind, causal=False)
+    # inputs near ±65504 (the float16 maximum): logits ~1e10, so every row is one-hot on its
+    # largest score wherever the runner-up is clearly behind; O must be that key's value, exactly
+    u = rng.uniform(0.5, 1.0, size=(3,) + q.shape)
+    qb, kb, vb = (from_bits(to_bits(np.sign(x) * 65504.0 * w, kind), kind) for x, w in zip((q, k, v), u))
+    out, lse = run_kernel(qb, kb, vb, kind, causal=False)
+    scores = np.einsum("bhqd,bhkd->bhqk", qb, np.repeat(kb, 2, axis=1)) / 8.0
+    top2 = np.sort(scores, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 1e-4 * np.abs(top2[..., 1])
+    winner = np.take_along_axis(np.repeat(vb, 2, axis=1), scores.argmax(-1)[..., None], axis=2)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(from_bits(out, kind)[clear], winner[clear])
+    np.testing.assert_allclose(lse[clear], top2[..., 1][clear], rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [TileConfig(64, 64), TileConfig(128, 64), TileConfig(128, 128), TileConfig(192, 128)],
+                         ids=lambda c: f"BM{c.block_m}-BN{c.block_n}")
+def test_every_tile_config_matches(config):
+    rng = np.random.default_rng(7)
+    q, k, v = half_inputs(rng, 1, 2, 1, 300, 300, 64, 64, "f16")
+    check_against_float64(q, k, v, "f16", causal=True, config=config)

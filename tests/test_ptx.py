@@ -1,0 +1,253 @@
+"""Each PTX building block alone, against NumPy: on the GPU (real instructions) and in the
+simulator (the stand-ins), with the same test functions.
+
+Inputs are small multiples of 1/4, so every product and every partial sum of the
+matrix tests is exact in float32: a misplaced element shows as a mismatch, not as
+rounding noise.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import cuda, from_dtype, uint32
+
+from nkattn.cuda_kernels import ptx
+from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functions
+from tests.conftest import REAL_GPU
+
+HALF_DTYPES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+def _exact_values(rng, shape, kind):
+    """Multiples of 1/4 in [-2, 2]: exact in f16, bf16 and tf32, and their products and sums in float32."""
+    x = rng.integers(-8, 9, size=shape) / 4.0
+    if kind == "tf32":
+        return x.astype(np.float32), x
+    return x.astype(HALF_DTYPES[kind]).view(np.uint16), x
+
+
+@cache
+def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: bool):
+    """One warpgroup: A (64 x K) and B (N x K, or K x N when transposed) staged by cp.async into
+    swizzled tiles, D = A·Bᵀ by K/k wgmma steps, each thread's accumulators written out raw."""
+    esize = ptx.ELEMENT_BYTES[kind]
+    smem_type = from_dtype(np.dtype(np.float32 if kind == "tf32" else np.uint16))
+    itemsize = 4 if kind == "tf32" else 2
+    k_step = ptx.K_STEP[kind]
+    a_tile = TileLayout(64, k_total, esize, 0)
+    # an MN-major tile's rows are padded to whole 32-byte swizzle rows (zero-filled, never multiplied)
+    b_tile = (TileLayout(k_total, -(-n // 16) * 16, esize, a_tile.end) if transpose_b
+              else TileLayout(n, k_total, esize, a_tile.end))
+    _, load_a = tile_functions(a_tile, itemsize, 128)
+    _, load_b = tile_functions(b_tile, itemsize, 128)
+    mma = ptx.wgmma(kind, n, a_operand, transpose_b)
+    wait_copies, wait_mma = ptx.cp_async_wait(0), ptx.wgmma_wait(0)
+    a_bits, b_bits = a_tile.k_major_bits(), b_tile.mn_major_bits() if transpose_b else b_tile.k_major_bits()
+    nacc, steps = n // 2, k_total // k_step
+    a_starts = tuple(a_tile.k_major_start(0, s * k_step) for s in range(steps))
+    b_starts = tuple(b_tile.mn_major_start(s * k_step) if transpose_b else b_tile.k_major_start(0, s * k_step)
+                     for s in range(steps))
+    a_in_regs, is_tf32 = a_operand == "regs", kind == "tf32"
+    reg_type = np.float32 if is_tf32 else np.uint32
+    n_regs = 4 * steps
+    shared_bytes = b_tile.end + TILE_ALIGN
+
+    @cuda.jit
+    def kernel(a, b, out):
+        tid = cuda.threadIdx.x
+        smem = cuda.shared.array(0, smem_type)
+        addr0 = ptx.shared_address(smem, 0)
+        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // itemsize)
+        aligned = addr0 + base * itemsize
+        load_a(smem, base, a, 0, 0, 0, a.shape[2], a.shape[3], tid)
+        load_b(smem, base, b, 0, 0, 0, b.shape[2], b.shape[3], tid)
+        ptx.cp_async_commit()
+        wait_copies()
+        ptx.fence_proxy_async()
+        cuda.syncthreads()  # every thread's copies are in shared memory, visible to the tensor cores
+
+        acc = cuda.local.array(nacc, np.float32)
+        a_regs = cuda.local.array(n_regs, reg_type)
+        if a_in_regs:
+            w = tid // 32
+            g = (tid % 32) // 4
+            tq = tid % 4
+            for s in range(steps):
+                for r in range(4):
+                    row = 16 * w + g + 8 * (r & 1)
+                    if is_tf32:
+                        a_regs[s * 4 + r] = a[0, 0, row, s * k_step + tq + 4 * (r >> 1)]
+                    else:
+                        k0 = s * k_step + 2 * tq + 8 * (r >> 1)
+                        a_regs[s * 4 + r] = uint32(a[0, 0, row, k0]) | (uint32(a[0, 0, row, k0 + 1]) << 16)
+        for s in range(steps):
+            desc_b = ptx.smem_descriptor(aligned + b_starts[s], b_bits)
+            ptx.wgmma_fence()
+            if a_in_regs:
+                mma(acc, a_regs, s * 4, desc_b, s, smem)
+            else:
+                mma(acc, ptx.smem_descriptor(aligned + a_starts[s], a_bits), desc_b, s, smem)
+            ptx.wgmma_commit()
+            wait_mma()
+        for i in range(nacc):
+            out[tid, i] = acc[i]
+
+    return kernel, shared_bytes
+
+
+def _expected_fragments(d):
+    """D laid out as the accumulator registers: out[t, i] = D[accumulator_coords(t, i)]."""
+    n = d.shape[1]
+    out = np.empty((128, n // 2))
+    for t in range(128):
+        for i in range(n // 2):
+            out[t, i] = d[ptx.accumulator_coords(t, i)]
+    return out
+
+
+def _mma_case(kind, n, k, a_operand, transpose_b, gpu=True):
+    ident = f"{kind}-n{n}-k{k}-{'ss' if a_operand == 'desc' else 'rs'}{'-trans' if transpose_b else ''}"
+    return pytest.param(kind, n, k, a_operand, transpose_b, id=ident, marks=[pytest.mark.gpu] if gpu else [])
+
+
+MMA_CASES = [
+    # (kind, N, K, A operand, B transposed): each swizzle width (128/64/32 B rows), one and several
+    # column blocks along K (A, B) and along N (transposed B), N not a multiple of 16
+    _mma_case("f16", 16, 32, "desc", False, gpu=False),
+    _mma_case("bf16", 16, 32, "regs", True, gpu=False),
+    _mma_case("tf32", 16, 16, "regs", False, gpu=False),
+    *(_mma_case("f16", n, k, op, tb) for n, k in ((64, 64), (128, 128), (80, 96)) for op in ("desc", "regs") for tb in (False, True)),
+    _mma_case("f16", 24, 16, "desc", True),
+    _mma_case("f16", 256, 64, "desc", False),
+    *(_mma_case("bf16", n, k, "regs", True) for n, k in ((64, 64), (112, 112), (256, 32))),
+    _mma_case("bf16", 96, 32, "desc", False),
+    *(_mma_case("tf32", n, k, op, False) for n, k in ((64, 32), (128, 64), (96, 24)) for op in ("desc", "regs")),
+]
+
+
+@pytest.mark.parametrize("kind, n, k_total, a_operand, transpose_b", MMA_CASES)
+def test_wgmma_matches_numpy(kind, n, k_total, a_operand, transpose_b):
+    rng = np.random.default_rng(n * 1000 + k_total)
+    a_dev, a = _exact_values(rng, (1, 1, 64, k_total), kind)
+    b_dev, b = _exact_values(rng, (1, 1, n, k_total), kind)
+    if transpose_b:
+        b_dev = np.ascontiguousarray(np.swapaxes(b_dev, 2, 3))  # K x N in memory, N contiguous
+    kernel, shared_bytes = mma_kernel(kind, n, k_total, a_operand, transpose_b)
+    out = cuda.device_array((128, n // 2), dtype=np.float32)
+    from nkattn.cuda_kernels.online_softmax import launch_with_shared_memory
+
+    launch_with_shared_memory(kernel, 1, 128, shared_bytes, 0, cuda.to_device(a_dev), cuda.to_device(b_dev), out)
+    expected = _expected_fragments(a[0, 0] @ b[0, 0].T)
+    np.testing.assert_array_equal(out.copy_to_host(), expected.astype(np.float32))
+
+
+@cuda.jit
+def _convert_kernel(x, f16, bf16, tf32, two_pow):
+    i = cuda.grid(1)
+    if 2 * i + 1 < x.size:
+        f16[i] = ptx.pack_f16x2(x[2 * i], x[2 * i + 1])
+        bf16[i] = ptx.pack_bf16x2(x[2 * i], x[2 * i + 1])
+    if i < x.size:
+        tf32[i] = ptx.round_tf32(x[i])
+        two_pow[i] = ptx.ex2(x[i])
+
+
+def test_conversions_match_numpy():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=250) * 10.0 ** rng.integers(-3, 4, size=250),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 70000.0, 1e-8, -126.0, -150.0]]).astype(np.float32)
+    n = x.size
+    f16, bf16 = (cuda.device_array(n // 2, dtype=np.uint32) for _ in range(2))
+    tf32, two_pow = (cuda.device_array(n, dtype=np.float32) for _ in range(2))
+    _convert_kernel[(n + 63) // 64, 64](cuda.to_device(x), f16, bf16, tf32, two_pow)
+
+    halves = np.stack([x[0::2], x[1::2]], axis=1)  # low half first
+    with np.errstate(over="ignore"):
+        # values compared, not bits: NaN patterns differ (the GPU's is 0x7FFF, NumPy's 0x7E00)
+        np.testing.assert_array_equal(f16.copy_to_host().view(np.float16).reshape(-1, 2), halves.astype(np.float16))
+        np.testing.assert_array_equal(bf16.copy_to_host().view(ml_dtypes.bfloat16).reshape(-1, 2).astype(np.float32),
+                                      halves.astype(ml_dtypes.bfloat16).astype(np.float32))
+    got_tf32 = tf32.copy_to_host()
+    finite = np.isfinite(x)
+    # tf32 keeps 10 mantissa bits: the rounding error is at most half a tf32 ulp (2^-11 relative)
+    assert np.all(got_tf32.view(np.uint32)[finite] & 0x1FFF == 0)
+    assert np.all(np.abs(got_tf32[finite] - x[finite]) <= np.abs(x[finite]) * 2.0**-11)
+    np.testing.assert_array_equal(got_tf32[~finite], x[~finite])
+    expected = np.exp2(x.astype(np.float64))
+    got = two_pow.copy_to_host()
+    normal = np.isfinite(expected) & (expected > 2.0**-126) & (expected < 2.0**127)
+    if REAL_GPU:  # ex2.approx: 2 ulp in float32 (PTX ISA); the simulator computes in float64
+        assert np.all(np.abs(got[normal] - expected[normal]) <= 2 * np.spacing(np.float32(expected[normal])))
+    else:
+        np.testing.assert_allclose(got[normal], expected[normal], rtol=1e-6)
+    assert got[x == -np.inf][0] == 0.0 and np.isnan(got[np.isnan(x)][0])
+
+
+@cuda.jit
+def _quad_kernel(x, mx, sm, packed):
+    t = cuda.threadIdx.x
+    mx[t] = ptx.quad_max(x[t], t)
+    sm[t] = ptx.quad_sum(x[t], t)
+    if t < packed.shape[3] // 2:
+        ptx.store_b32(packed, 0, 0, 0, 2 * t, uint32(t) | (uint32(t + 1000) << 16))
+
+
+def test_quad_reductions_and_b32_store():
+    x = np.random.default_rng(2).normal(size=128).astype(np.float32)
+    mx, sm = (cuda.device_array(128, dtype=np.float32) for _ in range(2))
+    packed = cuda.to_device(np.zeros((1, 1, 1, 16), dtype=np.uint16))
+    _quad_kernel[1, 128](cuda.to_device(x), mx, sm, packed)
+    quads = x.reshape(32, 4)
+    np.testing.assert_array_equal(mx.copy_to_host(), np.repeat(quads.max(axis=1), 4))
+    # butterfly order: (x0 + x1) + (x2 + x3) on every lane
+    pairs = (quads[:, [0, 1, 2, 3]] + quads[:, [1, 0, 3, 2]]).astype(np.float32)
+    butterfly = (pairs + pairs[:, [2, 3, 0, 1]]).astype(np.float32)
+    got = sm.copy_to_host().reshape(32, 4)
+    if REAL_GPU:
+        np.testing.assert_array_equal(got, butterfly)
+    else:
+        np.testing.assert_allclose(got, butterfly, rtol=1e-6)
+    assert np.all(got == got[:, :1])
+    expected = np.zeros(16, dtype=np.uint16)
+    expected[0::2], expected[1::2] = np.arange(8), np.arange(8) + 1000
+    np.testing.assert_array_equal(packed.copy_to_host()[0, 0, 0], expected)
+
+
+@pytest.mark.parametrize("cols, element_bytes", [(64, 2), (128, 2), (96, 2), (80, 2), (32, 4), (24, 4), (16, 2)])
+def test_tile_layout_is_a_bijection_and_matches_the_descriptor_decoders(cols, element_bytes):
+    """Host layout, device chunk index (its pure-Python form) and the descriptor decoders agree."""
+    layout = TileLayout(64, cols, element_bytes, TILE_ALIGN)
+    addresses = {layout.byte(r, c) for r in range(64) for c in range(cols)}
+    assert len(addresses) == 64 * cols
+    assert min(addresses) == TILE_ALIGN and max(addresses) < TILE_ALIGN + layout.nbytes
+    k_step = 16 if element_bytes == 2 else 8
+    kind = "f16" if element_bytes == 2 else "tf32"
+    for k0 in range(0, cols - k_step + 1, k_step):
+        if (k0 * element_bytes) % layout.width + k_step * element_bytes > layout.width:
+            continue
+        desc = ptx.descriptor_host(layout.k_major_start(8, k0), layout.k_major_bits())
+        for r in (0, 5, 13, 55):
+            for k in range(k_step):
+                assert ptx.k_major_offset(desc, r, k, element_bytes) == layout.byte(8 + r, k0 + k)
+    if kind == "f16":
+        desc = ptx.descriptor_host(layout.mn_major_start(16), layout.mn_major_bits())
+        for n in range(cols):
+            for k in (0, 7, 8, 15):
+                assert ptx.mn_major_offset(desc, n, k, element_bytes) == layout.byte(16 + k, n)
+
+
+def test_descriptor_fields():
+    bits = ptx.descriptor_bits(lbo=4096, sbo=1024, width=128)
+    desc = ptx.descriptor_host(0x12340, bits)
+    assert desc & 0x3FFF == 0x1234 and (desc >> 16) & 0x3FFF == 256 and (desc >> 32) & 0x3FFF == 64
+    assert desc >> 62 == 1
+    with pytest.raises(ValueError, match="32 bytes"):
+        ptx.swizzle_width(48)
+    with pytest.raises(ValueError, match="no wgmma"):
+        ptx.wgmma("f16", 12, "desc")
+    with pytest.raises(ValueError, match="transpose"):
+        ptx.wgmma("tf32", 16, "desc", transpose_b=True)
