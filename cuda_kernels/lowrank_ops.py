@@ -210,7 +210,8 @@ def _validate(q, k, vals, vals_name: str, transpose: bool):
 
 
 def _key_lengths(key_lengths, batch: int, nk: int, stream):
-    """int32 device array of length B: Nk everywhere for None; host values are checked, device ones only by shape."""
+    """int32 device array of length B: Nk everywhere for None; host values are checked, device ones only by
+    shape and dtype (reading them back would synchronize; values past Nk would make the kernels read past k)."""
     if key_lengths is None:
         return cuda.to_device(np.full(batch, nk, dtype=np.int32), stream=stream)
     if _on_device(key_lengths):
@@ -255,7 +256,8 @@ def attention_times(q, k, x, key_lengths=None, *, causal: bool, scale: float, ou
 
     Returns device arrays out (B, H, Nq, l) and lse (B, H, Nq) (-inf for a row
     with no visible key, whose output row is zero). `key_lengths`: None (every
-    key visible), B integers, or an int32 device array of length B. Host inputs
+    key visible), B integers in [0, Nk], or an int32 device array of length B
+    (its values are trusted to lie in [0, Nk]). Host inputs
     are copied to the device; `out` and `lse`, when given, are device arrays
     written in place.
     """

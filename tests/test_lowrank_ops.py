@@ -267,7 +267,7 @@ def test_views_into_nan_padded_buffers(dtype):
     assert outside_view_is_nan(ax_buf, ax_shape), "A·X wrote outside its output"
     assert outside_view_is_nan(lse_buf, lse.shape + (1,)), "A·X wrote outside its lse"
     assert outside_view_is_nan(aty_buf, aty_shape), "AᵀY wrote outside its output"
-    for name, view, a in zip("qkxy", views, (q, k, x, y)):
+    for name, view, a in zip("qkxy", views, (q, k, x, y), strict=True):
         assert_bit_identical(f"{name} after the calls", view.copy_to_host(), a)
     assert_bit_identical("lse after the call", lse_in.copy_to_host(), lse)
 
