@@ -191,7 +191,7 @@ def streaming_primitives(
     never read from V nor written to O. With dv = d every device function is the
     one it was before value widths existed (same PTX).
 
-    One dynamic shared buffer holds Qᵀ (d x BM), Kᵀ (d x BN), V (BN x d), Pᵀ
+    One dynamic shared buffer holds Qᵀ (d x BM), Kᵀ (d x BN), V (BN x LV), Pᵀ
     (BN x BM) and a scratch row used by the simulator's shuffle stand-in; rows of
     the transposed tiles are padded by 16 bytes, which keeps vector loads aligned
     and spreads the transposing stores over banks.

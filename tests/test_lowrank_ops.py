@@ -279,8 +279,9 @@ def test_views_into_nan_padded_buffers(dtype):
     group=st.integers(1, 2),
     nq=st.integers(1, 12 if SIMULATOR else 300),
     nk=st.integers(1, 12 if SIMULATOR else 300),
-    d=st.sampled_from([16] if SIMULATOR else [16, 64, 128]),
-    l=st.integers(1, 10 if SIMULATOR else 100),
+    # on the GPU every (d, l) is a compilation: a few widths, most shared with the grid
+    d=st.sampled_from([16] if SIMULATOR else [16, 64]),
+    l=st.integers(1, 10) if SIMULATOR else st.sampled_from([1, 42, 64]),
     causal=st.booleans(),
     masked=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
