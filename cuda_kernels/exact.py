@@ -30,6 +30,7 @@ def exact_attention_kernel(
     dtype,
     head_dim: int,
     *,
+    value_dim: int | None = None,
     order=None,
     contract: bool | None = None,
     portable_math: bool | None = None,
@@ -41,12 +42,16 @@ def exact_attention_kernel(
     Grid ``(ceil(Nq / BM), H, B)``; a block of TY x TX threads owns BM = TY·TM query
     rows and streams key tiles of BN = TX·TN through shared memory::
 
-                   key tile (BN)                      head dim (d)
+                   key tile (BN)                      value width (dv)
                  +---------------+                  +---------------+
         rows     | S = Q Kᵀ:     |   P = exp(S-m)   | O += P V:     |
         (BM)     | TM x TN per   |  ------------->  | TM x TD per   |
                  | thread        |   (Pᵀ shared)    | thread        |
                  +---------------+                  +---------------+
+
+    The value width dv (`value_dim`, default d) may differ from d: O is
+    (BM x dv) per block, V tiles BN x dv (see `streaming_primitives` for widths
+    that TX does not divide).
 
     Running max, sum and the accumulator stay in registers across tiles. Tiles
     are visited in order up to the last key any row of the block sees; a tile a
@@ -62,8 +67,12 @@ def exact_attention_kernel(
     ("tuned": `tuned_register_cap`). Neither changes the bits.
     """
     if max_registers == "tuned":
-        max_registers = tuned_register_cap(dtype, head_dim)
-    sp = streaming_primitives(np.dtype(dtype), head_dim, order=order, contract=contract, portable_math=portable_math)
+        max_registers = tuned_register_cap(dtype, max(head_dim, value_dim or head_dim))
+    if prefetch and value_dim not in (None, head_dim):
+        raise ValueError(f"prefetch stages K and V rows of equal width: value_dim {value_dim} != head dim {head_dim}")
+    sp = streaming_primitives(
+        np.dtype(dtype), head_dim, order=order, contract=contract, portable_math=portable_math, value_dim=value_dim
+    )
     TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
     NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
     PREFETCH = prefetch
@@ -143,15 +152,19 @@ def exact_attention(
     """Run the fused kernel on device arrays; returns device arrays (O, lse).
 
     `key_lengths` is an int32 device array of length B (Nk for every batch when
-    there is no key mask). Inputs are assumed validated by `nkattn.attention`.
-    `variant` passes kernel options through to `exact_attention_kernel`.
+    there is no key mask). v may be narrower or wider than q and k (O takes v's
+    width). Inputs are assumed validated by `nkattn.attention`. `variant` passes
+    kernel options through to `exact_attention_kernel`.
     """
     batch, heads, nq, head_dim = q.shape
+    value_dim = v.shape[3]
     dtype = np.dtype(q.dtype)
     if out is None:
-        out = cuda.device_array((batch, heads, nq, head_dim), dtype=dtype, stream=stream)
+        out = cuda.device_array((batch, heads, nq, value_dim), dtype=dtype, stream=stream)
     if lse is None:
         lse = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream)
+    if value_dim != head_dim:
+        variant = dict(variant, value_dim=value_dim)
     kernel, sp = exact_attention_kernel(dtype, head_dim, **variant)
     grid, block, shared = launch_config(sp, batch, heads, nq)
     launch_with_shared_memory(

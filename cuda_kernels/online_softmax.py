@@ -1,9 +1,10 @@
 """Device code shared by every attention path: arithmetic, tile loads, the online-softmax update.
 
-Written once and reused by the exact, LSH and table kernels. Everything is built
-by `streaming_primitives(dtype, head_dim)`, a cached factory whose device
-functions close over compile-time constants (tile sizes, head dim, dtype), so
-local and shared arrays have static shapes.
+Written once and reused by the exact, LSH and table kernels and the low-rank
+operators. Everything is built by `streaming_primitives(dtype, head_dim)`, a
+cached factory whose device functions close over compile-time constants (tile
+sizes, head dim, value width, dtype), so local and shared arrays have static
+shapes.
 
 Two arithmetic flavours:
 
@@ -173,7 +174,7 @@ def kernel_order(dtype, head_dim: int) -> ref.StreamingOrder:
 @cache
 def streaming_primitives(
     dtype, head_dim: int, *, order: ref.StreamingOrder | None = None, contract: bool | None = None, portable_math: bool | None = None,
-    qk_tiles: bool = True,
+    qk_tiles: bool = True, value_dim: int | None = None,
 ):
     """Device functions of the tiled online-softmax loop for one dtype and head dim.
 
@@ -183,7 +184,14 @@ def streaming_primitives(
     dims ``tx * TD + e`` (e < TD, TD = d / TX) for the accumulator. The TX threads
     of a row are adjacent lanes of one warp, so row reductions are shuffles.
 
-    One dynamic shared buffer holds Qᵀ (d x BM), Kᵀ (d x BN), V (BN x d), Pᵀ
+    Values may be narrower or wider than q and k: ``value_dim`` (dv, default d)
+    is the width of V, of the accumulator and of O, any dv >= 1. Their columns
+    split as above with TD = ceil(dv / TX); where TX does not divide dv, the V
+    tile and the accumulator carry LV - dv zero columns (LV = TX·TD) that are
+    never read from V nor written to O. With dv = d every device function is the
+    one it was before value widths existed (same PTX).
+
+    One dynamic shared buffer holds Qᵀ (d x BM), Kᵀ (d x BN), V (BN x LV), Pᵀ
     (BN x BM) and a scratch row used by the simulator's shuffle stand-in; rows of
     the transposed tiles are padded by 16 bytes, which keeps vector loads aligned
     and spreads the transposing stores over banks.
@@ -198,6 +206,7 @@ def streaming_primitives(
     ``load_q_tile(q, b, h, row0, smem, tid)``        Qᵀ into shared memory
     ``fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid)``  a K/V tile into registers
     ``store_kv_tile(smem, k_buf, v_buf, tid)``       those registers into Kᵀ and V in shared memory
+        (these two only where LV = d, None otherwise)
     ``load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)``  the same, global to shared directly
     ``load_k_tile(k, ...)``, ``load_v_tile(v, ...)``   one of the two, same arguments otherwise
     ``gather_q_tile(q, b, h, row_idx, smem, tid)``   Qᵀ of rows ``row_idx[r]`` (-1: a zero row)
@@ -206,6 +215,7 @@ def streaming_primitives(
     ``online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
         mask and scale the scores, update running max and sum, rescale acc, write Pᵀ
     ``accumulate_pv(smem, ty, tx, acc, p_frag, v_frag)``  acc += P·V over the tile
+    ``store_p(smem, ty, tx, i, j, p)``               the thread's p[i, j] into Pᵀ
     ``store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)``
         the thread's row i as query q_idx: O = acc / l, lse = m + log(l); O = 0 and
         lse = -inf for a row with no key
@@ -217,16 +227,21 @@ def streaming_primitives(
     BM, BN, THREADS, D = order.block_m, order.block_n, order.threads, head_dim
     if D % TX or 32 % TX:
         raise ValueError(f"order {order} does not fit head dim {D}: TX must divide d and 32")
-    TD = D // TX
+    DV = D if value_dim is None else value_dim
+    if DV < 1:
+        raise ValueError(f"value_dim must be >= 1, got {DV}")
+    TD = -(-DV // TX)
+    LV = TX * TD  # value columns of the V tile and the accumulator: DV, then zero padding
+    PADDED_V = LV != DV
     PAD = 16 // dtype.itemsize  # keeps rows 16-byte aligned while spreading transposed stores over banks
     LDQ, LDK, LDP = BM + PAD, BN + PAD, BM + PAD
     Q_OFFSET = 0
     K_OFFSET = Q_OFFSET + (D * LDQ if qk_tiles else 0)
     V_OFFSET = K_OFFSET + (D * LDK if qk_tiles else 0)
-    P_OFFSET = V_OFFSET + BN * D
+    P_OFFSET = V_OFFSET + BN * LV
     SCRATCH_OFFSET = P_OFFSET + BN * LDP
     SHARED_BYTES = (SCRATCH_OFFSET + THREADS) * dtype.itemsize
-    assert not qk_tiles or SHARED_BYTES == order.shared_elements(D, PAD) * dtype.itemsize
+    assert not qk_tiles or SHARED_BYTES == order.shared_elements(D, PAD, LV) * dtype.itemsize
     LOG_TX = int(math.log2(TX))
     NB_DTYPE = from_dtype(dtype)
     NEG_INF = dtype.type(-np.inf)
@@ -309,12 +324,13 @@ def streaming_primitives(
 
     @cuda.jit(device=True, inline="always")
     def load_v_tile(v, b, kvh, tile_start, nk_b, smem, tid):
-        # V alone, for paths whose scores come from elsewhere (table lookups)
-        for idx in range(tid, BN * D, THREADS):
-            r = idx // D
-            c = idx - r * D
+        # V alone, for paths whose scores come from elsewhere (table lookups); columns
+        # past DV are the zero padding of the value width
+        for idx in range(tid, BN * LV, THREADS):
+            r = idx // LV
+            c = idx - r * LV
             j = tile_start + r
-            smem[V_OFFSET + r * D + c] = v[b, kvh, j, c] if j < nk_b else ZERO
+            smem[V_OFFSET + r * LV + c] = v[b, kvh, j, c] if j < nk_b and (not PADDED_V or c < DV) else ZERO
 
     @cuda.jit(device=True, inline="always")
     def gather_q_tile(q, b, h, row_idx, smem, tid):
@@ -348,6 +364,29 @@ def streaming_primitives(
             c = idx - r * D
             smem[K_OFFSET + c * LDK + r] = k_buf[t]
             smem[V_OFFSET + r * D + c] = v_buf[t]
+
+    if LV != D:
+        # K and V rows differ in width: a pass over each instead of the one-pass loaders
+        # above; the register-staged prefetch (fetch/store_kv_tile) is for equal widths
+        fetch_kv_tile = store_kv_tile = None
+
+        @cuda.jit(device=True, inline="always")
+        def load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid):
+            load_k_tile(k, b, kvh, tile_start, nk_b, smem, tid)
+            load_v_tile(v, b, kvh, tile_start, nk_b, smem, tid)
+
+        @cuda.jit(device=True, inline="always")
+        def gather_kv_tile(k, v, b, kvh, key_idx, smem, tid):
+            for idx in range(tid, BN * D, THREADS):
+                r = idx // D
+                c = idx - r * D
+                j = key_idx[r]
+                smem[K_OFFSET + c * LDK + r] = k[b, kvh, j, c] if j >= 0 else ZERO
+            for idx in range(tid, BN * LV, THREADS):
+                r = idx // LV
+                c = idx - r * LV
+                j = key_idx[r]
+                smem[V_OFFSET + r * LV + c] = v[b, kvh, j, c] if j >= 0 and (not PADDED_V or c < DV) else ZERO
 
     # Hot loops index shared memory with unsigned offsets (a signed index makes numba
     # emit negative-index wraparound arithmetic on every load) and read 16 bytes per
@@ -439,6 +478,11 @@ def streaming_primitives(
             return x
 
     @cuda.jit(device=True, inline="always")
+    def store_p(smem, ty, tx, i, j, p):
+        # Pᵀ (BN x BM): a key's probabilities for the block's rows are contiguous
+        smem[P_OFFSET + (tx * TN + j) * LDP + ty * TM + i] = p
+
+    @cuda.jit(device=True, inline="always")
     def online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid):
         key0 = tile_start + tx * TN
         for i in range(TM):
@@ -458,7 +502,7 @@ def streaming_primitives(
             p_row = ZERO
             for j in range(TN):
                 p = exp(add(s[i, j], -m_use))
-                smem[P_OFFSET + (tx * TN + j) * LDP + ty * TM + i] = p
+                store_p(smem, ty, tx, i, j, p)
                 p_row = p if j == 0 else add(p_row, p)
             l_i[i] = add(mul(l_i[i], alpha), row_sum(p_row, smem, tid))
             m_i[i] = m_new
@@ -474,18 +518,20 @@ def streaming_primitives(
             load_run(smem, v_row, TD, v_frag)
             rank1_update(acc, p_frag, v_frag, TM, TD)
             p_col += uint32(LDP)
-            v_row += uint32(D)
+            v_row += uint32(LV)
 
     @cuda.jit(device=True, inline="always")
     def store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i):
         if l_i[i] > ZERO:
             for e in range(TD):
-                o[b, h, q_idx, tx * TD + e] = div(acc[i, e], l_i[i])
+                if not PADDED_V or tx * TD + e < DV:
+                    o[b, h, q_idx, tx * TD + e] = div(acc[i, e], l_i[i])
             if tx == 0:
                 lse[b, h, q_idx] = add(m_i[i], log(l_i[i]))
         else:
             for e in range(TD):
-                o[b, h, q_idx, tx * TD + e] = ZERO
+                if not PADDED_V or tx * TD + e < DV:
+                    o[b, h, q_idx, tx * TD + e] = ZERO
             if tx == 0:
                 lse[b, h, q_idx] = NEG_INF
 
@@ -497,7 +543,7 @@ def streaming_primitives(
                 store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)
 
     return SimpleNamespace(
-        TX=TX, TM=TM, TN=TN, TD=TD, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
+        TX=TX, TM=TM, TN=TN, TD=TD, DV=DV, LV=LV, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
         NB_DTYPE=NB_DTYPE, NEG_INF=NEG_INF, ZERO=ZERO,
         visible_keys=visible_keys,
         load_q_tile=load_q_tile,
@@ -512,6 +558,8 @@ def streaming_primitives(
         tile_scores=tile_scores,
         online_softmax_update=online_softmax_update,
         accumulate_pv=accumulate_pv,
+        store_p=store_p,
+        mul=mul, add=add, exp=exp,
         store_row=store_row,
         store_rows=store_rows,
         row_max=row_max,
