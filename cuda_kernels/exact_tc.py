@@ -1,13 +1,21 @@
-"""Exact attention on Hopper tensor cores (wgmma): float16 and bfloat16 inputs, float32 softmax.
+"""Exact attention on Hopper tensor cores (wgmma): float16/bfloat16, and float32 as 3xTF32 or TF32.
 
 One launch, online softmax, O(N) memory, FlashAttention-3's structure without its
 warp specialization: each warpgroup owns 64 query rows; S = Q·Kᵀ and O += P·V are
-wgmma products (Q and K K-major, V MN-major, all from swizzled shared memory,
-P from registers); the next K/V tile is copied with cp.async while the current
-one is computed. Semantics are `nkattn.reference.exact`'s.
+wgmma products with P kept in registers. Semantics are `nkattn.reference.exact`'s.
 
-`tc_attention(q, k, v, ...)` takes numba device arrays holding the 16-bit
-patterns (uint16) and returns (O as uint16 patterns, lse as float32);
+* ``kind="f16"`` / ``"bf16"``: Q, K (K-major) and V (MN-major) stream through a ring of
+  three swizzled shared-memory slots by cp.async, two tiles ahead.
+* ``kind="tf32x3"``: float32 inputs at float32 accuracy. Every operand x is split into
+  ``hi = tf32(x)`` and ``lo = x - hi`` (both exact in tf32 up to the last 2^-21 of x),
+  and each product is ``hi·hi + hi·lo + lo·hi`` on the tf32 tensor cores (the lo·lo
+  term is below float32 rounding). ``kind="tf32"`` is the single ``hi·hi`` product,
+  like torch's ``allow_tf32`` (about 1e-3 relative error).
+  tf32 wgmma reads both operands K-major, so V is stored transposed (Vᵀ, keys
+  contiguous), split while it is loaded; tiles are single-buffered.
+
+`tc_attention(q, k, v, ...)` takes numba device arrays (uint16 bit patterns for the half
+kinds, float32 for the tf32 kinds) and returns (O in the input's type, lse float32);
 `nkattn.attention` converts framework arrays.
 """
 
@@ -27,7 +35,13 @@ from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functio
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HALF_KINDS = ("f16", "bf16")
+FLOAT32_KINDS = ("tf32x3", "tf32")
+KINDS = HALF_KINDS + FLOAT32_KINDS
 MAX_HEAD_DIM = 256
+NEG_INF = np.float32(-np.inf)
+F32_ZERO = np.float32(0.0)
+F32_ONE = np.float32(1.0)
+F32_LN2 = np.float32(LN2)
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,9 @@ def default_config(kind: str, head_dim: int, value_dim: int) -> TileConfig:
     if SIMULATOR:
         return TileConfig(64, 16)
     widest = max(head_dim, value_dim)
+    if kind in FLOAT32_KINDS:
+        # Q, K and Vᵀ tiles (two each when split) at 4 bytes an element in 227 KB
+        return TileConfig(64, 64 if widest <= 128 else 16)
     # three K/V slots must fit beside Q in 227 KB of shared memory
     return TileConfig(128, 128 if widest <= 128 else 32)
 
@@ -60,9 +77,85 @@ def padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+
+
+@cache
+def _row_functions(block_n: int):
+    """Device code shared by both kernels: key visibility and the online softmax over one
+    tile of accumulator-layout scores (the thread's rows r0 = 16w + g and r0 + 8)."""
+    NS = block_n // 2
+
+    @cuda.jit(device=True, inline="always")
+    def visible_keys(q_idx, nq, nk_b, causal):
+        if q_idx >= nq:
+            return 0
+        count = nk_b
+        if causal:
+            count = min(count, q_idx + 1 + nk_b - nq)
+        return max(count, 0)
+
+    @cuda.jit(device=True, inline="always")
+    def softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2):
+        """Mask the tile's scores, update the running max; acc_s becomes P (float32).
+        Returns (m0, m1, alpha0, alpha1, this thread's row sums of P)."""
+        if masked:
+            for i in range(NS):
+                col = tile_start + 8 * (i // 4) + 2 * tq + (i & 1)
+                if col >= (kv_end0 if (i & 2) == 0 else kv_end1):
+                    acc_s[i] = NEG_INF
+        mt0 = NEG_INF
+        mt1 = NEG_INF
+        for i in range(NS):
+            if (i & 2) == 0:
+                mt0 = max(mt0, acc_s[i])
+            else:
+                mt1 = max(mt1, acc_s[i])
+        mt0 = ptx.quad_max(mt0, tid)
+        mt1 = ptx.quad_max(mt1, tid)
+        # the running max in the scaled log2 domain (scale > 0 commutes with max)
+        mn0 = max(m0, mt0 * qk_scale_log2)
+        mn1 = max(m1, mt1 * qk_scale_log2)
+        # a row that has seen no key keeps l = 0 and O = 0 (never -inf - -inf)
+        mu0 = F32_ZERO if mn0 == NEG_INF else mn0
+        mu1 = F32_ZERO if mn1 == NEG_INF else mn1
+        ps0 = F32_ZERO
+        ps1 = F32_ZERO
+        for i in range(NS):
+            if (i & 2) == 0:
+                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu0)
+                ps0 += p
+            else:
+                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu1)
+                ps1 += p
+            acc_s[i] = p
+        return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
+
+    @cuda.jit(device=True, inline="always")
+    def finish_row(l_row, m_row):
+        """(1 / l, lse) of a row: l == 0 means it saw no key (O = 0, lse = -inf); a NaN l
+        (non-finite input) propagates into both."""
+        if l_row == F32_ZERO:
+            return F32_ZERO, NEG_INF
+        return F32_ONE / l_row, (m_row + math.log2(l_row)) * F32_LN2
+
+    return visible_keys, softmax, finish_row
+
+
 @cache
 def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
-    """Build the fused wgmma forward kernel for one (kind, d, dv, tile shape).
+    """Build the fused forward kernel for one (kind, d, dv, tile shape): (kernel, shared bytes)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if head_dim % 8 or value_dim % 8 or not 8 <= max(head_dim, value_dim) <= MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be multiples of 8 up to {MAX_HEAD_DIM}, got d={head_dim}, dv={value_dim}")
+    if config.block_m % 64 or config.block_n % 16 or not 16 <= config.block_n <= 256:
+        raise ValueError(f"bad tile config {config}")
+    build = _half_kernel if kind in HALF_KINDS else _float32_kernel
+    return build(kind, head_dim, value_dim, config)
+
+
+def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
+    """The float16/bfloat16 kernel.
 
     Grid ``(ceil(Nq / BM), H, B)``; a block of BM / 64 warpgroups owns BM query rows,
     warpgroup ``wg`` rows ``64 wg .. 64 wg + 63``, and streams BN-key tiles through a
@@ -88,13 +181,7 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
     batch, or how many rows are launched. No atomics; fixed reduction order (the row
     sum is kept per thread and reduced over the quad once, at the end).
     """
-    if kind not in HALF_KINDS:
-        raise ValueError(f"kind must be one of {HALF_KINDS}, got {kind!r}")
-    if head_dim % 8 or value_dim % 8 or not 8 <= max(head_dim, value_dim) <= MAX_HEAD_DIM:
-        raise ValueError(f"head dims must be multiples of 8 up to {MAX_HEAD_DIM}, got d={head_dim}, dv={value_dim}")
     BM, BN, OVERLAP = config.block_m, config.block_n, config.overlap
-    if BM % 64 or BN % 16 or not 16 <= BN <= 256:
-        raise ValueError(f"bad tile config {config}")
     NWG = BM // 64
     THREADS = 128 * NWG
     STAGES = 3
@@ -140,19 +227,7 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
-    NEG_INF = np.float32(-np.inf)
-    F32_ZERO = np.float32(0.0)
-    F32_ONE = np.float32(1.0)
-    F32_LN2 = np.float32(LN2)
-
-    @cuda.jit(device=True, inline="always")
-    def visible_keys(q_idx, nq, nk_b, causal):
-        if q_idx >= nq:
-            return 0
-        count = nk_b
-        if causal:
-            count = min(count, q_idx + 1 + nk_b - nq)
-        return max(count, 0)
+    visible_keys, softmax, finish_row = _row_functions(BN)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
@@ -176,42 +251,6 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
             mma_o1(acc_o, p_regs, 4 * s, desc, 1, smem)
             if SPLIT_O:
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
-
-    @cuda.jit(device=True, inline="always")
-    def softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2):
-        """Mask tile j's scores, update the running max; acc_s becomes P (float32).
-        Returns (m0, m1, alpha0, alpha1, this thread's row sums of P)."""
-        if masked:
-            for i in range(NS):
-                col = tile_start + 8 * (i // 4) + 2 * tq + (i & 1)
-                if col >= (kv_end0 if (i & 2) == 0 else kv_end1):
-                    acc_s[i] = NEG_INF
-        mt0 = NEG_INF
-        mt1 = NEG_INF
-        for i in range(NS):
-            if (i & 2) == 0:
-                mt0 = max(mt0, acc_s[i])
-            else:
-                mt1 = max(mt1, acc_s[i])
-        mt0 = ptx.quad_max(mt0, tid)
-        mt1 = ptx.quad_max(mt1, tid)
-        # the running max in the scaled log2 domain (scale > 0 commutes with max)
-        mn0 = max(m0, mt0 * qk_scale_log2)
-        mn1 = max(m1, mt1 * qk_scale_log2)
-        # a row that has seen no key keeps l = 0 and O = 0 (never -inf - -inf)
-        mu0 = F32_ZERO if mn0 == NEG_INF else mn0
-        mu1 = F32_ZERO if mn1 == NEG_INF else mn1
-        ps0 = F32_ZERO
-        ps1 = F32_ZERO
-        for i in range(NS):
-            if (i & 2) == 0:
-                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu0)
-                ps0 += p
-            else:
-                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu1)
-                ps1 += p
-            acc_s[i] = p
-        return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
 
     @cuda.jit(device=True, inline="always")
     def pack_p(acc_s, p_regs):
@@ -321,15 +360,223 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
             l_row = l0 if half == 0 else l1
             m_row = m0 if half == 0 else m1
             if row < nq:
-                # l == 0: the row saw no key; a NaN l (non-finite input) propagates
-                inv = F32_ZERO if l_row == F32_ZERO else F32_ONE / l_row
+                inv, row_lse = finish_row(l_row, m_row)
                 for c in range(DVP // 8):
                     col = 8 * c + 2 * tq
                     if col < dv:
                         i = 4 * c + 2 * half
                         ptx.store_b32(o, b, h, row, col, pack(acc_o[i] * inv, acc_o[i + 1] * inv))
                 if tq == 0:
-                    lse[b, h, row] = NEG_INF if l_row == F32_ZERO else (m_row + math.log2(l_row)) * F32_LN2
+                    lse[b, h, row] = row_lse
+
+    return tc_attention_fwd, SHARED_BYTES
+
+
+def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
+    """The float32 kernel on tf32 tensor cores (3xTF32 or TF32).
+
+    Grid and rows as the half kernel; one 64-row warpgroup per 64 rows. A K/V tile is
+    read with ordinary loads, split (``hi = tf32(x)``, ``lo = x - hi``) and stored into
+    swizzled K-major tiles, V transposed::
+
+        Q_hi, Q_lo (BM x d)  K_hi, K_lo (BN x d)      Vᵀ_hi, Vᵀ_lo (dv x BN, keys permuted)
+              +----- wgmma SS: S = Q_lo K_hiᵀ + Q_hi K_loᵀ + Q_hi K_hiᵀ -----+
+                                   | softmax (as the half kernel), P = P_hi + P_lo
+                                   v
+                 O += P_lo Vᵀ_hiᵀ + P_hi Vᵀ_loᵀ + P_hi Vᵀ_hiᵀ   (wgmma RS)
+
+    The tf32 A fragment holds columns (tq, tq + 4) where the accumulator holds
+    (2tq, 2tq + 1); instead of exchanging registers, the keys of every 8-key group of
+    Vᵀ are stored in the order (0, 2, 4, 6, 1, 3, 5, 7), which is the same sum.
+    The small terms go first, so they are not rounded away against the large one.
+    """
+    SPLIT = kind == "tf32x3"
+    BM, BN = config.block_m, config.block_n
+    NWG = BM // 64
+    THREADS = 128 * NWG
+    K_STEP = 8
+    ESIZE = 4
+    DP = padded(head_dim, K_STEP)
+    DVP = padded(value_dim, K_STEP)
+    q_hi = TileLayout(BM, DP, ESIZE, 0)
+    q_lo = TileLayout(BM, DP, ESIZE, q_hi.end)
+    k_hi = TileLayout(BN, DP, ESIZE, q_lo.end if SPLIT else q_hi.end)
+    k_lo = TileLayout(BN, DP, ESIZE, k_hi.end)
+    vt_hi = TileLayout(DVP, BN, ESIZE, k_lo.end if SPLIT else k_hi.end)
+    vt_lo = TileLayout(DVP, BN, ESIZE, vt_hi.end)
+    SHARED_BYTES = (vt_lo.end if SPLIT else vt_hi.end) + TILE_ALIGN
+    Q_LO, K_LO, V_LO = ((lo.offset - hi.offset) // ESIZE for hi, lo in ((q_hi, q_lo), (k_hi, k_lo), (vt_hi, vt_lo)))
+    q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
+    k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
+    vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
+    visible_keys, softmax, finish_row = _row_functions(BN)
+    mma_s = ptx.wgmma("tf32", BN, "desc")
+    N_O1 = min(DVP, 128)  # as the half kernel: wgmmas of at most N = 128
+    SPLIT_O = DVP > N_O1
+    mma_o1 = ptx.wgmma("tf32", N_O1, "regs")
+    mma_o2 = ptx.wgmma("tf32", DVP - N_O1, "regs", acc_offset=N_O1 // 2) if SPLIT_O else mma_o1
+    wait_mma_all = ptx.wgmma_wait(0)
+    QK_STEPS, PV_STEPS = DP // K_STEP, BN // K_STEP
+    Q_DELTAS = tuple(np.uint64((q_hi.k_major_start(0, s * K_STEP) - q_hi.offset) >> 4) for s in range(QK_STEPS))
+    K_DELTAS = tuple(np.uint64((k_hi.k_major_start(0, s * K_STEP) - k_hi.offset) >> 4) for s in range(QK_STEPS))
+    V_DELTAS = tuple(np.uint64((vt_hi.k_major_start(0, s * K_STEP) - vt_hi.offset) >> 4) for s in range(PV_STEPS))
+    V_CHUNK2 = np.uint64((vt_hi.k_major_start(N_O1, 0) - vt_hi.offset) >> 4)  # rows (head dims) N_O1 on
+    Q_LO_UNITS, K_LO_UNITS, V_LO_UNITS = (np.uint64(x * ESIZE >> 4) for x in (Q_LO, K_LO, V_LO))
+    Q_BITS, K_BITS, V_BITS = q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits()
+    WG_ROWS_BYTES = 64 * q_hi.width
+    Q_OFFSET, K_OFFSET, V_OFFSET = q_hi.offset, k_hi.offset, vt_hi.offset
+    NS, NO, NP = BN // 2, DVP // 2, BN // 2
+    QCPR, KCPR = q_hi.chunks_per_row, k_hi.chunks_per_row
+    MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
+    SMEM_TYPE = from_dtype(np.dtype(np.float32))
+
+    @cuda.jit(device=True, inline="always")
+    def store_split(smem, idx, x, lo_delta):
+        hi = ptx.round_tf32(x)
+        smem[idx] = hi
+        if SPLIT:
+            smem[idx + lo_delta] = x - hi
+
+    @cuda.jit(device=True, inline="always")
+    def load_q(smem, base, q, b, h, row0, nq, tid):
+        for idx in range(tid, BM * QCPR, THREADS):
+            r = idx // QCPR
+            c = idx - r * QCPR
+            row = row0 + r
+            dst = base + q_chunk(r, c)
+            for e in range(4):
+                col = 4 * c + e
+                store_split(smem, dst + e, q[b, h, row, col] if row < nq and col < q.shape[3] else F32_ZERO, Q_LO)
+
+    @cuda.jit(device=True, inline="always")
+    def load_kv(smem, base, k, v, b, kvh, kv0, nk_b, tid):
+        for idx in range(tid, BN * KCPR, THREADS):
+            r = idx // KCPR
+            c = idx - r * KCPR
+            key = kv0 + r
+            dst = base + k_chunk(r, c)
+            for e in range(4):
+                col = 4 * c + e
+                store_split(smem, dst + e, k[b, kvh, key, col] if key < nk_b and col < k.shape[3] else F32_ZERO, K_LO)
+        # V transposed: consecutive threads read consecutive head dims of one key (coalesced)
+        for idx in range(tid, BN * DVP, THREADS):
+            j = idx // DVP
+            c = idx - j * DVP
+            key = kv0 + j
+            kappa = (j & ~7) | ((j & 7) >> 1) | ((j & 1) << 2)  # key j's place in its permuted 8-group
+            dst = base + vt_chunk(c, kappa // 4) + (kappa & 3)
+            store_split(smem, dst, v[b, kvh, key, c] if key < nk_b and c < v.shape[3] else F32_ZERO, V_LO)
+
+    @cuda.jit(device=True, inline="always")
+    def split_p(acc_s, p_hi, p_lo):
+        # register r of K step s: rows by r & 1, logical column tq + 4 (r >> 1) = accumulator
+        # column 2 tq + (r >> 1) (the permutation of Vᵀ's keys)
+        for s in range(PV_STEPS):
+            for r in range(4):
+                p = acc_s[4 * s + 2 * (r & 1) + (r >> 1)]
+                hi = ptx.round_tf32(p)
+                p_hi[4 * s + r] = hi
+                p_lo[4 * s + r] = p - hi
+
+    @cuda.jit(device=True, inline="always")
+    def issue_pv(smem, acc_o, p, v_desc, s):
+        mma_o1(acc_o, p, 4 * s, v_desc, 1, smem)
+        if SPLIT_O:
+            mma_o2(acc_o, p, 4 * s, v_desc + V_CHUNK2, 1, smem)
+
+    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
+    def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+        tid = cuda.threadIdx.x
+        wg = tid // 128
+        t = tid % 128
+        tq = t % 4
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        nq = q.shape[2]
+        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
+        row0 = block * BM
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, SMEM_TYPE)
+        addr0 = ptx.shared_address(smem, 0)
+        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        aligned = addr0 + base * ESIZE
+        q_desc = ptx.smem_descriptor(aligned + Q_OFFSET + wg * WG_ROWS_BYTES, Q_BITS)
+        k_desc = ptx.smem_descriptor(aligned + K_OFFSET, K_BITS)
+        v_desc = ptx.smem_descriptor(aligned + V_OFFSET, V_BITS)
+
+        r0 = row0 + 64 * wg + 16 * (t // 32) + (t % 32) // 4
+        kv_end0 = visible_keys(r0, nq, nk_b, causal)
+        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
+        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)
+        block_kv_min = visible_keys(row0, nq, nk_b, causal)
+        n_tiles = (block_kv_end + BN - 1) // BN
+
+        acc_s = cuda.local.array(NS, np.float32)
+        acc_o = cuda.local.array(NO, np.float32)
+        p_hi = cuda.local.array(NP, np.float32)
+        p_lo = cuda.local.array(NP, np.float32)
+        for i in range(NO):
+            acc_o[i] = F32_ZERO
+        m0 = NEG_INF
+        m1 = NEG_INF
+        l0 = F32_ZERO
+        l1 = F32_ZERO
+
+        load_q(smem, base, q, b, h, row0, nq, tid)
+        for j in range(n_tiles):
+            cuda.syncthreads()  # every warpgroup's products of tile j - 1 are done: its tiles may be overwritten
+            load_kv(smem, base, k, v, b, kvh, j * BN, nk_b, tid)
+            ptx.fence_proxy_async()  # ordinary stores, read next by the tensor cores
+            cuda.syncthreads()  # tile j (and Q) are in shared memory
+
+            ptx.wgmma_fence()
+            for s in range(QK_STEPS):
+                dq = q_desc + Q_DELTAS[s]
+                dk = k_desc + K_DELTAS[s]
+                if SPLIT:
+                    mma_s(acc_s, dq + Q_LO_UNITS, dk, s, smem)
+                    mma_s(acc_s, dq, dk + K_LO_UNITS, 1, smem)
+                    mma_s(acc_s, dq, dk, 1, smem)
+                else:
+                    mma_s(acc_s, dq, dk, s, smem)
+            ptx.wgmma_commit()
+            wait_mma_all()
+
+            tile_start = j * BN
+            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
+                                                       kv_end1, m0, m1, tq, tid, qk_scale_log2)
+            l0 = l0 * alpha0 + ps0
+            l1 = l1 * alpha1 + ps1
+            for i in range(NO):
+                acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+            split_p(acc_s, p_hi, p_lo)
+
+            ptx.wgmma_fence()  # acc_o and the P fragments were written by ordinary instructions
+            for s in range(PV_STEPS):
+                dv_s = v_desc + V_DELTAS[s]
+                if SPLIT:
+                    issue_pv(smem, acc_o, p_lo, dv_s, s)
+                    issue_pv(smem, acc_o, p_hi, dv_s + V_LO_UNITS, s)
+                issue_pv(smem, acc_o, p_hi, dv_s, s)
+            ptx.wgmma_commit()
+            wait_mma_all()
+
+        l0 = ptx.quad_sum(l0, tid)
+        l1 = ptx.quad_sum(l1, tid)
+        dv = o.shape[3]
+        for half in range(2):
+            row = r0 + 8 * half
+            if row < nq:
+                inv, row_lse = finish_row(l0 if half == 0 else l1, m0 if half == 0 else m1)
+                for c in range(DVP // 8):
+                    col = 8 * c + 2 * tq
+                    if col < dv:
+                        i = 4 * c + 2 * half
+                        o[b, h, row, col] = acc_o[i] * inv
+                        o[b, h, row, col + 1] = acc_o[i + 1] * inv
+                if tq == 0:
+                    lse[b, h, row] = row_lse
 
     return tc_attention_fwd, SHARED_BYTES
 
@@ -341,17 +588,19 @@ def launch_config(config: TileConfig, batch: int, heads: int, nq: int):
 
 def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str, out=None, lse=None, stream=0,
                  config: TileConfig | None = None):
-    """Run the wgmma kernel on uint16 device arrays holding f16/bf16 patterns; returns (O, lse).
+    """Run the wgmma kernel on device arrays; returns (O, lse).
 
-    q (B, H, Nq, d), k (B, Hkv, Nk, d), v (B, Hkv, Nk, dv); O (B, H, Nq, dv) uint16 patterns of
-    ``kind``, lse (B, H, Nq) float32. The last dim of each input must be contiguous and its rows
-    16-byte aligned (cp.async); `key_lengths` is an int32 device array of B lengths.
+    q (B, H, Nq, d), k (B, Hkv, Nk, d), v (B, Hkv, Nk, dv): uint16 arrays of f16/bf16 patterns
+    for the half kinds (their last dim contiguous, rows 16-byte aligned: cp.async), float32
+    for the tf32 kinds. O (B, H, Nq, dv) in the inputs' type, lse (B, H, Nq) float32.
+    `key_lengths` is an int32 device array of B lengths.
     """
     batch, heads, nq, head_dim = q.shape
     value_dim = v.shape[3]
     config = default_config(kind, head_dim, value_dim) if config is None else config
     if out is None:
-        out = cuda.device_array((batch, heads, nq, value_dim), dtype=np.uint16, stream=stream)
+        out_dtype = np.uint16 if kind in HALF_KINDS else np.float32
+        out = cuda.device_array((batch, heads, nq, value_dim), dtype=out_dtype, stream=stream)
     if lse is None:
         lse = cuda.device_array((batch, heads, nq), dtype=np.float32, stream=stream)
     kernel, shared_bytes = tc_attention_kernel(kind, head_dim, value_dim, config)

@@ -66,8 +66,9 @@ def assert_within_budget(name: str, got, ref64, naive=None, floor: float = FLOAT
 
 
 def assert_bit_identical(name: str, got, expected) -> None:
-    got = np.atleast_1d(np.asarray(got))
-    expected = np.atleast_1d(np.asarray(expected))
+    # contiguous copies: strided views (a column of a padded buffer) cannot be reinterpreted as bytes
+    got = np.ascontiguousarray(np.atleast_1d(np.asarray(got)))
+    expected = np.ascontiguousarray(np.atleast_1d(np.asarray(expected)))
     if got.shape != expected.shape or got.dtype != expected.dtype:
         raise AssertionError(f"{name}: {got.shape} {got.dtype} vs {expected.shape} {expected.dtype}")
     same = (got.view(np.uint8).reshape(*got.shape, -1) == expected.view(np.uint8).reshape(*expected.shape, -1)).all(-1)

@@ -1,10 +1,11 @@
-"""The wgmma exact-attention kernel (float16, bfloat16) against float64, FlashAttention's rule.
+"""The wgmma exact-attention kernels (float16, bfloat16, 3xTF32, TF32) against float64, FlashAttention's rule.
 
-The reference is `attention_ref` in float64 on the half inputs (exactly representable);
-the budget is twice the error of the same formula computed the way torch computes it
-in half precision (products accumulated in float32, S, P and O rounded to the half
-type), plus one half-precision ulp of the largest output (storing the exact answer
-already costs half of it). The simulator runs a 64-row, 16-key tiling on tiny
+The reference is `attention_ref` in float64 on the inputs (exactly representable);
+the budget is twice the error of the same formula computed in the kernel's format:
+for half inputs the way torch computes it (products accumulated in float32, S, P and
+O rounded to the half type), plus one ulp of the largest output in that type (storing
+the exact answer already costs half of it); for 3xTF32 the plain float32 formula (it
+must be float32-accurate); for TF32 the formula with q, k, P and v rounded to tf32. The simulator runs a 64-row, 16-key tiling on tiny
 shapes (it checks indexing, masks and layouts, not float32 rounding); the GPU runs
 the production tiling on the full grid.
 """
@@ -21,19 +22,50 @@ from nkattn.reference.exact import attention_ref, default_scale
 from nkattn.testing import (
     assert_bit_identical,
     assert_within_budget,
+    float32_floor,
     nan_padded_device_view,
 )
 from tests.conftest import REAL_GPU
 
 HALF = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
+FLOAT32_KINDS = ("tf32x3", "tf32")
+
+
+def round_tf32(x):
+    """float32 rounded to tf32 (10 mantissa bits, nearest, ties away: cvt.rna), as float32."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
 def to_bits(x, kind):
+    if kind in FLOAT32_KINDS:
+        return np.asarray(x, dtype=np.float32)
     return np.asarray(x).astype(HALF[kind]).view(np.uint16)
 
 
 def from_bits(bits, kind):
+    if kind in FLOAT32_KINDS:
+        return np.asarray(bits, dtype=np.float64)
     return np.asarray(bits).view(HALF[kind]).astype(np.float64)
+
+
+def naive_tf32(q, k, v, *, causal=False, key_lengths=None, scale=None):
+    """The formula with the tf32 roundings of the single-product kernel: q, k, P and v in tf32."""
+    q, k, v = (round_tf32(x).astype(np.float64) for x in (q, k, v))
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    s = np.einsum("bhqd,bhkd->bhqk", q, np.repeat(k, q.shape[1] // k.shape[1], axis=1)) * scale
+    nq, nk = q.shape[2], k.shape[2]
+    lengths = np.full(q.shape[0], nk) if key_lengths is None else np.asarray(key_lengths)
+    ends = np.broadcast_to(lengths[:, None], (q.shape[0], nq)).copy()
+    if causal:
+        ends = np.minimum(ends, np.arange(nq)[None, :] + 1 + lengths[:, None] - nq)
+    visible = np.arange(nk)[None, None, None, :] < ends[:, None, :, None]
+    s = np.where(visible, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.where(visible, np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
+    denom = p.sum(-1, keepdims=True)
+    o = round_tf32(p).astype(np.float64) @ np.repeat(v, q.shape[1] // v.shape[1], axis=1)
+    return (o / np.where(denom > 0, denom, 1)).astype(np.float32)
 
 
 def naive_half(q, k, v, kind, *, causal=False, key_lengths=None, scale=None):
@@ -85,12 +117,24 @@ def check_against_float64(q, k, v, kind, *, causal, key_lengths=None, config=Non
         assert_within_budget("O", got, ref_o, floor=2e-2 * max(1.0, np.abs(ref_o).max()))
         assert_within_budget("lse", lse, ref_lse, floor=1e-3 * max(1.0, np.abs(ref_lse[np.isfinite(ref_lse)]).max(initial=0)))
         return
-    naive = naive_half(q, k, v, kind, causal=causal, key_lengths=key_lengths, scale=scale)
-    ulp = float(ml_dtypes.finfo(HALF[kind]).eps) * float(np.abs(ref_o).max(initial=0.0))
-    assert_within_budget("O", got, ref_o, naive=naive, floor=ulp)
+    if kind == "tf32x3":
+        naive = attention_ref(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal,
+                              key_lengths=key_lengths, scale=scale, compute_dtype=np.float32)[0]
+        floor = float32_floor(ref_o)
+    elif kind == "tf32":
+        naive = naive_tf32(q, k, v, causal=causal, key_lengths=key_lengths, scale=scale)
+        floor = float32_floor(ref_o)
+    else:
+        naive = naive_half(q, k, v, kind, causal=causal, key_lengths=key_lengths, scale=scale)
+        floor = float(ml_dtypes.finfo(HALF[kind]).eps) * float(np.abs(ref_o).max(initial=0.0))
+    assert_within_budget("O", got, ref_o, naive=naive, floor=floor)
     # lse is float32: its budget is the float32 formula's error plus a float32 ulp
-    naive_lse = attention_ref(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal,
-                              key_lengths=key_lengths, scale=scale, compute_dtype=np.float32)[1]
+    if kind == "tf32":  # the scores of the single product are those of tf32-rounded q and k
+        naive_lse = attention_ref(round_tf32(q), round_tf32(k), v, causal=causal, key_lengths=key_lengths,
+                                  scale=scale)[1]
+    else:
+        naive_lse = attention_ref(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=causal,
+                                  key_lengths=key_lengths, scale=scale, compute_dtype=np.float32)[1]
     finite = np.isfinite(ref_lse)
     lse_floor = 4 * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(ref_lse[finite]).max(initial=0.0)))
     assert_within_budget("lse", lse, ref_lse, naive=naive_lse, floor=lse_floor)
@@ -105,16 +149,22 @@ SIM_GRID = [
     _case(1, 2, 1, 17, 17, 16, 16, True, "f16"),
     _case(1, 1, 1, 33, 20, 24, 24, False, "bf16"),
     _case(2, 2, 2, 9, 40, 16, 32, True, "f16"),
+    _case(1, 2, 1, 20, 20, 8, 16, True, "tf32x3"),
+    _case(1, 1, 1, 9, 30, 16, 8, False, "tf32"),
 ]
+SHAPES = ((1, 2, 1, 1, 1), (2, 4, 2, 129, 129), (1, 2, 2, 203, 127), (1, 1, 1, 127, 1000))
+# every head dim is a compilation, so the GPU grid spans the layouts rather than every d:
+# 128-, 64- and 32-byte swizzle rows, several column blocks, d not a multiple of 16 (padded)
 GPU_GRID = [
     _case(b, h, hkv, nq, nk, d, d, causal, kind, gpu=True)
-    for kind in ("f16", "bf16")
-    for d in (16, 24, 32, 40, 64, 80, 96, 112, 128, 256)
-    for (b, h, hkv, nq, nk) in ((1, 2, 1, 1, 1), (2, 4, 2, 129, 129), (1, 2, 2, 203, 127), (1, 1, 1, 127, 1000))
+    for kind, dims in (("f16", (16, 24, 64, 80, 128, 256)), ("bf16", (40, 96, 112, 128)),
+                       ("tf32x3", (8, 64, 96, 128, 256)), ("tf32", (24, 64, 128)))
+    for d in dims
+    for (b, h, hkv, nq, nk) in SHAPES
     for causal in (False, True)
 ] + [
-    _case(1, 2, 1, 200, 300, d, dv, causal, "f16", gpu=True)
-    for d, dv in ((64, 32), (32, 128), (128, 64), (64, 48))
+    _case(1, 2, 1, 200, 300, d, dv, causal, kind, gpu=True)
+    for kind, d, dv in (("f16", 64, 32), ("f16", 32, 128), ("bf16", 128, 64), ("tf32x3", 64, 48), ("tf32x3", 32, 64))
     for causal in (False, True)
 ]
 
@@ -126,7 +176,7 @@ def test_matches_float64(b, h, hkv, nq, nk, d, dv, causal, kind):
     check_against_float64(q, k, v, kind, causal=causal)
 
 
-@pytest.mark.parametrize("kind", ["f16", pytest.param("bf16", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["f16", *(pytest.param(k, marks=pytest.mark.gpu) for k in ("bf16", "tf32x3", "tf32"))])
 def test_key_lengths_and_empty_rows(kind):
     rng = np.random.default_rng(3)
     n = 40 if not REAL_GPU else 300
@@ -138,7 +188,7 @@ def test_key_lengths_and_empty_rows(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["f16", "bf16"])
+@pytest.mark.parametrize("kind", ["f16", "bf16", "tf32x3", "tf32"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_repeats_are_bit_identical(kind, d):
     rng = np.random.default_rng(4)
@@ -151,7 +201,7 @@ def test_repeats_are_bit_identical(kind, d):
         assert_bit_identical("lse", again[1], first[1])
 
 
-@pytest.mark.parametrize("kind", ["f16", pytest.param("bf16", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["f16", "tf32x3", *(pytest.param(k, marks=pytest.mark.gpu) for k in ("bf16", "tf32"))])
 def test_batch_invariance(kind):
     """A row's bits do not depend on the batch it is in or on how many rows are launched."""
     rng = np.random.default_rng(5)
@@ -182,8 +232,8 @@ def test_nan_padded_views_and_extremes(kind):
     check_against_float64(q2, k2, v, kind, causal=False)
     # inputs near ±65504 (the float16 maximum): logits ~1e10, so every row is one-hot on its
     # largest score wherever the runner-up is clearly behind; O must be that key's value, exactly
-    u = rng.uniform(0.5, 1.0, size=(3,) + q.shape)
-    qb, kb, vb = (from_bits(to_bits(np.sign(x) * 65504.0 * w, kind), kind) for x, w in zip((q, k, v), u))
+    qb, kb, vb = (from_bits(to_bits(np.sign(x) * 65504.0 * rng.uniform(0.5, 1.0, size=x.shape), kind), kind)
+                  for x in (q, k, v))
     out, lse = run_kernel(qb, kb, vb, kind, causal=False)
     scores = np.einsum("bhqd,bhkd->bhqk", qb, np.repeat(kb, 2, axis=1)) / 8.0
     top2 = np.sort(scores, axis=-1)[..., -2:]
@@ -201,3 +251,12 @@ def test_every_tile_config_matches(config):
     rng = np.random.default_rng(7)
     q, k, v = half_inputs(rng, 1, 2, 1, 300, 300, 64, 64, "f16")
     check_against_float64(q, k, v, "f16", causal=True, config=config)
+
+
+@pytest.mark.gpu
+def test_float32_logits_near_1e4():
+    """3xTF32 keeps float32 accuracy where the logits are large and the softmax nearly one-hot."""
+    rng = np.random.default_rng(8)
+    q, k, v = half_inputs(rng, 1, 2, 1, 257, 300, 64, 64, "tf32x3")
+    q = (q / np.abs(q).max() * 350.0).astype(np.float32).astype(np.float64)  # |logits| up to ~1e4
+    check_against_float64(q, k, v, "tf32x3", causal=True)
