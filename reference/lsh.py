@@ -13,6 +13,11 @@ Semantics (written once, here; the CUDA kernel follows them):
 * **Empty candidate sets.** A query whose buckets hold no visible key returns
   O = 0 and lse = -inf, exactly like a fully masked row of exact attention: never
   NaN, never a silent fallback to other keys.
+* **Non-finite values** follow `nkattn.reference.exact`, applied to the
+  candidates: a NaN projection gives bit 0, so a row with NaN lands in bucket 0 of
+  every table. Keys past ``key_lengths`` are hashed and sorted with the others
+  (their scores are hidden), so NaN or inf in their rows of v can reach rows of the
+  same bucket through 0 * NaN.
 * **Shared-QK (Reformer).** With ``shared_qk=True`` there is no separate k: keys
   are the queries normalised to unit length (a zero query stays zero), so query
   and key buckets coincide, and a token's score with itself is replaced by
@@ -83,7 +88,9 @@ def shared_qk_keys(q) -> np.ndarray:
     """Reformer's shared-QK keys: queries normalised to unit length (zero rows stay zero)."""
     q = np.asarray(q, dtype=np.float64)
     norm = np.linalg.norm(q, axis=-1, keepdims=True)
-    return np.divide(q, norm, out=np.zeros_like(q), where=norm > 0)
+    # `norm != 0`, not `norm > 0`: a NaN row stays NaN (the kernel's x * 0 is NaN too)
+    with np.errstate(invalid="ignore"):
+        return np.divide(q, norm, out=np.zeros_like(q), where=norm != 0)
 
 
 def _prepare(q, k, v, bits, tables, seed, shared_qk):
@@ -132,13 +139,14 @@ def lsh_attention_ref(
         eye = np.eye(q.shape[2], dtype=bool)[None, None]
         s = np.where(eye, dt(SELF_LOGIT), s)
     s = np.where(cand, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    has_keys = np.isfinite(m)
     zero, one = dt(0), dt(1)
-    p = np.where(cand, np.exp(s - np.where(has_keys, m, zero)), zero)
-    l = p.sum(axis=-1, keepdims=True)
-    o = np.where(has_keys, (p @ vc) / np.where(has_keys, l, one), zero)
-    lse = np.where(has_keys, m + np.log(np.where(has_keys, l, one)), dt(-np.inf))
+    with np.errstate(invalid="ignore"):
+        m = s.max(axis=-1, keepdims=True)  # NaN if a candidate's score is NaN
+        empty = m == -np.inf
+        p = np.where(cand, np.exp(s - np.where(empty, zero, m)), zero)
+        l = p.sum(axis=-1, keepdims=True)
+        o = np.where(empty, zero, (p @ vc) / np.where(empty, one, l))
+        lse = np.where(empty, dt(-np.inf), m + np.log(np.where(empty, one, l)))
     return o, lse[..., 0], cand
 
 
@@ -180,13 +188,13 @@ def lsh_attention_mirror(q, k, v, *, bits, tables, seed=0, causal=False, scale=N
                     hidden = (keys[None, :] >= counts[b, rows][:, None]) | seen
                     s = np.where(hidden, -np.inf, s)
                     m_new = np.maximum(m[b, h, rows], s.max(axis=1))
-                    m_use = np.where(np.isfinite(m_new), m_new, 0.0)
+                    m_use = np.where(m_new == -np.inf, 0.0, m_new)
                     alpha = np.exp(m[b, h, rows] - m_use)
                     p = np.exp(s - m_use[:, None])
                     l[b, h, rows] = l[b, h, rows] * alpha + p.sum(axis=1)
                     acc[b, h, rows] = acc[b, h, rows] * alpha[:, None] + p @ v[b, kvh, keys]
                     m[b, h, rows] = m_new
-    has_keys = l > 0
+    has_keys = l != 0  # l = NaN (a NaN or +inf score) stores NaN
     o = np.where(has_keys[..., None], acc / np.where(has_keys, l, 1.0)[..., None], 0.0)
     lse = np.where(has_keys, m + np.log(np.where(has_keys, l, 1.0)), -np.inf)
     return o, lse

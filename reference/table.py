@@ -18,8 +18,10 @@ Semantics (written once, here; the CUDA kernel ``cuda_kernels/table.py`` follows
   ``float32(score_scale) * float32(table value)`` is rounded once, then
   ``+ float32(score_offset)`` rounded once.
 * Masks are those of `nkattn.reference.exact`: ``key_lengths[b]`` hides keys
-  ``j >= key_lengths[b]``; ``causal`` is bottom-right aligned; a query row with no
-  visible key returns O = 0 and lse = -inf.
+  ``j >= key_lengths[b]`` (never read); ``causal`` is bottom-right aligned; a query
+  row with no visible key returns O = 0 and lse = -inf. Scores come from a finite
+  table, so only v can carry NaN or inf into O (as in exact attention); q and k
+  must be finite to be encoded.
 
 Equivalent NumPy for one (b, h), no mask::
 
@@ -59,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nkattn.reference.exact import _expand_kv_heads, visible_key_counts
+from nkattn.reference.exact import _expand_kv_heads, _read_keys, visible_key_counts
 
 PHI = (1.0 + 5.0**0.5) / 2.0
 BASE = 17
@@ -482,17 +484,19 @@ def table_attention_ref(
     s = lookup_scores(
         q_codes, k_codes, table, score_scale=score_scale, score_offset=score_offset, compute_dtype=compute_dtype
     )
-    v = _expand_kv_heads(np.asarray(v, dtype=compute_dtype), heads)
     dt = np.dtype(compute_dtype).type
+    zero, one = dt(0), dt(1)
+    # keys past key_lengths are never read, as in the kernel (0 * NaN would reach every row)
+    read = _read_keys(batch, nk, key_lengths)[:, None, :, None]
+    v = _expand_kv_heads(np.where(read, np.asarray(v, dtype=compute_dtype), zero), heads)
     counts = visible_key_counts(batch, nq, nk, causal, key_lengths)
     visible = np.arange(nk)[None, None, None, :] < counts[:, None, :, None]
     s = np.where(visible, s, dt(-np.inf))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    has_keys = np.isfinite(m)
-    zero, one = dt(0), dt(1)
     with np.errstate(invalid="ignore"):
-        p = np.where(visible, np.exp(s - np.where(has_keys, m, zero)), zero)
-    l = p.sum(axis=-1, keepdims=True)
-    o = np.where(has_keys, (p @ v) / np.where(has_keys, l, one), zero)
-    lse = np.where(has_keys, m + np.log(np.where(has_keys, l, one)), dt(-np.inf))
+        m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+        empty = m == -np.inf
+        p = np.where(visible, np.exp(s - np.where(empty, zero, m)), zero)
+        l = p.sum(axis=-1, keepdims=True)
+        o = np.where(empty, zero, (p @ v) / np.where(empty, one, l))
+        lse = np.where(empty, dt(-np.inf), m + np.log(np.where(empty, one, l)))
     return o.astype(compute_dtype), lse[..., 0].astype(compute_dtype)
