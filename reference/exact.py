@@ -49,7 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# head dims the kernels' tilings (`streaming_order`) exist for; the oracle takes any d
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 def visible_key_counts(batch: int, nq: int, nk: int, causal: bool, key_lengths=None) -> np.ndarray:
     """Number of visible keys of every query row, shape (batch, nq).
@@ -165,8 +166,8 @@ def streaming_order(dtype, head_dim: int) -> StreamingOrder:
     runs 64 x 64 tiles, 4 x 4 per thread, with narrower key tiles at d >= 128.
     """
     dtype = np.dtype(dtype)
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {KERNEL_HEAD_DIMS}, got {head_dim}")
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"no streaming order for dtype {dtype}")
     if dtype == np.float64 and head_dim == 256:

@@ -46,12 +46,32 @@ MAX_BITS = 16
 SELF_LOGIT = -1.0e5
 
 
-def validate_lsh_params(bits, tables) -> None:
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_bits(bits, name: str = "lsh_bits") -> int:
     """Bucket ids are stored in 16 bits (and 2^16 buckets already leave most empty at 1M keys)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"lsh_bits must be an integer in [1, {MAX_BITS}], got {bits!r}")
-    if isinstance(tables, bool) or not isinstance(tables, (int, np.integer)) or tables < 1:
-        raise ValueError(f"lsh_tables must be an integer >= 1, got {tables!r}")
+    if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_BITS}], got {bits!r}")
+    return int(bits)
+
+
+def check_tables(tables, name: str = "lsh_tables") -> int:
+    if not _is_int(tables) or tables < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {tables!r}")
+    return int(tables)
+
+
+def validate_lsh_params(bits, tables) -> None:
+    check_bits(bits)
+    check_tables(tables)
+
+
+def check_no_keys(k, flag: str = "shared_qk=True") -> None:
+    """Shared-QK derives the keys from q: a k passed beside it would be silently ignored."""
+    if k is not None:
+        raise ValueError(f"{flag} derives the keys from q (Reformer): pass k=None")
 
 
 def hyperplanes(head_dim: int, bits: int, tables: int, seed: int = 0) -> np.ndarray:
@@ -97,8 +117,7 @@ def _prepare(q, k, v, bits, tables, seed, shared_qk):
     validate_lsh_params(bits, tables)
     q = np.asarray(q, dtype=np.float64)
     if shared_qk:
-        if k is not None:
-            raise ValueError("shared_qk=True derives the keys from q: pass k=None")
+        check_no_keys(k)
         k = shared_qk_keys(q)
     k = np.asarray(k, dtype=np.float64)
     planes = hyperplanes(q.shape[-1], bits, tables, seed)

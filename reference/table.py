@@ -309,9 +309,41 @@ class TableCodebook:
     score_scale: float
     score_offset: float
 
+    def __post_init__(self):
+        # every path reads table_u16 as the kernel does: a smaller or float table would be
+        # indexed past its end on the GPU and read differently by the reference
+        if self.variant not in ("seed", "dot"):
+            raise ValueError(f"TableCodebook variant must be 'seed' or 'dot', got {self.variant!r}")
+        u16 = np.asarray(self.table_u16)
+        if u16.shape != (PALETTE_SIZE, PALETTE_SIZE) or u16.dtype != np.uint16:
+            raise ValueError(
+                f"TableCodebook.table_u16 must be a ({PALETTE_SIZE}, {PALETTE_SIZE}) uint16 table (pad a smaller "
+                f"palette with pad_table), got shape {u16.shape} dtype {u16.dtype}"
+            )
+        pq, pk = np.shape(self.table)
+        if np.shape(self.q_entries)[0] != pq or np.shape(self.k_entries)[0] != pk:
+            raise ValueError(
+                f"TableCodebook.table is {pq} x {pk} but there are {np.shape(self.q_entries)[0]} query and "
+                f"{np.shape(self.k_entries)[0]} key palette entries"
+            )
+
     @property
     def palette_sizes(self) -> tuple[int, int]:
         return self.table.shape
+
+    @property
+    def head_dim(self) -> int | None:
+        """d of the rows it encodes: the centroids' (dot); None for seed, whose Base17 entries take any d >= 17."""
+        return int(np.shape(self.q_entries)[1]) if self.variant == "dot" else None
+
+    def check_rows(self, head_dim: int, name: str = "q and k") -> None:
+        """Refuse rows this codebook cannot encode, naming what it was fitted on."""
+        if self.head_dim is not None and head_dim != self.head_dim:
+            raise ValueError(
+                f"this TableCodebook was fitted on rows of d = {self.head_dim}; {name} have d = {head_dim}"
+            )
+        if self.variant == "seed" and head_dim < BASE:
+            raise ValueError(f"the seed's Base17 projection needs d >= {BASE}; {name} have d = {head_dim}")
 
     def quantized_table(self) -> np.ndarray:
         """float64 logits the uint16 table stands for, (Pq, Pk)."""
@@ -320,6 +352,7 @@ class TableCodebook:
 
     def _encode(self, rows, entries) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.float64)
+        self.check_rows(rows.shape[-1], "the rows")
         flat = rows.reshape(-1, rows.shape[-1])
         if self.variant == "seed":
             codes = assign_l1(base17_i16(flat), entries)

@@ -1,4 +1,4 @@
-"""NaN and inf propagate alike in every backend.
+"""NaN and inf: refused by default (check_finite), propagated alike by every backend when allowed.
 
 The policy is written in `nkattn.reference.exact`'s docstring. Only its
 well-defined cases are tested across backends: a row's fate is fixed by the
@@ -8,14 +8,17 @@ that do not see its key depends on the path (0 * NaN), and is not compared.
 
 import numpy as np
 import pytest
+from numba import cuda
 
 import nkattn
+from nkattn.arrays import BFLOAT16, first_nonfinite
 from nkattn.reference.exact import (
     attention_ref,
     exp_nonpositive,
     streaming_attention_ref,
 )
 from nkattn.reference.lsh import lsh_attention_ref
+from nkattn.testing import nan_padded_device_view
 
 from .conftest import REAL_GPU
 
@@ -29,8 +32,8 @@ def inputs(dtype, seed=0, b=B, h=H):
 
 
 def both(q, k, v, **kw):
-    """(O, lse) of the CUDA backend and of the reference."""
-    kw = dict(return_lse=True, **kw)
+    """(O, lse) of the CUDA backend and of the reference, NaN and inf allowed."""
+    kw = dict(check_finite=False, return_lse=True, **kw)
     with np.errstate(invalid="ignore", over="ignore"):
         return nkattn.attention(q, k, v, backend="cuda", **kw), nkattn.attention(q, k, v, backend="reference", **kw)
 
@@ -39,21 +42,63 @@ def nonfinite_rows(o):
     return ~np.isfinite(o).all(axis=-1)
 
 
+# --------------------------------------------------------------------------------------
+# check_finite=True (default): an error naming the tensor, the index and the value
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_nonfinite_inputs_are_refused_by_default(name, value, where):
+    arrays = dict(zip("qkv", inputs(np.float32)))
+    arrays[name][0, 0, 7, 3] = value
+    arrays[name][0, 1, 2, 0] = value  # later in C order: the first one is named
+    if where == "device":
+        arrays = {n: cuda.to_device(x) for n, x in arrays.items()}
+    with pytest.raises(ValueError, match=rf"^{name} holds {value} at index \(0, 0, 7, 3\); pass check_finite=False"):
+        nkattn.attention(arrays["q"], arrays["k"], arrays["v"])
+
+
+NO_ML_DTYPES = pytest.mark.skipif(BFLOAT16 is None, reason="bfloat16 needs ml_dtypes, which is not installed")
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(np.float16, id="f16"), pytest.param(BFLOAT16, id="bf16", marks=NO_ML_DTYPES),
+                                   pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")])
+def test_the_device_check_reads_only_the_view(dtype):
+    """A view into a NaN-filled buffer is finite: the device check must not see the buffer around it."""
+    x = inputs(np.float32)[0].astype(dtype)
+    view = nan_padded_device_view(x)
+    assert first_nonfinite(view, np.dtype(dtype)) is None
+    x[0, 1, 4, 2] = np.inf
+    assert first_nonfinite(nan_padded_device_view(x), np.dtype(dtype)) == ((0, 1, 4, 2), np.inf)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_padding_past_key_lengths_is_never_read(dtype):
+def test_padding_past_key_lengths_is_checked_but_never_read(dtype):
     q, k, v = inputs(dtype, b=2, h=1)
     lengths = np.array([N, 5], np.int32)
     clean = both(q, k, v, key_lengths=lengths, causal=True)
     k[1, :, 5:] = np.nan
     v[1, :, 5:] = np.inf
+    with pytest.raises(ValueError, match=r"k holds nan at index \(1, 0, 5, 0\)"):
+        nkattn.attention(q, k, v, key_lengths=lengths)
     # exact attention never reads keys past key_lengths: the outputs keep their bits
     for got, expected in zip(both(q, k, v, key_lengths=lengths, causal=True), clean):
         for a, b in zip(got, expected):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["q", "k"])
+def test_the_table_method_needs_finite_q_and_k_whatever_check_finite_says(name):
+    arrays = dict(zip("qkv", inputs(np.float64)))
+    arrays[name][0, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=rf"{name} holds nan at index \(0, 1, 2, 3\); method='table' needs finite {name}"):
+        nkattn.attention(arrays["q"], arrays["k"], arrays["v"], method="table", check_finite=False)
+
+
 # --------------------------------------------------------------------------------------
-# propagation, the same in every backend
+# check_finite=False: propagation, the same in every backend
 # --------------------------------------------------------------------------------------
 
 
