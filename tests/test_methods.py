@@ -9,6 +9,7 @@ import pytest
 import nkattn
 from nkattn import methods
 from nkattn.api import plan
+from nkattn.cli import main
 from nkattn.methods import METHODS, Backend, Method, method_options, on_reference
 from nkattn.reference.exact import attention_ref
 from nkattn.reference.table import fit_dot_codebook, fit_seed_codebook, pad_table
@@ -149,7 +150,7 @@ def test_the_table_kernel_tiles_only_dv():
 # --------------------------------------------------------------------------------------
 
 
-def test_a_registered_method_is_served(monkeypatch):
+def test_a_registered_method_is_served_and_listed(monkeypatch, capsys):
     """What a low-rank method would do: an entry with its options, check and backends, nothing else."""
 
     def scaled(call, q, k, v):
@@ -174,3 +175,7 @@ def test_a_registered_method_is_served(monkeypatch):
         nkattn.attention(q, k, v, gain=3.0)
     with pytest.raises(ValueError, match=r"no backend can run method='sharp'.*\n  reference \(test\):"):
         nkattn.attention(*(x.astype(np.float32) for x in (q, k, v)), method="sharp", precision="bf16x3")
+    assert main(["info"]) == 0
+    listed = capsys.readouterr().out
+    assert "sharp: exact attention at a higher temperature [approximate" in listed
+    assert "option gain=2.0: score multiplier" in listed
