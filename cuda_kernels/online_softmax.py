@@ -132,9 +132,13 @@ def _portable_math(mul, add, div):
 
     @cuda.jit(device=True, inline="always")
     def exp(x):
-        # exp(x) for x <= 0: Cody-Waite reduction, Taylor polynomial, exact scaling
-        if not x >= underflow:
+        # exp(x) for x <= 0: Cody-Waite reduction, Taylor polynomial, exact scaling.
+        # NaN is not below the cut-off and comes out NaN: a NaN score poisons its row
+        # instead of dropping its key
+        if x < underflow:
             return 0.0
+        if SIMULATOR and math.isnan(x):
+            return x  # stand-in: Python's floor raises on NaN, the GPU's carries it through
         n = math.floor(add(mul(x, log2e), 0.5))
         r = add(add(x, -mul(n, ln2_hi)), -mul(n, ln2_lo))
         p = exp_head
@@ -218,7 +222,7 @@ def streaming_primitives(
     ``store_p(smem, ty, tx, i, j, p)``               the thread's p[i, j] into Pᵀ
     ``store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)``
         the thread's row i as query q_idx: O = acc / l, lse = m + log(l); O = 0 and
-        lse = -inf for a row with no key
+        lse = -inf for a row with no key (l = 0; a NaN l stores NaN)
     ``store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)``  every row of the thread, rows from row0
     """
     dtype = np.dtype(dtype)
@@ -522,7 +526,8 @@ def streaming_primitives(
 
     @cuda.jit(device=True, inline="always")
     def store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i):
-        if l_i[i] > ZERO:
+        # only a row with l = 0 saw no key; l = NaN (a NaN or +inf score) stores NaN
+        if l_i[i] != ZERO:
             for e in range(TD):
                 if not PADDED_V or tx * TD + e < DV:
                     o[b, h, q_idx, tx * TD + e] = div(acc[i, e], l_i[i])

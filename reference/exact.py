@@ -8,16 +8,32 @@ Two references, as for every algorithm in nkattn:
   the order of operations of the fused CUDA kernel (key tiles of `block_n` in
   order, running max `m`, running sum `l`, rescaled accumulator, final
   ``O = acc / l`` and ``lse = m + log(l)``), with every step a single correctly
-  rounded IEEE operation. The float64 kernel reproduces it to the bit.
+  rounded IEEE operation. The float64 kernel reproduces it to the bit for
+  finite inputs.
 
 Semantics (written once, here; every path follows them):
 
-* q is (B, H, Nq, d); k and v are (B, Hkv, Nk, d) with H a multiple of Hkv.
-  Query head h reads key/value head ``h // (H // Hkv)`` (grouped-query attention).
-* ``key_lengths[b]`` (optional) makes keys ``j >= key_lengths[b]`` invisible in batch b.
+* q is (B, H, Nq, d); k is (B, Hkv, Nk, d) and v is (B, Hkv, Nk, dv) with H a
+  multiple of Hkv; dv may differ from d (any d, dv >= 1 here; the kernels have
+  their own limits). Query head h reads key/value head ``h // (H // Hkv)``
+  (grouped-query attention).
+* ``key_lengths[b]`` (optional) makes keys ``j >= key_lengths[b]`` invisible in
+  batch b; exact and table attention never read them, so those rows of k and v
+  may hold anything (LSH hashes them: `nkattn.reference.lsh`).
 * ``causal`` is bottom-right aligned, as in FlashAttention: with
   ``nk_b = key_lengths[b]`` (or Nk), query i sees key j iff ``j <= i + nk_b - Nq``.
 * A query row with no visible key returns O = 0 and lse = -inf, never NaN.
+* Non-finite values propagate, as in torch and FlashAttention (`nkattn.attention`
+  refuses them unless ``check_finite=False``); a visible score is
+  ``scale * q_i · k_j``:
+
+  - a NaN or +inf among a row's visible scores makes that row's O and lse NaN;
+  - a -inf visible score is a key of weight 0; a row whose visible scores are
+    all -inf is a row with no visible key (O = 0, lse = -inf);
+  - the score of a key a row does not see never matters;
+  - NaN or inf in v[j] makes O non-finite in every row that sees key j. Rows
+    that do not see key j may get NaN too (0 * NaN is NaN): the dense oracle
+    multiplies every p by every v, a kernel the keys of the tiles it visits.
 
 Equivalent NumPy for one (b, h) with no mask::
 
@@ -33,7 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# head dims the kernels' tilings (`streaming_order`) exist for; the oracle takes any d
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 def visible_key_counts(batch: int, nq: int, nk: int, causal: bool, key_lengths=None) -> np.ndarray:
     """Number of visible keys of every query row, shape (batch, nq).
@@ -69,19 +86,27 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, comput
     batch, _, nq, head_dim = q.shape
     nk = k.shape[2]
     scale = q.dtype.type(default_scale(head_dim) if scale is None else scale)
-
-    s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    counts = visible_key_counts(batch, nq, nk, causal, key_lengths)
-    visible = np.arange(nk)[None, None, None, :] < counts[:, None, :, None]
-    s = np.where(visible, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    has_keys = np.isfinite(m)
     zero, one = q.dtype.type(0), q.dtype.type(1)
-    p = np.where(visible, np.exp(s - np.where(has_keys, m, zero)), zero)
-    l = p.sum(axis=-1, keepdims=True)
-    o = np.where(has_keys, (p @ v) / np.where(has_keys, l, one), zero)
-    lse = np.where(has_keys, m + np.log(np.where(has_keys, l, one)), q.dtype.type(-np.inf))
+    v = np.where(_read_keys(batch, nk, key_lengths)[:, None, :, None], v, zero)
+
+    with np.errstate(invalid="ignore"):
+        s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+        counts = visible_key_counts(batch, nq, nk, causal, key_lengths)
+        visible = np.arange(nk)[None, None, None, :] < counts[:, None, :, None]
+        s = np.where(visible, s, -np.inf)
+        m = s.max(axis=-1, keepdims=True)  # NaN if a visible score is NaN
+        empty = m == -np.inf  # no visible key, or only -inf scores
+        p = np.where(visible, np.exp(s - np.where(empty, zero, m)), zero)
+        l = p.sum(axis=-1, keepdims=True)
+        o = np.where(empty, zero, (p @ v) / np.where(empty, one, l))
+        lse = np.where(empty, q.dtype.type(-np.inf), m + np.log(np.where(empty, one, l)))
     return o, lse[..., 0]
+
+
+def _read_keys(batch: int, nk: int, key_lengths) -> np.ndarray:
+    """(batch, nk) bool: the keys a path may read, ``j < key_lengths[b]``."""
+    nk_b = np.full(batch, nk) if key_lengths is None else np.asarray(key_lengths)
+    return np.arange(nk)[None, :] < nk_b[:, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -143,8 +168,8 @@ def streaming_order(dtype, head_dim: int) -> StreamingOrder:
     runs 64 x 64 tiles, 4 x 4 per thread, with narrower key tiles at d >= 128.
     """
     dtype = np.dtype(dtype)
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {KERNEL_HEAD_DIMS}, got {head_dim}")
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"no streaming order for dtype {dtype}")
     if dtype == np.float64 and head_dim == 256:
@@ -168,20 +193,21 @@ SQRT_HALF = 0.7071067811865476
 
 
 def exp_nonpositive(x: np.ndarray) -> np.ndarray:
-    """exp(x) for x <= 0 (-inf included), the kernel's float64 exp."""
+    """exp(x) for x <= 0 (-inf included; NaN gives NaN), the kernel's float64 exp."""
     x = np.asarray(x, dtype=np.float64)
-    live = x >= EXP_UNDERFLOW
+    live = ~(x < EXP_UNDERFLOW)  # NaN stays live and comes out NaN, as in the kernel
     xs = np.where(live, x, 0.0)
     n = np.floor(xs * LOG2E + 0.5)
     r = (xs - n * LN2_HI) - n * LN2_LO
     p = np.full_like(r, EXP_COEFFS[0])
     for c in EXP_COEFFS[1:]:
         p = p * r + c
-    return np.where(live, np.ldexp(p, n.astype(np.int64)), 0.0)
+    # the GPU converts a NaN n to 0; NumPy's cast would warn and give an arbitrary integer
+    return np.where(live, np.ldexp(p, np.where(np.isnan(n), 0.0, n).astype(np.int64)), 0.0)
 
 
 def log_positive(x: np.ndarray) -> np.ndarray:
-    """log(x) for finite x > 0, the kernel's float64 log."""
+    """log(x) for finite x > 0 (NaN gives NaN), the kernel's float64 log."""
     f, e = np.frexp(np.asarray(x, dtype=np.float64))
     small = f < SQRT_HALF
     f = np.where(small, f * 2.0, f)
@@ -218,6 +244,7 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
     bn = order.block_n
 
     counts = visible_key_counts(batch, nq, nk, causal, key_lengths)[:, None, :, None]  # (B, 1, Nq, 1)
+    read = _read_keys(batch, nk, key_lengths)[:, None, :, None]  # (B, 1, Nk, 1)
     m = np.full((batch, heads, nq), -np.inf)
     l = np.zeros((batch, heads, nq))
     acc = np.zeros((batch, heads, nq, value_dim))
@@ -225,12 +252,13 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
         for tile_start in range(0, nk, bn):
             if not (counts > tile_start).any():
                 break
-            # the tile, zero-padded past Nk like the kernel's shared-memory copy
+            # the tile, zero past Nk and past key_lengths like the kernel's shared-memory copy
             k_tile = np.zeros((batch, heads, bn, head_dim))
             v_tile = np.zeros((batch, heads, bn, value_dim))
             tile_end = min(tile_start + bn, nk)
-            k_tile[:, :, : tile_end - tile_start] = k[:, :, tile_start:tile_end]
-            v_tile[:, :, : tile_end - tile_start] = v[:, :, tile_start:tile_end]
+            tile_read = read[:, :, tile_start:tile_end]
+            k_tile[:, :, : tile_end - tile_start] = np.where(tile_read, k[:, :, tile_start:tile_end], 0.0)
+            v_tile[:, :, : tile_end - tile_start] = np.where(tile_read, v[:, :, tile_start:tile_end], 0.0)
 
             # scores: chunked dot over d, then the scale
             dot = None
@@ -243,8 +271,8 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
             visible = (tile_start + np.arange(bn)) < counts
             s = np.where(visible, s, -np.inf)
 
-            # online-softmax update
-            m_new = np.maximum(m, s.max(axis=-1))
+            # online-softmax update; the kernel's max skips NaN (a comparison with NaN is false)
+            m_new = np.maximum(m, np.fmax.reduce(s, axis=-1, initial=-np.inf))
             m_use = np.where(m_new == -np.inf, 0.0, m_new)
             alpha = exp_nonpositive(m - m_use)
             p = exp_nonpositive(s - m_use[..., None])
@@ -258,7 +286,7 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
                 acc = acc + p[..., j, None] * v_tile[:, :, None, j, :]
             m = m_new
 
-    has_keys = l > 0
-    o = np.where(has_keys[..., None], acc / np.where(has_keys, l, 1.0)[..., None], 0.0)
-    lse = np.where(has_keys, m + log_positive(np.where(has_keys, l, 1.0)), -np.inf)
+        has_keys = l != 0  # l = 0: no key; l = NaN: a NaN or +inf score, stored as NaN
+        o = np.where(has_keys[..., None], acc / np.where(has_keys, l, 1.0)[..., None], 0.0)
+        lse = np.where(has_keys, m + log_positive(np.where(has_keys, l, 1.0)), -np.inf)
     return o, lse

@@ -13,6 +13,11 @@ Semantics (written once, here; the CUDA kernel follows them):
 * **Empty candidate sets.** A query whose buckets hold no visible key returns
   O = 0 and lse = -inf, exactly like a fully masked row of exact attention: never
   NaN, never a silent fallback to other keys.
+* **Non-finite values** follow `nkattn.reference.exact`, applied to the
+  candidates: a NaN projection gives bit 0, so a row with NaN lands in bucket 0 of
+  every table. Keys past ``key_lengths`` are hashed and sorted with the others
+  (their scores are hidden), so NaN or inf in their rows of v can reach rows of the
+  same bucket through 0 * NaN.
 * **Shared-QK (Reformer).** With ``shared_qk=True`` there is no separate k: keys
   are the queries normalised to unit length (a zero query stays zero), so query
   and key buckets coincide, and a token's score with itself is replaced by
@@ -41,12 +46,32 @@ MAX_BITS = 16
 SELF_LOGIT = -1.0e5
 
 
-def validate_lsh_params(bits, tables) -> None:
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_bits(bits, name: str = "lsh_bits") -> int:
     """Bucket ids are stored in 16 bits (and 2^16 buckets already leave most empty at 1M keys)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"lsh_bits must be an integer in [1, {MAX_BITS}], got {bits!r}")
-    if isinstance(tables, bool) or not isinstance(tables, (int, np.integer)) or tables < 1:
-        raise ValueError(f"lsh_tables must be an integer >= 1, got {tables!r}")
+    if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_BITS}], got {bits!r}")
+    return int(bits)
+
+
+def check_tables(tables, name: str = "lsh_tables") -> int:
+    if not _is_int(tables) or tables < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {tables!r}")
+    return int(tables)
+
+
+def validate_lsh_params(bits, tables) -> None:
+    check_bits(bits)
+    check_tables(tables)
+
+
+def check_no_keys(k, flag: str = "shared_qk=True") -> None:
+    """Shared-QK derives the keys from q: a k passed beside it would be silently ignored."""
+    if k is not None:
+        raise ValueError(f"{flag} derives the keys from q (Reformer): pass k=None")
 
 
 def hyperplanes(head_dim: int, bits: int, tables: int, seed: int = 0) -> np.ndarray:
@@ -83,15 +108,16 @@ def shared_qk_keys(q) -> np.ndarray:
     """Reformer's shared-QK keys: queries normalised to unit length (zero rows stay zero)."""
     q = np.asarray(q, dtype=np.float64)
     norm = np.linalg.norm(q, axis=-1, keepdims=True)
-    return np.divide(q, norm, out=np.zeros_like(q), where=norm > 0)
+    # `norm != 0`, not `norm > 0`: a NaN row stays NaN (the kernel's x * 0 is NaN too)
+    with np.errstate(invalid="ignore"):
+        return np.divide(q, norm, out=np.zeros_like(q), where=norm != 0)
 
 
 def _prepare(q, k, v, bits, tables, seed, shared_qk):
     validate_lsh_params(bits, tables)
     q = np.asarray(q, dtype=np.float64)
     if shared_qk:
-        if k is not None:
-            raise ValueError("shared_qk=True derives the keys from q: pass k=None")
+        check_no_keys(k)
         k = shared_qk_keys(q)
     k = np.asarray(k, dtype=np.float64)
     planes = hyperplanes(q.shape[-1], bits, tables, seed)
@@ -132,13 +158,14 @@ def lsh_attention_ref(
         eye = np.eye(q.shape[2], dtype=bool)[None, None]
         s = np.where(eye, dt(SELF_LOGIT), s)
     s = np.where(cand, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    has_keys = np.isfinite(m)
     zero, one = dt(0), dt(1)
-    p = np.where(cand, np.exp(s - np.where(has_keys, m, zero)), zero)
-    l = p.sum(axis=-1, keepdims=True)
-    o = np.where(has_keys, (p @ vc) / np.where(has_keys, l, one), zero)
-    lse = np.where(has_keys, m + np.log(np.where(has_keys, l, one)), dt(-np.inf))
+    with np.errstate(invalid="ignore"):
+        m = s.max(axis=-1, keepdims=True)  # NaN if a candidate's score is NaN
+        empty = m == -np.inf
+        p = np.where(cand, np.exp(s - np.where(empty, zero, m)), zero)
+        l = p.sum(axis=-1, keepdims=True)
+        o = np.where(empty, zero, (p @ vc) / np.where(empty, one, l))
+        lse = np.where(empty, dt(-np.inf), m + np.log(np.where(empty, one, l)))
     return o, lse[..., 0], cand
 
 
@@ -180,13 +207,13 @@ def lsh_attention_mirror(q, k, v, *, bits, tables, seed=0, causal=False, scale=N
                     hidden = (keys[None, :] >= counts[b, rows][:, None]) | seen
                     s = np.where(hidden, -np.inf, s)
                     m_new = np.maximum(m[b, h, rows], s.max(axis=1))
-                    m_use = np.where(np.isfinite(m_new), m_new, 0.0)
+                    m_use = np.where(m_new == -np.inf, 0.0, m_new)
                     alpha = np.exp(m[b, h, rows] - m_use)
                     p = np.exp(s - m_use[:, None])
                     l[b, h, rows] = l[b, h, rows] * alpha + p.sum(axis=1)
                     acc[b, h, rows] = acc[b, h, rows] * alpha[:, None] + p @ v[b, kvh, keys]
                     m[b, h, rows] = m_new
-    has_keys = l > 0
+    has_keys = l != 0  # l = NaN (a NaN or +inf score) stores NaN
     o = np.where(has_keys[..., None], acc / np.where(has_keys, l, 1.0)[..., None], 0.0)
     lse = np.where(has_keys, m + np.log(np.where(has_keys, l, 1.0)), -np.inf)
     return o, lse

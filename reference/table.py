@@ -18,8 +18,10 @@ Semantics (written once, here; the CUDA kernel ``cuda_kernels/table.py`` follows
   ``float32(score_scale) * float32(table value)`` is rounded once, then
   ``+ float32(score_offset)`` rounded once.
 * Masks are those of `nkattn.reference.exact`: ``key_lengths[b]`` hides keys
-  ``j >= key_lengths[b]``; ``causal`` is bottom-right aligned; a query row with no
-  visible key returns O = 0 and lse = -inf.
+  ``j >= key_lengths[b]`` (never read); ``causal`` is bottom-right aligned; a query
+  row with no visible key returns O = 0 and lse = -inf. Scores come from a finite
+  table, so only v can carry NaN or inf into O (as in exact attention); q and k
+  must be finite to be encoded.
 
 Equivalent NumPy for one (b, h), no mask::
 
@@ -59,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nkattn.reference.exact import _expand_kv_heads, visible_key_counts
+from nkattn.reference.exact import _expand_kv_heads, _read_keys, visible_key_counts
 
 PHI = (1.0 + 5.0**0.5) / 2.0
 BASE = 17
@@ -307,9 +309,41 @@ class TableCodebook:
     score_scale: float
     score_offset: float
 
+    def __post_init__(self):
+        # every path reads table_u16 as the kernel does: a smaller or float table would be
+        # indexed past its end on the GPU and read differently by the reference
+        if self.variant not in ("seed", "dot"):
+            raise ValueError(f"TableCodebook variant must be 'seed' or 'dot', got {self.variant!r}")
+        u16 = np.asarray(self.table_u16)
+        if u16.shape != (PALETTE_SIZE, PALETTE_SIZE) or u16.dtype != np.uint16:
+            raise ValueError(
+                f"TableCodebook.table_u16 must be a ({PALETTE_SIZE}, {PALETTE_SIZE}) uint16 table (pad a smaller "
+                f"palette with pad_table), got shape {u16.shape} dtype {u16.dtype}"
+            )
+        pq, pk = np.shape(self.table)
+        if np.shape(self.q_entries)[0] != pq or np.shape(self.k_entries)[0] != pk:
+            raise ValueError(
+                f"TableCodebook.table is {pq} x {pk} but there are {np.shape(self.q_entries)[0]} query and "
+                f"{np.shape(self.k_entries)[0]} key palette entries"
+            )
+
     @property
     def palette_sizes(self) -> tuple[int, int]:
         return self.table.shape
+
+    @property
+    def head_dim(self) -> int | None:
+        """d of the rows it encodes: the centroids' (dot); None for seed, whose Base17 entries take any d >= 17."""
+        return int(np.shape(self.q_entries)[1]) if self.variant == "dot" else None
+
+    def check_rows(self, head_dim: int, name: str = "q and k") -> None:
+        """Refuse rows this codebook cannot encode, naming what it was fitted on."""
+        if self.head_dim is not None and head_dim != self.head_dim:
+            raise ValueError(
+                f"this TableCodebook was fitted on rows of d = {self.head_dim}; {name} have d = {head_dim}"
+            )
+        if self.variant == "seed" and head_dim < BASE:
+            raise ValueError(f"the seed's Base17 projection needs d >= {BASE}; {name} have d = {head_dim}")
 
     def quantized_table(self) -> np.ndarray:
         """float64 logits the uint16 table stands for, (Pq, Pk)."""
@@ -318,6 +352,7 @@ class TableCodebook:
 
     def _encode(self, rows, entries) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.float64)
+        self.check_rows(rows.shape[-1], "the rows")
         flat = rows.reshape(-1, rows.shape[-1])
         if self.variant == "seed":
             codes = assign_l1(base17_i16(flat), entries)
@@ -482,17 +517,19 @@ def table_attention_ref(
     s = lookup_scores(
         q_codes, k_codes, table, score_scale=score_scale, score_offset=score_offset, compute_dtype=compute_dtype
     )
-    v = _expand_kv_heads(np.asarray(v, dtype=compute_dtype), heads)
     dt = np.dtype(compute_dtype).type
+    zero, one = dt(0), dt(1)
+    # keys past key_lengths are never read, as in the kernel (0 * NaN would reach every row)
+    read = _read_keys(batch, nk, key_lengths)[:, None, :, None]
+    v = _expand_kv_heads(np.where(read, np.asarray(v, dtype=compute_dtype), zero), heads)
     counts = visible_key_counts(batch, nq, nk, causal, key_lengths)
     visible = np.arange(nk)[None, None, None, :] < counts[:, None, :, None]
     s = np.where(visible, s, dt(-np.inf))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    has_keys = np.isfinite(m)
-    zero, one = dt(0), dt(1)
     with np.errstate(invalid="ignore"):
-        p = np.where(visible, np.exp(s - np.where(has_keys, m, zero)), zero)
-    l = p.sum(axis=-1, keepdims=True)
-    o = np.where(has_keys, (p @ v) / np.where(has_keys, l, one), zero)
-    lse = np.where(has_keys, m + np.log(np.where(has_keys, l, one)), dt(-np.inf))
+        m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+        empty = m == -np.inf
+        p = np.where(visible, np.exp(s - np.where(empty, zero, m)), zero)
+        l = p.sum(axis=-1, keepdims=True)
+        o = np.where(empty, zero, (p @ v) / np.where(empty, one, l))
+        lse = np.where(empty, dt(-np.inf), m + np.log(np.where(empty, one, l)))
     return o.astype(compute_dtype), lse[..., 0].astype(compute_dtype)

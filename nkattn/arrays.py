@@ -1,0 +1,196 @@
+"""The kinds of arrays `nkattn.attention` takes: NumPy on the host, numba/CuPy/torch on the device.
+
+Every question about an input (where it lives, its dtype and shape, whether it
+holds NaN or inf) and every conversion (to the host, back into the caller's
+framework, rounding a float64 result to the caller's dtype) is answered here,
+once, for all methods and backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # a dependency, but an install without it (pip --no-deps) still serves every other dtype
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:
+    BFLOAT16 = None
+HALF_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
+FLOAT_DTYPES = (*HALF_DTYPES, np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_device_array(x) -> bool:
+    # the simulator's device arrays (FakeCUDAArray) carry no __cuda_array_interface__
+    return hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"
+
+
+def framework(x) -> str:
+    """"numpy", "torch", "cupy" or "numba" (any other __cuda_array_interface__ array)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    module = type(x).__module__.split(".")[0]
+    return module if module in ("torch", "cupy") else "numba"
+
+
+def dtype_of(x, name: str) -> np.dtype:
+    """x's dtype as NumPy describes it (bfloat16 as ml_dtypes').
+
+    A device array's own dtype where it has one: ``__cuda_array_interface__``
+    spells bfloat16 "<V2", which any 2-byte record shares, so the typestr alone
+    is used only when nothing else says more.
+    """
+    if framework(x) == "torch":
+        torch_name = str(x.dtype).removeprefix("torch.")
+        if torch_name == "bfloat16":
+            if BFLOAT16 is None:
+                raise TypeError(f"{name} is bfloat16, which needs the ml_dtypes package (pip install ml_dtypes)")
+            return BFLOAT16
+        try:
+            return np.dtype(torch_name)
+        except TypeError:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: {_names(FLOAT_DTYPES)}") from None
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, np.dtype):
+        return dtype
+    typestr = x.__cuda_array_interface__["typestr"]
+    if typestr[1:] == "V2":
+        raise TypeError(
+            f"{name} has __cuda_array_interface__ typestr {typestr!r}, which does not say whether it is bfloat16; "
+            "pass a torch or CuPy tensor, or a numba device array with an ml_dtypes.bfloat16 dtype"
+        )
+    return np.dtype(typestr)
+
+
+def shape_of(x) -> tuple[int, ...]:
+    if hasattr(x, "__cuda_array_interface__"):
+        return tuple(x.__cuda_array_interface__["shape"])
+    return tuple(x.shape)
+
+
+def _names(dtypes) -> str:
+    return ", ".join(np.dtype(d).name for d in dtypes)
+
+
+def numba_view(x):
+    """A numba device array over `x`'s memory, without a copy."""
+    if hasattr(x, "copy_to_host"):  # already a numba (or simulator) device array
+        return x
+    from numba import cuda
+
+    return cuda.as_cuda_array(x)
+
+
+def to_host(x, dtype: np.dtype) -> np.ndarray:
+    """x as a NumPy array of `dtype` (device arrays are copied; host arrays are not)."""
+    if not is_device_array(x):
+        return x
+    host = numba_view(x).copy_to_host()
+    # a bfloat16 device array arrives as 2-byte records ("<V2"): give the bytes their dtype
+    return host if host.dtype == dtype else host.view(dtype)
+
+
+def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 `x` rounded once to `dtype` (to nearest, ties to even).
+
+    NumPy rounds float64 to float16 and float32 directly, but ml_dtypes (and torch)
+    go to bfloat16 through float32, which rounds twice: 1 + 2^-8 + 2^-30 lands on
+    the tie 1 + 2^-8 and then on 1.0 instead of 1 + 2^-7. Rounding to float32 *to
+    odd* first (an inexact result keeps an odd last bit, which no tie has) makes the
+    second rounding the correct one.
+    """
+    dtype = np.dtype(dtype)
+    if dtype != BFLOAT16:
+        return x.astype(dtype)
+    nearest = x.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        inexact = nearest.astype(np.float64) != x
+    other = np.nextafter(nearest, np.where(x > nearest, np.float32(np.inf), np.float32(-np.inf)))
+    odd = np.where((nearest.view(np.uint32) & 1) == 1, nearest, other)
+    return np.where(inexact & np.isfinite(x), odd, nearest).astype(BFLOAT16)
+
+
+def from_host(template, host: np.ndarray):
+    """`host` as an array of `template`'s kind: NumPy, or a device array of its framework."""
+    kind = framework(template)
+    if kind == "numpy":
+        return host
+    if kind == "torch":
+        import torch
+
+        if host.dtype == BFLOAT16:  # torch.from_numpy knows no ml_dtypes type: move the bits
+            return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(template.device)
+        return torch.from_numpy(host).to(template.device)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.asarray(host)
+    from numba import cuda
+
+    return cuda.to_device(host)
+
+
+def empty_like_framework(template, shape, dtype):
+    """Uninitialised device output in `template`'s framework, and its numba view."""
+    from numba import cuda
+
+    kind = framework(template)
+    if kind == "torch":
+        import torch
+
+        t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=template.device)
+        return t, numba_view(t)
+    if kind == "cupy":
+        import cupy
+
+        c = cupy.empty(shape, dtype=dtype)
+        return c, numba_view(c)
+    d = cuda.device_array(shape, dtype=dtype)
+    return d, d
+
+
+def first_nonfinite(x, dtype: np.dtype):
+    """(index, value) of x's first NaN or ±inf in C order, or None; checked where x lives.
+
+    NumPy checks host arrays, torch and CuPy their own tensors; a numba device array
+    goes through a small kernel (`nkattn.cuda_kernels.finite`) that reads it once
+    on the device. Only when something is found is the array copied to the host, to
+    name the index.
+    """
+    kind = framework(x)
+    if kind == "numpy":
+        return _first_nonfinite_host(x)
+    if kind in ("torch", "cupy"):
+        lib = __import__(kind)
+        bad = ~lib.isfinite(x)
+        if not bool(bad.any()):
+            return None
+        index = tuple(int(i) for i in (lib.nonzero(bad) if kind == "torch" else lib.argwhere(bad))[0].tolist())
+        return index, float(x[index])
+    from nkattn.cuda_kernels.finite import has_nonfinite
+
+    if not has_nonfinite(numba_view(x)):
+        return None
+    return _first_nonfinite_host(to_host(x, dtype))
+
+
+def _first_nonfinite_host(x: np.ndarray):
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    index = tuple(int(i) for i in np.argwhere(~finite)[0])
+    return index, float(x[index])
+
+
+def describe_value(value) -> str:
+    """A short description of `value` for an error message: arrays by type and shape, never by content."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__module__.split('.')[0]}.{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)

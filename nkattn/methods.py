@@ -1,0 +1,452 @@
+"""The method registry: every attention method, its options and the backends that run it.
+
+A `Method` holds its options (defaults and checks), the module whose docstring
+defines its semantics, and its backends in priority order. A `Backend` answers,
+for a `Request` (what a call asks for, without its data), why it cannot run it
+(``supports(request)`` -> human-readable reasons, [] when it can), and runs a
+validated `Call`. `nkattn.attention` checks what all methods share, then this
+module's `method_options` and the method's own `check`, then takes the first
+backend without a reason to refuse; when none fits, the error lists every
+backend's reasons. `nkattn info`, `nkattn run` and `nkattn bench` list the same
+registry.
+
+Adding a method: its float64 reference (``reference/<stem>.py``) and kernel
+(``cuda_kernels/<stem>.py``), then a `Method` below (options, check, backends
+built with `on_reference` and `on_cuda` from the two) and its name in `METHODS`.
+Adding a backend to a method, e.g. a tensor-core kernel for "exact": a `Backend`
+with its own ``supports`` and ``run``, placed in the method's ``backends`` before
+the one it should be preferred to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nkattn import arrays
+from nkattn.reference import lsh as lsh_ref
+from nkattn.reference.exact import KERNEL_HEAD_DIMS
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call asks for, without its data: enough for a backend to accept or refuse it."""
+
+    method: str
+    dtype: np.dtype  # of q, k and v: float16, bfloat16, float32 or float64
+    batch: int
+    heads: int  # H, query heads
+    kv_heads: int  # Hkv, key/value heads; H is a multiple
+    nq: int
+    nk: int
+    head_dim: int  # d, of q and k
+    value_dim: int  # dv, of v
+    causal: bool
+    key_lengths: bool  # a key_lengths mask was given
+    on_device: bool  # device arrays in, device arrays of the same framework out
+    scale: float | None  # as the caller gave it; None: the method's default
+    precision: str | None  # float32 arithmetic asked for; None: the backend's own
+    options: Mapping[str, Any] = field(default_factory=dict)  # the method's, checked, defaults filled in
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated call: its request and the caller's arrays."""
+
+    request: Request
+    q: Any
+    k: Any  # None when the method derives the keys from q
+    v: Any
+    key_lengths: np.ndarray | None  # int32 (B,), on the host
+    scale: float  # the default resolved
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # what ``backend=`` selects: "cuda" or "reference"
+    label: str  # how errors and `nkattn info` name it
+    supports: Callable[[Request], list[str]]  # why it cannot run a request ([]: it can)
+    run: Callable[[Call], tuple]  # (O, lse) as arrays of the caller's kind
+    arithmetic: str  # how it computes, for `nkattn info`
+    deterministic: bool = True  # repeated calls give identical bits
+    # a float64 function (q, k, v, *, causal, scale, key_lengths) -> (O, lse) whose bits
+    # this backend's float64 output equals, if it claims that
+    bit_reference: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    check: Callable[[str, Any], Any]  # (name, value) -> value; raises naming `name`
+    doc: str
+
+
+def _no_check(request: Request, given: frozenset) -> None:
+    return None
+
+
+def _keys_given(options: Mapping) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    semantics: str  # the module whose docstring defines the method
+    approximate: bool  # an approximation of softmax attention: its error vs exact is its cost
+    options: Mapping[str, Option]
+    backends: tuple[Backend, ...]  # in priority order
+    # rules between options, shapes and scale; `given` names the options the caller passed
+    check: Callable[[Request, frozenset], None] = _no_check
+    # the option setting ("lsh_shared_qk=True") under which keys are derived from q and k must be None
+    keys_from_q: Callable[[Mapping], str | None] = _keys_given
+    # inputs checked for NaN/inf even with check_finite=False, and why
+    needs_finite: Mapping[str, str] = field(default_factory=dict)
+    demo_options: Mapping[str, Any] = field(default_factory=dict)  # what `nkattn run` passes on its sample
+    bench: str | None = None  # the study `nkattn bench <name>` runs
+
+
+# --------------------------------------------------------------------------------------
+# option checks, each written once
+# --------------------------------------------------------------------------------------
+
+
+def check_seed(name: str, value) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {arrays.describe_value(value)}")
+    return int(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """True or False, not any truthy object: ``causal="no"`` would otherwise read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {arrays.describe_value(value)}")
+    return bool(value)
+
+
+TABLE_VARIANTS = ("dot", "seed")
+
+
+def _check_table(name: str, value):
+    from nkattn.reference.table import TableCodebook
+
+    if isinstance(value, TableCodebook) or (isinstance(value, str) and value in TABLE_VARIANTS):
+        return value
+    raise ValueError(f"{name} must be one of {TABLE_VARIANTS} or a fitted TableCodebook, got {arrays.describe_value(value)}")
+
+
+def _join(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def method_options(method: str, given: Mapping[str, Any]) -> dict:
+    """`method`'s options: the given ones checked, the rest at their defaults.
+
+    An option of another method is a ValueError naming the methods it applies to;
+    a name no method knows is a TypeError, as Python's for an unknown keyword.
+    """
+    entry = METHODS[method]
+    for name in given:
+        if name in entry.options:
+            continue
+        owners = [m for m in METHODS.values() if name in m.options]
+        if not owners:
+            raise TypeError(f"attention() got an unexpected keyword argument {name!r}")
+        if len(owners) > 1:
+            where = " or ".join(f"method={m.name!r}" for m in owners)
+            raise ValueError(f"method={method!r} takes no option {name}: {name} only applies to {where}")
+        owner = owners[0]
+        own = [n for n in owner.options if all(n not in m.options for m in METHODS.values() if m is not owner)]
+        verb = "applies" if len(own) == 1 else "apply"
+        raise ValueError(f"method={method!r} takes no option {name}: {_join(own)} only {verb} to method={owner.name!r}")
+    return {name: opt.check(name, given[name]) if name in given else opt.default for name, opt in entry.options.items()}
+
+
+# --------------------------------------------------------------------------------------
+# backends: what every reference and every FFMA kernel shares
+# --------------------------------------------------------------------------------------
+
+FP32_PRECISIONS = (None, "fp32")
+
+
+def cuda_available() -> bool:
+    from numba import cuda
+
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # noqa: BLE001 (a broken driver install of any kind reads as "no GPU")
+        return False
+
+
+def _no_device() -> list[str]:
+    if cuda_available():
+        return []
+    return ["no CUDA GPU found and the CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 before importing nkattn)"]
+
+
+def ffma_reasons(request: Request, **dims: int) -> list[str]:
+    """Why the float32/float64 CUDA-core kernels cannot run `request`; `dims` names the head dims
+    the kernel tiles (d for q·k, dv for P·V)."""
+    reasons = _no_device()
+    if request.dtype in arrays.HALF_DTYPES:
+        reasons.append("float16/bfloat16 need the tensor-core kernel (the FFMA kernels take float32 and float64)")
+    if request.precision not in FP32_PRECISIONS:
+        reasons.append(f"precision={request.precision!r} needs the tensor-core kernel (the FFMA kernels compute in fp32)")
+    for label, dim in dims.items():
+        if dim not in KERNEL_HEAD_DIMS:
+            reasons.append(f"the FFMA kernels support {label} in {KERNEL_HEAD_DIMS}, got {label}={dim}")
+    return reasons
+
+
+def _same_dims(request: Request) -> list[str]:
+    if request.value_dim != request.head_dim:
+        return [f"the FFMA kernels need dv == d, got d={request.head_dim}, dv={request.value_dim}"]
+    return []
+
+
+def reference_reasons(request: Request) -> list[str]:
+    if request.precision not in FP32_PRECISIONS:
+        return [f"precision={request.precision!r} is a kernel's arithmetic; the reference computes in float64"]
+    return []
+
+
+def on_reference(compute: Callable) -> Callable[[Call], tuple]:
+    """A reference backend's ``run`` from ``compute(call, q, k, v) -> (O, lse)`` on float64
+    host arrays (k None when derived from q).
+
+    The result is rounded once to the input dtype (lse to float32 for float16 and
+    bfloat16 inputs, as FlashAttention returns it) and given back in the input's kind.
+    """
+
+    def run(call: Call):
+        req = call.request
+        q, k, v = (None if x is None else np.asarray(arrays.to_host(x, req.dtype), dtype=np.float64)
+                   for x in (call.q, call.k, call.v))
+        out, lse = compute(call, q, k, v)
+        lse_dtype = np.dtype(np.float32) if req.dtype in arrays.HALF_DTYPES else req.dtype
+        return (arrays.from_host(call.q, arrays.round_to(out, req.dtype)),
+                arrays.from_host(call.q, arrays.round_to(lse, lse_dtype)))
+
+    return run
+
+
+def on_cuda(launch: Callable) -> Callable[[Call], tuple]:
+    """A CUDA backend's ``run`` from ``launch(call, q, k, v, key_lengths, out, lse)`` on numba
+    device arrays (k None when derived from q), which fills out and lse.
+
+    Device inputs are used in place and the outputs allocated in their framework;
+    host inputs are copied to the device and the outputs back.
+    """
+
+    def run(call: Call):
+        from numba import cuda
+
+        req = call.request
+        lengths = np.full(req.batch, req.nk, np.int32) if call.key_lengths is None else call.key_lengths
+        out_shape = (req.batch, req.heads, req.nq, req.value_dim)
+        if req.on_device:
+            q, k, v = (None if x is None else arrays.numba_view(x) for x in (call.q, call.k, call.v))
+            out, out_view = arrays.empty_like_framework(call.q, out_shape, req.dtype)
+            lse, lse_view = arrays.empty_like_framework(call.q, out_shape[:3], req.dtype)
+            launch(call, q, k, v, cuda.to_device(lengths), out_view, lse_view)
+            return out, lse
+        q, k, v = (None if x is None else cuda.to_device(np.ascontiguousarray(x)) for x in (call.q, call.k, call.v))
+        out = cuda.device_array(out_shape, dtype=req.dtype)
+        lse = cuda.device_array(out_shape[:3], dtype=req.dtype)
+        launch(call, q, k, v, cuda.to_device(lengths), out, lse)
+        return out.copy_to_host(), lse.copy_to_host()
+
+    return run
+
+
+def _reference_backend(compute: Callable) -> Backend:
+    return Backend("reference", "reference (NumPy float64)", reference_reasons, on_reference(compute),
+                   arithmetic="float64 on the host, rounded once to the input dtype")
+
+
+# --------------------------------------------------------------------------------------
+# exact
+# --------------------------------------------------------------------------------------
+
+
+def _exact_reference(call: Call, q, k, v):
+    from nkattn.reference.exact import attention_ref
+
+    req = call.request
+    return attention_ref(q, k, v, causal=req.causal, scale=call.scale, key_lengths=call.key_lengths)
+
+
+def _exact_launch(call: Call, q, k, v, key_lengths, out, lse):
+    from nkattn.cuda_kernels.exact import exact_attention
+
+    exact_attention(q, k, v, key_lengths, causal=call.request.causal, scale=call.scale, out=out, lse=lse)
+
+
+def _exact_kernel_bits(q, k, v, *, causal, scale, key_lengths):
+    from nkattn.cuda_kernels.online_softmax import kernel_order
+    from nkattn.reference.exact import streaming_attention_ref
+
+    order = kernel_order(np.float64, q.shape[-1])
+    return streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, order=order)
+
+
+EXACT = Method(
+    name="exact",
+    summary="softmax attention",
+    semantics="nkattn.reference.exact",
+    approximate=False,
+    options={},
+    backends=(
+        Backend(
+            "cuda", "cuda (FFMA kernel)",
+            lambda req: ffma_reasons(req, d=req.head_dim) + _same_dims(req),
+            on_cuda(_exact_launch),
+            arithmetic="float32: FMA and hardware exp; float64: one rounding per operation, portable exp/log",
+            bit_reference=_exact_kernel_bits,
+        ),
+        _reference_backend(_exact_reference),
+    ),
+    bench="exact-bench",
+)
+
+
+# --------------------------------------------------------------------------------------
+# lsh
+# --------------------------------------------------------------------------------------
+
+
+def _lsh_cuda_reasons(req: Request) -> list[str]:
+    from nkattn.cuda_kernels.lsh import MAX_TABLES
+
+    reasons = ffma_reasons(req, d=req.head_dim) + _same_dims(req)
+    if req.options["lsh_tables"] > MAX_TABLES:
+        reasons.append(f"the LSH kernel supports lsh_tables <= {MAX_TABLES}, got {req.options['lsh_tables']}")
+    return reasons
+
+
+def _lsh_reference(call: Call, q, k, v):
+    req, opts = call.request, call.request.options
+    out, lse, _ = lsh_ref.lsh_attention_ref(
+        q, k, v, bits=opts["lsh_bits"], tables=opts["lsh_tables"], seed=opts["seed"], causal=req.causal,
+        scale=call.scale, key_lengths=call.key_lengths, shared_qk=opts["lsh_shared_qk"],
+    )
+    return out, lse
+
+
+def _lsh_launch(call: Call, q, k, v, key_lengths, out, lse):
+    from nkattn.cuda_kernels.lsh import lsh_attention
+
+    opts = call.request.options
+    lsh_attention(
+        q, k, v, key_lengths, bits=opts["lsh_bits"], tables=opts["lsh_tables"], seed=opts["seed"],
+        shared_qk=opts["lsh_shared_qk"], causal=call.request.causal, scale=call.scale, out=out, lse=lse,
+    )
+
+
+LSH = Method(
+    name="lsh",
+    summary="softmax over the keys that share a SimHash bucket with the query in some table",
+    semantics="nkattn.reference.lsh",
+    approximate=True,
+    options={
+        "lsh_bits": Option(8, lambda name, x: lsh_ref.check_bits(x, name), "hyperplanes (bits) per table"),
+        "lsh_tables": Option(4, lambda name, x: lsh_ref.check_tables(x, name), "hash tables"),
+        "seed": Option(0, check_seed, "seed of the hyperplanes"),
+        "lsh_shared_qk": Option(False, check_flag, "Reformer's shared-QK: keys are q's rows at unit length (k=None)"),
+    },
+    backends=(
+        Backend("cuda", "cuda (LSH kernel)", _lsh_cuda_reasons, on_cuda(_lsh_launch),
+                arithmetic="hashing in float64; attention as the exact FFMA kernel"),
+        _reference_backend(_lsh_reference),
+    ),
+    keys_from_q=lambda opts: "lsh_shared_qk=True" if opts["lsh_shared_qk"] else None,
+    # 3-bit buckets keep the candidate sets of the sample's short sequences non-trivial
+    demo_options={"lsh_bits": 3, "lsh_tables": 2, "seed": 0},
+    bench="lsh-bench",
+)
+
+
+# --------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------
+
+
+def _table_check(req: Request, given: frozenset) -> None:
+    table = req.options["table"]
+    if table == "dot":
+        return
+    described = f"table={table!r}" if isinstance(table, str) else "a fitted TableCodebook"
+    if req.scale is not None:
+        why = "its scores are -table / 1000, the seed's" if isinstance(table, str) else "it carries its own score_scale"
+        raise ValueError(f"scale does not apply to {described}: {why} (scale is used by table='dot' only)")
+    if "seed" in given:
+        raise ValueError(f"seed does not apply to {described}: nothing is fitted at random (seed is used by table='dot' only)")
+    if isinstance(table, str):
+        from nkattn.reference.table import BASE
+
+        if req.head_dim < BASE:
+            raise ValueError(f"table='seed' projects rows onto {BASE} Base17 axes: it needs d >= {BASE}, got d={req.head_dim}")
+    else:
+        table.check_rows(req.head_dim)
+
+
+def table_inputs(call: Call, q, k):
+    """Palette codes and the uint16 table of a table call, fitted and encoded on the host from q, k."""
+    from nkattn.reference.table import TableCodebook, dot_table, seed_table
+
+    table = call.request.options["table"]
+    if isinstance(table, TableCodebook):
+        return table.encode_q(q), table.encode_k(k), table.table_u16, table.score_scale, table.score_offset
+    fitted = dot_table(q, k, call.scale, seed=call.request.options["seed"]) if table == "dot" else seed_table(q, k)
+    return fitted.q_codes, fitted.k_codes, fitted.table_u16, fitted.score_scale, fitted.score_offset
+
+
+def _table_reference(call: Call, q, k, v):
+    from nkattn.reference.table import table_attention_ref
+
+    q_codes, k_codes, table_u16, score_scale, score_offset = table_inputs(call, q, k)
+    return table_attention_ref(q_codes, k_codes, table_u16, v, score_scale=score_scale, score_offset=score_offset,
+                               causal=call.request.causal, key_lengths=call.key_lengths)
+
+
+def _table_launch(call: Call, q, k, v, key_lengths, out, lse):
+    from numba import cuda
+
+    from nkattn.cuda_kernels.table import table_attention
+
+    dtype = call.request.dtype
+    q_host, k_host = (np.asarray(arrays.to_host(x, dtype), dtype=np.float64) for x in (call.q, call.k))
+    q_codes, k_codes, table_u16, score_scale, score_offset = table_inputs(call, q_host, k_host)
+    table_attention(cuda.to_device(q_codes), cuda.to_device(k_codes), table_u16, v, key_lengths,
+                    score_scale=score_scale, score_offset=score_offset, causal=call.request.causal, out=out, lse=lse)
+
+
+TABLE = Method(
+    name="table",
+    summary="scores read from a 256 x 256 table indexed by per-row palette codes",
+    semantics="nkattn.reference.table",
+    approximate=True,
+    options={
+        "table": Option("dot", _check_table, "'dot' (k-means palettes), 'seed' (seed 004's Base17 table) or a TableCodebook"),
+        "seed": Option(0, check_seed, "seed of the k-means fit (table='dot')"),
+    },
+    backends=(
+        # q and k are encoded on the host: the kernel tiles only dv
+        Backend("cuda", "cuda (lookup kernel)", lambda req: ffma_reasons(req, dv=req.value_dim),
+                on_cuda(_table_launch), arithmetic="table lookups; softmax and P·V as the exact FFMA kernel"),
+        _reference_backend(_table_reference),
+    ),
+    check=_table_check,
+    needs_finite={"q": "q and k are encoded into palette codes", "k": "q and k are encoded into palette codes"},
+    demo_options={"table": "dot", "seed": 0},
+    bench="table-bench",
+)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (EXACT, LSH, TABLE)}
+BACKENDS = ("cuda", "reference")
