@@ -42,7 +42,7 @@ from nkattn.cuda_kernels.online_softmax import (
     launch_with_shared_memory,
     streaming_primitives,
 )
-from nkattn.reference.exact import SUPPORTED_HEAD_DIMS
+from nkattn.reference.exact import KERNEL_HEAD_DIMS
 
 MAX_WIDTH = 256
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on the H100 / A100
@@ -197,8 +197,8 @@ def _validate(q, k, vals, vals_name: str, transpose: bool):
         raise ValueError(f"k must be (B={batch}, Hkv, Nk, d={head_dim}) like q {tuple(q.shape)}, got {tuple(k.shape)}")
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"q's heads ({heads}) must be a multiple of k's ({kv_heads})")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q's head dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"q's head dim must be one of {KERNEL_HEAD_DIMS}, got {head_dim}")
     width = vals.shape[3]
     expected = (batch, heads, nq) if transpose else (batch, kv_heads, nk)
     if tuple(vals.shape[:3]) != expected:

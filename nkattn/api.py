@@ -16,6 +16,7 @@ from nkattn import arrays
 from nkattn.methods import (
     BACKENDS,
     METHODS,
+    PRECISIONS,
     Backend,
     Call,
     Request,
@@ -67,11 +68,16 @@ def attention(
 
     backend: "cuda" (a GPU, or the CUDA simulator when NUMBA_ENABLE_CUDASIM=1),
     "reference" (NumPy float64 on the host), or "auto": the first of the method's
-    backends that can run the call. The CUDA kernels take float32 and float64 with
-    d in (16, 32, 64, 128, 256) and dv == d; other calls run on the reference (device
-    inputs then warn with `FallbackWarning`; pass backend="cuda" to get an error).
+    backends that can run the call. For "exact", float16 and bfloat16 (and float32
+    with a TF32 ``precision``) run on the Hopper tensor-core kernel (any d and dv that
+    are multiples of 8 up to 256); float32 and float64 on the FFMA kernel (d in
+    (16, 32, 64, 128, 256), dv == d). Other calls run on the reference (device inputs
+    then warn with `FallbackWarning`; pass backend="cuda" to get an error).
 
-    precision: the arithmetic for float32 inputs; None (the backend's own) or "fp32".
+    precision: the arithmetic for float32 inputs. None or "fp32": float32 arithmetic (the FFMA
+    kernel on a GPU); "tf32x3": the tensor-core kernel with each product split into three
+    TF32 products (near float32 accuracy, see `nkattn.cuda_kernels.exact_tc`); "tf32": one
+    TF32 product, like torch's allow_tf32 (about 1e-3 relative error).
 
     method="exact" is softmax attention; method="lsh" restricts every query to the
     keys that share a SimHash bucket with it in at least one of ``lsh_tables``
@@ -178,6 +184,8 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
             raise TypeError(f"precision must be None or a string such as 'fp32', got {arrays.describe_value(precision)}")
         if dtype != np.float32:
             raise ValueError(f"precision picks the arithmetic of float32 inputs; these are {dtype}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 
     req = Request(
         method=method, dtype=dtype, batch=batch, heads=heads, kv_heads=kv_heads, nq=nq, nk=nk, head_dim=head_dim,

@@ -83,6 +83,49 @@ def numba_view(x):
     return cuda.as_cuda_array(x)
 
 
+def kernel_view(x, dtype: np.dtype):
+    """A numba device array over device array `x`'s memory as the wgmma kernel reads it: the 16-bit
+    patterns (uint16) of float16/bfloat16, float32 as it is.
+
+    The kernel's cp.async needs each row's last dim contiguous and 16-byte aligned; an array
+    that is not is copied to a contiguous one first (same values, on the device).
+    """
+    if dtype not in HALF_DTYPES:
+        view = numba_view(x)
+    elif framework(x) == "torch":
+        import torch
+
+        view = numba_view(x.view(torch.int16)).view(np.uint16)
+    elif framework(x) == "cupy":
+        import cupy
+
+        view = numba_view(x.view(cupy.uint16))
+    else:
+        view = numba_view(x).view(np.uint16)
+    shape, strides = tuple(view.shape), tuple(view.strides)  # plain tuples (the simulator's take no negative index)
+    last_contiguous = shape[-1] == 1 or strides[-1] == view.dtype.itemsize
+    aligned = all(s % 16 == 0 for s in strides[:-1]) and _device_address(view) % 16 == 0
+    if last_contiguous and aligned:
+        return view
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(view.copy_to_host()))
+
+
+def _device_address(view) -> int:
+    from numba.core import config
+
+    if config.ENABLE_CUDASIM:  # the simulator's stand-in copies elements: any address does
+        return 0
+    return view.device_ctypes_pointer.value
+
+
+def kernel_host(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Host array `x` as the wgmma kernel reads it (contiguous; half types as uint16 patterns)."""
+    x = np.ascontiguousarray(x)
+    return x.view(np.uint16) if dtype in HALF_DTYPES else x
+
+
 def to_host(x, dtype: np.dtype) -> np.ndarray:
     """x as a NumPy array of `dtype` (device arrays are copied; host arrays are not)."""
     if not is_device_array(x):

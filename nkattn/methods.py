@@ -172,6 +172,8 @@ def method_options(method: str, given: Mapping[str, Any]) -> dict:
 # --------------------------------------------------------------------------------------
 
 FP32_PRECISIONS = (None, "fp32")
+TENSOR_CORE_PRECISIONS = ("tf32x3", "tf32")
+PRECISIONS = ("fp32", *TENSOR_CORE_PRECISIONS)  # every precision a float32 call may ask for
 
 
 def cuda_available() -> bool:
@@ -295,6 +297,70 @@ def _exact_kernel_bits(q, k, v, *, causal, scale, key_lengths):
     return streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, order=order)
 
 
+def tensor_core_kind(req: Request) -> str | None:
+    """The wgmma kernel's kind for a request: f16/bf16 from the dtype, tf32x3/tf32 from the precision."""
+    if req.dtype == np.float16:
+        return "f16"
+    if arrays.BFLOAT16 is not None and req.dtype == arrays.BFLOAT16:
+        return "bf16"
+    if req.dtype == np.float32 and req.precision in TENSOR_CORE_PRECISIONS:
+        return req.precision
+    return None
+
+
+def _hopper_reasons() -> list[str]:
+    reasons = _no_device()
+    if reasons:
+        return reasons
+    from numba import cuda
+
+    from nkattn.cuda_kernels.online_softmax import SIMULATOR
+
+    if not SIMULATOR:
+        cc = cuda.get_current_device().compute_capability
+        if cc[0] != 9:
+            return [f"the tensor-core kernel uses Hopper's wgmma (compute capability 9.x), found {cc[0]}.{cc[1]}"]
+    return []
+
+
+def _exact_tc_reasons(req: Request) -> list[str]:
+    from nkattn.cuda_kernels.exact_tc import MAX_HEAD_DIM
+
+    reasons = _hopper_reasons()
+    if tensor_core_kind(req) is None:
+        if req.dtype == np.float32:
+            reasons.append(f"float32 takes the tensor-core kernel with precision in {TENSOR_CORE_PRECISIONS}, "
+                           f"got precision={req.precision!r}")
+        else:
+            reasons.append(f"the tensor-core kernel takes float16, bfloat16 and float32, got {req.dtype}")
+    for label, dim in (("d", req.head_dim), ("dv", req.value_dim)):
+        if dim % 8 or dim > MAX_HEAD_DIM:
+            reasons.append(f"the tensor-core kernel supports {label} a multiple of 8 up to {MAX_HEAD_DIM}, got {dim}")
+    return reasons
+
+
+def _exact_tc_run(call: Call):
+    """Run the wgmma kernel: half inputs as their 16-bit patterns, lse in float32 (as FlashAttention)."""
+    from numba import cuda
+
+    from nkattn.cuda_kernels.exact_tc import tc_attention
+
+    req = call.request
+    kind = tensor_core_kind(req)
+    lengths = np.full(req.batch, req.nk, np.int32) if call.key_lengths is None else call.key_lengths
+    out_shape = (req.batch, req.heads, req.nq, req.value_dim)
+    if req.on_device:
+        q, k, v = (arrays.kernel_view(x, req.dtype) for x in (call.q, call.k, call.v))
+        out, _ = arrays.empty_like_framework(call.q, out_shape, req.dtype)
+        lse, lse_view = arrays.empty_like_framework(call.q, out_shape[:3], np.float32)
+        tc_attention(q, k, v, cuda.to_device(lengths), causal=req.causal, scale=call.scale, kind=kind,
+                     out=arrays.kernel_view(out, req.dtype), lse=lse_view)
+        return out, lse
+    q, k, v = (cuda.to_device(arrays.kernel_host(x, req.dtype)) for x in (call.q, call.k, call.v))
+    out, lse = tc_attention(q, k, v, cuda.to_device(lengths), causal=req.causal, scale=call.scale, kind=kind)
+    return out.copy_to_host().view(req.dtype), lse.copy_to_host()
+
+
 EXACT = Method(
     name="exact",
     summary="softmax attention",
@@ -302,6 +368,11 @@ EXACT = Method(
     approximate=False,
     options={},
     backends=(
+        Backend(
+            "cuda", "cuda (tensor-core kernel)", _exact_tc_reasons, _exact_tc_run,
+            arithmetic="wgmma with float32 accumulation and softmax: float16/bfloat16 operands; float32 as "
+                       "3xTF32 (precision='tf32x3') or TF32 (precision='tf32')",
+        ),
         Backend(
             "cuda", "cuda (FFMA kernel)",
             lambda req: ffma_reasons(req, d=req.head_dim) + _same_dims(req),

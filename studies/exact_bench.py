@@ -1,11 +1,17 @@
-"""Benchmark: the fused exact kernel beside torch SDPA on one GPU.
+"""Benchmark: the exact kernels (FFMA float32, wgmma tensor-core) beside torch SDPA on one GPU.
 
-Question: how fast is the numba float32 streaming kernel against the peers a user
-would otherwise call (torch SDPA's fp32 memory-efficient and math backends; fp16
-flash and cuDNN as context), and does its memory stay O(N)?
+Question: how fast are nkattn's exact kernels against the peers a user would
+otherwise call, at the same input precision: the float16/bfloat16 wgmma kernel
+against torch SDPA's flash (FlashAttention-2), cuDNN and memory-efficient backends;
+the float32 kernels (FFMA; 3xTF32 and TF32 on the tensor cores) against SDPA's fp32
+memory-efficient and math backends; and does memory stay O(N)?
 
-Data: random normal q, k, v (never zeros), B = 1, H = 8, N in {1K, 4K, 16K, 64K},
-d in {64, 128}, causal and not; plus N = 1M, d = 64, H = 1 in float32 for memory.
+Data: random normal q, k, v (never zeros), B = 1, H = 8. FFMA float32: N in {1K, 4K,
+16K, 64K}, d in {64, 128}, causal and not, plus N = 1M, d = 64, H = 1 for memory.
+Tensor cores (`TC_CONFIGS`): float16 at N in {1K, 4K, 16K, 64K} x d in {64, 128, 256}
+and N = 128K at d = 128; bfloat16 at N in {4K, 16K} x d in {64, 128}; 3xTF32 and TF32
+at N = 16K x d in {64, 128}; causal and not. Energy: joules per call from NVML over
+>= 10 s of back-to-back calls at N = 16K, d = 128, float16, for ours, flash and cuDNN.
 
 Method: CUDA events around each call after warm-up, median of >= 20 runs (3 at
 N = 1M, where one call takes seconds); TFLOP/s = 4·B·H·Nq·Nk·d / time, halved
@@ -31,6 +37,12 @@ from nkattn.timing import attention_flops, cuda_time_ms, device_name, device_slu
 
 SEQ_LENS = (1024, 4096, 16384, 65536)
 HEAD_DIMS = (64, 128)
+TC_CONFIGS = (
+    [("f16", n, d) for n in (1024, 4096, 16384, 65536) for d in (64, 128, 256)] + [("f16", 131072, 128)]
+    + [("bf16", n, d) for n in (4096, 16384) for d in (64, 128)]
+    + [(kind, 16384, d) for kind in ("tf32x3", "tf32") for d in (64, 128)]
+)
+ENERGY_SECONDS = 10.0
 LONG_N = 1 << 20
 CHECK_ROWS = 8
 MATH_BACKEND_MAX_SCORE_BYTES = 40e9  # the math backend materialises B·H·N² scores
@@ -168,15 +180,133 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
         del q, k, v
         torch.cuda.empty_cache()
 
+    records += _tensor_core_rows(torch, cuda, quick=quick, repeats=repeats)
+    if not quick:
+        records += _energy_rows(torch, cuda)
     if long_sequence:
         records.append(_long_sequence(torch, cuda))
     meta = make_meta(
         device=name,
-        config={"seq_lens": list(seq_lens), "head_dims": list(HEAD_DIMS), "B": 1, "H": 8, "repeats": repeats, "long_N": LONG_N},
+        config={"seq_lens": list(seq_lens), "head_dims": list(HEAD_DIMS), "B": 1, "H": 8, "repeats": repeats, "long_N": LONG_N,
+                "tensor_core_configs": [list(c) for c in TC_CONFIGS], "energy_seconds": ENERGY_SECONDS},
         command="nkattn bench exact" + (" --quick" if quick else ""),
     )
     path = Path(results_dir) / "bench" / f"exact-{device_slug(name)}{'-partial' if partial else ''}.json"
     return [write_results(path, meta, records)]
+
+
+TORCH_DTYPE = {"f16": "float16", "bf16": "bfloat16", "tf32x3": "float32", "tf32": "float32"}
+
+
+def _tensor_core_call(torch, cuda, q, k, v, causal, kind):
+    """The wgmma kernel on torch tensors (outputs poisoned with NaN), as `_run_nkattn`."""
+    from nkattn import arrays
+    from nkattn.cuda_kernels.exact_tc import tc_attention
+
+    batch, heads, n, d = q.shape
+    dtype = np.dtype(arrays.dtype_of(q, "q"))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, heads, n), float("nan"), dtype=torch.float32, device=q.device)
+    qd, kd, vd, od = (arrays.kernel_view(t, dtype) for t in (q, k, v, out))
+    ld = cuda.as_cuda_array(lse)
+    lengths = cuda.to_device(np.full(batch, n, dtype=np.int32))
+    scale = 1.0 / math.sqrt(d)
+
+    def call():
+        tc_attention(qd, kd, vd, lengths, causal=causal, scale=scale, kind=kind, out=od, lse=ld)
+
+    return out, call
+
+
+def _sdpa_call(torch, q, k, v, causal, backend, allow_tf32=False):
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def call():
+        with sdpa_kernel(backend):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return call
+
+
+def _tensor_core_rows(torch, cuda, *, quick, repeats):
+    """The wgmma kernel and SDPA's backends at the same input dtype, with sampled accuracy."""
+    from torch.nn.attention import SDPBackend
+
+    records = []
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    configs = [c for c in TC_CONFIGS if not quick or c[1] <= 4096]
+    for kind, n, d in tqdm(configs, desc="tensor-core bench"):
+        tdtype = getattr(torch, TORCH_DTYPE[kind])
+        for causal in (False, True):
+            batch, heads = 1, 8
+            q, k, v = (torch.randn((batch, heads, n, d), device="cuda", generator=gen).to(tdtype) for _ in range(3))
+            reps = repeats if n <= 16384 else max(5, repeats // 4)
+            out, call = _tensor_core_call(torch, cuda, q, k, v, causal, kind)
+            peak, _ = _peak_bytes(torch, cuda, call, (q, k, v, out))
+            err = _check_rows(torch, q, k, v, out, causal, CHECK_ROWS)
+            records.append(_record("nkattn-tc", TORCH_DTYPE[kind], batch, heads, n, d, causal, cuda_time_ms(call, repeats=reps),
+                                   peak + batch * heads * n * 4, precision=kind, max_rel_err_sampled=err))
+            del out
+            if kind in ("f16", "bf16"):
+                peers = [("torch-sdpa-flash", SDPBackend.FLASH_ATTENTION, False),
+                         ("torch-sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, False),
+                         ("torch-sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, False)]
+            else:
+                peers = [("torch-sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, kind == "tf32")]
+            for impl, backend, tf32 in peers:
+                peer = _sdpa_call(torch, q, k, v, causal, backend, allow_tf32=tf32)
+                try:
+                    peak, _ = _peak_bytes(torch, cuda, peer, (q, k, v))
+                    timing = cuda_time_ms(peer, repeats=reps)
+                    err = _check_rows(torch, q, k, v, peer(), causal, CHECK_ROWS)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    records.append({"impl": impl, "dtype": TORCH_DTYPE[kind], "B": batch, "H": heads, "N": n, "d": d,
+                                    "causal": causal, "skipped": str(exc).splitlines()[0][:200]})
+                    continue
+                records.append(_record(impl, TORCH_DTYPE[kind], batch, heads, n, d, causal, timing, peak,
+                                       precision="tf32" if tf32 else ("fp32" if kind in ("tf32x3",) else kind),
+                                       max_rel_err_sampled=err))
+            torch.backends.cuda.matmul.allow_tf32 = False
+            del q, k, v
+            torch.cuda.empty_cache()
+    return records
+
+
+def _energy_rows(torch, cuda, n=16384, d=128):
+    """Joules per call (NVML's energy counter) over >= ENERGY_SECONDS of back-to-back calls."""
+    import time
+
+    import pynvml
+    from torch.nn.attention import SDPBackend
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn((1, 8, n, d), device="cuda", generator=gen).half() for _ in range(3))
+    calls = {"nkattn-tc": _tensor_core_call(torch, cuda, q, k, v, False, "f16")[1],
+             "torch-sdpa-flash": _sdpa_call(torch, q, k, v, False, SDPBackend.FLASH_ATTENTION),
+             "torch-sdpa-cudnn": _sdpa_call(torch, q, k, v, False, SDPBackend.CUDNN_ATTENTION)}
+    records = []
+    for impl, call in calls.items():
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        start_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < ENERGY_SECONDS:
+            for _ in range(20):
+                call()
+            count += 20
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        joules = (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - start_mj) / 1e3
+        tokens = 8 * n * count  # query rows (B·H·N) processed
+        records.append({"impl": impl, "dtype": "float16", "B": 1, "H": 8, "N": n, "d": d, "causal": False,
+                        "energy_calls": count, "energy_seconds": seconds, "joules_per_call": joules / count,
+                        "tokens_per_joule": tokens / joules, "mean_watts": joules / seconds})
+    return records
 
 
 def _long_sequence(torch, cuda):

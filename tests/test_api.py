@@ -158,13 +158,20 @@ def test_auto_warns_when_device_inputs_fall_back_to_the_host_reference():
 
 
 def test_when_nothing_fits_the_error_lists_every_backend_and_its_reasons():
-    q, k, v = qkv()
+    q, k, v = (x[..., :12].copy() for x in qkv())
     with pytest.raises(ValueError) as info:
         nkattn.attention(q, k, v, precision="tf32")
     message = str(info.value)
-    assert "no backend can run method='exact' on float32 inputs with d=16, dv=16 (backend='auto')" in message
+    assert "no backend can run method='exact' on float32 inputs with d=12, dv=12 (backend='auto')" in message
+    assert "cuda (tensor-core kernel): the tensor-core kernel supports d a multiple of 8 up to 256, got 12" in message
     assert "cuda (FFMA kernel): precision='tf32' needs the tensor-core kernel" in message
     assert "reference (NumPy float64): precision='tf32' is a kernel's arithmetic" in message
+
+
+def test_an_unknown_precision_is_named_with_the_known_ones():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"precision must be None or one of \('fp32', 'tf32x3', 'tf32'\), got 'bf16x3'"):
+        nkattn.attention(q, k, v, precision="bf16x3")
 
 
 @pytest.mark.parametrize("precision", [None, "fp32"])

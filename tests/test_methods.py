@@ -174,7 +174,7 @@ def test_a_registered_method_is_served_and_listed(monkeypatch, capsys):
     with pytest.raises(ValueError, match="gain only applies to method='sharp'"):
         nkattn.attention(q, k, v, gain=3.0)
     with pytest.raises(ValueError, match=r"no backend can run method='sharp'.*\n  reference \(test\):"):
-        nkattn.attention(*(x.astype(np.float32) for x in (q, k, v)), method="sharp", precision="bf16x3")
+        nkattn.attention(*(x.astype(np.float32) for x in (q, k, v)), method="sharp", precision="tf32")
     assert main(["info"]) == 0
     listed = capsys.readouterr().out
     assert "sharp: exact attention at a higher temperature [approximate" in listed
