@@ -7,7 +7,7 @@ wgmma products with P kept in registers. Semantics are `nkattn.reference.exact`'
 * ``kind="f16"`` / ``"bf16"``: Q, K (K-major) and V (MN-major) stream through a ring of
   three swizzled shared-memory slots by cp.async, two tiles ahead.
 * ``kind="tf32x3"``: float32 inputs at float32 accuracy. Every operand x is split into
-  ``hi = tf32(x)`` and ``lo = x - hi`` (both exact in tf32 up to the last 2^-21 of x),
+  ``hi = tf32(x)`` and ``lo = tf32(x - hi)`` (hi + lo is x to within 2^-24 |x|),
   and each product is ``hi·hi + hi·lo + lo·hi`` on the tf32 tensor cores (the lo·lo
   term is below float32 rounding). ``kind="tf32"`` is the single ``hi·hi`` product,
   like torch's ``allow_tf32`` (about 1e-3 relative error).
@@ -435,7 +435,9 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
         hi = ptx.round_tf32(x)
         smem[idx] = hi
         if SPLIT:
-            smem[idx + lo_delta] = x - hi
+            # lo rounded too: the tensor cores would truncate its 13 significant bits to 11
+            # (2^-22 |x|); rounded, hi + lo is within 2^-24 |x|, float32's own rounding
+            smem[idx + lo_delta] = ptx.round_tf32(x - hi)
 
     @cuda.jit(device=True, inline="always")
     def load_q(smem, base, q, b, h, row0, nq, tid):
@@ -476,7 +478,7 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
                 p = acc_s[4 * s + 2 * (r & 1) + (r >> 1)]
                 hi = ptx.round_tf32(p)
                 p_hi[4 * s + r] = hi
-                p_lo[4 * s + r] = p - hi
+                p_lo[4 * s + r] = ptx.round_tf32(p - hi)
 
     @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_o, p, v_desc, s):
