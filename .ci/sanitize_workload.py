@@ -1,0 +1,43 @@
+"""Small workloads of the tensor-core and low-rank kernels for compute-sanitizer: results/sanitizer/ came from
+
+    for tool in memcheck racecheck synccheck; do compute-sanitizer --tool $tool --print-limit 20 \
+        python3 .ci/sanitize_workload.py > results/sanitizer/$tool-<device>.txt; done
+"""
+import numpy as np
+from numba import cuda
+
+import nkattn  # noqa: F401
+from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
+from nkattn.cuda_kernels.lowrank_ops import attention_times, attention_transpose_times
+
+rng = np.random.default_rng(0)
+
+
+def dev(shape, kind):
+    x = rng.normal(size=shape)
+    if kind == "f16":
+        return cuda.to_device(x.astype(np.float16).view(np.uint16))
+    if kind == "bf16":
+        import ml_dtypes
+        return cuda.to_device(x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    return cuda.to_device(x.astype(np.float32))
+
+
+for kind, d, dv, causal, cfg in [("f16", 64, 64, True, None), ("bf16", 128, 128, False, None), ("f16", 80, 48, True, None),
+                                 ("f16", 64, 64, True, TileConfig(64, 128)), ("tf32x3", 64, 64, True, None),
+                                 ("tf32", 96, 96, False, None)]:
+    q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
+    lengths = cuda.to_device(np.array([300], np.int32))
+    tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
+    cuda.synchronize()
+    print("ran", kind, d, dv, causal, cfg)
+for dt in (np.float32, np.float64):
+    q = cuda.to_device(rng.normal(size=(1, 2, 150, 64)).astype(dt))
+    k = cuda.to_device(rng.normal(size=(1, 1, 170, 64)).astype(dt))
+    x = cuda.to_device(rng.normal(size=(1, 1, 170, 42)).astype(dt))
+    lengths = cuda.to_device(np.array([170], np.int32))
+    ax, lse = attention_times(q, k, x, lengths, causal=True, scale=0.125)
+    y = cuda.to_device(rng.normal(size=(1, 2, 150, 42)).astype(dt))
+    attention_transpose_times(q, k, y, lse, lengths, causal=True, scale=0.125)
+    cuda.synchronize()
+    print("ran lowrank ops", dt)
