@@ -3,14 +3,14 @@
     ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
         python3 .ci/ncu_dram_workload.py
 """
-import sys
 import numpy as np
 import torch
 from numba import cuda
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 import nkattn  # noqa: F401
 from nkattn import arrays
 from nkattn.cuda_kernels.exact_tc import tc_attention
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 n = 16384
 for d in (64, 128):
