@@ -203,13 +203,14 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
     """Mirror: float64 attention in the kernel's exact operation order.
 
     `order` defaults to ``streaming_order(float64, d)``, the float64 kernel's.
+    v may be of any width (the low-rank path's A·X is this function with X for v).
     Returns (O, lse) as float64.
     """
     q = np.asarray(q, dtype=np.float64)
     k = _expand_kv_heads(np.asarray(k, dtype=np.float64), q.shape[1])
     v = _expand_kv_heads(np.asarray(v, dtype=np.float64), q.shape[1])
     batch, heads, nq, head_dim = q.shape
-    nk = k.shape[2]
+    nk, value_dim = v.shape[2:]
     scale = default_scale(head_dim) if scale is None else float(scale)
     order = streaming_order(np.float64, head_dim) if order is None else order
     bn = order.block_n
@@ -217,14 +218,14 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
     counts = visible_key_counts(batch, nq, nk, causal, key_lengths)[:, None, :, None]  # (B, 1, Nq, 1)
     m = np.full((batch, heads, nq), -np.inf)
     l = np.zeros((batch, heads, nq))
-    acc = np.zeros((batch, heads, nq, head_dim))
+    acc = np.zeros((batch, heads, nq, value_dim))
     with np.errstate(invalid="ignore", over="ignore"):
         for tile_start in range(0, nk, bn):
             if not (counts > tile_start).any():
                 break
             # the tile, zero-padded past Nk like the kernel's shared-memory copy
             k_tile = np.zeros((batch, heads, bn, head_dim))
-            v_tile = np.zeros((batch, heads, bn, head_dim))
+            v_tile = np.zeros((batch, heads, bn, value_dim))
             tile_end = min(tile_start + bn, nk)
             k_tile[:, :, : tile_end - tile_start] = k[:, :, tile_start:tile_end]
             v_tile[:, :, : tile_end - tile_start] = v[:, :, tile_start:tile_end]
