@@ -14,11 +14,17 @@ from numba import cuda
 from scipy import stats
 from sklearn.utils.extmath import randomized_svd
 
+from nkattn import figures
 from nkattn.lowrank import LowRankFactors, lowrank_attention, lowrank_factors
+from nkattn.reference import bert
 from nkattn.reference import lowrank as lr
 from nkattn.reference import lowrank_peers as peers
 from nkattn.reference.exact import attention_ref
+from nkattn.results import read_results
+from nkattn.studies import lowrank as study
 from nkattn.testing import relative_error
+
+from .conftest import REAL_GPU
 
 # --------------------------------------------------------------------------------------
 # inputs
@@ -485,3 +491,93 @@ def test_cuda_backend_without_the_operators_says_so(monkeypatch):
     with pytest.raises(ImportError, match="nkattn.cuda_kernels.lowrank"):
         lowrank_attention(Q, K, V, rank=2, backend="cuda")
 
+
+# --------------------------------------------------------------------------------------
+# the lowrank study
+# --------------------------------------------------------------------------------------
+
+
+def test_svd_output_errors_are_those_of_the_explicit_truncation():
+    q, k = random_qk(1, 1, 1, 30, 30, 16, spread=0.5)
+    a = lr.attention_matrix(q, k)[0, 0]
+    v = np.random.default_rng(3).standard_normal((30, 5))
+    u, sv, vt = np.linalg.svd(a)
+    errors = study.svd_output_errors(sv, vt, v)
+    for rank in (0, 1, 7, 30):
+        a_k = (u[:, :rank] * sv[:rank]) @ vt[:rank]
+        expected = np.linalg.norm((a - a_k) @ v) / np.linalg.norm(a @ v)
+        assert errors[rank] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_layer_metrics_are_consistent_with_theory():
+    rng = np.random.default_rng(7)
+    q, k, v = rng.standard_normal((3, 2, 40, 16)) * np.array([0.3, 1.0, 1.0])[:, None, None, None]
+    fixed, auto, spectra = study.layer_metrics(q, k, v, ranks=(4, 8), rules=(("energy", 0.9), ("tolerance", 0.1)),
+                                               matrix_free_rank=8)
+    for rows in fixed.values():
+        for row in rows:
+            assert row["rsvd_spec_ratio"] >= 1 - 1e-3 and row["rsvd_fro_ratio"] >= 1 - 1e-3  # Eckart–Young (4 digits)
+            assert row["best_out"] <= row["svd_out"]
+    assert all(row["mf_vs_dense"] < 1e-10 for row in fixed[8])
+    assert all(1 <= row["k"] <= 40 and row["out_err"] <= 0.1 for row in auto["tolerance=0.1"])
+    assert spectra["exact"].shape == (2, 40) and spectra["matrix_free"].shape == (2, 8)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    if not bert.model_available():
+        pytest.skip(f"MiniLM weights not installed: {bert.INSTALL_HINT}")
+    results_dir = tmp_path_factory.mktemp("results")
+    paths = study.run(quick=True, results_dir=results_dir, progress=False)
+    assert paths == [results_dir / "lowrank" / "quick.json", results_dir / "lowrank" / "quick-auto.json"]
+    return results_dir
+
+
+def test_quick_run_writes_tidy_records_with_metadata(quick_results):
+    fixed = read_results(quick_results / "lowrank" / "quick.json")
+    auto = read_results(quick_results / "lowrank" / "quick-auto.json")
+    assert fixed["meta"]["command"] == "nkattn study lowrank --quick" and fixed["meta"]["config"]["quick"]
+    assert len(fixed["records"]) == 2 * 12 * 3  # layers x heads x ranks
+    assert len(auto["records"]) == 2 * 12 * len(study.RULES)
+    assert fixed["meta"]["summary"]["by_rank"]["32"]["mf_spec_ratio"]["max"] <= study.SPEC_TARGET
+    assert auto["meta"]["summary"]["by_rule"]["tolerance=0.01"]["share_over_budget"] == 0
+    assert fixed["meta"]["provenance"]["passages"]
+
+
+def test_figures_come_from_results_only_and_are_byte_reproducible(quick_results, tmp_path, monkeypatch):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(quick_results, results)
+    for quick, full in ((study.QUICK_RESULT, study.FULL_RESULT), (study.QUICK_AUTO, study.FULL_AUTO)):
+        (results / "lowrank" / quick).rename(results / "lowrank" / full)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a figure ran the study")
+
+    monkeypatch.setattr(study, "layer_metrics", forbidden)
+    paths = [p for make in study.FIGURES for p in make(results, tmp_path / "a")]
+    assert [p.suffix for p in paths] == [".pdf", ".png"] * len(study.FIGURES)
+    # no date or random id in the files: rebuilding gives the same bytes (one figure stands for all)
+    again = study.FIGURES[2](results, tmp_path / "b")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths[4:6]]
+    with pytest.raises(figures.MissingResultError, match="nkattn study lowrank"):
+        study.FIGURES[0](tmp_path / "empty", tmp_path / "c")
+
+
+def test_long_context_pipeline_on_the_cpu(tmp_path):
+    """The GPU part's code path with the CPU bench: the planted spectrum is recovered exactly."""
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        if REAL_GPU:
+            raise RuntimeError("needs a CUDA GPU: on a GPU machine this check is the GPU test below")
+        study.run_long_context(results_dir=tmp_path)
+    paths = study.run_long_context(results_dir=tmp_path, data=("planted",), lengths=(64,), repeats=1,
+                                   progress=False, bench=study.HostBench())
+    records = read_results(paths[0])["records"]
+    factors = [r for r in records if r["kind"] == "factors"]
+    assert {r["dtype"] for r in factors} == {"float32", "float64"}
+    for r in factors:
+        assert r["sv_rel_err"] < 1e-6 and r["zero_floor"] < 1e-12  # float32 inputs: β itself is rounded
+        assert r["erank_95"] == 31 and r["stable_rank"] == pytest.approx(8.75, rel=1e-3)  # 1 + 31 λ², λ = 1/2
+        assert r["bits_identical"]
+    assert [r["budget_bytes"] > 0 for r in records if r["kind"] == "attention"] == [True, True]
