@@ -39,9 +39,11 @@ need more, up to min(Nq, Nk), where every rule is met:
 Why the output budget is the default: the energy of A flatters it. The leading singular
 direction of a softmax matrix (the row average) carries most of its energy, so an
 energy threshold is met at ranks that still leave a large error in what attention
-returns (the rank-entropy study, MiniLM at N = 512: the median head holds 95% of its
-energy in 20 singular values, yet truncating to 64 still leaves a median 4.3% output
-error). The budget bounds what the caller gets, measured; its cost is V's d extra
+returns. On MiniLM (study `lowrank`, 720 heads at N = 512, results/lowrank/
+minilm-auto.json), seed 001's 95% energy picks a median k of 18.5 and leaves a median
+output error of 19% (up to 91%; 79% of heads above 10%); even 99% energy leaves 7.3%
+(99.6% of heads above 1%). The 1% budget picks a median k of 134.5 (26% of N, 49-411
+for the 10-90th percentile) and holds on every head, measured. Its cost is V's d extra
 columns in one of the 2q + 2 passes.
 """
 
