@@ -81,7 +81,7 @@ def save_figure(fig, figures_dir: Path, name: str) -> list[Path]:
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
     paths = [figures_dir / f"{name}.pdf", figures_dir / f"{name}.png"]
-    fig.savefig(paths[0])
+    fig.savefig(paths[0], metadata={"CreationDate": None})  # no date: the same results give the same bytes
     fig.savefig(paths[1], dpi=PNG_DPI)
     plt.close(fig)
     return paths

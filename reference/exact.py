@@ -231,8 +231,8 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
     """Mirror: float64 attention in the kernel's exact operation order.
 
     `order` defaults to ``streaming_order(float64, d)``, the float64 kernel's.
-    v may be narrower or wider than q and k (O takes its width). Returns (O, lse)
-    as float64.
+    v may be of any width (the low-rank path's A·X is this function with X for v).
+    Returns (O, lse) as float64.
     """
     q = np.asarray(q, dtype=np.float64)
     k = _expand_kv_heads(np.asarray(k, dtype=np.float64), q.shape[1])

@@ -1,0 +1,235 @@
+"""Figures of the `lowrank` study, from results/lowrank/minilm.json and minilm-auto.json only.
+
+One function per figure, each inside `nkattn.figures.style()`; PDF and PNG in figures/lowrank/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+METHODS = (  # (column, label, style) of the output-error frontier
+    ("best_out", "best rank-k output (tail of σ(A·V))", {"color": "k", "ls": ":"}),
+    ("svd_out", "truncated SVD A_k", {"color": "C0", "marker": "o"}),
+    ("rsvd_out", "randomized SVD (p = 10, q = 2)", {"color": "C1", "marker": "x", "ls": "--"}),
+    ("nystrom_iter_out", "Nyström, iterative pinv", {"color": "C2", "marker": "s"}),
+    ("nystrom_out", "Nyström, exact pinv", {"color": "C5", "marker": "s", "ls": "--"}),
+    ("performer_out", "Performer FAVOR+", {"color": "C3", "marker": "^"}),
+    ("linformer_out", "Linformer, random E, F", {"color": "C4", "marker": "v"}),
+)
+
+
+def _study():
+    # imported late: the study module imports this one for its FIGURES
+    from nkattn.studies import lowrank
+
+    return lowrank
+
+
+def _load(results_dir, auto=False):
+    from nkattn.figures import load_result
+
+    study = _study()
+    name = study.FULL_AUTO if auto else study.FULL_RESULT
+    data = load_result(results_dir, study.STUDY, name, command=study.COMMAND)
+    return data, study.columns(data["records"])
+
+
+def _save(fig, figures_dir, name):
+    from nkattn.figures import save_figure
+
+    return save_figure(fig, Path(figures_dir) / _study().STUDY, name)
+
+
+def fig_spectra(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Mean σ_i / σ_1 per layer: exact SVD (lines) and the matrix-free randomized SVD (markers)."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import COLUMN_WIDTH, style
+
+    data, _ = _load(results_dir)
+    spectra = data["meta"]["summary"]["spectra"]
+    n = max(s["n"] for s in spectra)
+    layers = sorted({s["layer"] for s in spectra})
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(layers)))
+    with style():
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.0))
+        for s in spectra:
+            if s["n"] != n:
+                continue
+            color = colors[layers.index(s["layer"])]
+            sv = np.array(s["sv_over_sv1"])
+            index = np.arange(1, sv.size + 1)
+            if s["source"] == "exact":
+                ax.plot(index, sv, color=color, label=f"layer {s['layer']}")
+            else:
+                ax.plot(index, sv, ls="", marker="x", ms=3, color=color)
+        ax.plot([], [], ls="", marker="x", color="0.3", label="matrix-free rSVD, k = 32")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel(f"σ_i / σ_1 of A (mean over heads, passages; N = {n})")
+        ax.legend(fontsize=6, ncol=2)
+        return _save(fig, figures_dir, "spectra")
+
+
+def fig_rsvd_accuracy(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Spectral error of the randomized SVD over σ_{k+1} per k, and principal angle against the gap."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import PAGE_WIDTH, style
+
+    _, c = _load(results_dir)
+    ranks = sorted(set(c["k"].astype(int).tolist()))
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.6), constrained_layout=True)
+        ax = axes[0]
+        groups = [c["rsvd_spec_ratio"][c["k"] == r] for r in ranks]
+        labels = [str(r) for r in ranks]
+        if "mf_spec_ratio" in c:
+            sel = np.isfinite(c["mf_spec_ratio"])
+            groups.append(c["mf_spec_ratio"][sel])
+            labels.append(f"{_study().MATRIX_FREE_RANK}\nmatrix-free")
+        ax.boxplot(groups, whis=(0, 100), widths=0.5)
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        ax.axhline(_study().SPEC_TARGET, color="C3", ls="--", label="target 1.5")
+        ax.set_xlabel("rank k")
+        ax.set_ylabel("‖A − Â_k‖₂ / σ_{k+1}")
+        ax.set_title("box: quartiles; whiskers: min to max over heads", fontsize=7)
+        ax.legend()
+        ax = axes[1]
+        for i, r in enumerate(ranks):
+            sel = c["k"] == r
+            ax.scatter(np.maximum(c["gap"][sel], 1e-8), c["rsvd_angle"][sel], s=3, lw=0, alpha=0.5, color=f"C{i}",
+                       label=f"k = {r}", rasterized=True)
+        ax.set_xscale("log")
+        ax.set_xlabel("relative gap (σ_k − σ_{k+1}) / σ_k")
+        ax.set_ylabel("largest principal angle, span U_k vs Û_k (°)")
+        ax.legend(markerscale=3)
+        return _save(fig, figures_dir, "rsvd_accuracy")
+
+
+def fig_frontier(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Output error ‖(A − Ã) V‖_F / ‖A V‖_F against k for every method (median, 10–90th percentile band)."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import PAGE_WIDTH, style
+
+    _, c = _load(results_dir)
+    ranks = np.array(sorted(set(c["k"].astype(int).tolist())))
+    n = int(c["n"].max())
+    heads = int((c["k"] == ranks[0]).sum())
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.8), constrained_layout=True)
+        for column, label, kw in METHODS:
+            values = [c[column][c["k"] == r] for r in ranks]
+            median = np.array([np.median(v) for v in values])
+            keep = median > 0  # the best output error is exactly 0 from k = d_head on
+            axes[0].plot(ranks[keep], median[keep], label=label, **kw)
+            axes[0].fill_between(ranks[keep], [np.percentile(v, 10) for v in np.array(values)[keep]],
+                                 [np.percentile(v, 90) for v in np.array(values)[keep]], color=kw["color"],
+                                 alpha=0.08, lw=0)
+        axes[0].set_ylabel("output error ‖(A − Ã)V‖_F / ‖AV‖_F")
+        attn = [("ey_fro", "Eckart–Young optimum", {"color": "k", "ls": ":"})] + [
+            (col.replace("_out", "_attn"), label, kw) for col, label, kw in METHODS[2:]
+        ]
+        for column, label, kw in attn:
+            axes[1].plot(ranks, [np.median(c[column][c["k"] == r]) for r in ranks], label=label, **kw)
+        axes[1].set_ylabel("‖A − Ã‖_F / ‖A‖_F (median)")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.set_xlabel(f"rank k (N = {n})")
+        axes[0].set_title(f"median and 10–90th percentile over {heads} heads", fontsize=7)
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6)
+        return _save(fig, figures_dir, "frontier")
+
+
+def fig_auto_rank(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """rank="auto": the chosen k / N per rule (ECDF) and the output error it leaves."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import PAGE_WIDTH, style
+
+    _, c = _load(results_dir, auto=True)
+    rules = list(dict.fromkeys(c["rule"].tolist()))
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.6), constrained_layout=True)
+        axes[0].axvspan(0.1, 0.3, color="0.88", zorder=0, label="seed 001: 10–30% of N")
+        for i, rule in enumerate(rules):
+            sel = c["rule"] == rule
+            frac = np.sort(c["k"][sel] / c["n"][sel])
+            axes[0].step(frac, np.arange(1, frac.size + 1) / frac.size, where="post", color=f"C{i}", label=rule)
+            axes[1].scatter(np.full(sel.sum(), i) + np.linspace(-0.3, 0.3, sel.sum()), c["out_err"][sel], s=2,
+                            lw=0, alpha=0.4, color=f"C{i}", rasterized=True)
+            kind, value = rule.split("=")
+            if kind == "tolerance":
+                axes[1].hlines(float(value), i - 0.4, i + 0.4, color="k", lw=1)
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("chosen rank k / N")
+        axes[0].set_ylabel("share of heads")
+        axes[0].legend(fontsize=6)
+        axes[1].set_xticks(range(len(rules)), rules, rotation=20)
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel("output error ‖(A − Â_k)V‖_F / ‖AV‖_F\n(black: the tolerance)")
+        return _save(fig, figures_dir, "auto_rank")
+
+
+def fig_auto_heatmap(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Mean chosen rank per layer x head, for the default output budget and seed 001's energy rule."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import PAGE_WIDTH, style
+
+    _, c = _load(results_dir, auto=True)
+    n = int(c["n"].max())
+    panels = [r for r in ("tolerance=0.01", "energy=0.95") if (c["rule"] == r).any()]
+    layers, heads = int(c["layer"].max()) + 1, int(c["head"].max()) + 1
+    with style():
+        fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH, 2.3), constrained_layout=True, squeeze=False)
+        for ax, rule in zip(axes[0], panels):
+            sel = c["rule"] == rule
+            total, count = np.zeros((layers, heads)), np.zeros((layers, heads))
+            np.add.at(total, (c["layer"][sel].astype(int), c["head"][sel].astype(int)), c["k"][sel])
+            np.add.at(count, (c["layer"][sel].astype(int), c["head"][sel].astype(int)), 1)
+            grid = total / np.maximum(count, 1)
+            im = ax.imshow(grid, aspect="auto", norm="log", vmin=1, vmax=n)
+            for (i, j), val in np.ndenumerate(grid):
+                ax.text(j, i, f"{val:.0f}", ha="center", va="center", fontsize=5.5,
+                        color="w" if val < np.sqrt(n) else "k")
+            ax.set_xticks(range(heads))
+            ax.set_yticks(range(layers))
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(f"rank='auto', {rule} (mean k, N = {n})")
+            ax.grid(False)
+            fig.colorbar(im, ax=ax, label="k", shrink=0.9)
+        return _save(fig, figures_dir, "auto_heatmap")
+
+
+def fig_estimator(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """The a-posteriori estimate over the true Frobenius error, and the bound over the true spectral error."""
+    import matplotlib.pyplot as plt
+
+    from nkattn.figures import PAGE_WIDTH, style
+
+    _, c = _load(results_dir)
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.3), constrained_layout=True)
+        axes[0].hist(c["est_ratio"], bins=60, color="C0")
+        axes[0].axvline(1.0, color="k", ls=":")
+        axes[0].set_xlabel("error_estimate / ‖A − Â_k‖_F (5 probes)")
+        axes[1].hist(c["bound_ratio"], bins=np.geomspace(max(c["bound_ratio"].min(), 0.5), c["bound_ratio"].max(), 60),
+                     color="C1")
+        axes[1].axvline(1.0, color="C3", ls="--", label="bound = true error")
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("error_bound / ‖A − Â_k‖₂ (fails below 1 with prob. ≤ 1e-5)")
+        axes[1].legend()
+        for ax in axes:
+            ax.set_ylabel("heads × ranks")
+        return _save(fig, figures_dir, "estimator")
+
+
+FIGURES = [fig_spectra, fig_rsvd_accuracy, fig_frontier, fig_auto_rank, fig_auto_heatmap, fig_estimator]

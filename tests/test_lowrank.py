@@ -1,0 +1,585 @@
+"""Low-rank path: operators against the dense A, the randomized SVD against sklearn and
+Eckart–Young, the error estimate against the true error, rank="auto", the peers on
+hand-checkable cases, the public driver, and every bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+from numba import cuda
+from scipy import stats
+from sklearn.utils.extmath import randomized_svd
+
+from nkattn import figures
+from nkattn.lowrank import LowRankFactors, lowrank_attention, lowrank_factors
+from nkattn.reference import bert
+from nkattn.reference import lowrank as lr
+from nkattn.reference import lowrank_peers as peers
+from nkattn.reference.exact import attention_ref
+from nkattn.results import read_results
+from nkattn.studies import lowrank as study
+from nkattn.testing import relative_error
+
+from .conftest import REAL_GPU
+
+# --------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------
+
+
+def case(b, h, hkv, nq, nk, d, width, causal=False, key_lengths=None):
+    cid = f"B{b}-H{h}-Hkv{hkv}-Nq{nq}-Nk{nk}-d{d}-l{width}{'-causal' if causal else ''}{'-kl' if key_lengths else ''}"
+    c = {"b": b, "h": h, "hkv": hkv, "nq": nq, "nk": nk, "d": d, "width": width, "causal": causal,
+         "key_lengths": key_lengths}
+    return pytest.param(c, id=cid)
+
+
+# the float64 order at d <= 64 has 64-row and 64-key tiles: these cross them, leave tails,
+# hide whole batches (key length 0) and leave empty causal rows (Nq > Nk)
+GRID = [
+    case(1, 1, 1, 1, 1, 16, 1),
+    case(2, 4, 2, 37, 70, 16, 5, causal=True, key_lengths=(70, 30)),
+    case(1, 2, 1, 130, 17, 32, 3, causal=True),
+    case(2, 2, 2, 17, 129, 16, 9, key_lengths=(129, 0)),
+]
+
+
+def random_qk(b, h, hkv, nq, nk, d, *, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    return spread * rng.standard_normal((b, h, nq, d)), spread * rng.standard_normal((b, hkv, nk, d))
+
+
+def make_qk(c, seed=0, spread=1.0):
+    return random_qk(c["b"], c["h"], c["hkv"], c["nq"], c["nk"], c["d"], seed=seed, spread=spread)
+
+
+def masks(c):
+    return {"causal": c["causal"], "key_lengths": c["key_lengths"]}
+
+
+def planted(classes=8, n=96, d=16, strength=2.0, heads=1):
+    """q = k = strength · e_{i mod classes}: A = α P + γ 11ᵀ with σ = (1, λ, ..., λ, 0, ...),
+    λ = (t - 1) / (t + classes - 1), t = exp(strength² / sqrt(d)) (P: same-class indicator)."""
+    x = np.zeros((1, heads, n, d))
+    x[..., np.arange(n), np.arange(n) % classes] = strength
+    t = np.exp(strength**2 / np.sqrt(d))
+    return x, x.copy(), (t - 1) / (t + classes - 1)
+
+
+# --------------------------------------------------------------------------------------
+# operators
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", GRID)
+def test_operators_match_dense_products(c):
+    q, k = make_qk(c)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((c["b"], c["hkv"], c["nk"], c["width"]))
+    y = rng.standard_normal((c["b"], c["h"], c["nq"], c["width"]))
+    a, lse_dense = lr.attention_matrix(q, k, **masks(c), return_lse=True)
+    group = c["h"] // c["hkv"]
+
+    ax, lse = lr.attention_times_ref(q, k, x, c["key_lengths"], causal=c["causal"])
+    assert relative_error(ax, a @ np.repeat(x, group, axis=1)) <= 1e-12
+    assert relative_error(lse, attention_ref(q, k, k, **masks(c))[1]) <= 1e-12
+    assert relative_error(lse, lse_dense) <= 1e-12
+
+    aty = lr.attention_transpose_times_ref(q, k, y, lse, c["key_lengths"], causal=c["causal"])
+    assert relative_error(aty, np.swapaxes(a, -1, -2) @ y) <= 1e-12
+
+    # an X per query head, through the per-key-head operator in G calls
+    x_heads = rng.standard_normal((c["b"], c["h"], c["nk"], c["width"]))
+    ax_heads, _ = lr.times_per_query_head(lr.attention_times_ref, q, k, x_heads, **masks(c))
+    assert relative_error(ax_heads, a @ x_heads) <= 1e-12
+
+    empty = ~np.isfinite(lse)
+    assert np.array_equal(empty, (a == 0).all(axis=-1))
+    assert (ax[empty] == 0).all() and (ax_heads[empty] == 0).all()
+
+
+def test_operator_shapes_are_checked():
+    q, k = np.zeros((1, 2, 5, 16)), np.zeros((1, 1, 7, 16))
+    with pytest.raises(ValueError, match="x must have shape"):
+        lr.attention_times_ref(q, k, np.zeros((1, 2, 7, 3)))  # X is per key head
+    with pytest.raises(ValueError, match="y must have shape"):
+        lr.attention_transpose_times_ref(q, k, np.zeros((1, 1, 5, 3)), np.zeros((1, 2, 5)))
+    with pytest.raises(ValueError, match="lse must have shape"):
+        lr.attention_transpose_times_ref(q, k, np.zeros((1, 2, 5, 3)), np.zeros((1, 1, 5)))
+
+
+# --------------------------------------------------------------------------------------
+# randomized SVD
+# --------------------------------------------------------------------------------------
+
+
+def product(u, s, vt):
+    return u @ (s[..., :, None] * vt)
+
+
+@pytest.mark.parametrize("power_iters", [0, 2])
+def test_mirror_equals_dense_rsvd_for_the_same_seed(power_iters):
+    c = GRID[1].values[0]
+    q, k = make_qk(c, seed=3, spread=0.7)
+    a = lr.attention_matrix(q, k, **masks(c))
+    u, s, vt, _ = lr.randomized_svd_mirror(q, k, 6, oversample=4, power_iters=power_iters, seed=11, **masks(c))
+    u_d, s_d, vt_d = lr.randomized_svd_ref(a, 6, oversample=4, power_iters=power_iters, seed=11)
+    assert relative_error(s, s_d) <= 1e-12
+    assert relative_error(product(u, s, vt), product(u_d, s_d, vt_d)) <= 1e-11
+
+
+def test_full_width_rsvd_is_the_exact_svd():
+    q, k = random_qk(1, 2, 2, 30, 20, 16)
+    a = lr.attention_matrix(q, k)
+    u, s, vt = lr.randomized_svd_ref(a, 20, power_iters=0)
+    _, s_exact, _ = lr.attention_svd(q, k)
+    assert relative_error(s, s_exact) <= 1e-12
+    assert relative_error(product(u, s, vt), a) <= 1e-12
+
+
+def slow_decay_matrix():
+    """One attention head with a slowly decaying spectrum, where rSVD errors sit visibly above Eckart–Young."""
+    q, k = random_qk(1, 1, 1, 120, 100, 16, seed=5, spread=0.6)
+    return lr.attention_matrix(q, k)[0, 0]
+
+
+@pytest.mark.parametrize("power_iters", [0, 1])
+def test_rsvd_matches_sklearn_statistically_against_eckart_young(power_iters):
+    """Frobenius error / Eckart–Young optimum over seeds 0-99: ours and sklearn's (QR
+    normaliser, same oversampling and iterations, no transpose) come from one distribution."""
+    a = slow_decay_matrix()
+    rank, oversample = 10, 5
+    sv = np.linalg.svd(a, compute_uv=False)
+    optimum = np.sqrt((sv[rank:] ** 2).sum())
+    ours, theirs = [], []
+    for seed in range(100):
+        u, s, vt = lr.randomized_svd_ref(a, rank, oversample=oversample, power_iters=power_iters, seed=seed)
+        ours.append(np.linalg.norm(a - product(u, s, vt)) / optimum)
+        u, s, vt = randomized_svd(a, rank, n_oversamples=oversample, n_iter=power_iters,
+                                  power_iteration_normalizer="QR", transpose=False, flip_sign=False,
+                                  random_state=seed)
+        theirs.append(np.linalg.norm(a - product(u, s, vt)) / optimum)
+    ours, theirs = np.array(ours), np.array(theirs)
+    assert ours.min() >= 1 - 1e-12 and theirs.min() >= 1 - 1e-12  # nobody beats Eckart–Young
+    assert ours.mean() > 1.001  # the case is not trivial: the errors are above the optimum
+    z = (ours.mean() - theirs.mean()) / np.sqrt(ours.var(ddof=1) / 100 + theirs.var(ddof=1) / 100)
+    assert abs(z) < 4, (ours.mean(), theirs.mean(), z)
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+
+
+def test_power_iterations_reduce_the_error():
+    a = slow_decay_matrix()
+    errors = [
+        np.mean([np.linalg.norm(a - product(*lr.randomized_svd_ref(a, 10, oversample=5, power_iters=it, seed=s)))
+                 for s in range(20)])
+        for it in (0, 1, 2)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_driver_matches_the_mirror():
+    c = GRID[1].values[0]
+    q, k = make_qk(c, seed=3, spread=0.7)
+    f = lowrank_factors(q, k, rank=6, oversample=4, power_iters=1, seed=11, backend="reference", **masks(c))
+    u, s, vt, lse = lr.randomized_svd_mirror(q, k, 6, oversample=4, power_iters=1, seed=11, **masks(c))
+    assert isinstance(f, LowRankFactors) and (f.rank == 6).all()
+    assert relative_error(f.sigma, s) <= 1e-12
+    assert relative_error(product(f.U, f.sigma, f.Vt), product(u, s, vt)) <= 1e-11
+    assert relative_error(f.lse, lse) <= 1e-12
+
+
+@pytest.mark.parametrize("c", GRID[1:])
+def test_full_rank_reproduces_exact_attention(c):
+    q, k = make_qk(c)
+    v = np.random.default_rng(2).standard_normal((c["b"], c["hkv"], c["nk"], 24))  # dv != d is allowed
+    out, lse = lowrank_attention(q, k, v, rank=min(c["nq"], c["nk"]), **masks(c))
+    out_ref, lse_ref = attention_ref(q, k, v, **masks(c))
+    assert relative_error(out, out_ref) <= 1e-12
+    assert relative_error(lse, lse_ref) <= 1e-12
+    assert (out[~np.isfinite(lse_ref)] == 0).all()
+
+
+def test_outputs_keep_the_input_dtype():
+    q, k = make_qk(GRID[1].values[0])
+    v = np.ones((2, 2, 70, 16))
+    out, lse = lowrank_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), rank=4)
+    assert out.dtype == np.float32 and lse.dtype == np.float32 and out.shape == (2, 4, 37, 16)
+
+
+# --------------------------------------------------------------------------------------
+# error estimate and rank="auto"
+# --------------------------------------------------------------------------------------
+
+
+def test_error_estimate_is_unbiased_and_the_bound_holds():
+    """Over seeds 0-99: estimate² / ‖E‖_F² has mean 1 (z-test with the exact variance
+    2 Σs⁴ / (r (Σs²)²) of each seed's E), and ‖E‖₂ <= bound every time."""
+    q, k = random_qk(1, 1, 1, 60, 50, 16, seed=5, spread=0.6)
+    a = lr.attention_matrix(q, k)[0, 0]
+    ratios, variances = [], []
+    for seed in range(100):
+        f = lowrank_factors(q, k, rank=5, oversample=3, power_iters=0, seed=seed, backend="reference")
+        s = np.linalg.svd(a - product(f.U, f.sigma, f.Vt)[0, 0], compute_uv=False)
+        ratios.append(f.error_estimate[0, 0] ** 2 / (s**2).sum())
+        variances.append(2 * (s**4).sum() / (lr.ERROR_PROBES * (s**2).sum() ** 2))
+        assert f.error_bound[0, 0] >= s[0]
+    z = (np.sum(ratios) - 100) / np.sqrt(np.sum(variances))
+    assert abs(z) < 4, z
+
+
+def test_auto_rank_on_a_planted_spectrum():
+    """σ = (1, λ x 7, 0, ...): the energy rule's rank is known in closed form, and rank 8 is exact."""
+    q, k, lam = planted(classes=8)
+    v = np.random.default_rng(0).standard_normal((1, 1, 96, 16))
+    total = 1 + 7 * lam**2
+    for energy in (0.3, 0.6, 0.8, 0.95):
+        expected = 1 + int(np.ceil(max(energy * total - 1, 0) / lam**2))
+        assert lowrank_factors(q, k, rank="auto", energy=energy).rank[0, 0] == expected
+    f = lowrank_factors(q, k, v, rank="auto", tolerance=1e-9)
+    assert f.rank[0, 0] <= 8 and f.output_error[0, 0] <= 1e-9
+
+
+def test_auto_rank_meets_the_tolerance_across_doublings():
+    """Heads that need ranks on both sides of the first trial (16): each meets the budget,
+    checked against dense A·V from the returned factors (so the assembly is checked too)."""
+    rng = np.random.default_rng(4)
+    n, d = 80, 16
+    low, _, _ = planted(classes=4, n=n, d=d, heads=1)  # rank 4
+    q = np.concatenate([low, rng.standard_normal((1, 2, n, d)) * np.array([1.0, 3.0])[:, None, None]], axis=1)
+    k = np.concatenate([low, rng.standard_normal((1, 2, n, d))], axis=1)
+    v = rng.standard_normal((1, 3, n, d))
+    a = lr.attention_matrix(q, k)
+    exact = a @ v
+    for tolerance in (0.1, 0.01):
+        f = lowrank_factors(q, k, v, rank="auto", tolerance=tolerance)
+        assert f.rank[0, 0] < 16 < f.rank[0, 2]  # decided by different sketches
+        approx = product(f.U, f.sigma, f.Vt) @ v
+        error = np.linalg.norm(approx - exact, axis=(-2, -1)) / np.linalg.norm(exact, axis=(-2, -1))
+        assert (error <= tolerance).all() and np.allclose(error, f.output_error, rtol=1e-9)
+        for h in range(3):  # components beyond a head's rank are zero
+            assert (f.sigma[0, h, f.rank[0, h]:] == 0).all() and (f.U[0, h, :, f.rank[0, h]:] == 0).all()
+    out, _ = lowrank_attention(q, k, v, rank="auto")
+    assert relative_error(out, exact) <= 0.05  # the default 1% budget is per head, in the Frobenius norm
+
+
+def test_energy_rule_counts_squared_singular_values():
+    sv = np.array([3.0, 2.0, 1.0, 1.0, 1.0])  # energies 9, 4, 1, 1, 1 of 16
+    ranks = [int(lr.first_rank_meeting(lr.energy_met(sv, 16.0, t))) for t in (0.5, 0.8, 0.85, 0.9, 0.95, 1.0)]
+    assert ranks == [1, 2, 3, 4, 5, 5]
+    assert lr.first_rank_meeting(lr.budget_met([0.5, 0.2, 0.0], 1.0, 0.1)) == 3
+    assert lr.first_rank_meeting(lr.budget_met([0.5, 0.2], 1.0, 0.1)) == 0  # none meets
+    assert lr.first_rank_meeting(lr.budget_met([0.0], 0.0, 0.1)) == 1  # zero output meets any budget
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+Q, K, V = np.zeros((1, 2, 6, 16)), np.zeros((1, 1, 5, 16)), np.zeros((1, 1, 5, 8))
+
+BAD = [
+    ({"rank": 0}, "rank"),
+    ({"rank": 6}, "rank"),  # > min(Nq, Nk) = 5
+    ({"rank": 2.5}, "rank"),
+    ({"rank": True}, "rank"),
+    ({"rank": "full"}, "rank"),
+    ({"rank": 2, "oversample": -1}, "oversample"),
+    ({"rank": 2, "oversample": 1.0}, "oversample"),
+    ({"rank": 2, "power_iters": -1}, "power_iters"),
+    ({"rank": 2, "seed": 1.5}, "seed"),
+    ({"rank": 2, "seed": -1}, "seed"),
+    ({"rank": 2, "seed": "0"}, "seed"),
+    ({"rank": "auto", "energy": 0.0}, "energy"),
+    ({"rank": "auto", "energy": 1.5}, "energy"),
+    ({"rank": "auto", "energy": float("nan")}, "energy"),
+    ({"rank": "auto", "tolerance": 0}, "tolerance"),
+    ({"rank": "auto", "tolerance": -0.1}, "tolerance"),
+    ({"rank": "auto", "tolerance": 2}, "tolerance"),
+    ({"rank": 2, "energy": 0.9}, "energy"),  # a rule without rank="auto"
+    ({"rank": 2, "backend": "gpu"}, "backend"),
+    ({"rank": 2, "scale": -1.0}, "scale"),
+    ({"rank": 2, "key_lengths": np.array([6])}, "key_lengths"),
+    ({"rank": 2, "key_lengths": np.array([1, 2])}, "key_lengths"),
+]
+
+
+@pytest.mark.parametrize("kwargs, name", BAD, ids=[f"{n}={list(kw.values())[-1]!r}" for kw, n in BAD])
+@pytest.mark.parametrize("fn", [lowrank_attention, lowrank_factors], ids=["attention", "factors"])
+def test_bad_parameters_name_the_argument(fn, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        fn(Q, K, V, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "q, k, v, match",
+    [
+        (Q, np.zeros((1, 3, 5, 16)), np.zeros((1, 3, 5, 8)), "multiple"),
+        (Q, np.zeros((2, 1, 5, 16)), V, "batch"),
+        (Q, K, np.zeros((1, 1, 4, 8)), "v must have shape"),
+        (Q[0], K, V, "q must have rank 4"),
+    ],
+    ids=["heads", "batch", "v-length", "q-rank"],
+)
+def test_bad_shapes(q, k, v, match):
+    with pytest.raises(ValueError, match=match):
+        lowrank_attention(q, k, v, rank=2)
+
+
+def test_bad_types_and_the_default_rule_without_v():
+    with pytest.raises(TypeError, match="dtype"):
+        lowrank_attention(Q.astype(np.int64), K, V, rank=2)
+    with pytest.raises(TypeError, match="share one dtype"):
+        lowrank_attention(Q.astype(np.float32), K, V, rank=2)
+    with pytest.raises(TypeError, match="q must be a NumPy array"):
+        lowrank_attention(Q.tolist(), K, V, rank=2)
+    with pytest.raises(ValueError, match="needs v"):
+        lowrank_factors(Q, K, rank="auto")
+
+
+# --------------------------------------------------------------------------------------
+# peers
+# --------------------------------------------------------------------------------------
+
+
+def test_linformer_with_permutation_projections_is_exact():
+    """E = F = a permutation (k = N): softmax(q (Pk)ᵀ) P v = A Pᵀ P v = A v."""
+    q, k = random_qk(2, 2, 1, 9, 12, 16)
+    v = np.random.default_rng(1).standard_normal((2, 1, 12, 5))
+    perm = np.eye(12)[np.random.default_rng(2).permutation(12)]
+    left, right = peers.linformer_factors(q, k, 9, projections=(perm, perm))
+    assert relative_error(peers.peer_output(left, right, v), attention_ref(q, k, v)[0]) <= 1e-13
+
+
+def test_linformer_projections_are_seeded_jl_matrices():
+    e, f = peers.linformer_projections(40, 500, seed=3)
+    e2, _ = peers.linformer_projections(40, 500, seed=3)
+    assert np.array_equal(e, e2) and not np.allclose(e, f)
+    # 20,000 iid N(0, 1/k) entries each: k · mean square is 1 within 5 standard errors (sqrt(2 / n))
+    for m in (e, f):
+        assert abs(40 * (m**2).mean() - 1) < 5 * np.sqrt(2 / m.size)
+
+
+def test_nystrom_with_every_key_a_landmark_is_exact():
+    """k = N: the landmarks are q and k themselves, and F̃ A⁺ B̃ = A A⁺ A = A."""
+    q, k = random_qk(1, 2, 2, 10, 10, 16, spread=0.5)
+    left, right = peers.nystrom_factors(q, k, 10)
+    assert relative_error(left @ right, lr.attention_matrix(q, k)) <= 1e-10
+
+
+def test_nystrom_iterative_pinv_converges_to_the_inverse():
+    q, k = random_qk(1, 1, 1, 8, 8, 16, spread=0.3)
+    m = lr.attention_matrix(q, k)  # diffuse: well conditioned
+    assert relative_error(peers.iterative_pinv(m, 30), np.linalg.inv(m)) <= 1e-10
+    assert relative_error(peers.iterative_pinv(m, 2), np.linalg.inv(m)) > 1e-3  # not already there
+
+
+def test_segment_means():
+    x = np.arange(10.0)[:, None]
+    np.testing.assert_array_equal(peers.segment_means(x, 3)[:, 0], [1.5, 5.0, 8.0])  # sizes 4, 3, 3
+
+
+def test_performer_features_are_unbiased_for_the_softmax_kernel():
+    """E[φ(x)·φ(y)] = exp(x·y) with orthogonal features: z-test of the mean over seeds 0-99."""
+    rng = np.random.default_rng(0)
+    x, y = 0.5 * rng.standard_normal((2, 16))
+    estimates = []
+    for seed in range(100):
+        w = peers.orthogonal_gaussian(16, 16, np.random.default_rng(seed))
+        estimates.append(peers.favor_features(x[None], w)[0] @ peers.favor_features(y[None], w)[0])
+    estimates = np.array(estimates)
+    z = (estimates.mean() - np.exp(x @ y)) / (estimates.std(ddof=1) / 10)
+    assert abs(z) < 4, z
+    assert estimates.std() > 0.01  # a random estimate, not a constant
+
+
+def test_performer_is_a_positive_row_stochastic_approximation():
+    q, k = random_qk(1, 2, 1, 20, 30, 16)
+    left, right = peers.performer_factors(q, k, 8, seed=1)
+    approx = left @ right
+    assert approx.shape == (1, 2, 20, 30) and (approx > 0).all()
+    np.testing.assert_allclose(approx.sum(axis=-1), 1.0, rtol=1e-12)
+    # averaged over draws, the estimate approaches softmax (law of large numbers)
+    left, right = peers.performer_factors(q * 0.3, k * 0.3, 20, seed=1)
+    many = [peers.performer_factors(q * 0.3, k * 0.3, 20, seed=s) for s in range(40)]
+    mean = np.mean([a @ b for a, b in many], axis=0)
+    exact = lr.attention_matrix(q * 0.3, k * 0.3)
+    assert relative_error(mean, exact) < relative_error(left @ right, exact) / 2
+
+
+def test_peers_refuse_bad_rank_and_pinv():
+    q, k = random_qk(1, 1, 1, 5, 6, 16)
+    for factors in (peers.linformer_factors, peers.nystrom_factors, peers.performer_factors):
+        with pytest.raises(ValueError, match="rank"):
+            factors(q, k, 6)
+    with pytest.raises(ValueError, match="pinv"):
+        peers.nystrom_factors(q, k, 3, pinv="newton")
+
+
+# --------------------------------------------------------------------------------------
+# backend="cuda"
+# --------------------------------------------------------------------------------------
+
+
+def stand_in_operators():
+    """The GPU operators' contract (signatures of nkattn.cuda_kernels.lowrank) implemented
+    by the float64 mirror on host copies, writing into the given device views."""
+    module = types.ModuleType("nkattn.cuda_kernels.lowrank")
+
+    def attention_times(q, k, x, key_lengths, *, causal, scale, out=None, lse=None):
+        o, l_ = lr.attention_times_ref(q.copy_to_host(), k.copy_to_host(), x.copy_to_host(),
+                                       key_lengths.copy_to_host(), causal=causal, scale=scale)
+        out[:], lse[:] = o, l_  # element-wise stores: out and lse may be strided views
+        return out, lse
+
+    def attention_transpose_times(q, k, y, lse, key_lengths, *, causal, scale, out=None):
+        out[:] = lr.attention_transpose_times_ref(q.copy_to_host(), k.copy_to_host(), y.copy_to_host(),
+                                                  lse.copy_to_host(), key_lengths.copy_to_host(), causal=causal,
+                                                  scale=scale)
+        return out
+
+    module.attention_times = attention_times
+    module.attention_transpose_times = attention_transpose_times
+    return module
+
+
+def real_operators():
+    return pytest.importorskip(
+        "nkattn.cuda_kernels.lowrank", reason="the GPU operators (issue 11 item 2) are not on this branch yet"
+    )
+
+
+@pytest.mark.parametrize("operators", ["stand-in", "gpu-kernels"])
+@pytest.mark.parametrize("c", [case(2, 4, 2, 19, 23, 16, 4, causal=True, key_lengths=(23, 9))])
+def test_cuda_backend_matches_the_reference(c, operators, monkeypatch):
+    """Device inputs, GQA through strided views, lse kept on the device: same factors and
+    output as the reference backend (float64 on both)."""
+    module = stand_in_operators() if operators == "stand-in" else real_operators()
+    monkeypatch.setitem(sys.modules, "nkattn.cuda_kernels.lowrank", module)
+    q, k = make_qk(c, spread=0.7)
+    v = np.random.default_rng(1).standard_normal((c["b"], c["hkv"], c["nk"], 8))
+    kw = dict(rank=4, oversample=3, power_iters=1, seed=2, **masks(c))
+    qd, kd, vd = (cuda.to_device(x) for x in (q, k, v))
+    out, lse = lowrank_attention(qd, kd, vd, **kw)
+    out_ref, lse_ref = lowrank_attention(q, k, v, backend="reference", **kw)
+    assert relative_error(out.copy_to_host(), out_ref) <= 1e-11
+    assert relative_error(lse.copy_to_host(), lse_ref) <= 1e-12
+    # rank 16, then 19 = min(Nq, Nk): two sketches; no power iteration keeps the simulator quick
+    auto = {"rank": "auto", "tolerance": 1e-3, "power_iters": 0, **masks(c)}
+    f = lowrank_factors(qd, kd, vd, backend="cuda", **auto)
+    f_ref = lowrank_factors(q, k, v, backend="reference", **auto)
+    assert np.array_equal(f.rank, f_ref.rank) and f.rank.min() < 16 < f.rank.max()
+    assert relative_error(product(f.U, f.sigma, f.Vt), product(f_ref.U, f_ref.sigma, f_ref.Vt)) <= 1e-11
+
+
+@pytest.mark.gpu
+def test_cuda_float32_meets_the_spectral_target():
+    """float32 operators, float64 linear algebra: ‖A - Â_32‖₂ <= 1.5 σ₃₃ on a MiniLM-like head."""
+    real_operators()
+    q, k, _ = planted(classes=16, n=1024, d=64, strength=1.5, heads=2)
+    q = q + 0.3 * np.random.default_rng(0).standard_normal(q.shape)
+    f = lowrank_factors(q.astype(np.float32), k.astype(np.float32), rank=32, backend="cuda")
+    a = lr.attention_matrix(q.astype(np.float32), k.astype(np.float32))
+    sv = np.linalg.svd(a, compute_uv=False)
+    err = np.linalg.norm(a - product(f.U, f.sigma, f.Vt), ord=2, axis=(-2, -1))
+    assert (err <= 1.5 * sv[..., 32] + 1e-5).all(), err / sv[..., 32]
+
+
+def test_cuda_backend_without_the_operators_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nkattn.cuda_kernels.lowrank", None)  # import fails
+    with pytest.raises(ImportError, match="nkattn.cuda_kernels.lowrank"):
+        lowrank_attention(Q, K, V, rank=2, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------
+# the lowrank study
+# --------------------------------------------------------------------------------------
+
+
+def test_svd_output_errors_are_those_of_the_explicit_truncation():
+    q, k = random_qk(1, 1, 1, 30, 30, 16, spread=0.5)
+    a = lr.attention_matrix(q, k)[0, 0]
+    v = np.random.default_rng(3).standard_normal((30, 5))
+    u, sv, vt = np.linalg.svd(a)
+    errors = study.svd_output_errors(sv, vt, v)
+    for rank in (0, 1, 7, 30):
+        a_k = (u[:, :rank] * sv[:rank]) @ vt[:rank]
+        expected = np.linalg.norm((a - a_k) @ v) / np.linalg.norm(a @ v)
+        assert errors[rank] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_layer_metrics_are_consistent_with_theory():
+    rng = np.random.default_rng(7)
+    q, k, v = rng.standard_normal((3, 2, 40, 16)) * np.array([0.3, 1.0, 1.0])[:, None, None, None]
+    fixed, auto, spectra = study.layer_metrics(q, k, v, ranks=(4, 8), rules=(("energy", 0.9), ("tolerance", 0.1)),
+                                               matrix_free_rank=8)
+    for rows in fixed.values():
+        for row in rows:
+            assert row["rsvd_spec_ratio"] >= 1 - 1e-3 and row["rsvd_fro_ratio"] >= 1 - 1e-3  # Eckart–Young (4 digits)
+            assert row["best_out"] <= row["svd_out"]
+    assert all(row["mf_vs_dense"] < 1e-10 for row in fixed[8])
+    assert all(1 <= row["k"] <= 40 and row["out_err"] <= 0.1 for row in auto["tolerance=0.1"])
+    assert spectra["exact"].shape == (2, 40) and spectra["matrix_free"].shape == (2, 8)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    if not bert.model_available():
+        pytest.skip(f"MiniLM weights not installed: {bert.INSTALL_HINT}")
+    results_dir = tmp_path_factory.mktemp("results")
+    paths = study.run(quick=True, results_dir=results_dir, progress=False)
+    assert paths == [results_dir / "lowrank" / "quick.json", results_dir / "lowrank" / "quick-auto.json"]
+    return results_dir
+
+
+def test_quick_run_writes_tidy_records_with_metadata(quick_results):
+    fixed = read_results(quick_results / "lowrank" / "quick.json")
+    auto = read_results(quick_results / "lowrank" / "quick-auto.json")
+    assert fixed["meta"]["command"] == "nkattn study lowrank --quick" and fixed["meta"]["config"]["quick"]
+    assert len(fixed["records"]) == 2 * 12 * 3  # layers x heads x ranks
+    assert len(auto["records"]) == 2 * 12 * len(study.RULES)
+    assert fixed["meta"]["summary"]["by_rank"]["32"]["mf_spec_ratio"]["max"] <= study.SPEC_TARGET
+    assert auto["meta"]["summary"]["by_rule"]["tolerance=0.01"]["share_over_budget"] == 0
+    assert fixed["meta"]["provenance"]["passages"]
+
+
+def test_figures_come_from_results_only_and_are_byte_reproducible(quick_results, tmp_path, monkeypatch):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(quick_results, results)
+    for quick, full in ((study.QUICK_RESULT, study.FULL_RESULT), (study.QUICK_AUTO, study.FULL_AUTO)):
+        (results / "lowrank" / quick).rename(results / "lowrank" / full)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a figure ran the study")
+
+    monkeypatch.setattr(study, "layer_metrics", forbidden)
+    paths = [p for make in study.FIGURES for p in make(results, tmp_path / "a")]
+    assert [p.suffix for p in paths] == [".pdf", ".png"] * len(study.FIGURES)
+    # no date or random id in the files: rebuilding gives the same bytes (one figure stands for all)
+    again = study.FIGURES[2](results, tmp_path / "b")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths[4:6]]
+    with pytest.raises(figures.MissingResultError, match="nkattn study lowrank"):
+        study.FIGURES[0](tmp_path / "empty", tmp_path / "c")
+
+
+def test_long_context_pipeline_on_the_cpu(tmp_path):
+    """The GPU part's code path with the CPU bench: the planted spectrum is recovered exactly."""
+    if not REAL_GPU:  # without a GPU (or with the simulator) the real run refuses in one line
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            study.run_long_context(results_dir=tmp_path)
+    paths = study.run_long_context(results_dir=tmp_path, data=("planted",), lengths=(64,), repeats=2,
+                                   progress=False, bench=study.HostBench())
+    records = read_results(paths[0])["records"]
+    factors = [r for r in records if r["kind"] == "factors"]
+    assert {r["dtype"] for r in factors} == {"float32", "float64"}
+    for r in factors:
+        assert r["sv_rel_err"] < 1e-6 and r["zero_floor"] < 1e-12  # float32 inputs: β itself is rounded
+        assert r["erank_95"] == 31 and r["stable_rank"] == pytest.approx(8.75, rel=1e-3)  # 1 + 31 λ², λ = 1/2
+        assert r["bits_identical"]
+    attention = [r for r in records if r["kind"] == "attention"]
+    assert len(attention) == 2 and all(r["bits_identical"] and r["budget_bytes"] > 0 for r in attention)
