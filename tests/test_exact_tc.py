@@ -18,7 +18,7 @@ import pytest
 from numba import cuda
 
 from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
-from nkattn.reference.exact import attention_ref, default_scale
+from nkattn.reference.exact import attention_ref, default_scale, visible_key_counts
 from nkattn.testing import (
     assert_bit_identical,
     assert_within_budget,
@@ -50,17 +50,18 @@ def from_bits(bits, kind):
     return np.asarray(bits).view(HALF[kind]).astype(np.float64)
 
 
+def visible_mask(batch, nq, nk, causal, key_lengths):
+    """(B, 1, Nq, Nk) mask of the keys each row sees (`visible_key_counts` as a mask)."""
+    counts = visible_key_counts(batch, nq, nk, causal, key_lengths)
+    return np.arange(nk)[None, None, None, :] < counts[:, None, :, None]
+
+
 def naive_tf32(q, k, v, *, causal=False, key_lengths=None, scale=None):
     """The formula with the tf32 roundings of the single-product kernel: q, k, P and v in tf32."""
     q, k, v = (round_tf32(x).astype(np.float64) for x in (q, k, v))
     scale = default_scale(q.shape[-1]) if scale is None else scale
     s = np.einsum("bhqd,bhkd->bhqk", q, np.repeat(k, q.shape[1] // k.shape[1], axis=1)) * scale
-    nq, nk = q.shape[2], k.shape[2]
-    lengths = np.full(q.shape[0], nk) if key_lengths is None else np.asarray(key_lengths)
-    ends = np.broadcast_to(lengths[:, None], (q.shape[0], nq)).copy()
-    if causal:
-        ends = np.minimum(ends, np.arange(nq)[None, :] + 1 + lengths[:, None] - nq)
-    visible = np.arange(nk)[None, None, None, :] < ends[:, None, :, None]
+    visible = visible_mask(q.shape[0], q.shape[2], k.shape[2], causal, key_lengths)
     s = np.where(visible, s, -np.inf)
     m = s.max(-1, keepdims=True)
     p = np.where(visible, np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
@@ -80,12 +81,7 @@ def naive_half(q, k, v, kind, *, causal=False, key_lengths=None, scale=None):
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     s = rnd(np.einsum("bhqd,bhkd->bhqk", q.astype(np.float32), k.astype(np.float32)) * np.float32(scale))
-    nq, nk = q.shape[2], k.shape[2]
-    lengths = np.full(q.shape[0], nk) if key_lengths is None else np.asarray(key_lengths)
-    ends = np.broadcast_to(lengths[:, None], (q.shape[0], nq)).copy()
-    if causal:
-        ends = np.minimum(ends, np.arange(nq)[None, :] + 1 + lengths[:, None] - nq)
-    visible = np.arange(nk)[None, None, None, :] < ends[:, None, :, None]
+    visible = visible_mask(q.shape[0], q.shape[2], k.shape[2], causal, key_lengths)
     s = np.where(visible, s, -np.inf)
     m = s.max(-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0)
