@@ -251,7 +251,8 @@ def test_repeats_are_bit_identical(kind, d):
         assert_bit_identical("lse", again[1], first[1])
 
 
-@pytest.mark.parametrize("kind", ["f16", "tf32x3", *(pytest.param(k, marks=pytest.mark.gpu) for k in ("bf16", "tf32"))])
+# the simulator checks the float16 structure (a 3xTF32 run of it takes a minute there)
+@pytest.mark.parametrize("kind", ["f16", *(pytest.param(k, marks=pytest.mark.gpu) for k in ("bf16", "tf32x3", "tf32"))])
 def test_batch_invariance(kind):
     """A row's bits do not depend on the batch it is in or on how many rows are launched."""
     rng = np.random.default_rng(5)
