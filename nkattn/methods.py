@@ -308,7 +308,7 @@ def tensor_core_kind(req: Request) -> str | None:
     return None
 
 
-def _hopper_reasons() -> list[str]:
+def hopper_reasons() -> list[str]:
     reasons = _no_device()
     if reasons:
         return reasons
@@ -326,7 +326,7 @@ def _hopper_reasons() -> list[str]:
 def _exact_tc_reasons(req: Request) -> list[str]:
     from nkattn.cuda_kernels.exact_tc import MAX_HEAD_DIM
 
-    reasons = _hopper_reasons()
+    reasons = hopper_reasons()
     if tensor_core_kind(req) is None:
         if req.dtype == np.float32:
             reasons.append(f"float32 takes the tensor-core kernel with precision in {TENSOR_CORE_PRECISIONS}, "
