@@ -97,10 +97,17 @@ def test_head_metrics_match_the_oracle_entropy_and_rank():
 
 
 def test_bf16_rounding():
-    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-7 + 2**-9, -2.5, 3.0e38], dtype=np.float32)
-    expected = np.array([1.0, 1.0, 1 + 2**-6, 1 + 2**-7, -2.5, np.inf], dtype=np.float32)
-    with np.errstate(over="ignore"):
-        np.testing.assert_array_equal(re.round_bf16(x)[:5], expected[:5])
+    # nearest, ties to even, on the top 16 bits of the float32 pattern: bfloat16 keeps 7
+    # fraction bits, its largest value is 1.9921875 * 2^127, and from half an ulp above
+    # it (1.99609375 * 2^127 = 3.3961e38) values round to inf
+    big = 2.0**127
+    x = np.array(
+        [1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-7 + 2**-9, -2.5, 3.0e38, 3.39e38, 3.4e38, -np.inf, 0.0], dtype=np.float32
+    )
+    expected = np.array(
+        [1.0, 1.0, 1 + 2**-6, 1 + 2**-7, -2.5, 1.765625 * big, 1.9921875 * big, np.inf, -np.inf, 0.0], dtype=np.float32
+    )
+    np.testing.assert_array_equal(re.round_bf16(x), expected)
     assert re.round_to(np.array([1 + 2**-12]), "fp16")[0] == 1.0
     with pytest.raises(ValueError, match="dtype"):
         re.round_to(x, "fp8")
