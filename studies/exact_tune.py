@@ -80,7 +80,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> list[Path]:
     meta = make_meta(device=name, config={"N": n, "B": batch, "H": heads, "candidates": {k: list(v) for k, v in CANDIDATES.items()},
                                           "quick": quick},
                      command="nkattn study exact-tune" + (" --quick" if quick else ""))
-    # a quick run must not overwrite the full sweep's file
-    path = Path(results_dir) / "bench" / f"exact-tune-{device_slug(name)}{'-partial' if quick else ''}.json"
+    # a quick run must not overwrite the full sweep's file (nor match the exact bench's "exact-*-partial.json")
+    path = Path(results_dir) / "bench" / f"exact-tune-{device_slug(name)}{'-quick' if quick else ''}.json"
     return [write_results(path, meta, records)]
 

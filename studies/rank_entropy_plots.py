@@ -78,7 +78,7 @@ def fig_rank_vs_length(results_dir: Path, figures_dir: Path) -> list[Path]:
     series += [("stable_rank", "stable rank ‖A‖²_F / ‖A‖²₂")]
     with style():
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.3))
-        ax.axhspan(low, high, color="0.88", zorder=0, label=f"seed 001 claim: {low:.0%}–{high:.0%} of N")
+        ax.axhspan(low, high, color="0.88", zorder=0, label=f"seed 001 claim: {low * 100:g}–{high * 100:g}% of N")
         for i, (name, label) in enumerate(series):
             fracs = [c[name][c["n"] == n] / n for n in lengths]
             color = f"C{i}"
@@ -213,7 +213,7 @@ def fig_spectra(results_dir: Path, figures_dir: Path) -> list[Path]:
                 sv = np.maximum(np.array(s[key]), 1e-18)
                 ax.plot(np.arange(1, sv.size + 1), sv, color=color, label=f"layer {s['layer']}")
         axes[0].axvline(d_head, color="k", ls=":")
-        axes[0].text(0.94 * d_head, 1e-6, f"d_head = {d_head}", ha="right", fontsize=7)
+        axes[0].text(d_head - 2, 1e-6, f"d_head = {d_head}", ha="right", fontsize=7)
         axes[0].set_title(f"scores S = QKᵀ/√d (N = {n})")
         axes[1].set_title(f"attention A = softmax(S) (N = {n})")
         for ax in axes:
