@@ -57,7 +57,7 @@ Code
 Plots (figures/distance/)
     rho_by_dataset, rho_vs_m, seed_repro, attention_heads, topk, end_to_end.
 
-Results (full run: 11 min on 2 shared CPU cores; rho = mean over 6 seeds, m = 17)
+Results (full run: 4.6 min on 2 shared CPU cores; rho = mean over 6 seeds, m = 17)
 
     ==========================  =========  ======  ===========  ======  =====
     dataset                     golden i16 golden  mean-stride  random  PCA

@@ -97,7 +97,7 @@ Plots (figures/lsh/)
     seed's reading), frontier (recall@50 vs candidate fraction: isotropic,
     clustered, MiniLM, theory beside), bucket_skew, collision_curve.
 
-Results (full run: 9.9 min on 2 shared CPU cores; tests 16 s)
+Results (full run: 9.9 min on 2 CPU cores, 25 min when they were shared with other jobs)
     * SimHash theory holds wherever it is testable: 95.3% of the 300 calibration
       cells (10 cosines x 30 configurations, 10,000 pairs each) contain the theory
       in their 95% Clopper-Pearson interval, and 93% of the 300 needle cells

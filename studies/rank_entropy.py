@@ -50,7 +50,7 @@ Plots (``nkattn figures``, in figures/rank-entropy/, drawn by `rank_entropy_plot
     rank_vs_length, entropy_vs_rank (coloured by layer), lowrank_error,
     precision_vs_entropy, spectra.
 
-Results (full run: 24 min on 2 CPU cores)
+Results (full run: 24-27 min on 2 CPU cores)
     * S has numerical rank exactly 32 in every row; A = softmax(S) does not
       inherit it: at N = 512, 62% of rows need more than 32 singular values for
       99% of A's energy.
