@@ -7,12 +7,10 @@ lse = -inf). One call runs:
 1. `simhash_kernel`: every row's bucket in every table (float64 projections,
    bit i = [x · r_i > 0]), as codes (B, Hx, L, N) int32 for sorting and
    (B, Hx, N, L) uint16 for reading a row's codes of all tables at once.
-2. A stable LSD radix sort by bucket of every (b, head, table) segment at once,
-   8 bits per pass: per-tile digit histograms, one exclusive scan per segment,
-   an in-order scatter. Each thread walks its tile of consecutive elements in
-   order, so the result is the unique (bucket, index) order: no atomics, no
-   data-dependent nondeterminism. Then each bucket's [start, end) among the
-   sorted rows, and for queries the first work item of each bucket (a scan of
+2. A stable radix sort by bucket of every (b, head, table) segment at once
+   (`nkattn.cuda_kernels.radix_sort`: no atomics, so the result is the unique
+   (bucket, index) order). Then each bucket's [start, end) among the sorted
+   rows, and for queries the first work item of each bucket (a scan of
    ceil(bucket size / BM)) and the bucket of each work item.
 3. `lsh_attention_kernel`, launched once per table t: a block takes one work
    item, up to BM queries of one bucket, and streams that bucket's keys (index
@@ -26,6 +24,9 @@ lse = -inf). One call runs:
 Memory beyond Q, K, V, O, lse: codes, permutations and sort scratch, O(N·L)
 int32, and bucket bounds O(L·2^bits). Every query is owned by one block per
 table and tables run in order, so the bits do not depend on the launch.
+
+Each section below holds its kernels, then their launch geometry
+(``*_launch_config``), then the host functions that launch them.
 """
 
 from __future__ import annotations
@@ -41,20 +42,23 @@ from nkattn.cuda_kernels.online_softmax import (
     launch_with_shared_memory,
     streaming_primitives,
 )
+from nkattn.cuda_kernels.radix_sort import (
+    elementwise_launch_config,
+    exclusive_scan,
+    fill,
+    segmented_radix_sort,
+)
 from nkattn.reference import lsh as ref
 from nkattn.reference.exact import StreamingOrder
 
 # Bucket codes of earlier tables are kept in static shared memory (two per uint32)
 # for the de-duplication test; the kernel is built once for this many tables.
 MAX_TABLES = 64
-RADIX_BITS = 8
-RADIX = 1 << RADIX_BITS
-# elements per sorting thread (a tile of consecutive elements walked in order)
-SORT_TILE = 4 if SIMULATOR else 1024
-SORT_BLOCK = 4 if SIMULATOR else 32
-SCAN_THREADS = 8 if SIMULATOR else 1024
 HASH_BLOCK = 8 if SIMULATOR else 64
-ROW_BLOCK = 32 if SIMULATOR else 256
+# A bucket code has at most ref.MAX_BITS = 16 bits: codes are stored as uint16, and the
+# kernel keeps two earlier-table codes per uint32 word (low and high half).
+CODE_BITS = 16
+CODE_MASK = (1 << CODE_BITS) - 1
 # The LSH kernel's tiling: 32 x 32 tiles, 128 threads. Buckets hold tens to hundreds of
 # rows and keys, so small tiles waste less on padding; at N = 1M on the H100 this ran
 # 14 bits x 48 tables in 374 ms against 429 (32 x 64 tiles), 567 (64 x 64) and 596 ms
@@ -71,7 +75,7 @@ LSH_ORDERS = {np.dtype(np.float32): StreamingOrder(threads_y=8, threads_x=16, ro
 def simhash_kernel(dtype, head_dim: int, bits: int):
     """codes[b, h, t, n] = sum_i [x[b, h, n] · planes[t, i] > 0] << i (int32, the sort's
     layout) and the same codes row-major, codes_by_row[b, h, n, t] (uint16, for reading
-    all tables of one row at once). Grid (ceil(N / HASH_BLOCK), Hx, B).
+    all tables of one row at once). Launched by `rows_launch_config`.
 
     The block's rows are staged transposed in shared memory, so thread r reads row r
     with unit stride across the warp, and one table's hyperplanes at a time, read by
@@ -136,91 +140,35 @@ def unit_rows_kernel(x, out):
         out[b, h, n, c] = x[b, h, n, c] * inv
 
 
+def rows_launch_config(n: int, heads: int, batch: int):
+    """(grid, block) of the hash and unit-row kernels: a block of HASH_BLOCK threads per
+    HASH_BLOCK consecutive rows of one (b, head), thread r on row ``blockIdx.x * HASH_BLOCK + r``."""
+    return (math.ceil(n / HASH_BLOCK), heads, batch), HASH_BLOCK
+
+
+def _hash(x, planes, stream):
+    batch, heads, n, head_dim = x.shape
+    tables, bits = planes.shape[0], planes.shape[1]
+    codes = cuda.device_array((batch, heads, tables, n), dtype=np.int32, stream=stream)
+    codes_by_row = cuda.device_array((batch, heads, n, tables), dtype=np.uint16, stream=stream)
+    kernel, shared = simhash_kernel(np.dtype(x.dtype), head_dim, bits)
+    launch_with_shared_memory(
+        kernel, *rows_launch_config(n, heads, batch), shared, stream, x, planes, codes, codes_by_row
+    )
+    return codes, codes_by_row
+
+
+def unit_rows(x, stream=0):
+    batch, heads, n, _ = x.shape
+    out = cuda.device_array_like(x, stream=stream)
+    grid, block = rows_launch_config(n, heads, batch)
+    unit_rows_kernel[grid, block, stream](x, out)
+    return out
+
+
 # --------------------------------------------------------------------------------------
-# 2. stable radix sort of many segments
+# 2. buckets: sorted rows, bucket bounds, query work items
 # --------------------------------------------------------------------------------------
-
-
-@cuda.jit
-def radix_histogram_kernel(keys, shift, counts):
-    """counts[s, digit, tile]: digits of tile `tile` of segment s; a thread per tile."""
-    tile = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    seg = cuda.blockIdx.y
-    n = keys.shape[1]
-    local = cuda.shared.array((SORT_BLOCK, RADIX), int32)
-    mine = cuda.threadIdx.x
-    for dgt in range(RADIX):
-        local[mine, dgt] = 0
-    start = tile * SORT_TILE
-    if start < n:
-        for p in range(start, min(start + SORT_TILE, n)):
-            dgt = (keys[seg, p] >> shift) & (RADIX - 1)
-            local[mine, dgt] += 1
-        for dgt in range(RADIX):
-            counts[seg, dgt, tile] = local[mine, dgt]
-
-
-@cuda.jit
-def exclusive_scan_kernel(counts):
-    """In place, per segment (block), over the flattened (digit, tile) order: a chunk per
-    thread summed in order, the chunk totals scanned by one thread, then written back."""
-    seg = cuda.blockIdx.x
-    flat = counts[seg]
-    tid = cuda.threadIdx.x
-    n_digits, n_tiles = flat.shape
-    total = n_digits * n_tiles
-    chunk = (total + SCAN_THREADS - 1) // SCAN_THREADS
-    partial = cuda.shared.array(SCAN_THREADS, int32)
-    lo = min(tid * chunk, total)
-    hi = min(lo + chunk, total)
-    acc = 0
-    for f in range(lo, hi):
-        dgt = f // n_tiles
-        acc += flat[dgt, f - dgt * n_tiles]
-    partial[tid] = acc
-    cuda.syncthreads()  # every chunk total is in shared memory
-    if tid == 0:
-        run = 0
-        for t in range(SCAN_THREADS):
-            c = partial[t]
-            partial[t] = run
-            run += c
-    cuda.syncthreads()  # chunk offsets are ready
-    run = partial[tid]
-    for f in range(lo, hi):
-        dgt = f // n_tiles
-        c = flat[dgt, f - dgt * n_tiles]
-        flat[dgt, f - dgt * n_tiles] = run
-        run += c
-
-
-@cuda.jit
-def radix_scatter_kernel(keys, values, shift, offsets, keys_out, values_out):
-    """Each thread walks its tile in order and places every element at its digit's next slot."""
-    tile = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    seg = cuda.blockIdx.y
-    n = keys.shape[1]
-    start = tile * SORT_TILE
-    local = cuda.shared.array((SORT_BLOCK, RADIX), int32)
-    mine = cuda.threadIdx.x
-    if start < n:
-        for dgt in range(RADIX):
-            local[mine, dgt] = offsets[seg, dgt, tile]
-        for p in range(start, min(start + SORT_TILE, n)):
-            key = keys[seg, p]
-            dgt = (key >> shift) & (RADIX - 1)
-            slot = local[mine, dgt]
-            local[mine, dgt] = slot + 1
-            keys_out[seg, slot] = key
-            values_out[seg, slot] = values[seg, p]
-
-
-@cuda.jit
-def iota_kernel(values):
-    p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    seg = cuda.blockIdx.y
-    if p < values.shape[1]:
-        values[seg, p] = p
 
 
 @cuda.jit
@@ -238,50 +186,13 @@ def bucket_bounds_kernel(sorted_codes, start, end):
         end[seg, code] = p + 1
 
 
-def stable_sort_by_code(codes, bits: int, stream=0):
-    """Sort each row of `codes` (S, N) int32 < 2^bits stably; returns (sorted codes, original positions)."""
-    segments, n = codes.shape
-    n_tiles = math.ceil(n / SORT_TILE)
-    sort_grid = (math.ceil(n_tiles / SORT_BLOCK), segments)
-    row_grid = (math.ceil(n / ROW_BLOCK), segments)
-    counts = cuda.device_array((segments, RADIX, n_tiles), dtype=np.int32, stream=stream)
-    keys_a, keys_b = codes, cuda.device_array_like(codes, stream=stream)
-    vals_a = cuda.device_array((segments, n), dtype=np.int32, stream=stream)
-    vals_b = cuda.device_array((segments, n), dtype=np.int32, stream=stream)
-    iota_kernel[row_grid, ROW_BLOCK, stream](vals_a)
-    for shift in range(0, bits, RADIX_BITS):
-        radix_histogram_kernel[sort_grid, SORT_BLOCK, stream](keys_a, shift, counts)
-        exclusive_scan_kernel[segments, SCAN_THREADS, stream](counts)
-        radix_scatter_kernel[sort_grid, SORT_BLOCK, stream](keys_a, vals_a, shift, counts, keys_b, vals_b)
-        if keys_a is codes:
-            keys_a = cuda.device_array_like(codes, stream=stream)  # never overwrite the caller's codes
-        keys_a, keys_b = keys_b, keys_a
-        vals_a, vals_b = vals_b, vals_a
-    return keys_a, vals_a
-
-
-def bucket_bounds(sorted_codes, bits: int, stream=0):
-    segments, n = sorted_codes.shape
-    start = cuda.device_array((segments, 1 << bits), dtype=np.int32, stream=stream)
-    end = cuda.device_array((segments, 1 << bits), dtype=np.int32, stream=stream)
-    fill_grid = (math.ceil((1 << bits) / ROW_BLOCK), segments)
-    fill_kernel[fill_grid, ROW_BLOCK, stream](start, 0)
-    fill_kernel[fill_grid, ROW_BLOCK, stream](end, 0)
-    bucket_bounds_kernel[(math.ceil(n / ROW_BLOCK), segments), ROW_BLOCK, stream](sorted_codes, start, end)
-    return start, end
-
-
 @cuda.jit
-def fill_kernel(a, value):
+def bucket_items_kernel(start, end, rows_per_item, items):
+    """items[s, bucket] = ceil(bucket size / rows_per_item): the blocks a bucket's queries need."""
     p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     seg = cuda.blockIdx.y
-    if p < a.shape[1]:
-        a[seg, p] = value
-
-
-# --------------------------------------------------------------------------------------
-# 3. bucketed attention, one launch per table
-# --------------------------------------------------------------------------------------
+    if p < items.shape[1]:
+        items[seg, p] = (end[seg, p] - start[seg, p] + rows_per_item - 1) // rows_per_item
 
 
 @cuda.jit
@@ -295,13 +206,67 @@ def item_buckets_kernel(first_item, start, end, rows_per_item, item_bucket):
             item_bucket[seg, first + i] = p
 
 
-@cuda.jit
-def bucket_items_kernel(start, end, rows_per_item, items):
-    """items[s, bucket] = ceil(bucket size / rows_per_item): the blocks a bucket's queries need."""
-    p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    seg = cuda.blockIdx.y
-    if p < items.shape[1]:
-        items[seg, p] = (end[seg, p] - start[seg, p] + rows_per_item - 1) // rows_per_item
+def bucket_bounds(sorted_codes, bits: int, stream=0):
+    segments, n = sorted_codes.shape
+    start = cuda.device_array((segments, 1 << bits), dtype=np.int32, stream=stream)
+    end = cuda.device_array((segments, 1 << bits), dtype=np.int32, stream=stream)
+    fill(start, 0, stream)
+    fill(end, 0, stream)
+    grid, block = elementwise_launch_config(n, segments)
+    bucket_bounds_kernel[grid, block, stream](sorted_codes, start, end)
+    return start, end
+
+
+class LshBuckets:
+    """Device-side hash tables of one call (per (b, head, table) segment):
+    codes by row (B, Hx, N, L) uint16, the stable bucket order of rows, and each
+    bucket's [start, end) in it, for queries and keys."""
+
+    def __init__(self, q_codes, q_perm, q_sorted, q_start, q_end, k_codes, k_perm, k_start, k_end):
+        self.q_codes, self.q_perm, self.q_sorted, self.q_start, self.q_end = q_codes, q_perm, q_sorted, q_start, q_end
+        self.k_codes, self.k_perm, self.k_start, self.k_end = k_codes, k_perm, k_start, k_end
+
+
+def _sort_and_bound(x, planes, bits, stream):
+    """Hash, sort and bound the buckets of x's rows; arrays shaped per (b, head, table)."""
+    codes, codes_by_row = _hash(x, planes, stream)
+    batch, heads, tables, n = codes.shape
+    sorted_codes, perm = segmented_radix_sort(codes.reshape(batch * heads * tables, n), bits, stream)
+    start, end = bucket_bounds(sorted_codes, bits, stream)
+    seg = (batch, heads, tables)
+    return (codes_by_row, perm.reshape(seg + (n,)), sorted_codes.reshape(seg + (n,)),
+            start.reshape(seg + (1 << bits,)), end.reshape(seg + (1 << bits,)))
+
+
+def build_buckets(q, k, planes, bits: int, *, shared_qk: bool = False, stream=0) -> LshBuckets:
+    """Hash q and k with `planes` (device, (tables, bits, d) float64), sort, find bucket bounds."""
+    k_codes, k_perm, k_sorted, k_start, k_end = _sort_and_bound(k, planes, bits, stream)
+    if shared_qk:
+        return LshBuckets(k_codes, k_perm, k_sorted, k_start, k_end, k_codes, k_perm, k_start, k_end)
+    q_parts = _sort_and_bound(q, planes, bits, stream)
+    return LshBuckets(*q_parts, k_codes, k_perm, k_start, k_end)
+
+
+def work_items(buckets: LshBuckets, bits: int, rows_per_item: int, max_items: int, stream=0):
+    """The query work items of every (b, head, table): the first item of each bucket
+    (B, H, L, 2^bits), an exclusive scan of ceil(bucket size / rows_per_item), and the
+    bucket of each item (B, H, L, max_items), -1 past the last."""
+    batch, heads, tables, nb = buckets.q_start.shape
+    segments = batch * heads * tables
+    start, end = buckets.q_start.reshape(segments, nb), buckets.q_end.reshape(segments, nb)
+    items = cuda.device_array((segments, nb), dtype=np.int32, stream=stream)
+    bucket_grid, bucket_block = elementwise_launch_config(nb, segments)
+    bucket_items_kernel[bucket_grid, bucket_block, stream](start, end, rows_per_item, items)
+    exclusive_scan(items.reshape(segments, nb, 1), stream)
+    item_bucket = cuda.device_array((segments, max_items), dtype=np.int32, stream=stream)
+    fill(item_bucket, -1, stream)
+    item_buckets_kernel[bucket_grid, bucket_block, stream](items, start, end, rows_per_item, item_bucket)
+    return items.reshape(batch, heads, tables, nb), item_bucket.reshape(batch, heads, tables, max_items)
+
+
+# --------------------------------------------------------------------------------------
+# 3. bucketed attention, one launch per table
+# --------------------------------------------------------------------------------------
 
 
 def lsh_order(dtype, head_dim: int):
@@ -313,9 +278,9 @@ def lsh_order(dtype, head_dim: int):
 def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order=None):
     """Build the bucketed attention kernel for one dtype and head dim.
 
-    Grid ``(ceil(Nq / BM) + min(2^bits, Nq), H, B)``: one block per *work item*, up
-    to BM queries of one bucket of table t (a bucket of c queries has ceil(c / BM)
-    items; blocks past the last item return at once)::
+    Grid (`launch_config`): one block per *work item*, up to BM queries of one
+    bucket of table t (a bucket of c queries has ceil(c / BM) items; blocks past
+    the last item return at once)::
 
         sorted queries  | bucket 5: item 0, item 1 | bucket 9: item 2 | ...
         keys streamed     keys of bucket 5            keys of bucket 9     (tiles of BN)
@@ -350,7 +315,7 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
             if j >= 0:
                 lo = uint32(codes[b, h, j, 2 * p])
                 hi = uint32(codes[b, h, j, 2 * p + 1]) if 2 * p + 1 < t else uint32(unused_half)
-                dst[r, p] = lo | (hi << 16)
+                dst[r, p] = lo | (hi << CODE_BITS)
 
     @cuda.jit(device=True, inline="always")
     def hide_scores(s, t, row_idx, row_vis, key_idx, q_prev, k_prev, self_score, ty, tx, seen, q_pair, k_pair):
@@ -367,7 +332,7 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
             for i in range(TM):
                 for j in range(TN):
                     x = q_pair[i] ^ k_pair[j]
-                    seen[i, j] = seen[i, j] or (x & 0xFFFF) == 0 or (x >> 16) == 0
+                    seen[i, j] = seen[i, j] or (x & CODE_MASK) == 0 or (x >> CODE_BITS) == 0
         for i in range(TM):
             r = ty * TM + i
             for j in range(TN):
@@ -486,70 +451,12 @@ def lsh_attention_kernel(dtype, head_dim: int, *, shared_qk: bool = False, order
     return lsh_attention_fwd, sp
 
 
-class LshBuckets:
-    """Device-side hash tables of one call (per (b, head, table) segment):
-    codes by row (B, Hx, N, L) uint16, the stable bucket order of rows, and each
-    bucket's [start, end) in it, for queries and keys."""
-
-    def __init__(self, q_codes, q_perm, q_sorted, q_start, q_end, k_codes, k_perm, k_start, k_end):
-        self.q_codes, self.q_perm, self.q_sorted, self.q_start, self.q_end = q_codes, q_perm, q_sorted, q_start, q_end
-        self.k_codes, self.k_perm, self.k_start, self.k_end = k_codes, k_perm, k_start, k_end
-
-
-def _hash(x, planes, stream):
-    batch, heads, n, head_dim = x.shape
-    tables, bits = planes.shape[0], planes.shape[1]
-    codes = cuda.device_array((batch, heads, tables, n), dtype=np.int32, stream=stream)
-    codes_by_row = cuda.device_array((batch, heads, n, tables), dtype=np.uint16, stream=stream)
-    kernel, shared = simhash_kernel(np.dtype(x.dtype), head_dim, bits)
-    launch_with_shared_memory(
-        kernel, (math.ceil(n / HASH_BLOCK), heads, batch), HASH_BLOCK, shared, stream, x, planes, codes, codes_by_row
-    )
-    return codes, codes_by_row
-
-
-def _sort_and_bound(x, planes, bits, stream):
-    """Hash, sort and bound the buckets of x's rows; arrays shaped per (b, head, table)."""
-    codes, codes_by_row = _hash(x, planes, stream)
-    batch, heads, tables, n = codes.shape
-    sorted_codes, perm = stable_sort_by_code(codes.reshape(batch * heads * tables, n), bits, stream)
-    start, end = bucket_bounds(sorted_codes, bits, stream)
-    seg = (batch, heads, tables)
-    return (codes_by_row, perm.reshape(seg + (n,)), sorted_codes.reshape(seg + (n,)),
-            start.reshape(seg + (1 << bits,)), end.reshape(seg + (1 << bits,)))
-
-
-def build_buckets(q, k, planes, bits: int, *, shared_qk: bool = False, stream=0) -> LshBuckets:
-    """Hash q and k with `planes` (device, (tables, bits, d) float64), sort, find bucket bounds."""
-    k_codes, k_perm, k_sorted, k_start, k_end = _sort_and_bound(k, planes, bits, stream)
-    if shared_qk:
-        return LshBuckets(k_codes, k_perm, k_sorted, k_start, k_end, k_codes, k_perm, k_start, k_end)
-    q_parts = _sort_and_bound(q, planes, bits, stream)
-    return LshBuckets(*q_parts, k_codes, k_perm, k_start, k_end)
-
-
-def work_items(buckets: LshBuckets, bits: int, rows_per_item: int, max_items: int, stream=0):
-    """The query work items of every (b, head, table): the first item of each bucket
-    (B, H, L, 2^bits), an exclusive scan of ceil(bucket size / rows_per_item), and the
-    bucket of each item (B, H, L, max_items), -1 past the last."""
-    batch, heads, tables, nb = buckets.q_start.shape
-    segments = batch * heads * tables
-    start, end = buckets.q_start.reshape(segments, nb), buckets.q_end.reshape(segments, nb)
-    items = cuda.device_array((segments, nb), dtype=np.int32, stream=stream)
-    bucket_grid = (math.ceil(nb / ROW_BLOCK), segments)
-    bucket_items_kernel[bucket_grid, ROW_BLOCK, stream](start, end, rows_per_item, items)
-    exclusive_scan_kernel[segments, SCAN_THREADS, stream](items.reshape(segments, nb, 1))
-    item_bucket = cuda.device_array((segments, max_items), dtype=np.int32, stream=stream)
-    fill_kernel[(math.ceil(max_items / ROW_BLOCK), segments), ROW_BLOCK, stream](item_bucket, -1)
-    item_buckets_kernel[bucket_grid, ROW_BLOCK, stream](items, start, end, rows_per_item, item_bucket)
-    return items.reshape(batch, heads, tables, nb), item_bucket.reshape(batch, heads, tables, max_items)
-
-
-def unit_rows(x, stream=0):
-    batch, heads, n, _ = x.shape
-    out = cuda.device_array_like(x, stream=stream)
-    unit_rows_kernel[(math.ceil(n / HASH_BLOCK), heads, batch), HASH_BLOCK, stream](x, out)
-    return out
+def launch_config(sp, batch: int, heads: int, nq: int, bits: int):
+    """(grid, block, dynamic shared bytes) of the attention kernel: one block per work item
+    of one (b, h). The items of a table number sum over buckets of ceil(c / BM)
+    <= Nq / BM + (non-empty buckets); blocks past the last item return at once."""
+    max_items = math.ceil(nq / sp.BM) + min(1 << bits, nq)
+    return (max_items, heads, batch), sp.THREADS, sp.SHARED_BYTES
 
 
 def lsh_attention(
@@ -574,24 +481,23 @@ def lsh_attention(
     planes = cuda.to_device(ref.hyperplanes(head_dim, bits, tables, seed), stream=stream)
     buckets = build_buckets(q, k, planes, bits, shared_qk=shared_qk, stream=stream)
     kernel, sp = lsh_attention_kernel(dtype, head_dim, shared_qk=shared_qk, order=order)
-    # sum over buckets of ceil(c / BM) <= Nq / BM + (non-empty buckets)
-    max_items = math.ceil(nq / sp.BM) + min(1 << bits, nq)
+    grid, block, shared = launch_config(sp, batch, heads, nq, bits)
+    max_items = grid[0]  # one block per possible work item
     first_item, item_bucket = work_items(buckets, bits, sp.BM, max_items, stream)
     if out is None:
         out = cuda.device_array((batch, heads, nq, head_dim), dtype=dtype, stream=stream)
     if lse is None:
         lse = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream)
     l_state = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream) if tables > 1 else lse
-    grid = (max_items, heads, batch)
     args = (
         q, k, v, key_lengths, buckets.q_perm, buckets.q_start, buckets.q_end, first_item, item_bucket, buckets.q_codes,
         buckets.k_perm, buckets.k_start, buckets.k_end, buckets.k_codes,
         out, lse, l_state, dtype.type(scale), bool(causal), heads // k.shape[1],
     )
-    launch_with_shared_memory(kernel, grid, sp.THREADS, sp.SHARED_BYTES, stream, *args, 0, tables == 1)
+    launch_with_shared_memory(kernel, grid, block, shared, stream, *args, 0, tables == 1)
     for t in range(1, tables):
         # the shared-memory opt-in of the first launch holds for the rest
-        kernel[grid, sp.THREADS, stream, sp.SHARED_BYTES](*args, t, t == tables - 1)
+        kernel[grid, block, stream, shared](*args, t, t == tables - 1)
     if return_buckets:
         return out, lse, buckets
     return out, lse

@@ -40,6 +40,17 @@ def _table_offset(sp) -> int:
     return (sp.SHARED_BYTES + 15) // 16 * 16
 
 
+def table_words(table_u16) -> np.ndarray:
+    """The (256, 256) uint16 table as the 32,768 uint32 words the kernel copies."""
+    table_u16 = np.asarray(table_u16)
+    if table_u16.shape != (PALETTE, PALETTE) or table_u16.dtype != np.uint16:
+        raise ValueError(
+            f"the lookup kernel needs a ({PALETTE}, {PALETTE}) uint16 table (pad smaller palettes with "
+            f"nkattn.reference.table.pad_table), got {table_u16.shape} {table_u16.dtype}"
+        )
+    return np.ascontiguousarray(table_u16).reshape(-1).view(np.uint32)
+
+
 @cache
 def lookup_device_code(dtype, head_dim: int, order=None):
     """The spine without Q/K tiles, and the lookup steps both table kernels share::
@@ -79,12 +90,18 @@ def lookup_device_code(dtype, head_dim: int, order=None):
     return sp, TABLE_OFFSET + PALETTE * PALETTE * 2, copy_table, load_row_codes, load_key_codes, lookup_tile_scores
 
 
+def launch_config(sp, shared_bytes: int, batch: int, heads: int, nq: int):
+    """(grid, block, dynamic shared bytes) of both table kernels, which tile like the exact
+    kernel: one block of sp.THREADS per BM query rows of one (b, h)."""
+    return (math.ceil(nq / sp.BM), heads, batch), sp.THREADS, shared_bytes
+
+
 @cache
 def table_attention_kernel(dtype, head_dim: int, *, order=None):
     """Build the lookup attention kernel for one dtype and head dim.
 
-    Grid ``(ceil(Nq / BM), H, B)`` as the exact kernel; the block's first step is
-    the table copy::
+    Grid (`launch_config`) as the exact kernel; the block's first step is the
+    table copy::
 
         shared memory:  [ V tile | Pᵀ | scratch ][ table, 256 x 256 uint16 ]
         per key tile:   s[i, j] = table[code_q[i] * 256 + code_k[j]]  -> online softmax -> acc += P V
@@ -152,17 +169,6 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
     return table_attention_fwd, sp, shared_bytes
 
 
-def table_words(table_u16) -> np.ndarray:
-    """The (256, 256) uint16 table as the 32,768 uint32 words the kernel copies."""
-    table_u16 = np.asarray(table_u16)
-    if table_u16.shape != (PALETTE, PALETTE) or table_u16.dtype != np.uint16:
-        raise ValueError(
-            f"the lookup kernel needs a ({PALETTE}, {PALETTE}) uint16 table (pad smaller palettes with "
-            f"nkattn.reference.table.pad_table), got {table_u16.shape} {table_u16.dtype}"
-        )
-    return np.ascontiguousarray(table_u16).reshape(-1).view(np.uint32)
-
-
 def table_attention(
     q_codes, k_codes, table_u16, v, key_lengths, *, score_scale: float, score_offset: float = 0.0, causal: bool,
     out=None, lse=None, stream=0, order=None,
@@ -182,9 +188,8 @@ def table_attention(
         lse = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream)
     kernel, sp, shared = table_attention_kernel(dtype, head_dim, order=order)
     words = cuda.to_device(table_words(table_u16), stream=stream)
-    grid = (math.ceil(nq / sp.BM), heads, batch)
     launch_with_shared_memory(
-        kernel, grid, sp.THREADS, shared, stream,
+        kernel, *launch_config(sp, shared, batch, heads, nq), stream,
         q_codes, k_codes, words, v, key_lengths, out, lse, dtype.type(score_scale), dtype.type(score_offset),
         bool(causal), heads // v.shape[1],
     )
@@ -277,7 +282,7 @@ def score_rowmax(q, k, q_codes, k_codes, table_u16, *, scale: float, lookup: boo
     kernel, sp, shared = score_rowmax_kernel(dtype, head_dim, lookup)
     words = cuda.to_device(table_words(table_u16), stream=stream)
     launch_with_shared_memory(
-        kernel, (math.ceil(nq / sp.BM), heads, batch), sp.THREADS, shared, stream,
+        kernel, *launch_config(sp, shared, batch, heads, nq), stream,
         q, k, q_codes, k_codes, words, dtype.type(scale), out,
     )
     return out

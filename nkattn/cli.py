@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 # packages of the `studies` and `models` extras: a command that misses one says which extra to install
 EXTRAS = {"scipy": "studies", "matplotlib": "studies", "tqdm": "studies", "threadpoolctl": "studies", "gguf": "studies",
@@ -53,38 +52,12 @@ FLAGS = {"quick": "--quick", "repeats": "--repeats", "seq_lens": "--seq-lens", "
          "results_dir": "--results-dir"}
 
 
-# Until studies/__init__.py maps names to StudyInfo(module, summary, needs_gpu) (issue 9 item 4,
-# on another branch), the same facts for its plain name -> module map. Delete on merge.
-_STUDY_SHIM = {
-    "exact-bench": ("the exact kernel beside torch SDPA: time, TFLOP/s, memory (= nkattn bench exact)", True),
-    "exact-bits": ("what breaks float64 bit-exactness on the GPU", False),
-    "exact-tune": ("which thread layout of the exact kernel is fastest", True),
-    "distance": ("do Base17/random/PCA projections and lookup tables preserve distances and attention?", False),
-    "lsh": ("does SimHash keep the signal (needle, top-k, clustered, MiniLM)?", False),
-    "lsh-bench": ("LSH speed and memory beside exact and SDPA (= nkattn bench lsh)", True),
-    "rank-entropy": ("how low-rank and how peaked is real attention, head by head?", False),
-    "table-bench": ("lookup scores vs dot products, lookup attention vs exact (= nkattn bench table)", True),
-}
-
-
-def _studies() -> dict:
-    """name -> (module, summary, needs_gpu)."""
-    from nkattn.studies import STUDIES
-
-    out = {}
-    for name, entry in STUDIES.items():
-        if isinstance(entry, str):
-            summary, needs_gpu = _STUDY_SHIM[name]
-            entry = SimpleNamespace(module=entry, summary=summary, needs_gpu=needs_gpu)
-        out[name] = entry
-    return out
-
-
 def _run_study(command: str, name: str, simulator: bool, **kwargs) -> int:
     """Run study `name` with the keyword arguments it takes; any other given option is an error."""
     from nkattn.results import RESULTS_DIR
+    from nkattn.studies import STUDIES
 
-    info = _studies()[name]
+    info = STUDIES[name]
     try:
         module = importlib.import_module(info.module)
     except ModuleNotFoundError as exc:
@@ -194,8 +167,8 @@ def _listing(rows) -> str:
 def build_parser() -> argparse.ArgumentParser:
     # the registries are read here without importing numba (the simulator is chosen later)
     from nkattn.methods import METHODS
+    from nkattn.studies import STUDIES as studies
 
-    studies = _studies()
     benches = {m.name: studies[m.bench] for m in METHODS.values() if m.bench}
     parser = argparse.ArgumentParser(prog="nkattn", description="A Numba kernel lab for transformer attention.")
     sub = parser.add_subparsers(dest="command", required=True)

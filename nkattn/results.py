@@ -2,13 +2,16 @@
 
 Every study and benchmark writes ``results/<study>/<name>.json`` as
 ``{"meta": {...}, "records": [{...}, ...]}``: tidy records (one row per
-configuration and metric) plus the provenance needed to trust them.
+configuration and metric) plus the provenance needed to trust them. Measured
+values are stored to a fixed number of significant digits (`round_sig`), and
+`select` / `columns` read records back for summaries and figures.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -18,6 +21,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
 FIGURES_DIR = REPO_ROOT / "figures"
+
+SIGNIFICANT_DIGITS = 4  # of every measured value the CPU studies store
 
 _VERSIONED = ("nkattn", "numpy", "numba", "numba-cuda", "scipy", "scikit-learn", "torch", "safetensors", "tokenizers", "gguf")
 
@@ -35,20 +40,20 @@ def package_versions() -> dict[str, str]:
 def git_revision() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=False)
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def make_meta(*, config: dict, device: str = "cpu", provenance: dict | None = None, command: str | None = None) -> dict:
     """Metadata block for a results file: date, versions, git revision, command, config."""
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device": device,
         "host": platform.node(),
         "versions": package_versions(),
@@ -76,6 +81,24 @@ def read_results(path: Path) -> dict:
         )
     with open(path) as fh:
         return json.load(fh)
+
+
+def round_sig(x, sig: int = SIGNIFICANT_DIGITS) -> float:
+    """`x` to `sig` significant digits, as stored in results files (inf and NaN pass through)."""
+    x = float(x)
+    return float(f"{x:.{sig}g}") if math.isfinite(x) else x
+
+
+def select(records: list[dict], **fields) -> list[dict]:
+    """The records whose `fields` have the given values (a record lacking a field never matches)."""
+    return [r for r in records if all(k in r and r[k] == v for k, v in fields.items())]
+
+
+def columns(records: list[dict]):
+    """Records that share their fields, as a dict of NumPy column arrays."""
+    import numpy as np
+
+    return {key: np.array([r[key] for r in records]) for key in records[0]}
 
 
 def _json_default(obj):

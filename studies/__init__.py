@@ -1,18 +1,71 @@
-"""Experiments that write tidy records under results/ (and only that).
+"""Experiments that write tidy records under results/ (and only that), and the plots drawn from them.
 
-Each study module exposes ``run(*, quick: bool, results_dir: Path) -> list[Path]``
-(the results files it wrote) and ``FIGURES``, a list of functions
-``f(results_dir: Path, figures_dir: Path) -> list[Path]`` that read stored
-results only. `nkattn study NAME` and `nkattn figures` walk this registry.
+`STUDIES` maps a study's command name to its `StudyInfo`. The study module exposes
+``run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, ...) -> list[Path]``
+(the results files it wrote); its plot module, if it has figures, exposes
+``FIGURES``, functions ``f(results_dir: Path, figures_dir: Path) -> list[Path]``
+that read stored results only. `nkattn study NAME` and `nkattn figures` walk this
+registry. Importing this package imports no study (they pull in SciPy, torch, numba).
+
+    rank-entropy   rank_entropy -> rank_entropy_plots                               CPU, MiniLM weights
+    lsh            lsh_recall (lsh_data, lsh_engine) -> lsh_recall_plots            CPU
+    lsh-bench      lsh_bench -> lsh_bench_plots                                     GPU
+    distance       distance (distance_data, distance_engine, distance_attention)
+                     -> distance_plots                                              CPU
+    exact-bits     exact_bits                                                       simulator or GPU
+    exact-tune     exact_tune                                                       GPU
+    exact-bench    exact_bench -> exact_bench_plots                                 GPU
+    table-bench    table_bench -> table_bench_plots                                 GPU
+
+Shared helpers: `nkattn.studies._common` (Frobenius relative error, peak device
+memory, one BLAS thread) and `nkattn.results` (significant digits, selecting records).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """One study: its module, a one-line summary, whether it needs a real GPU, its plot module (or None)."""
+
+    module: str
+    summary: str
+    needs_gpu: bool
+    plots: str | None = None
+
+
+def _study(stem: str, summary: str, *, needs_gpu: bool, plots: bool) -> StudyInfo:
+    return StudyInfo(f"nkattn.studies.{stem}", summary, needs_gpu, f"nkattn.studies.{stem}_plots" if plots else None)
+
+
 STUDIES = {
-    "exact-bench": "nkattn.studies.exact_bench",
-    "exact-bits": "nkattn.studies.exact_bits",
-    "exact-tune": "nkattn.studies.exact_tune",
-    "distance": "nkattn.studies.distance",
-    "lsh": "nkattn.studies.lsh_recall",
-    "lsh-bench": "nkattn.studies.lsh_bench",
-    "rank-entropy": "nkattn.studies.rank_entropy",
-    "table-bench": "nkattn.studies.table_bench",
+    "rank-entropy": _study(
+        "rank_entropy", "How low-rank and how peaked is real attention (MiniLM), head by head?", needs_gpu=False,
+        plots=True,
+    ),
+    "lsh": _study(
+        "lsh_recall", "Does SimHash keep the signal (needle, top-k, clustered, MiniLM)?", needs_gpu=False, plots=True
+    ),
+    "lsh-bench": _study(
+        "lsh_bench", "LSH speed and memory beside exact and SDPA, 16K to 1M tokens", needs_gpu=True, plots=True
+    ),
+    "distance": _study(
+        "distance", "Do Base17/random/PCA projections and lookup tables preserve distances and attention?",
+        needs_gpu=False, plots=True,
+    ),
+    "exact-bits": _study(
+        "exact_bits", "What breaks float64 bit-exactness of the exact kernel, and what restores it?",
+        needs_gpu=False, plots=False,
+    ),
+    "exact-tune": _study(
+        "exact_tune", "Which thread layout of the float32 exact kernel is fastest?", needs_gpu=True, plots=False
+    ),
+    "exact-bench": _study(
+        "exact_bench", "The exact kernel beside torch SDPA: time, TFLOP/s, memory", needs_gpu=True, plots=True
+    ),
+    "table-bench": _study(
+        "table_bench", "Lookup scores vs dot products, lookup attention vs exact", needs_gpu=True, plots=True
+    ),
 }

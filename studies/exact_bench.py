@@ -20,7 +20,8 @@ torch tensors, the kernel allocates nothing else) and from the driver's free
 memory. Every output is poisoned with NaN first and checked fully written, and
 sampled rows are compared with the float64 reference.
 
-Results: results/bench/exact-<device>.json, one record per (impl, dtype, shape).
+Results: results/bench/exact-<device>.json, one record per (impl, dtype, shape);
+figures exact_throughput and exact_memory in figures/bench/ (`exact_bench_plots`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from tqdm import tqdm
 
 from nkattn.reference.exact import attention_ref
 from nkattn.results import RESULTS_DIR, make_meta, write_results
+from nkattn.studies._common import peak_device_bytes
+from nkattn.testing import relative_error
 from nkattn.timing import attention_flops, cuda_time_ms, device_name, device_slug
 
 SEQ_LENS = (1024, 4096, 16384, 65536)
@@ -85,7 +88,7 @@ def _check_rows(torch, q, k, v, out, causal, rows):
         ref_rows.append(o_ref)
     ref = np.concatenate(ref_rows, axis=2)
     got = out[:, :, idx].double().cpu().numpy()
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
+    return relative_error(got, ref)
 
 
 def _run_nkattn(torch, cuda, q, k, v, causal):
@@ -108,29 +111,21 @@ def _nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _peak_bytes(torch, cuda, fn, resident):
+def _peak_bytes(fn, resident):
     """Peak device memory of one call: its resident inputs/outputs plus what it allocates.
 
     Returns (peak bytes from torch's allocator, driver-level used-memory growth).
     """
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    free_before, _ = cuda.current_context().get_memory_info()
-    result = fn()
-    torch.cuda.synchronize()
-    free_after, _ = cuda.current_context().get_memory_info()
-    del result
-    return _nbytes(*resident) + torch.cuda.max_memory_allocated() - base, free_before - free_after
+    torch_extra, driver_extra = peak_device_bytes(fn)
+    return _nbytes(*resident) + torch_extra, driver_extra
 
 
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 20, seq_lens=None, long_sequence=None) -> list[Path]:
     import torch
     import torch.nn.functional as F
     from numba import cuda
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from numba.core import config
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if config.ENABLE_CUDASIM or not cuda.is_available():
         raise RuntimeError("the benchmark needs a CUDA GPU (the simulator is on or no GPU was found)")
@@ -147,7 +142,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
         shape = (batch, heads, n, d)
         q, k, v = (torch.randn(shape, device="cuda", generator=gen, dtype=torch.float32) for _ in range(3))
         out, call = _run_nkattn(torch, cuda, q, k, v, causal)
-        peak_total, _ = _peak_bytes(torch, cuda, call, (q, k, v, out))
+        peak_total, _ = _peak_bytes(call, (q, k, v, out))
         peak_total += batch * heads * n * 4  # lse
         err = _check_rows(torch, q, k, v, out, causal, CHECK_ROWS)
         timing = cuda_time_ms(call, repeats=repeats)
@@ -169,7 +164,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
                     return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
             try:
-                peak_total, _ = _peak_bytes(torch, cuda, peer_call, (qt, kt, vt))
+                peak_total, _ = _peak_bytes(peer_call, (qt, kt, vt))
                 timing = cuda_time_ms(peer_call, repeats=repeats)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 records.append({"impl": impl, "dtype": str(tdtype).removeprefix("torch."), "B": batch, "H": heads, "N": n, "d": d, "causal": causal, "skipped": str(exc).splitlines()[0][:200]})
@@ -186,7 +181,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
     meta = make_meta(
         device=name,
         config={"seq_lens": list(seq_lens), "head_dims": list(HEAD_DIMS), "B": 1, "H": 8, "repeats": repeats, "long_N": LONG_N,
-                "tensor_core_configs": [list(c) for c in TC_CONFIGS], "energy_seconds": ENERGY_SECONDS},
+                "tensor_core_configs": [list(c) for c in TC_CONFIGS], "energy_seconds": ENERGY_SECONDS, "quick": quick},
         command="nkattn bench exact" + (" --quick" if quick else ""),
     )
     # written after every part, so that a run cut short keeps what it measured
@@ -249,7 +244,7 @@ def _tensor_core_rows(torch, cuda, *, quick, repeats):
             q, k, v = (torch.randn((batch, heads, n, d), device="cuda", generator=gen).to(tdtype) for _ in range(3))
             reps = repeats if n <= 16384 else max(5, repeats // 4)
             out, call = _tensor_core_call(torch, cuda, q, k, v, causal, kind)
-            peak, _ = _peak_bytes(torch, cuda, call, (q, k, v, out))
+            peak, _ = _peak_bytes(call, (q, k, v, out))
             err = _check_rows(torch, q, k, v, out, causal, CHECK_ROWS)
             records.append(_record("nkattn-tc", TORCH_DTYPE[kind], batch, heads, n, d, causal, cuda_time_ms(call, repeats=reps),
                                    peak + batch * heads * n * 4, precision=kind, max_rel_err_sampled=err))
@@ -263,7 +258,7 @@ def _tensor_core_rows(torch, cuda, *, quick, repeats):
             for impl, backend, tf32 in peers:
                 peer = _sdpa_call(torch, q, k, v, causal, backend, allow_tf32=tf32)
                 try:
-                    peak, _ = _peak_bytes(torch, cuda, peer, (q, k, v))
+                    peak, _ = _peak_bytes(peer, (q, k, v))
                     timing = cuda_time_ms(peer, repeats=reps)
                     err = _check_rows(torch, q, k, v, peer(), causal, CHECK_ROWS)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
@@ -322,7 +317,7 @@ def _long_sequence(torch, cuda):
     q, k, v = (torch.randn((1, 1, n, d), device="cuda", generator=gen) for _ in range(3))
     out, call = _run_nkattn(torch, cuda, q, k, v, False)
     io_bytes = _nbytes(q, k, v, out) + n * 4  # Q + K + V + O + lse
-    peak, driver_delta = _peak_bytes(torch, cuda, call, (q, k, v, out))
+    peak, driver_delta = _peak_bytes(call, (q, k, v, out))
     peak += n * 4
     err = _check_rows(torch, q, k, v, out, False, 4)
     timing = cuda_time_ms(call, warmup=1, repeats=3)
@@ -330,64 +325,3 @@ def _long_sequence(torch, cuda):
         "nkattn-exact", "float32", 1, 1, n, d, False, timing, peak,
         io_bytes=io_bytes, peak_over_io=peak / io_bytes, driver_used_delta=driver_delta, max_rel_err_sampled=err,
     )
-
-
-BENCH_FILE = "exact-h100.json"
-IMPL_STYLE = {
-    "nkattn-exact": ("nkattn exact (fp32)", "-", "o"),
-    "torch-sdpa-efficient": ("torch SDPA efficient (fp32)", "-", "s"),
-    "torch-sdpa-math": ("torch SDPA math (fp32)", "-", "^"),
-    "torch-sdpa-flash": ("torch SDPA flash (fp16)", ":", "v"),
-    "torch-sdpa-cudnn": ("torch SDPA cuDNN (fp16)", ":", "D"),
-}
-
-
-def fig_throughput(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """TFLOP/s against N for every implementation, d = 64 and 128, causal and not."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, load_result, save_figure, style
-
-    data = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench exact (on the H100)")
-    records = [r for r in data["records"] if "tflops" in r and r["H"] == 8]
-    with style():
-        fig, axes = plt.subplots(1, 4, figsize=(PAGE_WIDTH, 2.2), sharey=True)
-        for ax, (d, causal) in zip(axes, [(64, False), (64, True), (128, False), (128, True)]):
-            for impl, (label, line, marker) in IMPL_STYLE.items():
-                pts = sorted((r["N"], r["tflops"]) for r in records if r["impl"] == impl and r["d"] == d and r["causal"] == causal)
-                if pts:
-                    ax.plot(*zip(*pts), line, marker=marker, label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length N")
-            ax.set_title(f"d = {d}, {'causal' if causal else 'full'}")
-        axes[0].set_ylabel("TFLOP/s (4·B·H·N²·d / time)")
-        axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.suptitle(f"{data['meta']['device']}, B = 1, H = 8", y=1.02)
-        return save_figure(fig, Path(figures_dir) / "bench", "exact_throughput")
-
-
-def fig_memory(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Peak device memory against N: the fused kernel stays at its inputs and outputs."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import COLUMN_WIDTH, load_result, save_figure, style
-
-    data = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench exact (on the H100)")
-    records = [r for r in data["records"] if "peak_bytes" in r and r["H"] == 8 and r["d"] == 64 and not r["causal"]]
-    with style():
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
-        for impl, (label, line, marker) in IMPL_STYLE.items():
-            pts = sorted((r["N"], r["peak_bytes"] / 2**30) for r in records if r["impl"] == impl)
-            if pts:
-                ax.plot(*zip(*pts), line, marker=marker, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel("peak device memory (GiB)")
-        ax.set_title("d = 64, B = 1, H = 8: inputs, outputs, workspace")
-        ax.legend()
-        return save_figure(fig, Path(figures_dir) / "bench", "exact_memory")
-
-
-FIGURES = [fig_throughput, fig_memory]

@@ -19,6 +19,7 @@ import numpy as np
 
 from nkattn.reference.exact import StreamingOrder, attention_ref
 from nkattn.results import RESULTS_DIR, make_meta, write_results
+from nkattn.testing import relative_error
 from nkattn.timing import attention_flops, cuda_time_ms, device_name, device_slug
 
 LAYOUTS = {
@@ -67,7 +68,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> list[Path]:
                 records.append({"variant": name, "pass": pass_, "layout": layout, "prefetch": prefetch, "max_registers": regs, "d": d, "N": n, "error": str(exc)[:200]})
                 continue
             got = out.copy_to_host()
-            err = float(np.abs(got[:, :, rows] - o_ref).max() / np.abs(o_ref).max())
+            err = relative_error(got[:, :, rows], o_ref)
             timing = cuda_time_ms(call, repeats=10)
             tflops = attention_flops(batch, heads, n, n, d, False) / (timing["median_ms"] * 1e-3) / 1e12
             records.append({
@@ -76,9 +77,10 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR) -> list[Path]:
             })
             print(f"d={d:4d} pass {pass_} {name:38s} {timing['median_ms']:8.2f} ms {tflops:6.1f} TFLOP/s err {err:.1e}")
     name = device_name()
-    meta = make_meta(device=name, config={"N": n, "B": batch, "H": heads, "candidates": {k: list(v) for k, v in CANDIDATES.items()}},
+    meta = make_meta(device=name, config={"N": n, "B": batch, "H": heads, "candidates": {k: list(v) for k, v in CANDIDATES.items()},
+                                          "quick": quick},
                      command="nkattn study exact-tune" + (" --quick" if quick else ""))
-    return [write_results(Path(results_dir) / "bench" / f"exact-tune-{device_slug(name)}.json", meta, records)]
+    # a quick run must not overwrite the full sweep's file (nor match the exact bench's "exact-*-partial.json")
+    path = Path(results_dir) / "bench" / f"exact-tune-{device_slug(name)}{'-quick' if quick else ''}.json"
+    return [write_results(path, meta, records)]
 
-
-FIGURES = []

@@ -7,7 +7,7 @@ configuration retrieve?
 
 Data: needle in a haystack, d = 64, B = H = 1, float32. Keys iid N(0, I_d); the
 first 1,024 queries each get a planted key at cosine exactly 0.9
-(`nkattn.studies.lsh_recall.needle_haystack`); the other queries are iid N(0, I_d)
+(`nkattn.studies.lsh_data.needle_haystack`); the other queries are iid N(0, I_d)
 too. Values iid N(0, 1).
 
 Method: every call is timed whole (hash, sort, bucket bounds, work items and one
@@ -22,7 +22,7 @@ every byte the call allocates, measured from the driver's free memory with
 deallocation deferred (an upper bound on the true peak; exact and LSH alike).
 
 Results: results/bench/lsh-<device>.json; figures time_vs_n and memory_vs_n in
-figures/lsh/. Numbers and the verdict are in the README.
+figures/lsh/ (`lsh_bench_plots`). Numbers and the verdict are in the README.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nkattn.results import RESULTS_DIR, make_meta, write_results
+from nkattn.studies._common import peak_device_bytes
 from nkattn.timing import cuda_time_ms, device_name, device_slug
 
 SEQ_LENS = (16384, 65536, 262144, 1 << 20)
@@ -43,7 +44,8 @@ NEEDLE_COS = 0.9
 # (bits, tables) whose needle recall at cosine 0.9 is ~0.996 by SimHash theory
 CONFIGS = ((8, 16), (10, 24), (12, 32), (13, 40), (14, 48), (15, 56), (16, 64))
 KS = (1, 10, 50)
-BENCH_FILE = "lsh-h100.json"
+# seed 003: "1M tokens in < 0.5 s", stored with the results and drawn beside them
+SEED_CLAIM = {"n": 1 << 20, "ms": 500}
 
 
 def _repeats(n: int, impl: str) -> int:
@@ -52,23 +54,14 @@ def _repeats(n: int, impl: str) -> int:
     return 20 if n <= 65536 else (5 if n <= 262144 else 2)
 
 
-def _peak_bytes(cuda, fn, resident_bytes: int) -> int:
-    """Inputs plus everything `fn` allocates, nothing freed meanwhile (an upper bound on the peak)."""
-    import torch
+def _peak_bytes(fn, resident_bytes: int) -> int:
+    """Inputs plus everything `fn` allocates, nothing freed meanwhile (an upper bound on the peak).
 
-    cuda.synchronize()
-    torch.cuda.synchronize()
-    with cuda.defer_cleanup():
-        free_before, _ = cuda.current_context().get_memory_info()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        result = fn()
-        cuda.synchronize()
-        free_after, _ = cuda.current_context().get_memory_info()
-        torch_extra = torch.cuda.max_memory_allocated() - base
-        del result
-    # torch's caching allocator may reuse memory it already holds: count the larger view
-    return resident_bytes + max(free_before - free_after, torch_extra)
+    torch's caching allocator may reuse memory it already holds: the larger of its
+    and the driver's view counts.
+    """
+    torch_extra, driver_extra = peak_device_bytes(fn)
+    return resident_bytes + max(driver_extra, torch_extra)
 
 
 def retrieval_metrics_gpu(queries, keys, values, needles, q_codes, k_codes, out_rows, *, scale, ks=KS) -> dict:
@@ -129,7 +122,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, seq_lens=None, 
     from nkattn.cuda_kernels.exact import exact_attention
     from nkattn.cuda_kernels.lsh import build_buckets, lsh_attention
     from nkattn.reference.lsh import hyperplanes
-    from nkattn.studies.lsh_recall import needle_haystack
+    from nkattn.studies.lsh_data import needle_haystack
 
     if config.ENABLE_CUDASIM or not cuda.is_available():
         raise RuntimeError("the benchmark needs a CUDA GPU (the simulator is on or no GPU was found)")
@@ -158,14 +151,14 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, seq_lens=None, 
         reps = _repeats(n, "exact")
         timing = cuda_time_ms(exact_call, warmup=1, repeats=reps)
         exact_ms = timing["median_ms"]
-        records.append({**base, "impl": "nkattn-exact", **timing, "peak_bytes": _peak_bytes(cuda, exact_call, io_bytes)})
+        records.append({**base, "impl": "nkattn-exact", **timing, "peak_bytes": _peak_bytes(exact_call, io_bytes)})
 
         def sdpa_call():
             with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v)
 
         timing = cuda_time_ms(sdpa_call, warmup=1, repeats=reps)
-        records.append({**base, "impl": "torch-sdpa-efficient", **timing, "peak_bytes": _peak_bytes(cuda, sdpa_call, io_bytes)})
+        records.append({**base, "impl": "torch-sdpa-efficient", **timing, "peak_bytes": _peak_bytes(sdpa_call, io_bytes)})
 
         for bits, tables in configs:
             def lsh_call(bits=bits, tables=tables):
@@ -185,63 +178,16 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, seq_lens=None, 
             timing = cuda_time_ms(lsh_call, warmup=2, repeats=_repeats(n, "nkattn-lsh"))
             records.append({
                 **base, "impl": "nkattn-lsh", "bits": bits, "tables": tables, **timing, "build_ms": build["median_ms"],
-                "peak_bytes": _peak_bytes(cuda, lsh_call, io_bytes), "speedup_vs_exact": exact_ms / timing["median_ms"],
+                "peak_bytes": _peak_bytes(lsh_call, io_bytes), "speedup_vs_exact": exact_ms / timing["median_ms"],
                 **metrics,
             })
         torch.cuda.empty_cache()
     meta = make_meta(
         device=name,
-        config={"seq_lens": list(seq_lens), "head_dim": d, "configs": [list(c) for c in configs],
-                "needle_queries": NEEDLE_QUERIES, "needle_cos": NEEDLE_COS, "seed": 0},
+        config={"seq_lens": list(seq_lens), "head_dim": d, "dtype": "float32", "configs": [list(c) for c in configs],
+                "needle_queries": NEEDLE_QUERIES, "needle_cos": NEEDLE_COS, "seed": 0, "seed_claim": SEED_CLAIM,
+                "quick": quick},
         command="nkattn bench lsh" + (" --quick" if quick else ""),
     )
     path = Path(results_dir) / "bench" / f"lsh-{device_slug(name)}{'-partial' if partial else ''}.json"
     return [write_results(path, meta, records)]
-
-
-def fig_time_vs_n(results_dir: Path, figures_dir: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import load_result, save_figure, style
-
-    records = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench lsh")["records"]
-    style()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    _lines(ax, records, "median_ms")
-    ax.axhline(500, color="grey", ls=":", lw=1)
-    ax.text(2**17, 560, "seed 003's claim: 1M tokens in < 0.5 s", fontsize=8, color="grey")
-    ax.set_ylabel("time per call, ms (LSH: hashing and sorting included)")
-    ax.set_title("LSH vs exact attention, d = 64, float32, H100")
-    return save_figure(fig, figures_dir / "lsh", "time_vs_n")
-
-
-def fig_memory_vs_n(results_dir: Path, figures_dir: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import load_result, save_figure, style
-
-    records = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench lsh")["records"]
-    style()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    _lines(ax, records, "peak_bytes", scale=1e-9)
-    ax.set_ylabel("peak device memory, GB (inputs + allocations)")
-    ax.set_title("Memory vs N: O(N) for exact, O(N·L) extra for LSH")
-    return save_figure(fig, figures_dir / "lsh", "memory_vs_n")
-
-
-def _lines(ax, records, field, scale=1.0):
-    series = {}
-    for r in sorted(records, key=lambda r: (r["impl"], r.get("bits", 0))):
-        label = r["impl"] if r["impl"] != "nkattn-lsh" else f"nkattn-lsh {r['bits']} bits x {r['tables']} tables"
-        series.setdefault(label, []).append((r["N"], r[field] * scale))
-    for label, points in series.items():
-        points.sort()
-        style_kw = dict(lw=2.2, color="black") if label == "nkattn-exact" else (dict(lw=1.8, ls="--") if "sdpa" in label else dict(lw=1.2, marker="o", ms=3))
-        ax.plot(*zip(*points), label=label, **style_kw)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N")
-    ax.legend(fontsize=7, loc="upper left")
-
-
-FIGURES = [fig_time_vs_n, fig_memory_vs_n]

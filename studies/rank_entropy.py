@@ -45,12 +45,12 @@ Data
     resamples of whole passages: the 72 heads of one passage are not independent).
     Stored values have 4 significant digits; aggregates are in ``meta.summary``.
 
-Plots (``nkattn figures``, in figures/rank-entropy/)
+Plots (``nkattn figures``, in figures/rank-entropy/, drawn by `rank_entropy_plots`)
     heatmaps (layer x head: entropy / ln N and effective rank / N at N = 512),
     rank_vs_length, entropy_vs_rank (coloured by layer), lowrank_error,
     precision_vs_entropy, spectra.
 
-Results (full run: 24 min on 2 CPU cores)
+Results (full run: 24-27 min on 2 CPU cores)
     * S has numerical rank exactly 32 in every row; A = softmax(S) does not
       inherit it: at N = 512, 62% of rows need more than 32 singular values for
       99% of A's energy.
@@ -123,7 +123,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nkattn.results import make_meta, write_results
+from nkattn.results import (
+    RESULTS_DIR,
+    SIGNIFICANT_DIGITS,
+    columns,
+    make_meta,
+    round_sig,
+    write_results,
+)
+from nkattn.studies._common import relative_frobenius_error, single_blas_thread
 
 STUDY = "rank-entropy"
 FULL_RESULT = "minilm.json"
@@ -141,8 +149,11 @@ FLASH_DTYPES = ("fp16", "bf16")  # scores and softmax kept in fp32
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
 SEED = 0
 N_BOOT = 1000
+# Seed 001's claims, stored with the results and drawn beside them: "effective rank
+# often 10-30% of sequence length" and "low entropy heads (< 1 nat) need FP32"
+SEED_RANK_BAND = (0.1, 0.3)
+SEED_FP32_ENTROPY = 1.0
 SPECTRUM_KEEP = 64  # leading singular values of S kept in the summary (S has <= 32 non-zero)
-SIG = 4  # significant digits stored per metric
 
 # --------------------------------------------------------------------------------------
 # Metrics (pure NumPy, float64; each works on a stack of matrices (..., N, N))
@@ -234,11 +245,7 @@ def low_precision_attention(q, k, v, dtype: str, *, round_scores: bool = True) -
     return o.astype(np.float64)
 
 
-def relative_error(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """||approx - exact||_F / ||exact||_F over the last two axes."""
-    return np.linalg.norm(approx - exact, axis=(-2, -1)) / np.linalg.norm(exact, axis=(-2, -1))
-
-
+@single_blas_thread
 def head_metrics(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:
     """Every metric of the study for a stack of heads q, k, v (H, N, d): arrays of shape (H,).
 
@@ -271,10 +278,10 @@ def head_metrics(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, np.nd
         m[f"attn_err_{r}"] = attn_err[r]
         m[f"out_err_{r}"] = out_err[r]
     for dtype in DTYPES:
-        m[f"err_{dtype}"] = relative_error(low_precision_attention(q, k, v, dtype), out)
+        m[f"err_{dtype}"] = relative_frobenius_error(low_precision_attention(q, k, v, dtype), out)
     for dtype in FLASH_DTYPES:
-        m[f"err_{dtype}_flash"] = relative_error(low_precision_attention(q, k, v, dtype, round_scores=False), out)
-        m[f"floor_{dtype}"] = relative_error(round_to(out, dtype).astype(np.float64), out)
+        m[f"err_{dtype}_flash"] = relative_frobenius_error(low_precision_attention(q, k, v, dtype, round_scores=False), out)
+        m[f"floor_{dtype}"] = relative_frobenius_error(round_to(out, dtype).astype(np.float64), out)
     m["sv_scores"] = sv_s
     m["sv_attn"] = sv_a
     return m
@@ -301,18 +308,10 @@ def spearman_ci(x, y, clusters, *, n_boot: int = N_BOOT, seed: int = SEED, level
     return {"rho": rho, "ci_low": float(lo), "ci_high": float(hi), "level": level, "n": int(x.size), "n_boot": n_boot}
 
 
-def _round(x, sig=SIG):
-    return float(f"{float(x):.{sig}g}")
-
-
-def columns(records: list[dict]) -> dict[str, np.ndarray]:
-    """Records as a dict of column arrays."""
-    return {key: np.array([r[key] for r in records]) for key in records[0]}
-
-
 def summarize(records: list[dict], spectra: dict, *, n_boot: int) -> dict:
     """Aggregates for the README and the figures (also stored in the results meta)."""
     c = columns(records)
+    band_low, band_high = SEED_RANK_BAND
     summary = {"by_length": {}, "spectra": spectra}
     for n in sorted(set(c["n"].tolist())):
         sel = c["n"] == n
@@ -320,52 +319,52 @@ def summarize(records: list[dict], spectra: dict, *, n_boot: int) -> dict:
         for name in [f"erank_{round(t * 100)}" for t in TAUS] + ["erank_sv_95", "stable_rank", "score_erank_95"]:
             frac = c[name][sel] / n
             row[f"{name}_over_n"] = {
-                "mean": _round(frac.mean()),
-                "median": _round(np.median(frac)),
-                "p10": _round(np.percentile(frac, 10)),
-                "p90": _round(np.percentile(frac, 90)),
-                "share_in_10_30pct": _round(((frac >= 0.1) & (frac <= 0.3)).mean()),
-                "share_below_10pct": _round((frac < 0.1).mean()),
-                "share_above_30pct": _round((frac > 0.3).mean()),
+                "mean": round_sig(frac.mean()),
+                "median": round_sig(np.median(frac)),
+                "p10": round_sig(np.percentile(frac, 10)),
+                "p90": round_sig(np.percentile(frac, 90)),
+                "share_in_10_30pct": round_sig(((frac >= band_low) & (frac <= band_high)).mean()),
+                "share_below_10pct": round_sig((frac < band_low).mean()),
+                "share_above_30pct": round_sig((frac > band_high).mean()),
             }
         row["score_rank_max"] = int(c["score_rank"][sel].max())
         row["score_rank_min"] = int(c["score_rank"][sel].min())
         for name in ("entropy_mean", "entropy_norm", "entropy_min"):
             vals = c[name][sel]
-            row[name] = {"min": _round(vals.min()), "median": _round(np.median(vals)), "max": _round(vals.max())}
-        head_entropy = _head_means(c, sel, "entropy_mean")
-        row["head_entropy_mean"] = {"min": _round(head_entropy.min()), "max": _round(head_entropy.max())}
+            row[name] = {"min": round_sig(vals.min()), "median": round_sig(np.median(vals)), "max": round_sig(vals.max())}
+        head_entropy = head_means(c, sel, "entropy_mean")
+        row["head_entropy_mean"] = {"min": round_sig(head_entropy.min()), "max": round_sig(head_entropy.max())}
         row["spearman_entropy_erank95"] = spearman_ci(
             c["entropy_mean"][sel], c["erank_95"][sel], c["passage"][sel], n_boot=n_boot
         )
-        row["out_err_median"] = {str(r): _round(np.median(c[f"out_err_{r}"][sel])) for r in RANKS}
-        row["attn_err_median"] = {str(r): _round(np.median(c[f"attn_err_{r}"][sel])) for r in RANKS}
+        row["out_err_median"] = {str(r): round_sig(np.median(c[f"out_err_{r}"][sel])) for r in RANKS}
+        row["attn_err_median"] = {str(r): round_sig(np.median(c[f"attn_err_{r}"][sel])) for r in RANKS}
         # precision: error by dtype, its link to entropy, and seed 001's FP32 rule (entropy < 1 nat)
-        low = c["entropy_mean"][sel] < 1.0
+        low = c["entropy_mean"][sel] < SEED_FP32_ENTROPY
         ent = c["entropy_mean"][sel]
         decile_low, decile_high = ent <= np.percentile(ent, 10), ent >= np.percentile(ent, 90)
-        prec = {"share_rows_entropy_below_1nat": _round(low.mean())}
+        prec = {"share_rows_entropy_below_1nat": round_sig(low.mean())}
         for dtype in [*DTYPES, *(f"{t}_flash" for t in FLASH_DTYPES)]:
             err = c[f"err_{dtype}"][sel]
             base = dtype.split("_")[0]
             if base in FLASH_DTYPES:
                 ratio = err / c[f"floor_{base}"][sel]
                 prec[dtype + "_over_floor"] = {
-                    "median": _round(np.median(ratio)),
-                    "max": _round(ratio.max()),
-                    "median_lowest_entropy_decile": _round(np.median(ratio[decile_low])),
-                    "median_highest_entropy_decile": _round(np.median(ratio[decile_high])),
+                    "median": round_sig(np.median(ratio)),
+                    "max": round_sig(ratio.max()),
+                    "median_lowest_entropy_decile": round_sig(np.median(ratio[decile_low])),
+                    "median_highest_entropy_decile": round_sig(np.median(ratio[decile_high])),
                     "spearman_entropy_ratio": spearman_ci(ent, ratio, c["passage"][sel], n_boot=n_boot),
                 }
             prec[dtype] = {
                 "unit_roundoff": UNIT_ROUNDOFF[base],
-                "median": _round(np.median(err)),
-                "p99": _round(np.percentile(err, 99)),
-                "max": _round(err.max()),
-                "median_entropy_below_1nat": _round(np.median(err[low])) if low.any() else None,
-                "median_entropy_above_1nat": _round(np.median(err[~low])) if (~low).any() else None,
-                "median_lowest_entropy_decile": _round(np.median(err[decile_low])),
-                "median_highest_entropy_decile": _round(np.median(err[decile_high])),
+                "median": round_sig(np.median(err)),
+                "p99": round_sig(np.percentile(err, 99)),
+                "max": round_sig(err.max()),
+                "median_entropy_below_1nat": round_sig(np.median(err[low])) if low.any() else None,
+                "median_entropy_above_1nat": round_sig(np.median(err[~low])) if (~low).any() else None,
+                "median_lowest_entropy_decile": round_sig(np.median(err[decile_low])),
+                "median_highest_entropy_decile": round_sig(np.median(err[decile_high])),
                 "spearman_entropy_err": spearman_ci(ent, err, c["passage"][sel], n_boot=n_boot),
             }
         row["precision"] = prec
@@ -373,7 +372,7 @@ def summarize(records: list[dict], spectra: dict, *, n_boot: int) -> dict:
     return summary
 
 
-def _head_means(c, sel, name):
+def head_means(c, sel, name):
     """Mean of a metric per (layer, head) over passages, as a (layers, heads) array."""
     layers, heads = c["layer"].max() + 1, c["head"].max() + 1
     total = np.zeros((layers, heads))
@@ -402,7 +401,7 @@ class Collector:
             row = {"layer": layer, "head": h, "passage": passage, "n": n}
             for key, val in m.items():
                 if not key.startswith("sv_"):
-                    row[key] = int(val[h]) if np.issubdtype(val.dtype, np.integer) else _round(val[h])
+                    row[key] = int(val[h]) if np.issubdtype(val.dtype, np.integer) else round_sig(val[h])
             self.records.append(row)
         s_norm = m["sv_scores"][:, :SPECTRUM_KEEP] / m["sv_scores"][:, :1]
         a_norm = m["sv_attn"] / m["sv_attn"][:, :1]
@@ -440,8 +439,41 @@ def sweep(encoder, passages, lengths, *, progress: bool = True) -> Collector:
     return collector
 
 
+def study_config(*, model, layers, heads, head_dim, lengths, n_passages, n_boot, quick) -> dict:
+    """The results' ``meta.config``: what was run, and the constants the figures draw beside the data."""
+    return {
+        "model": model,
+        "layers": layers,
+        "heads": heads,
+        "head_dim": head_dim,
+        "lengths": list(lengths),
+        "n_passages": n_passages,
+        "seed": SEED,
+        "taus": list(TAUS),
+        "energy": "squared singular values (Frobenius energy); erank_sv_95 uses unsquared (nuclear norm)",
+        "ranks": list(RANKS),
+        "dtypes": list(DTYPES),
+        "unit_roundoff": UNIT_ROUNDOFF,
+        "seed_claims": {"effective_rank_fraction": list(SEED_RANK_BAND), "fp32_below_entropy_nats": SEED_FP32_ENTROPY},
+        "precision_model": (
+            "err_T: q,k,v,S,P rounded to T; err_T_flash: q,k,v,P rounded to T, S and softmax fp32; "
+            "fp32 accumulation; relative Frobenius error vs float64"
+        ),
+        "n_boot": n_boot,
+        "bootstrap": "percentile, resampling passages",
+        "significant_digits": SIGNIFICANT_DIGITS,
+        "quick": quick,
+    }
+
+
+@single_blas_thread
 def run(
-    *, quick: bool, results_dir: Path, n_passages: int | None = None, lengths=None, progress: bool = True
+    *,
+    quick: bool = False,
+    results_dir: Path = RESULTS_DIR,
+    n_passages: int | None = None,
+    lengths=None,
+    progress: bool = True,
 ) -> list[Path]:
     """Run the sweep and write ``results_dir/rank-entropy/{quick,minilm}.json``."""
     from nkattn import corpus
@@ -465,24 +497,10 @@ def run(
     records = collector.records
     summary = summarize(records, collector.spectra(), n_boot=n_boot)
 
-    config = {
-        "model": MODEL_NAME,
-        "lengths": list(lengths),
-        "n_passages": n_passages,
-        "seed": SEED,
-        "taus": list(TAUS),
-        "energy": "squared singular values (Frobenius energy); erank_sv_95 uses unsquared (nuclear norm)",
-        "ranks": list(RANKS),
-        "dtypes": list(DTYPES),
-        "precision_model": (
-            "err_T: q,k,v,S,P rounded to T; err_T_flash: q,k,v,P rounded to T, S and softmax fp32; "
-            "fp32 accumulation; relative Frobenius error vs float64"
-        ),
-        "n_boot": n_boot,
-        "bootstrap": "percentile, resampling passages",
-        "significant_digits": SIG,
-        "quick": quick,
-    }
+    config = study_config(
+        model=MODEL_NAME, layers=encoder.config.num_layers, heads=encoder.config.num_heads,
+        head_dim=encoder.config.head_dim, lengths=lengths, n_passages=n_passages, n_boot=n_boot, quick=quick,
+    )
     prov = corpus.provenance(
         passages,
         seed=SEED,
@@ -497,240 +515,3 @@ def run(
     meta["runtime_s"] = round(time.time() - started, 1)
     path = Path(results_dir) / STUDY / (QUICK_RESULT if quick else FULL_RESULT)
     return [write_results(path, meta, records)]
-
-
-# --------------------------------------------------------------------------------------
-# Figures (read results/rank-entropy/minilm.json only)
-# --------------------------------------------------------------------------------------
-
-
-def _load(results_dir):
-    from nkattn.figures import load_result
-
-    data = load_result(results_dir, STUDY, FULL_RESULT, command=COMMAND)
-    return data, columns(data["records"])
-
-
-def _layer_colors(num_layers):
-    import matplotlib.pyplot as plt
-
-    return plt.get_cmap("viridis")(np.linspace(0, 0.9, num_layers))
-
-
-def fig_heatmaps(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Layer x head maps of mean entropy / ln N and mean effective rank / N at the largest N."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, save_figure, style
-
-    _, c = _load(results_dir)
-    n = int(c["n"].max())
-    sel = c["n"] == n
-    c = dict(c, erank_frac=c["erank_95"] / c["n"])
-    panels = [
-        ("entropy_norm", f"row entropy / ln N (N = {n})", "mean entropy / ln N"),
-        ("erank_frac", f"effective rank / N at 95% energy (N = {n})", "effective rank / N"),
-    ]
-    with style():
-        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.3), constrained_layout=True)
-        for ax, (name, title, label) in zip(axes, panels):
-            grid = _head_means(c, sel, name)
-            im = ax.imshow(grid, vmin=0, vmax=max(grid.max(), 1e-9), aspect="auto")
-            for (i, j), val in np.ndenumerate(grid):
-                ax.text(
-                    j,
-                    i,
-                    f"{val:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=5.5,
-                    color="w" if val < 0.6 * grid.max() else "k",
-                )
-            ax.set_xticks(range(grid.shape[1]))
-            ax.set_yticks(range(grid.shape[0]))
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_title(title)
-            ax.grid(False)
-            fig.colorbar(im, ax=ax, label=label, shrink=0.9)
-        return save_figure(fig, Path(figures_dir) / STUDY, "heatmaps")
-
-
-def fig_rank_vs_length(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Effective rank / N (median and interquartile band) against N, with seed 001's 10-30% band."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import COLUMN_WIDTH, save_figure, style
-
-    _, c = _load(results_dir)
-    lengths = np.unique(c["n"])
-    series = [(f"erank_{round(t * 100)}", f"effective rank, {round(t * 100)}% energy") for t in TAUS]
-    series += [("stable_rank", "stable rank ‖A‖²_F / ‖A‖²₂")]
-    with style():
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.3))
-        ax.axhspan(0.1, 0.3, color="0.88", zorder=0, label="seed 001 claim: 10–30% of N")
-        for i, (name, label) in enumerate(series):
-            fracs = [c[name][c["n"] == n] / n for n in lengths]
-            color = f"C{i}"
-            ax.plot(lengths, [np.median(f) for f in fracs], marker="o", color=color, label=label)
-            low, high = [np.percentile(f, 25) for f in fracs], [np.percentile(f, 75) for f in fracs]
-            ax.fill_between(lengths, low, high, color=color, alpha=0.12, lw=0)
-        ax.plot(lengths, 32 / lengths, "k:", label="d_head / N (rank bound of S)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.set_xlabel("sequence length N (tokens)")
-        ax.set_ylabel("rank / N (median; band: 25–75th pct.)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
-        return save_figure(fig, Path(figures_dir) / STUDY, "rank_vs_length")
-
-
-def fig_entropy_vs_rank(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Entropy / ln N against effective rank / N, one point per (head, passage), coloured by layer."""
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    from nkattn.figures import PAGE_WIDTH, save_figure, style
-
-    data, c = _load(results_dir)
-    lengths = np.unique(c["n"])
-    colors = _layer_colors(int(c["layer"].max()) + 1)
-    with style():
-        fig, axes = plt.subplots(1, len(lengths), figsize=(PAGE_WIDTH, 2.2), sharey=True, constrained_layout=True)
-        for ax, n in zip(np.atleast_1d(axes), lengths):
-            sel = c["n"] == n
-            ax.scatter(
-                c["entropy_norm"][sel],
-                c["erank_95"][sel] / n,
-                c=colors[c["layer"][sel]],
-                s=2,
-                alpha=0.35,
-                lw=0,
-                rasterized=True,
-            )
-            sp = data["meta"].get("summary", {}).get("by_length", {}).get(str(n), {}).get("spearman_entropy_erank95")
-            ax.set_title(f"N = {n}")
-            if sp:
-                label = f"ρ = {sp['rho']:.2f}\n[{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]"
-                box = {"facecolor": "white", "edgecolor": "0.7", "lw": 0.5}
-                ax.text(0.97, 0.97, label, transform=ax.transAxes, ha="right", va="top", fontsize=6.5, bbox=box)
-            ax.set_xlabel("row entropy / ln N")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-        np.atleast_1d(axes)[0].set_ylabel("effective rank / N (95% energy)")
-        fig.suptitle(
-            "Spearman ρ of entropy vs effective rank over (head, passage), 95% CI by passage bootstrap", fontsize=7
-        )
-        handles = [Line2D([], [], ls="", marker="o", color=col, label=f"layer {i}") for i, col in enumerate(colors)]
-        fig.legend(handles=handles, loc="outside right center", fontsize=6)
-        return save_figure(fig, Path(figures_dir) / STUDY, "entropy_vs_rank")
-
-
-def fig_lowrank_error(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Relative error of the attention output A_k V and of A_k, against the rank k."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import COLUMN_WIDTH, save_figure, style
-
-    _, c = _load(results_dir)
-    lengths = np.unique(c["n"])
-    with style():
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.4))
-        for i, n in enumerate(lengths):
-            sel = c["n"] == n
-            ks = [k for k in RANKS if k < n]  # k = N is exact
-            out = [c[f"out_err_{k}"][sel] for k in ks]
-            color = f"C{i}"
-            ax.plot(ks, [np.median(e) for e in out], marker="o", color=color, label=f"N = {n}: output A_k·V")
-            ax.fill_between(
-                ks,
-                [np.percentile(e, 25) for e in out],
-                [np.percentile(e, 75) for e in out],
-                color=color,
-                alpha=0.1,
-                lw=0,
-            )
-            ax.plot(
-                ks,
-                [np.median(c[f"attn_err_{k}"][sel]) for k in ks],
-                ls="--",
-                marker="x",
-                color=color,
-                label=f"N = {n}: A_k",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(RANKS, [str(k) for k in RANKS])
-        ax.set_xlabel("rank k of the truncated SVD of A")
-        ax.set_ylabel("relative Frobenius error\n(median; band: 25–75th pct. of output error)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
-        return save_figure(fig, Path(figures_dir) / STUDY, "lowrank_error")
-
-
-def fig_precision_vs_entropy(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Output error of fp32 / fp16 / bf16 attention against the head's mean row entropy."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, save_figure, style
-
-    _, c = _load(results_dir)
-    n = int(c["n"].max())
-    sel = c["n"] == n
-    panels = [
-        ("", "q, k, v, S and P rounded to the format"),
-        ("_flash", "S and softmax in fp32 (FlashAttention-style)"),
-    ]
-    with style():
-        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.6), sharey=True, constrained_layout=True)
-        for ax, (suffix, title) in zip(axes, panels):
-            for i, dtype in enumerate(("bf16", "fp16", "fp32")):
-                name = f"err_{dtype}{suffix}" if dtype != "fp32" else "err_fp32"
-                ax.scatter(c["entropy_mean"][sel], c[name][sel], s=2, alpha=0.3, lw=0, color=f"C{i}", rasterized=True)
-                ax.axhline(UNIT_ROUNDOFF[dtype], color=f"C{i}", ls="--", lw=0.8)
-                ax.plot([], [], ls="", marker="o", color=f"C{i}", label=f"{dtype} (dashed: unit roundoff)")
-            ax.axvline(1.0, color="k", ls=":", label="seed 001: FP32 below 1 nat")
-            ax.set_yscale("log")
-            ax.set_title(title)
-            ax.set_xlabel(f"mean row entropy (nats), N = {n}")
-        axes[0].set_ylabel("relative output error vs float64")
-        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6)
-        return save_figure(fig, Path(figures_dir) / STUDY, "precision_vs_entropy")
-
-
-def fig_spectra(results_dir: Path, figures_dir: Path) -> list[Path]:
-    """Mean normalized singular values of S and of A = softmax(S) per layer at the largest N."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, save_figure, style
-
-    data, c = _load(results_dir)
-    n = int(c["n"].max())
-    spectra = [s for s in data["meta"]["summary"]["spectra"].values() if s["n"] == n]
-    colors = _layer_colors(len(spectra))
-    with style():
-        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.4), constrained_layout=True)
-        for s, color in zip(sorted(spectra, key=lambda s: s["layer"]), colors):
-            for ax, key in zip(axes, ("scores_sv_over_sv1", "attn_sv_over_sv1")):
-                sv = np.maximum(np.array(s[key]), 1e-18)
-                ax.plot(np.arange(1, sv.size + 1), sv, color=color, label=f"layer {s['layer']}")
-        axes[0].axvline(32, color="k", ls=":")
-        axes[0].text(30, 1e-6, "d_head = 32", ha="right", fontsize=7)
-        axes[0].set_title(f"scores S = QKᵀ/√d (N = {n})")
-        axes[1].set_title(f"attention A = softmax(S) (N = {n})")
-        for ax in axes:
-            ax.set_yscale("log")
-            ax.set_xscale("log")
-            ax.set_xlabel("singular value index i")
-            ax.set_ylabel(r"$\sigma_i / \sigma_1$ (mean over heads, passages)")
-        axes[1].legend(fontsize=6)
-        return save_figure(fig, Path(figures_dir) / STUDY, "spectra")
-
-
-FIGURES = [
-    fig_heatmaps,
-    fig_rank_vs_length,
-    fig_entropy_vs_rank,
-    fig_lowrank_error,
-    fig_precision_vs_entropy,
-    fig_spectra,
-]

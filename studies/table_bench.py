@@ -17,7 +17,7 @@ both fused streaming kernels over the same V. Palette encoding (256 centroids pe
 row: 256·d operations per row on the host) is not included, which favours the
 table. CUDA events after warm-up, median of 20 runs.
 
-Results: results/bench/table-<device>.json; figure figures/table/speed.
+Results: results/bench/table-<device>.json; figure figures/table/speed (`table_bench_plots`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from nkattn.timing import attention_flops, cuda_time_ms, device_name, device_slu
 HEAD_DIMS = (32, 64, 128)
 SEQ_LEN = 16384
 BATCH, HEADS = 1, 8
-BENCH_FILE = "table-h100.json"
 
 
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 20) -> list[Path]:
@@ -80,36 +79,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int = 
             timing = cuda_time_ms(call, repeats=repeats)
             records.append({**base, "kind": "attention", "impl": impl, **timing,
                             "exact_equivalent_tflops": attention_flops(BATCH, HEADS, n, n, d, False) / (timing["median_ms"] * 1e-3) / 1e12})
-    meta = make_meta(device=name, config={"B": BATCH, "H": HEADS, "N": n, "head_dims": list(HEAD_DIMS), "repeats": repeats},
+    meta = make_meta(device=name, config={"B": BATCH, "H": HEADS, "N": n, "head_dims": list(HEAD_DIMS), "dtype": "float32",
+                             "repeats": repeats, "quick": quick},
                      command="nkattn bench table" + (" --quick" if quick else ""))
     path = Path(results_dir) / "bench" / f"table-{device_slug(name)}{'-partial' if quick else ''}.json"
     return [write_results(path, meta, records)]
-
-
-def fig_speed(results_dir: Path, figures_dir: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import load_result, save_figure, style
-
-    records = load_result(results_dir, "bench", BENCH_FILE, command="nkattn bench table")["records"]
-    style()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.8))
-    width = 0.38
-    for ax, kind, field, labels, ylabel in (
-        (left, "scores", "scores_per_s", ("lookup", "dot"), "scores per second (x 1e12)"),
-        (right, "attention", "median_ms", ("nkattn-table", "nkattn-exact"), "attention call, ms"),
-    ):
-        for offset, impl in zip((-width / 2, width / 2), labels):
-            rows = sorted((r for r in records if r["kind"] == kind and r["impl"] == impl), key=lambda r: r["d"])
-            values = [r[field] / (1e12 if kind == "scores" else 1.0) for r in rows]
-            ax.bar(np.arange(len(rows)) + offset, values, width, label=impl)
-        ax.set_xticks(np.arange(len(HEAD_DIMS)), [f"d = {d}" for d in HEAD_DIMS])
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-    n = records[0]["N"]
-    left.set_title(f"score production, N = {n}, H = {HEADS}")
-    right.set_title("fused attention (encoding excluded)")
-    return save_figure(fig, figures_dir / "table", "speed")
-
-
-FIGURES = [fig_speed]

@@ -7,7 +7,7 @@ those candidates; float64 within 1e-12. Under the simulator the grids are tiny.
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 from scipy import stats
@@ -111,16 +111,18 @@ def test_mirror_matches_oracle(causal, shared_qk):
 
 
 def test_one_bucket_for_everything_is_exact_attention():
-    # positive multiples of one direction hash identically: every key is a candidate
+    # positive multiples of one direction hash identically: every visible key is a candidate
     rng = np.random.default_rng(6)
     u = rng.standard_normal(32)
     q = rng.uniform(0.5, 2.0, (1, 2, 20, 1)) * u
     k = rng.uniform(0.5, 2.0, (1, 2, 25, 1)) * u
     v = rng.standard_normal((1, 2, 25, 32))
+    # bottom-right causal with Nq = 20, Nk = 25: query i sees keys 0..i + 5
+    visible = {False: np.ones((20, 25), bool), True: np.tri(20, 25, 5, dtype=bool)}
     for causal in (False, True):
         o, lse, cand = lsh_attention_ref(q, k, v, bits=MAX_BITS, tables=3, seed=1, causal=causal)
         o_ref, lse_ref = attention_ref(q, k, v, causal=causal)
-        assert cand.all() or causal
+        assert np.array_equal(cand, np.broadcast_to(visible[causal], cand.shape)), causal
         assert relative_error(o, o_ref) <= 1e-14 and relative_error(lse, lse_ref) <= 1e-14
 
 
@@ -283,11 +285,15 @@ def test_kernel_on_nan_padded_views_reads_nothing_outside():
     assert_bit_identical("lse", lse_view, lse_cont.copy_to_host())
 
 
-@settings(max_examples=40 if REAL_GPU else 2, deadline=None, suppress_health_check=list(HealthCheck))
+# No deadline: one example launches about a dozen kernels, seconds each under the simulator.
+# The simulator stops at 10 bits: its bucket bookkeeping runs a simulated thread per
+# bucket, 7 s an example at 12 bits and over a minute at 16 (the sort's 16-bit keys are
+# covered by tests/test_radix_sort.py); the GPU draws up to MAX_BITS.
+@settings(max_examples=40 if REAL_GPU else 10, deadline=None)
 @given(
     nq=st.integers(1, 300 if REAL_GPU else 12),
     nk=st.integers(1, 300 if REAL_GPU else 12),
-    bits=st.integers(1, MAX_BITS),
+    bits=st.integers(1, MAX_BITS if REAL_GPU else 10),
     tables=st.integers(1, 6 if REAL_GPU else 2),
     causal=st.booleans(),
     seed=st.integers(0, 2**16),

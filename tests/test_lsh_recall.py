@@ -1,4 +1,5 @@
-"""The LSH recall study: metrics on hand-checkable cases, the needle generator, collision rates vs theory, quick run."""
+"""The LSH recall study's engine and data: metrics on hand-checkable cases, the needle generator,
+collision rates vs theory (its quick run: tests/test_studies.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 from nkattn.reference import lsh
-from nkattn.results import read_results
-from nkattn.studies import lsh_recall as lr
+from nkattn.studies import lsh_data as ld
+from nkattn.studies import lsh_engine as le
+from nkattn.studies.lsh_recall import BITS, TABLES
 
 
 def _dense_check(q, k, v, planes, scale):
@@ -31,7 +33,7 @@ def test_every_key_collides():
     """Zero hyperplanes put every vector in bucket 0: all keys are candidates, the output is exact."""
     rng = np.random.default_rng(0)
     q, k, v = rng.standard_normal((1000, 16)), rng.standard_normal((300, 16)), rng.standard_normal((300, 16))
-    m = lr.retrieval_metrics(q, k, np.zeros((2, 5, 16)), needles=np.arange(1000) % 300, values=v)
+    m = le.retrieval_metrics(q, k, np.zeros((2, 5, 16)), needles=np.arange(1000) % 300, values=v)
     assert m["candidate_fraction"] == 1.0 and m["candidate_fraction_std"] == 0.0
     assert m["needle_recall"] == 1.0
     assert m["recall_at_1"] == m["recall_at_10"] == m["recall_at_50"] == 1.0
@@ -50,7 +52,7 @@ def test_empty_candidate_queries():
     q[:, 0] = -np.abs(q[:, 0]) - 0.1
     planes = np.zeros((1, 1, 8))
     planes[0, 0, 0] = 1.0
-    m = lr.retrieval_metrics(q, k, planes, needles=np.arange(50), values=rng.standard_normal((200, 8)))
+    m = le.retrieval_metrics(q, k, planes, needles=np.arange(50), values=rng.standard_normal((200, 8)))
     assert m["candidate_fraction"] == 0.0 and m["empty_fraction"] == 1.0
     assert m["needle_recall"] == 0.0 and m["recall_at_1"] == 0.0 and m["recall_at_50"] == 0.0
     assert m["output_rel_error"] == pytest.approx(1.0)  # O_lsh = 0 for an empty candidate set
@@ -62,7 +64,7 @@ def test_metrics_match_the_dense_reference(bits, tables):
     rng = np.random.default_rng(bits * 10 + tables)
     q, k, v = rng.standard_normal((60, 12)), rng.standard_normal((400, 12)), rng.standard_normal((400, 12))
     planes = lsh.hyperplanes(12, bits, tables, seed=3)
-    m = lr.retrieval_metrics(q, k, planes, values=v, scale=0.3)
+    m = le.retrieval_metrics(q, k, planes, values=v, scale=0.3)
     ref = _dense_check(q, k, v, planes, 0.3)
     assert m["candidate_fraction"] == pytest.approx(ref["candidate_fraction"], rel=1e-12)
     assert m["recall_at_10"] == pytest.approx(ref["recall_at_10"], rel=1e-12)
@@ -74,7 +76,7 @@ def test_sub_block_codes_are_masked_full_codes():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((500, 32)).astype(np.float32)
     planes = lsh.hyperplanes(32, 16, 16, seed=5)
-    full = lr.hash_codes(x, planes, chunk=128)
+    full = le.hash_codes(x, planes, chunk=128)
     assert np.array_equal(full.T.astype(np.int32), lsh.simhash(x, planes))
     for bits, tables in [(4, 1), (6, 4), (10, 16), (16, 2)]:
         sub = lsh.simhash(x, planes[:tables, :bits])
@@ -84,14 +86,14 @@ def test_sub_block_codes_are_masked_full_codes():
 def test_agreement_levels():
     q = np.array([[0b1011, 0b0000]], dtype=np.uint16)
     k = np.array([[0b0011, 0b0000], [0b1010, 0b0100]], dtype=np.uint16)
-    levels = lr.agreement_levels(q, k, [1, 2])
+    levels = le.agreement_levels(q, k, [1, 2])
     # pair 0: table 0 agrees on 3 low bits, table 1 on all 16; pair 1: 0, then 2
     assert levels.tolist() == [[3, 16], [0, 2]]
 
 
 @pytest.mark.parametrize("cos", [0.9, 0.5, 0.0, -0.3])
 def test_needle_haystack(cos):
-    keys, queries, needles = lr.needle_haystack(3000, 64, 1000, cos, seed=4)
+    keys, queries, needles = ld.needle_haystack(3000, 64, 1000, cos, seed=4)
     assert keys.dtype == queries.dtype == np.float32 and needles.dtype == np.int64
     assert keys.shape == (3000, 64) and queries.shape == (1000, 64) and needles.shape == (1000,)
     assert np.unique(needles).size == 1000
@@ -101,17 +103,21 @@ def test_needle_haystack(cos):
     # needle norms follow the chi_64 law of the other keys (mean ~ sqrt(63.5))
     assert np.linalg.norm(k, axis=1).mean() == pytest.approx(np.sqrt(63.5), rel=0.02)
     # same seed, other cosine: same keys elsewhere, same queries and positions
-    keys2, queries2, needles2 = lr.needle_haystack(3000, 64, 1000, 0.95, seed=4)
+    keys2, queries2, needles2 = ld.needle_haystack(3000, 64, 1000, 0.95, seed=4)
     others = np.setdiff1d(np.arange(3000), needles)
     assert np.array_equal(needles2, needles) and np.array_equal(queries2, queries)
     assert np.array_equal(keys2[others], keys[others])
+    # needles_at replays the same draws: the needles the haystacks planted, before the float32 cast
+    planted = ld.needles_at((cos, 0.95), 3000, 64, 1000, seed=4)
+    assert np.array_equal(planted[cos].astype(np.float32), keys[needles])
+    assert np.array_equal(planted[0.95].astype(np.float32), keys2[needles])
 
 
 def test_needle_haystack_rejects_bad_sizes():
     with pytest.raises(ValueError, match="n_queries"):
-        lr.needle_haystack(10, 8, 11, 0.9, 0)
+        ld.needle_haystack(10, 8, 11, 0.9, 0)
     with pytest.raises(ValueError, match="cos"):
-        lr.needle_haystack(10, 8, 5, 1.5, 0)
+        ld.needle_haystack(10, 8, 5, 1.5, 0)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -125,55 +131,38 @@ def test_collision_rate_matches_simhash_theory(seed):
     """
     n = 4000
     for cos in (0.0, 0.5, 0.8, 0.9, 0.99):
-        hits = lr.collision_rates(cos, 64, n, seed=seed)
-        lo, hi = lr.clopper_pearson(hits, n, level=0.999)
-        for ti, t in enumerate(lr.TABLES):
-            for bi, b in enumerate(lr.BITS):
+        hits = le.collision_rates(cos, 64, n, seed=seed, bits=BITS, tables=TABLES)
+        lo, hi = le.clopper_pearson(hits, n, level=0.999)
+        for ti, t in enumerate(TABLES):
+            for bi, b in enumerate(BITS):
                 p = lsh.collision_probability(cos, b, t)
                 assert lo[ti, bi] <= p <= hi[ti, bi], (cos, b, t, hits[ti, bi] / n, p)
 
 
 def test_binomial_intervals():
-    lo, hi = lr.wilson(50, 100)
+    lo, hi = le.wilson(50, 100)
     assert lo < 0.5 < hi and hi - lo == pytest.approx(0.19, abs=0.01)
-    lo, hi = lr.clopper_pearson(np.array([0, 100]), 100)
+    lo, hi = le.clopper_pearson(np.array([0, 100]), 100)
     assert lo[0] == 0.0 and hi[1] == 1.0 and hi[0] == pytest.approx(0.0362, abs=1e-3)
 
 
 def test_isotropic_candidate_fraction_theory():
     # one table, b bits: independent isotropic vectors collide with probability E[(1 - θ/π)^b]; b=1 gives 1/2
-    assert lr.isotropic_candidate_fraction(64, 1, 1) == pytest.approx(0.5, abs=1e-6)
+    assert le.isotropic_candidate_fraction(64, 1, 1) == pytest.approx(0.5, abs=1e-6)
     # against Monte Carlo over independent Gaussian pairs: E_c[P(c)] is above 2^-b (Jensen)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 200_000, 64))
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     for bits, tables in [(8, 1), (4, 4), (12, 16)]:
-        f = lr.isotropic_candidate_fraction(64, bits, tables)
+        f = le.isotropic_candidate_fraction(64, bits, tables)
         assert f == pytest.approx(lsh.collision_probability(cos, bits, tables).mean(), rel=0.01)
         assert f > 1 - (1 - 2.0**-bits) ** tables
 
 
 def test_gini_and_bucket_skew():
-    assert lr.gini([3, 3, 3, 3]) == 0.0
-    assert lr.gini([0, 0, 0, 8]) == pytest.approx(0.75)
+    assert le.gini([3, 3, 3, 3]) == 0.0
+    assert le.gini([0, 0, 0, 8]) == pytest.approx(0.75)
     codes = np.zeros((100, 2), dtype=np.uint16)  # every key in bucket 0
-    row = lr.bucket_skew(codes, bits=(4,))[0]
+    row = le.bucket_skew(codes, bits=(4,))[0]
     assert row["largest_bucket_share"] == 1.0 and row["collision_mass"] == 1.0
     assert row["gini"] == pytest.approx(15 / 16)
-
-
-def test_quick_run_writes_a_valid_result(tmp_path):
-    paths = lr.run(quick=True, results_dir=tmp_path, progress=False)
-    assert paths == [tmp_path / "lsh" / "quick.json"]
-    data = read_results(paths[0])
-    meta, records = data["meta"], data["records"]
-    assert meta["command"] == "nkattn study lsh --quick" and meta["config"]["quick"]
-    needle = [r for r in records if r["experiment"] == "needle"]
-    assert len(needle) == len(lr.QUICK["needle_ns"]) * len(lr.BITS) * len(lr.TABLES)
-    for r in needle:
-        assert r["n_queries"] >= 1000
-        assert 0 <= r["candidate_fraction"] <= 1 and 0 <= r["needle_recall"] <= 1
-        assert r["needle_recall_lo"] <= r["needle_recall"] <= r["needle_recall_hi"]
-    cal = [r for r in records if r["experiment"] == "calibration"]
-    assert np.mean([r["theory_in_interval"] for r in cal]) > 0.85
-    assert {r["experiment"] for r in records} >= {"calibration", "needle", "structured", "binned", "buckets"}

@@ -1,34 +1,37 @@
-"""Table-lookup attention: projections, palettes, tables, the attention oracle, GGUF, the distance study.
+"""Table-lookup attention: the references (reference/table.py) and the lookup kernel (cuda_kernels/table.py).
 
 Sections:
   1. projections (Base17 golden-step, mean-stride, Gaussian, PCA)
   2. palettes and tables (seed: farthest-point L1; dot: k-means)
   3. lookup_scores / table_attention_ref (against dense loops and the exact oracle; masks)
   4. input validation
-  5. GGUF round trips and the weight-table pipeline
-  6. the distance study (quick mode, figures)
-  7. (reserved) GPU kernel tests for cuda_kernels/table.py
+  5. the lookup kernel and the API's table method (tiny grid under the simulator)
+
+GGUF round trips are in tests/test_gguf.py, the distance study's helpers in
+tests/test_distance.py and its quick run in tests/test_studies.py.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import cuda
 
-from nkattn.reference import bert
+import nkattn
+from nkattn.cuda_kernels.table import score_rowmax, table_attention
 from nkattn.reference import table as T
 from nkattn.reference.exact import attention_ref, visible_key_counts
-
-needs_model = pytest.mark.skipif(
-    not bert.model_available(), reason=f"MiniLM weights not installed: {bert.INSTALL_HINT}"
+from nkattn.testing import (
+    assert_bit_identical,
+    assert_within_budget,
+    float32_floor,
+    relative_error,
 )
+
+from .conftest import REAL_GPU, SIMULATOR
+
 U32 = np.finfo(np.float32).eps / 2  # float32 unit roundoff
 
 # ======================================================================================
@@ -404,201 +407,8 @@ def test_codes_outside_the_palette_are_rejected():
 
 
 # ======================================================================================
-# 5. GGUF
+# 5. The lookup kernel (cuda_kernels/table.py); tiny grid under the simulator
 # ======================================================================================
-
-needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
-
-
-def _synthetic_tensors():
-    rng = np.random.default_rng(15)
-    a = rng.normal(0, 0.05, (6, 128)).astype(np.float32)
-    a[0, :32] = 0.0  # an all-zero Q8_0 block (d = 0)
-    a[1, :5] = [1e-7, -3e-6, 6e-5, 2**-20, -(2**-24)]  # float16 subnormals
-    b = (rng.normal(size=(64, 32)) * np.exp(rng.normal(0, 2, (64, 1)))).astype(np.float32)  # wide range of block scales
-    return {"blk.0.attn_q.weight": a, "blk.0.attn_k.weight": b}
-
-
-@needs_gguf
-@pytest.mark.parametrize("fmt", ["F32", "F16", "BF16", "Q8_0"])
-def test_gguf_roundtrip_within_the_format_bound(tmp_path, fmt):
-    from nkattn import gguf_weights as G
-
-    tensors = _synthetic_tensors()
-    path = G.write_gguf(tmp_path / f"t-{fmt}.gguf", tensors, fmt)
-    back = G.read_gguf(path)
-    assert set(back) == set(tensors)
-    for name, x in tensors.items():
-        t = back[name]
-        assert t.format == fmt and t.shape == x.shape and t.values.dtype == np.float32
-        ratio = G.roundtrip_check(x, t.values, fmt)
-        if fmt == "F32":
-            np.testing.assert_array_equal(t.values, x)
-        else:
-            assert 0.25 < ratio <= 1.0, ratio  # the bound holds and is not vacuous
-
-
-@needs_gguf
-def test_gguf_bound_catches_a_wrong_value(tmp_path):
-    from nkattn import gguf_weights as G
-
-    x = _synthetic_tensors()["blk.0.attn_k.weight"]
-    bad = x.copy()
-    bad[3, 4] *= 1.01
-    with pytest.raises(AssertionError, match=r"BF16: error .* at \(3, 4\)"):
-        G.roundtrip_check(x, bad, "BF16")
-    with pytest.raises(AssertionError, match="not exact"):
-        G.roundtrip_check(x, bad, "F32")
-
-
-@needs_gguf
-def test_gguf_errors(tmp_path):
-    from nkattn import gguf_weights as G
-
-    with pytest.raises(ValueError, match="multiple of 32"):
-        G.write_gguf(tmp_path / "a.gguf", {"w": np.ones((2, 40), np.float32)}, "Q8_0")
-    with pytest.raises(ValueError, match="format must be"):
-        G.write_gguf(tmp_path / "b.gguf", {"w": np.ones((2, 32), np.float32)}, "Q4_K")
-    with pytest.raises(ValueError, match="non-finite"):
-        G.write_gguf(tmp_path / "c.gguf", {"w": np.full((2, 32), np.nan, np.float32)}, "F16")
-    assert G.gguf_name("encoder.layer.3.attention.self.key.weight") == "blk.3.attn_k.weight"
-    assert G.gguf_name("encoder.layer.5.attention.output.dense.weight") == "blk.5.attn_output.weight"
-    with pytest.raises(ValueError, match="not a MiniLM attention weight"):
-        G.gguf_name("encoder.layer.0.intermediate.dense.weight")
-
-
-def test_gguf_is_imported_lazily():
-    code = "import sys, nkattn.gguf_weights, nkattn.reference.table; assert 'gguf' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@needs_gguf
-def test_weights_table_pipeline(tmp_path):
-    from nkattn import gguf_weights as G
-
-    tensors = {"blk.0.attn_q.weight": np.random.default_rng(16).normal(0, 1, (300, 64)).astype(np.float32)}
-    path = G.write_gguf(tmp_path / "w.gguf", tensors, "Q8_0")
-    wt = G.weights_table(path, "blk.0.attn_q.weight")
-    rows = G.read_gguf(path)["blk.0.attn_q.weight"].values
-    np.testing.assert_array_equal(wt.rows, rows)
-    np.testing.assert_array_equal(wt.codes_i16, T.base17_i16(rows))
-    np.testing.assert_array_equal(wt.palette_rows, T.farthest_point_palette(wt.codes_i16))
-    np.testing.assert_array_equal(wt.assignment, T.assign_l1(wt.codes_i16, wt.codes_i16[wt.palette_rows]))
-    p = len(wt.palette_rows)
-    assert wt.table.shape == (256, 256) and wt.assignment.dtype == np.uint8
-    np.testing.assert_array_equal(wt.table[:p, :p], T.seed_distance_table(wt.codes_i16[wt.palette_rows]))
-    with pytest.raises(KeyError, match="not in"):
-        G.weights_table(path, "blk.9.attn_q.weight")
-
-
-@needs_gguf
-@needs_model
-def test_minilm_weights_roundtrip_all_formats(tmp_path):
-    from nkattn import gguf_weights as G
-
-    weights = G.minilm_attention_weights()
-    assert len(weights) == 24 and weights["blk.0.attn_q.weight"].shape == (384, 384)
-    records = G.minilm_roundtrips(tmp_path, weights={k: w for k, w in weights.items() if k.startswith("blk.5.")})
-    assert {r["format"] for r in records} == set(G.FORMATS) and len(records) == 16
-    assert all(r["max_err_over_bound"] <= 1 for r in records)
-    assert all(r["max_abs_err"] == 0 for r in records if r["format"] == "F32")
-
-
-# ======================================================================================
-# 6. The distance study
-# ======================================================================================
-
-
-def test_study_helpers():
-    from scipy.stats import spearmanr
-
-    from nkattn.studies import distance as D
-
-    rng = np.random.default_rng(17)
-    a, b = rng.normal(size=(6, 30)), rng.normal(size=(6, 30))
-    b[2] = 0.0  # a constant row has no rank correlation
-    rho = D.rowwise_spearman(a, b)
-    assert np.isnan(rho[2])
-    np.testing.assert_allclose(np.delete(rho, 2), [spearmanr(a[i], b[i]).statistic for i in (0, 1, 3, 4, 5)])
-    assert D.topk_overlap(a, a, 5, rng) == 1.0
-    assert D.topk_overlap(a, -a, 5, rng) == 0.0
-    # all-tied approximate scores: the random tie-break makes the overlap k/N in expectation
-    ties = np.mean([D.topk_overlap(np.tile(np.arange(30.0), (50, 1)), np.zeros((50, 30)), 3, rng) for _ in range(20)])
-    assert abs(ties - 0.1) < 5 * np.sqrt(0.1 * 0.9 / 3 / 1000)
-
-
-@pytest.fixture(scope="module")
-def quick_result(tmp_path_factory):
-    from nkattn.studies import distance as D
-
-    results_dir = tmp_path_factory.mktemp("results")
-    return results_dir, D.run(quick=True, results_dir=results_dir, progress=False)
-
-
-def test_quick_run_writes_valid_results(quick_result):
-    from nkattn.results import read_results
-    from nkattn.studies import distance as D
-
-    results_dir, paths = quick_result
-    expected = ["gguf.json", "distance.json", "seed_repro.json"]
-    if bert.model_available():
-        expected += ["attention.json", "end_to_end.json"]
-    assert [p.name for p in paths] == expected and all(p.parent == results_dir / "distance" / "quick" for p in paths)
-    data = read_results(results_dir / "distance" / "quick" / "distance.json")
-    assert data["meta"]["command"] == "nkattn study distance --quick"
-    recs = data["records"]
-    by = {(r["dataset"], r["projection"], r["m"], r["form"], r["metric"]): r for r in recs}
-    for r in recs:
-        assert -1 <= r["rho_min"] <= r["rho_mean"] <= r["rho_max"] <= 1 and r["seeds"] == len(D.QUICK_SEEDS)
-    for ds in ("images", "digits", "gaussian-d256"):  # golden and mean-stride are the same axes
-        assert by[(ds, "golden", 17, "i16", "l1")]["rho"] == by[(ds, "mean-stride", 17, "i16", "l1")]["rho"]
-        assert by[(ds, "pca", 32, "float", "l2")]["rho_mean"] > by[(ds, "pca", 4, "float", "l2")]["rho_mean"]
-    assert by[("gaussian-d256-n50", "golden", 17, "float", "l2")]["pairs"] == 1225
-    repro = read_results(results_dir / "distance" / "quick" / "seed_repro.json")["records"]
-    byte = {r["variant"]: r for r in repro if r["scale"] == "byte"}
-    assert byte["gaussian N(0,1) i16 (L1)"]["clamped_share"] > 0.5  # saturation: the seed's "random" reading
-    if bert.model_available():
-        att = read_results(results_dir / "distance" / "quick" / "attention.json")
-        assert {r["variant"] for r in att["records"]} == {"seed", "seed-tuned", "dot", "seed-direct"}
-        assert len(att["records"]) == 4 * 72 * D.QUICK_TEST
-        e2e = read_results(results_dir / "distance" / "quick" / "end_to_end.json")
-        assert all(-1 <= r["cosine"] <= 1 + 1e-9 for r in e2e["records"])
-
-
-def test_figures_from_quick_results(quick_result, tmp_path):
-    from nkattn.figures import MissingResultError
-    from nkattn.studies import distance as D
-
-    _, paths = quick_result
-    staged = tmp_path / "results" / "distance"
-    staged.mkdir(parents=True)
-    for p in paths:
-        shutil.copy(p, staged / p.name)
-    for make in D.FIGURES:
-        if make in (D.fig_attention_heads, D.fig_topk, D.fig_end_to_end) and not bert.model_available():
-            with pytest.raises(MissingResultError):
-                make(tmp_path / "results", tmp_path / "figures")
-            continue
-        out = make(tmp_path / "results", tmp_path / "figures")
-        assert [p.suffix for p in out] == [".pdf", ".png"] and out[0].read_bytes()[:5] == b"%PDF-"
-
-
-# ======================================================================================
-# 7. The lookup kernel (cuda_kernels/table.py); tiny grid under the simulator
-# ======================================================================================
-
-from numba import cuda  # noqa: E402
-
-import nkattn  # noqa: E402
-from nkattn.cuda_kernels.table import score_rowmax, table_attention  # noqa: E402
-from nkattn.testing import (  # noqa: E402
-    assert_bit_identical,
-    assert_within_budget,
-    float32_floor,
-    relative_error,
-)
-
-from .conftest import REAL_GPU, SIMULATOR  # noqa: E402
 
 
 def kernel_case(b, h, hkv, nq, nk, d, causal=False, dtype=np.float32, key_lengths=None):
@@ -659,7 +469,7 @@ def test_table_kernel_matches_oracle(c):
 def test_looked_up_scores_are_bit_identical_to_the_reference_in_float32(d):
     # the row maximum of scale * table[code_q, code_k]: a lookup and one float32 product, exact
     c = dict(b=1, h=2, hkv=2, nq=300 if REAL_GPU else 9, nk=517 if REAL_GPU else 13, d=d, dtype=np.float32, key_lengths=None)
-    q_codes, k_codes, table, v, _ = kernel_inputs(c, seed=1)
+    q_codes, k_codes, table, _, _ = kernel_inputs(c, seed=1)
     q = cuda.to_device(np.zeros((1, 2, c["nq"], d), np.float32))
     got = score_rowmax(q, q, cuda.to_device(q_codes), cuda.to_device(k_codes), table, scale=SCORE_SCALE, lookup=True)
     expected = T.lookup_scores(q_codes, k_codes, table, score_scale=SCORE_SCALE, compute_dtype=np.float32).max(-1)

@@ -1,0 +1,54 @@
+"""Measurement helpers that several studies share (one definition each).
+
+Kernel error budgets live in `nkattn.testing` (`relative_error` there is the
+max-norm error of a kernel against its reference); rounding and reading records
+live in `nkattn.results`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+# Decorator: run with one BLAS thread. The studies multiply small matrices (at most
+# 512 x 384 in the BERT forward, 512 x 512 SVDs): there OpenBLAS's threads cost more
+# than they save, 10-30x more on two busy cores (measured on the CI's 2-core machines).
+single_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
+
+
+def relative_frobenius_error(approx, exact, axis=(-2, -1)) -> np.ndarray:
+    """||approx - exact|| / ||exact|| in the Frobenius norm over `axis` (the L2 norm for one axis,
+    the norm of the flattened arrays for ``axis=None``; `approx` may broadcast against `exact`).
+
+    The studies' error of a whole attention output (or of one output row): unlike
+    `nkattn.testing.relative_error` (worst element over largest element) it weighs
+    every element, which is what "how much of the output is lost" means.
+    """
+    approx, exact = np.asarray(approx), np.asarray(exact)
+    return np.linalg.norm(approx - exact, axis=axis) / np.linalg.norm(exact, axis=axis)
+
+
+def peak_device_bytes(fn) -> tuple[int, int]:
+    """What one call of `fn` allocates on the GPU, measured two ways: (growth of torch's
+    allocator peak, growth of the driver's used memory).
+
+    numba's deallocations are deferred during the call, so nothing it frees meanwhile
+    hides an allocation: both numbers are upper bounds of the call's extra memory. The
+    caller adds the bytes of the inputs and outputs that stay resident.
+    """
+    import torch
+    from numba import cuda
+
+    cuda.synchronize()
+    torch.cuda.synchronize()
+    with cuda.defer_cleanup():
+        free_before, _ = cuda.current_context().get_memory_info()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        cuda.synchronize()
+        torch.cuda.synchronize()
+        free_after, _ = cuda.current_context().get_memory_info()
+        torch_extra = torch.cuda.max_memory_allocated() - base
+        del result
+    return torch_extra, free_before - free_after
