@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import io
 import subprocess
@@ -26,6 +27,9 @@ from nkattn.studies._common import relative_frobenius_error
 needs_model = pytest.mark.skipif(not bert.model_available(), reason=f"MiniLM weights not installed: {bert.INSTALL_HINT}")
 # rank-entropy needs MiniLM; distance runs without it but then has no attention figures to draw
 NEEDS_MODEL = {"rank-entropy", "distance"}
+# distance writes MiniLM's weights through gguf (the `studies` extra; not on the GPU machine's image)
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
+NEEDS_GGUF = {"distance"}
 
 
 def _study_params():
@@ -33,6 +37,8 @@ def _study_params():
         marks = [pytest.mark.gpu] if info.needs_gpu else []
         if name in NEEDS_MODEL:
             marks.append(needs_model)
+        if name in NEEDS_GGUF:
+            marks.append(needs_gguf)
         yield pytest.param(name, marks=marks, id=name)
 
 
@@ -159,6 +165,7 @@ def test_lsh_quick_records(quick_run):
 
 
 @needs_model
+@needs_gguf
 def test_distance_quick_records(quick_run):
     from nkattn.studies import distance as D
 
