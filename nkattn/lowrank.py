@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nkattn.reference.exact import SUPPORTED_HEAD_DIMS, _expand_kv_heads, default_scale
+from nkattn.reference.exact import KERNEL_HEAD_DIMS, _expand_kv_heads, default_scale
 from nkattn.reference.lowrank import (
     ERROR_PROBES,
     attention_matrix,
@@ -171,8 +171,8 @@ def _validate(q, k, v, *, rank, oversample, power_iters, seed, causal, scale, ke
     if heads % kv_heads:
         raise ValueError(f"q heads must be a multiple of k heads (grouped-query attention), got H={heads}, Hkv={kv_heads}")
     chosen = backend if backend != "auto" else ("cuda" if on_device["q"] else "reference")
-    if chosen == "cuda" and head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim d={head_dim} is not supported by the cuda backend; supported: {SUPPORTED_HEAD_DIMS}")
+    if chosen == "cuda" and head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head dim d={head_dim} is not supported by the cuda backend; supported: {KERNEL_HEAD_DIMS}")
     validate_lowrank_params(rank, nq, nk, oversample=oversample, power_iters=power_iters, seed=seed, energy=energy,
                             tolerance=tolerance)
     if scale is None:
