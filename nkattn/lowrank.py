@@ -238,14 +238,9 @@ class _CudaOperators:
     """
 
     def __init__(self, q, k, p: _Problem):
-        try:
-            from nkattn.cuda_kernels import lowrank as kernels
-        except ImportError as exc:
-            raise ImportError(
-                "backend='cuda' needs the GPU operators nkattn.cuda_kernels.lowrank (attention_times, "
-                "attention_transpose_times), which this installation lacks; use backend='reference'"
-            ) from exc
         from numba import cuda
+
+        from nkattn.cuda_kernels import lowrank as kernels
 
         self.cuda, self.kernels, self.p = cuda, kernels, p
         self.xp = _cupy_or_none(p) or np

@@ -119,7 +119,7 @@ def make(rng, b, h, hkv, nq, nk, dtype):
 def check_case(checks, name, dtype, b, h, hkv, nq, nk, causal, key_lengths, seed):
     from numba import cuda
 
-    from nkattn.cuda_kernels.lowrank_ops import (
+    from nkattn.cuda_kernels.lowrank import (
         attention_times,
         attention_transpose_times,
     )
@@ -231,7 +231,7 @@ def time_kernels(dtype, n, heads, repeats, causal):
     from numba import cuda
 
     from nkattn.cuda_kernels.exact import exact_attention, exact_attention_kernel
-    from nkattn.cuda_kernels.lowrank_ops import (
+    from nkattn.cuda_kernels.lowrank import (
         attention_times,
         attention_transpose_kernel,
         attention_transpose_times,
@@ -260,7 +260,7 @@ def time_kernels(dtype, n, heads, repeats, causal):
     sp_t = attention_transpose_kernel(dtype, D, WIDTH)[1]
 
     def transpose_uncapped():
-        from nkattn.cuda_kernels.lowrank_ops import transpose_launch_config
+        from nkattn.cuda_kernels.lowrank import transpose_launch_config
         from nkattn.cuda_kernels.online_softmax import launch_with_shared_memory
 
         grid, block, shared = transpose_launch_config(sp_t, 1, heads, n)

@@ -5,9 +5,6 @@ hand-checkable cases, the public driver, and every bad input.
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 from numba import cuda
@@ -15,6 +12,7 @@ from scipy import stats
 from sklearn.utils.extmath import randomized_svd
 
 from nkattn import figures
+from nkattn import lowrank as lowrank_driver
 from nkattn.lowrank import LowRankFactors, lowrank_attention, lowrank_factors
 from nkattn.reference import bert
 from nkattn.reference import lowrank as lr
@@ -424,41 +422,11 @@ def test_peers_refuse_bad_rank_and_pinv():
 # --------------------------------------------------------------------------------------
 
 
-def stand_in_operators():
-    """The GPU operators' contract (signatures of nkattn.cuda_kernels.lowrank) implemented
-    by the float64 mirror on host copies, writing into the given device views."""
-    module = types.ModuleType("nkattn.cuda_kernels.lowrank")
-
-    def attention_times(q, k, x, key_lengths, *, causal, scale, out=None, lse=None):
-        o, l_ = lr.attention_times_ref(q.copy_to_host(), k.copy_to_host(), x.copy_to_host(),
-                                       key_lengths.copy_to_host(), causal=causal, scale=scale)
-        out[:], lse[:] = o, l_  # element-wise stores: out and lse may be strided views
-        return out, lse
-
-    def attention_transpose_times(q, k, y, lse, key_lengths, *, causal, scale, out=None):
-        out[:] = lr.attention_transpose_times_ref(q.copy_to_host(), k.copy_to_host(), y.copy_to_host(),
-                                                  lse.copy_to_host(), key_lengths.copy_to_host(), causal=causal,
-                                                  scale=scale)
-        return out
-
-    module.attention_times = attention_times
-    module.attention_transpose_times = attention_transpose_times
-    return module
-
-
-def real_operators():
-    return pytest.importorskip(
-        "nkattn.cuda_kernels.lowrank", reason="the GPU operators (issue 11 item 2) are not on this branch yet"
-    )
-
-
-@pytest.mark.parametrize("operators", ["stand-in", "gpu-kernels"])
-@pytest.mark.parametrize("c", [case(2, 4, 2, 19, 23, 16, 4, causal=True, key_lengths=(23, 9))])
-def test_cuda_backend_matches_the_reference(c, operators, monkeypatch):
-    """Device inputs, GQA through strided views, lse kept on the device: same factors and
-    output as the reference backend (float64 on both)."""
-    module = stand_in_operators() if operators == "stand-in" else real_operators()
-    monkeypatch.setitem(sys.modules, "nkattn.cuda_kernels.lowrank", module)
+def test_cuda_backend_matches_the_reference(monkeypatch):
+    """Device inputs, GQA through strided views, an empty causal row, lse kept on the device:
+    same factors and output as the reference backend (float64 on both). Sizes for the
+    simulator: one batch, two query heads of one key head, 9 x 11."""
+    c = {"b": 1, "h": 2, "hkv": 1, "nq": 9, "nk": 11, "d": 16, "causal": True, "key_lengths": (8,)}
     q, k = make_qk(c, spread=0.7)
     v = np.random.default_rng(1).standard_normal((c["b"], c["hkv"], c["nk"], 8))
     kw = dict(rank=4, oversample=3, power_iters=1, seed=2, **masks(c))
@@ -467,18 +435,19 @@ def test_cuda_backend_matches_the_reference(c, operators, monkeypatch):
     out_ref, lse_ref = lowrank_attention(q, k, v, backend="reference", **kw)
     assert relative_error(out.copy_to_host(), out_ref) <= 1e-11
     assert relative_error(lse.copy_to_host(), lse_ref) <= 1e-12
-    # rank 16, then 19 = min(Nq, Nk): two sketches; no power iteration keeps the simulator quick
+    # rank="auto" from rank 2 (not 16: N is 9 here) doubling up: sketches of several widths,
+    # V riding along the first pass; no power iteration keeps the simulator quick
+    monkeypatch.setattr(lowrank_driver, "AUTO_FIRST_RANK", 2)
     auto = {"rank": "auto", "tolerance": 1e-3, "power_iters": 0, **masks(c)}
     f = lowrank_factors(qd, kd, vd, backend="cuda", **auto)
     f_ref = lowrank_factors(q, k, v, backend="reference", **auto)
-    assert np.array_equal(f.rank, f_ref.rank) and f.rank.min() < 16 < f.rank.max()
+    assert np.array_equal(f.rank, f_ref.rank) and f.rank.max() > 2
     assert relative_error(product(f.U, f.sigma, f.Vt), product(f_ref.U, f_ref.sigma, f_ref.Vt)) <= 1e-11
 
 
 @pytest.mark.gpu
 def test_cuda_float32_meets_the_spectral_target():
     """float32 operators, float64 linear algebra: ‖A - Â_32‖₂ <= 1.5 σ₃₃ on a MiniLM-like head."""
-    real_operators()
     q, k, _ = planted(classes=16, n=1024, d=64, strength=1.5, heads=2)
     q = q + 0.3 * np.random.default_rng(0).standard_normal(q.shape)
     f = lowrank_factors(q.astype(np.float32), k.astype(np.float32), rank=32, backend="cuda")
@@ -486,12 +455,6 @@ def test_cuda_float32_meets_the_spectral_target():
     sv = np.linalg.svd(a, compute_uv=False)
     err = np.linalg.norm(a - product(f.U, f.sigma, f.Vt), ord=2, axis=(-2, -1))
     assert (err <= 1.5 * sv[..., 32] + 1e-5).all(), err / sv[..., 32]
-
-
-def test_cuda_backend_without_the_operators_says_so(monkeypatch):
-    monkeypatch.setitem(sys.modules, "nkattn.cuda_kernels.lowrank", None)  # import fails
-    with pytest.raises(ImportError, match="nkattn.cuda_kernels.lowrank"):
-        lowrank_attention(Q, K, V, rank=2, backend="cuda")
 
 
 # --------------------------------------------------------------------------------------

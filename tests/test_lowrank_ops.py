@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from nkattn.cuda_kernels.exact import exact_attention
-from nkattn.cuda_kernels.lowrank_ops import (
+from nkattn.cuda_kernels.lowrank import (
     MAX_WIDTH,
     attention_times,
     attention_transpose_times,
