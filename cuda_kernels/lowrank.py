@@ -20,7 +20,7 @@ next multiple of TX with zero columns (l = 42 runs as 48), which are never read
 from x or y nor written to the output.
 
 Arithmetic as in the exact kernel (`streaming_primitives`): float64 exactly
-rounded, bit-identical to the mirrors in `nkattn.reference.lowrank_ops`; float32
+rounded, bit-identical to the mirrors in `nkattn.reference.lowrank`; float32
 fast (FMA, hardware exp). Both are deterministic: fixed order, no atomics.
 """
 

@@ -8,7 +8,7 @@ Not a study (it writes nothing under results/): a script for the device,
    (outputs poisoned with NaN first); sampled rows of A·X and lse and sampled
    keys of Aᵀ·Y against dense float64 (<= 1e-12 relative in float64; in float32
    within 2x the naive float32 formula's error + the float32 floor); the float64
-   kernels bit-identical to the mirrors of `nkattn.reference.lowrank_ops` (on the
+   kernels bit-identical to the mirrors of `nkattn.reference.lowrank` (on the
    last rows, whose bottom-right causal alignment survives dropping the rows
    before them, and on sampled keys); two runs bit-identical.
 2. Timing, B = 1, H = 8, N = 16K, d = 64: CUDA events, median of >= 20 runs
@@ -124,7 +124,7 @@ def check_case(checks, name, dtype, b, h, hkv, nq, nk, causal, key_lengths, seed
         attention_transpose_times,
     )
     from nkattn.cuda_kernels.online_softmax import kernel_order
-    from nkattn.reference.lowrank_ops import (
+    from nkattn.reference.lowrank import (
         attention_times_ref,
         attention_transpose_times_ref,
     )

@@ -18,7 +18,7 @@ from nkattn.cuda_kernels.lowrank import (
 )
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
 from nkattn.reference.exact import attention_ref, streaming_order, visible_key_counts
-from nkattn.reference.lowrank_ops import (
+from nkattn.reference.lowrank import (
     attention_times_ref,
     attention_transpose_times_ref,
 )
