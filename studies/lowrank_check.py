@@ -2,7 +2,7 @@
 
 Not a study (it writes nothing under results/): a script for the device,
 
-    python -m nkattn.studies.lowrank_ops_check            # N = 16K, d = 64, l = 42, float32 and float64
+    python -m nkattn.studies.lowrank_check            # N = 16K, d = 64, l = 42, float32 and float64
 
 1. Correctness, the GPU tests' key cases at N = 16K: every output element written
    (outputs poisoned with NaN first); sampled rows of A·X and lse and sampled
@@ -195,7 +195,7 @@ def check_case(checks, name, dtype, b, h, hkv, nq, nk, causal, key_lengths, seed
 
         def mirror():
             for bb, hh in picks:
-                one = dict(causal=causal, scale=scale, key_lengths=[key_lengths[bb]], order=kernel_order(np.float64, D))
+                one = {"causal": causal, "scale": scale, "key_lengths": [key_lengths[bb]], "order": kernel_order(np.float64, D)}
                 sel = (slice(bb, bb + 1), slice(hh, hh + 1))
                 kv = (slice(bb, bb + 1), slice(hh // group, hh // group + 1))
                 # bottom-right causal alignment is unchanged by dropping leading rows
@@ -282,7 +282,7 @@ def time_kernels(dtype, n, heads, repeats, causal):
     for name, flops, fn, kernel in kernels:
         timing = (_wall_time_ms if SIMULATOR else cuda_time_ms)(fn, warmup=3, repeats=repeats)
         regs, local = resources(kernel())
-        rows.append(dict(name=name, ms=timing["median_ms"], p90=timing["p90_ms"], tflops=flops / timing["median_ms"] / 1e9, regs=regs, local=local))
+        rows.append({"name": name, "ms": timing["median_ms"], "p90": timing["p90_ms"], "tflops": flops / timing["median_ms"] / 1e9, "regs": regs, "local": local})
     base = rows[0]["ms"]
     for r in rows:
         r["vs_exact"] = r["ms"] / base
