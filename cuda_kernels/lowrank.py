@@ -243,6 +243,28 @@ def _output(name, arr, shape, dtype, stream):
     return arr
 
 
+@cache
+def max_width(dtype, head_dim: int) -> int:
+    """The widest l both operators take at this dtype and head dim: `MAX_WIDTH`, or the widest
+    whose block fits in `SHARED_LIMIT` bytes of shared memory (on the GPU, float64 at d = 64
+    falls short). `nkattn.lowrank` runs wider products in chunks of columns."""
+    dtype = np.dtype(dtype)
+
+    def fits(width):
+        # the kernels attention_times and attention_transpose_times launch for this width (cached)
+        _, times_sp = exact_attention_kernel(dtype, head_dim, **({} if width == head_dim else {"value_dim": width}))
+        _, transpose_sp = attention_transpose_kernel(dtype, head_dim, width)
+        return max(times_sp.SHARED_BYTES, transpose_sp.SHARED_BYTES) <= SHARED_LIMIT
+
+    if fits(MAX_WIDTH):
+        return MAX_WIDTH
+    fitting, too_wide = 1, MAX_WIDTH  # shared memory grows with l
+    while too_wide - fitting > 1:
+        mid = (fitting + too_wide) // 2
+        fitting, too_wide = (mid, too_wide) if fits(mid) else (fitting, mid)
+    return fitting
+
+
 def _check_shared(sp, dtype, head_dim, width, arg):
     if sp.SHARED_BYTES > SHARED_LIMIT:
         raise ValueError(

@@ -191,6 +191,9 @@ class _CudaOperators:
     Their A·X takes X per key head (like V); an X per query head is applied in G = H / Hkv
     calls on the query heads ``j::G`` (see `nkattn.reference.lowrank`), writing into views
     of one output. The lse of the first pass stays on the device for every Aᵀ·Y pass.
+    Products wider than the kernels take (``max_width``: 256 columns, fewer where shared
+    memory runs out) run in chunks of columns; a column's arithmetic does not depend on
+    the others, so chunking leaves the float64 bits unchanged.
     """
 
     def __init__(self, q, k, p: _Problem):
@@ -199,6 +202,7 @@ class _CudaOperators:
         from nkattn.cuda_kernels import lowrank as kernels
 
         self.cuda, self.kernels, self.p = cuda, kernels, p
+        self.max_width = kernels.max_width(p.dtype, p.head_dim)
         self.xp = _cupy_or_none(p) or np
         self.q, self.k = (self._device(x) for x in (q, k))
         lengths = np.full(p.batch, p.nk, dtype=np.int32) if p.key_lengths is None else p.key_lengths
@@ -225,7 +229,17 @@ class _CudaOperators:
             return device.copy_to_host().astype(np.float64)
         return self.xp.asarray(device).astype(np.float64)
 
+    def _by_columns(self, product, rhs):
+        chunks = [product(rhs[..., c : c + self.max_width]) for c in range(0, rhs.shape[-1], self.max_width)]
+        return chunks[0] if len(chunks) == 1 else self.xp.concatenate(chunks, axis=-1)
+
     def times(self, x):
+        return self._by_columns(self._times, x)
+
+    def transpose_times(self, y):
+        return self._by_columns(self._transpose_times, y)
+
+    def _times(self, x):
         p, cuda = self.p, self.cuda
         xd, _owner = self._upload(x)
         out = cuda.device_array((p.batch, p.heads, p.nq, x.shape[-1]), dtype=p.dtype)
@@ -239,7 +253,7 @@ class _CudaOperators:
             self._lse_device, self.lse = lse, self._download(lse)
         return self._download(out)
 
-    def transpose_times(self, y):
+    def _transpose_times(self, y):
         p = self.p
         yd, _owner = self._upload(y)
         out = self.cuda.device_array((p.batch, p.heads, p.nk, y.shape[-1]), dtype=p.dtype)

@@ -19,11 +19,13 @@ from sklearn.utils.extmath import randomized_svd
 
 from nkattn import figures
 from nkattn import lowrank as lowrank_driver
+from nkattn.cuda_kernels import lowrank as kernels
 from nkattn.cuda_kernels.exact import exact_attention
 from nkattn.cuda_kernels.lowrank import (
     MAX_WIDTH,
     attention_times,
     attention_transpose_times,
+    max_width,
 )
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
 from nkattn.lowrank import LowRankFactors, lowrank_attention, lowrank_factors
@@ -434,6 +436,23 @@ def test_bad_inputs_are_refused_with_the_argument_named():
     refuses_transpose(ValueError, "^out must be", kw={"out": cuda.to_device(np.zeros((2, 4, 5, 3)))})
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_width_is_the_widest_product_the_operators_take(dtype):
+    # d = 64: on the GPU float64 runs out of shared memory below MAX_WIDTH
+    width = max_width(dtype, 64)
+    assert 1 <= width <= MAX_WIDTH
+    rng = np.random.default_rng(9)
+    q, k = (rng.standard_normal((1, 1, n, 64)).astype(dtype) for n in (1, 2))
+    x = rng.standard_normal((1, 1, 2, width + 1)).astype(dtype)
+    y = rng.standard_normal((1, 1, 1, width + 1)).astype(dtype)
+    _, lse = attention_times(q, k, x[..., :width], causal=False, scale=0.125)
+    attention_transpose_times(q, k, y[..., :width], lse, causal=False, scale=0.125)
+    with pytest.raises(ValueError, match="^x's width"):
+        attention_times(q, k, x, causal=False, scale=0.125)
+    with pytest.raises(ValueError, match="^y's width"):
+        attention_transpose_times(q, k, y, lse, causal=False, scale=0.125)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_many_repeated_gpu_runs_are_bit_identical(dtype):
@@ -783,6 +802,19 @@ def test_cuda_backend_matches_the_reference(monkeypatch):
     f_ref = lowrank_factors(q, k, v, backend="reference", **auto)
     assert np.array_equal(f.rank, f_ref.rank) and f.rank.max() > 2
     assert relative_error(product(f.U, f.sigma, f.Vt), product(f_ref.U, f_ref.sigma, f_ref.Vt)) <= 1e-11
+
+
+def test_cuda_backend_runs_wide_products_in_column_chunks(monkeypatch):
+    """Products wider than the kernels take run in chunks of columns; a column's arithmetic
+    ignores the others, so in float64 the factors are those of whole products, bit for bit."""
+    q, k = (cuda.to_device(x) for x in random_qk(1, 1, 1, 8, 8, 16, spread=0.7))  # one tile each
+    kw = {"rank": 2, "oversample": 1, "power_iters": 0, "seed": 3, "backend": "cuda"}
+    whole = lowrank_factors(q, k, **kw)
+    # the first pass is 3 + 5 probes wide: chunks of 3, 3 and 2 columns
+    monkeypatch.setattr(kernels, "max_width", lambda dtype, head_dim: 3)
+    chunked = lowrank_factors(q, k, **kw)
+    for name in ("U", "sigma", "Vt", "lse", "error_estimate"):
+        assert_bit_identical(name, getattr(chunked, name), getattr(whole, name))
 
 
 @pytest.mark.gpu
