@@ -71,9 +71,11 @@ REFERENCE_GRID = [
     case(2, 4, 2, 37, 153, 64, 42, causal=True, key_lengths=(153, 20)),
 ]
 
-# kernels under the simulator: 8 x 8 tiles with TX = 4, so widths 4 and 8 run as they are, 1, 6 and 10 padded
+# kernels under the simulator: 8 x 8 tiles with TX = 4, so widths 4 and 8 run as they are, 1, 6, 10 and 13
+# padded (13 to 16 = d: V's rows are narrower than K's though the tiles are as wide)
 SIM_GRID = [
     case(1, 1, 1, 1, 1, 16, 1),
+    case(1, 2, 1, 9, 10, 16, 13, causal=True),
     case(2, 2, 1, 9, 12, 16, 6, causal=True, key_lengths=(12, 5)),
     case(1, 2, 2, 17, 7, 16, 4, causal=True),
     case(1, 1, 1, 8, 16, 32, 10),
@@ -81,7 +83,8 @@ SIM_GRID = [
     case(2, 1, 1, 9, 8, 16, 5, dtype=np.float32, key_lengths=(0, 8)),
 ]
 
-# kernels on the GPU: tiles of float32 128 keys (rows) x 64, float64 64 x 64; TX = 16, so l = 42 runs as 48
+# kernels on the GPU: tiles of float32 128 keys (rows) x 64, float64 64 x 64; TX = 16, so l = 42 runs as 48,
+# and l = 50 at d = 64 and l = 5 at d = 16 as wide as d
 GPU_SIZES = [(1, 1), (63, 63), (64, 64), (65, 65), (127, 129), (129, 127), (113, 203), (203, 113)]
 GPU_GRID = [
     case(2, 3, 1, nq, nk, d, l, causal, dtype)
@@ -95,6 +98,8 @@ GPU_GRID = [
     case(3, 4, 2, 300, 257, 64, 100, True, np.float64, key_lengths=(1, 150, 257)),
     case(1, 2, 1, 130, 70, 16, 42, False, np.float64),
     case(1, 2, 1, 70, 130, 256, 42, True, np.float32),
+    case(2, 2, 1, 129, 70, 64, 50, True, np.float64, key_lengths=(70, 33)),
+    case(1, 2, 1, 70, 129, 16, 5, False, np.float32),
 ]
 
 KERNEL_GRID = GPU_GRID if REAL_GPU else SIM_GRID
