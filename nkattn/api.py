@@ -94,6 +94,13 @@ def attention(
     encoding run on the host (q and k are copied there) and need finite q and k.
     Semantics in `nkattn.reference.table`.
 
+    method="lowrank" multiplies V by a rank-k approximation of every head's attention
+    matrix, from a randomized SVD that never forms A (`nkattn.lowrank.lowrank_attention`):
+    ``rank`` (an integer in [1, min(Nq, Nk)], or "auto", the default: per head the
+    smallest k meeting ``tolerance``, 0.01 of the output, or ``energy``), ``oversample``
+    (10), ``power_iters`` (2), ``seed`` (0); lse is exact attention's. Semantics in
+    `nkattn.reference.lowrank`.
+
     ``**options`` passes the options of methods registered in `nkattn.methods`.
     """
     named = {"lsh_bits": lsh_bits, "lsh_tables": lsh_tables, "seed": seed, "lsh_shared_qk": lsh_shared_qk, "table": table}

@@ -60,6 +60,8 @@ _STUDY_SHIM = {
     "exact-bits": ("what breaks float64 bit-exactness on the GPU", False),
     "exact-tune": ("which thread layout of the exact kernel is fastest", True),
     "distance": ("do Base17/random/PCA projections and lookup tables preserve distances and attention?", False),
+    "lowrank": ("how well does a randomized SVD of A approximate real attention, and which rank does rank='auto' pick?",
+                False),
     "lsh": ("does SimHash keep the signal (needle, top-k, clustered, MiniLM)?", False),
     "lsh-bench": ("LSH speed and memory beside exact and SDPA (= nkattn bench lsh)", True),
     "rank-entropy": ("how low-rank and how peaked is real attention, head by head?", False),

@@ -89,31 +89,45 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+def check_rank(name: str, rank, kmax: int | None = None):
+    """`rank` if it is "auto" or an integer >= 1 (and <= kmax = min(Nq, Nk) when given); else ValueError naming it."""
+    if isinstance(rank, str) and rank == "auto":
+        return rank
+    if _is_int(rank) and rank >= 1 and (kmax is None or rank <= kmax):
+        return int(rank)
+    bound = "an integer >= 1" if kmax is None else f"an integer in [1, min(Nq, Nk) = {kmax}]"
+    raise ValueError(f"{name} must be {bound} or 'auto', got {rank!r}")
+
+
+def check_count(name: str, value) -> int:
+    """`value` if it is an integer >= 0 (oversample, power_iters); else ValueError naming it."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_fraction(name: str, value):
+    """`value` if it is None or a number in (0, 1] (energy, tolerance); else ValueError naming it."""
+    if value is not None and (not _is_real(value) or not 0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return value
+
+
 def validate_lowrank_params(rank, nq, nk, *, oversample, power_iters, seed, energy=None, tolerance=None) -> None:
     """ValueError naming the argument for anything the randomized SVD cannot take.
 
     rank is an integer in [1, min(Nq, Nk)] or "auto"; oversample and power_iters are
     integers >= 0; seed an integer >= 0; energy and tolerance (rank="auto" only) lie in (0, 1].
     """
-    kmax = min(nq, nk)
-    if isinstance(rank, str):
-        if rank != "auto":
-            raise ValueError(f"rank must be an integer in [1, min(Nq, Nk) = {kmax}] or 'auto', got {rank!r}")
-    elif not _is_int(rank) or not 1 <= rank <= kmax:
-        raise ValueError(f"rank must be an integer in [1, min(Nq, Nk) = {kmax}] or 'auto', got {rank!r}")
-    if not _is_int(oversample) or oversample < 0:
-        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
-    if not _is_int(power_iters) or power_iters < 0:
-        raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
+    check_rank("rank", rank, min(nq, nk))
+    check_count("oversample", oversample)
+    check_count("power_iters", power_iters)
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     for name, value in (("energy", energy), ("tolerance", tolerance)):
-        if value is None:
-            continue
-        if rank != "auto":
+        if value is not None and rank != "auto":
             raise ValueError(f"{name} only applies to rank='auto', got rank={rank!r} and {name}={value!r}")
-        if not _is_real(value) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        check_fraction(name, value)
 
 
 # --------------------------------------------------------------------------------------

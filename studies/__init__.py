@@ -14,5 +14,6 @@ STUDIES = {
     "lsh": "nkattn.studies.lsh_recall",
     "lsh-bench": "nkattn.studies.lsh_bench",
     "rank-entropy": "nkattn.studies.rank_entropy",
+    "lowrank": "nkattn.studies.lowrank",
     "table-bench": "nkattn.studies.table_bench",
 }

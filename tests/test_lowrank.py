@@ -17,8 +17,10 @@ from numba import cuda
 from scipy import stats
 from sklearn.utils.extmath import randomized_svd
 
+import nkattn
 from nkattn import figures
 from nkattn import lowrank as lowrank_driver
+from nkattn.api import plan
 from nkattn.cuda_kernels import lowrank as kernels
 from nkattn.cuda_kernels.exact import exact_attention
 from nkattn.cuda_kernels.lowrank import (
@@ -29,6 +31,7 @@ from nkattn.cuda_kernels.lowrank import (
 )
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
 from nkattn.lowrank import LowRankFactors, lowrank_attention, lowrank_factors
+from nkattn.methods import METHODS
 from nkattn.reference import bert
 from nkattn.reference import lowrank as lr
 from nkattn.reference import lowrank_peers as peers
@@ -832,6 +835,68 @@ def test_cuda_float32_meets_the_spectral_target():
     sv = np.linalg.svd(a, compute_uv=False)
     err = np.linalg.norm(a - product(f.U, f.sigma, f.Vt), ord=2, axis=(-2, -1))
     assert (err <= 1.5 * sv[..., 32] + 1e-5).all(), err / sv[..., 32]
+
+
+# --------------------------------------------------------------------------------------
+# method="lowrank" in nkattn.attention
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, device", [("reference", False), ("cuda", False), ("cuda", True)],
+                         ids=["reference", "cuda", "cuda-device-inputs"])
+def test_method_lowrank_at_full_rank_is_exact_attention(backend, device):
+    """rank = min(Nq, Nk) reproduces exact attention through the registry, on both backends
+    (GQA, causal with an empty row, dv != d; no power iteration: at full width the sketch
+    spans A's column space whatever the iterations)."""
+    q, k = random_qk(1, 2, 1, 9, 11, 16, seed=4, spread=0.7)
+    v = np.random.default_rng(5).standard_normal((1, 1, 11, 8))
+    kw = {"method": "lowrank", "rank": 9, "power_iters": 0, "causal": True, "key_lengths": [8], "backend": backend}
+    out_ref, lse_ref = attention_ref(q, k, v, causal=True, key_lengths=[8])
+    inputs = [cuda.to_device(x) for x in (q, k, v)] if device else (q, k, v)
+    out, lse = nkattn.attention(*inputs, return_lse=True, **kw)
+    if device:
+        out, lse = out.copy_to_host(), lse.copy_to_host()
+    assert relative_error(out, out_ref) <= 1e-12
+    assert relative_error(lse, lse_ref) <= 1e-12
+    assert (out[0, :, 0] == 0).all() and (lse[0, :, 0] == -np.inf).all()  # row 0 sees no key
+
+
+BAD_OPTIONS = [
+    ({"rank": 0}, ValueError, r"rank must be an integer >= 1 or 'auto', got 0"),
+    ({"rank": 2.5}, ValueError, r"rank must be an integer >= 1 or 'auto', got 2.5"),
+    ({"rank": "full"}, ValueError, r"rank must be an integer >= 1 or 'auto', got 'full'"),
+    ({"rank": 6}, ValueError, r"rank must be an integer in \[1, min\(Nq, Nk\) = 5\] or 'auto', got 6"),
+    ({"oversample": -1}, ValueError, r"oversample must be an integer >= 0, got -1"),
+    ({"power_iters": 1.0}, ValueError, r"power_iters must be an integer >= 0, got 1.0"),
+    ({"seed": -1}, ValueError, r"seed must be a non-negative integer, got -1"),
+    ({"energy": 1.5}, ValueError, r"energy must be a number in \(0, 1\], got 1.5"),
+    ({"tolerance": 0}, ValueError, r"tolerance must be a number in \(0, 1\], got 0"),
+    ({"rank": 2, "energy": 0.9}, ValueError, r"energy only applies to rank='auto', got rank=2 and energy=0.9"),
+]
+
+
+@pytest.mark.parametrize("options, error, message", BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS])
+def test_method_lowrank_names_a_bad_option(options, error, message):
+    with pytest.raises(error, match=message):
+        nkattn.attention(Q, K, V, method="lowrank", **options)
+
+
+def test_method_lowrank_backends():
+    """cuda takes float32/float64 at the kernels' head dims, any dv; the reference takes the rest."""
+    q, k, v = (x.astype(np.float32) for x in (Q, K, V))  # d = 16, dv = 8
+    assert plan(q, k, v, method="lowrank", rank=2)[1].label == "cuda (low-rank operators)"
+    assert plan(*(x.astype(np.float16) for x in (q, k, v)), method="lowrank", rank=2)[1].name == "reference"
+    q48, k48 = np.zeros((1, 2, 6, 48)), np.zeros((1, 1, 5, 48))
+    with pytest.raises(ValueError, match=r"cuda \(low-rank operators\): the FFMA kernels support d in"):
+        plan(q48, k48, V, method="lowrank", rank=2, backend="cuda")
+    assert METHODS["lowrank"].approximate and "lowrank" in METHODS
+
+
+def test_method_lowrank_needs_finite_q_and_k_whatever_check_finite_says():
+    q = Q.copy()
+    q[0, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"q holds nan at index \(0, 1, 2, 3\); method='lowrank' needs finite q"):
+        nkattn.attention(q, K, V, method="lowrank", rank=2, check_finite=False)
 
 
 # --------------------------------------------------------------------------------------
