@@ -13,11 +13,12 @@ products a randomized SVD of A needs (issue 11), and neither ever holds A:
   tile of keys walks the query tiles in order and recomputes P from Q, K and the
   stored lse: the structure of FlashAttention's dV = Pᵀ·dO, with no atomics.
 
-Widths: any 1 <= l <= `MAX_WIDTH`. The value columns split over the TX threads
-of a row (TX = 16 on the GPU, 4 under the simulator); a width TX divides runs
-exactly at its size, any other is carried in shared memory and registers as the
-next multiple of TX with zero columns (l = 42 runs as 48), which are never read
-from x or y nor written to the output.
+Widths: any 1 <= l <= `max_width(dtype, d)`, which is `MAX_WIDTH` except where a
+block's shared memory runs out first (float64 at d = 64 on the GPU). The value
+columns split over the TX threads of a row (TX = 16 on the GPU, 4 under the
+simulator); a width TX divides runs exactly at its size, any other is carried in
+shared memory and registers as the next multiple of TX with zero columns (l = 42
+runs as 48), which are never read from x or y nor written to the output.
 
 Arithmetic as in the exact kernel (`streaming_primitives`): float64 exactly
 rounded, bit-identical to the mirrors in `nkattn.reference.lowrank`; float32

@@ -165,8 +165,9 @@ class _DenseOperators:
     xp = np
 
     def __init__(self, q, k, p: _Problem):
-        self.a, self.lse = attention_matrix(arrays.to_host(q, p.dtype), arrays.to_host(k, p.dtype), causal=p.causal, scale=p.scale,
-                                            key_lengths=p.key_lengths, return_lse=True)
+        q, k = (arrays.to_host(x, p.dtype) for x in (q, k))
+        self.a, self.lse = attention_matrix(q, k, causal=p.causal, scale=p.scale, key_lengths=p.key_lengths,
+                                            return_lse=True)
 
     def times(self, x):
         return self.a @ x
