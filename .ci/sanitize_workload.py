@@ -8,7 +8,7 @@ from numba import cuda
 
 import nkattn  # noqa: F401
 from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
-from nkattn.cuda_kernels.lowrank_ops import attention_times, attention_transpose_times
+from nkattn.cuda_kernels.lowrank import attention_times, attention_transpose_times
 
 rng = np.random.default_rng(0)
 

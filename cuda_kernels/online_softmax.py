@@ -210,7 +210,7 @@ def streaming_primitives(
     ``load_q_tile(q, b, h, row0, smem, tid)``        Qᵀ into shared memory
     ``fetch_kv_tile(k, v, b, kvh, tile_start, nk_b, k_buf, v_buf, tid)``  a K/V tile into registers
     ``store_kv_tile(smem, k_buf, v_buf, tid)``       those registers into Kᵀ and V in shared memory
-        (these two only where LV = d, None otherwise)
+        (these two only where dv = d, None otherwise)
     ``load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)``  the same, global to shared directly
     ``load_k_tile(k, ...)``, ``load_v_tile(v, ...)``   one of the two, same arguments otherwise
     ``gather_q_tile(q, b, h, row_idx, smem, tid)``   Qᵀ of rows ``row_idx[r]`` (-1: a zero row)
@@ -369,9 +369,10 @@ def streaming_primitives(
             smem[K_OFFSET + c * LDK + r] = k_buf[t]
             smem[V_OFFSET + r * D + c] = v_buf[t]
 
-    if LV != D:
+    if DV != D:
         # K and V rows differ in width: a pass over each instead of the one-pass loaders
-        # above; the register-staged prefetch (fetch/store_kv_tile) is for equal widths
+        # above, which read d columns of V (past its rows where dv < LV = d, e.g. any dv < 16
+        # at d = 16 on the GPU); the register-staged prefetch (fetch/store_kv_tile) is for equal widths
         fetch_kv_tile = store_kv_tile = None
 
         @cuda.jit(device=True, inline="always")

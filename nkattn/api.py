@@ -94,6 +94,13 @@ def attention(
     encoding run on the host (q and k are copied there) and need finite q and k.
     Semantics in `nkattn.reference.table`.
 
+    method="lowrank" multiplies V by a rank-k approximation of every head's attention
+    matrix, from a randomized SVD that never forms A (`nkattn.lowrank.lowrank_attention`):
+    ``rank`` (an integer in [1, min(Nq, Nk)], or "auto", the default: per head the
+    smallest k meeting ``tolerance``, 0.01 of the output, or ``energy``), ``oversample``
+    (10), ``power_iters`` (2), ``seed`` (0); lse is exact attention's. Semantics in
+    `nkattn.reference.lowrank`.
+
     ``**options`` passes the options of methods registered in `nkattn.methods`.
     """
     named = {"lsh_bits": lsh_bits, "lsh_tables": lsh_tables, "seed": seed, "lsh_shared_qk": lsh_shared_qk, "table": table}
@@ -126,16 +133,7 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
         raise TypeError("k is None: only a method that derives the keys from q takes k=None (method='lsh', lsh_shared_qk=True)")
 
     inputs = {"q": q, "k": k, "v": v} if not derived else {"q": q, "v": v}
-    on_device = {name: arrays.is_device_array(x) for name, x in inputs.items()}
-    for name, x in inputs.items():
-        if not on_device[name] and not isinstance(x, np.ndarray):
-            hint = " (convert it with numpy.asarray, or pass a CUDA tensor)" if hasattr(x, "__array__") else ""
-            raise TypeError(
-                f"{name} must be a NumPy array or a device array with __cuda_array_interface__, got {type(x).__name__}{hint}"
-            )
-    if len(set(on_device.values())) > 1:
-        where = ", ".join(f"{n} on {'device' if d else 'host'}" for n, d in on_device.items())
-        raise TypeError(f"q, k and v must all be host arrays or all device arrays, got {where}")
+    on_device = arrays.inputs_on_device(inputs)
     shapes = {name: arrays.shape_of(x) for name, x in inputs.items()}
     for name, shape in shapes.items():
         if len(shape) != 4:
@@ -172,13 +170,8 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
     if heads % kv_heads != 0:
         raise ValueError(f"q heads must be a multiple of k/v heads (grouped-query attention), got H={heads}, Hkv={kv_heads}")
 
-    if scale is not None:
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
-            raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-        if not arrays.is_finite_number(scale) or scale <= 0:
-            raise ValueError(f"scale must be finite and > 0, got {scale}")
-        scale = float(scale)
-    lengths = _key_lengths(key_lengths, batch, nk)
+    scale = arrays.check_scale(scale)
+    lengths = arrays.host_key_lengths(key_lengths, batch, nk)
     if precision is not None:
         if not isinstance(precision, str):
             raise TypeError(f"precision must be None or a string such as 'fp32', got {arrays.describe_value(precision)}")
@@ -189,7 +182,7 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
 
     req = Request(
         method=method, dtype=dtype, batch=batch, heads=heads, kv_heads=kv_heads, nq=nq, nk=nk, head_dim=head_dim,
-        value_dim=value_dim, causal=causal, key_lengths=lengths is not None, on_device=on_device["q"], scale=scale,
+        value_dim=value_dim, causal=causal, key_lengths=lengths is not None, on_device=on_device, scale=scale,
         precision=precision, options=opts,
     )
     entry.check(req, frozenset(options))
@@ -197,21 +190,6 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
     _check_finite(inputs, dtype, check_finite, entry)
     call = Call(req, q, None if derived else k, v, lengths, default_scale(head_dim) if scale is None else scale)
     return call, chosen
-
-
-def _key_lengths(key_lengths, batch: int, nk: int):
-    if key_lengths is None:
-        return None
-    # B integers: reading them to the host to validate costs one tiny copy
-    lengths = np.asarray(arrays.to_host(key_lengths, arrays.dtype_of(key_lengths, "key_lengths"))
-                         if arrays.is_device_array(key_lengths) else key_lengths)
-    if lengths.ndim != 1 or lengths.shape[0] != batch:
-        raise ValueError(f"key_lengths must have shape (B,) = ({batch},), got {lengths.shape}")
-    if not np.issubdtype(lengths.dtype, np.integer):
-        raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
-    if lengths.min() < 0 or lengths.max() > nk:
-        raise ValueError(f"key_lengths must lie in [0, Nk={nk}], got min {lengths.min()} max {lengths.max()}")
-    return lengths.astype(np.int32)
 
 
 def _check_finite(inputs: dict, dtype, check_finite: bool, entry) -> None:

@@ -27,6 +27,53 @@ def is_device_array(x) -> bool:
     return hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"
 
 
+def inputs_on_device(inputs: dict) -> bool:
+    """True when the named inputs are all device arrays, False when all are NumPy arrays;
+    TypeError naming an input that is neither, or saying where each lives when they are mixed."""
+    on_device = {name: is_device_array(x) for name, x in inputs.items()}
+    for name, x in inputs.items():
+        if not on_device[name] and not isinstance(x, np.ndarray):
+            hint = " (convert it with numpy.asarray, or pass a CUDA tensor)" if hasattr(x, "__array__") else ""
+            raise TypeError(
+                f"{name} must be a NumPy array or a device array with __cuda_array_interface__, got {type(x).__name__}{hint}"
+            )
+    if len(set(on_device.values())) > 1:
+        where = ", ".join(f"{n} on {'device' if d else 'host'}" for n, d in on_device.items())
+        raise TypeError(f"q, k and v must all be host arrays or all device arrays, got {where}")
+    return next(iter(on_device.values()))
+
+
+def host_key_lengths(key_lengths, batch: int, nk: int) -> np.ndarray | None:
+    """`key_lengths` (None, B integers, or a device array of them) checked and as int32 on the host.
+
+    Reading device values back costs one tiny copy; it lets every value be checked
+    before a kernel trusts it to bound its reads of k.
+    """
+    if key_lengths is None:
+        return None
+    lengths = np.asarray(to_host(key_lengths, dtype_of(key_lengths, "key_lengths"))
+                         if is_device_array(key_lengths) else key_lengths)
+    if lengths.ndim != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"key_lengths must have shape (B,) = ({batch},), got {lengths.shape}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.min() < 0 or lengths.max() > nk:
+        raise ValueError(f"key_lengths must lie in [0, Nk={nk}], got min {lengths.min()} max {lengths.max()}")
+    return lengths.astype(np.int32)
+
+
+def check_scale(scale) -> float | None:
+    """`scale` as a float, None kept (the method's default): TypeError for a non-number,
+    ValueError unless finite and > 0."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not is_finite_number(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return float(scale)
+
+
 def framework(x) -> str:
     """"numpy", "torch", "cupy" or "numba" (any other __cuda_array_interface__ array)."""
     if isinstance(x, np.ndarray):

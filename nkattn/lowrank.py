@@ -49,12 +49,12 @@ columns in one of the 2q + 2 passes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from nkattn.reference.exact import SUPPORTED_HEAD_DIMS, _expand_kv_heads, default_scale
+from nkattn import arrays
+from nkattn.reference.exact import KERNEL_HEAD_DIMS, _expand_kv_heads, default_scale
 from nkattn.reference.lowrank import (
     ERROR_PROBES,
     attention_matrix,
@@ -116,45 +116,15 @@ class _Problem:
     key_lengths: np.ndarray | None
 
 
-def _is_device_array(x) -> bool:
-    # the simulator's device arrays (FakeCUDAArray) carry no __cuda_array_interface__
-    return hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"
-
-
-def _shape_dtype(x):
-    if hasattr(x, "__cuda_array_interface__"):
-        cai = x.__cuda_array_interface__
-        return tuple(cai["shape"]), np.dtype(cai["typestr"])
-    return tuple(x.shape), np.dtype(x.dtype)
-
-
-def _to_host(x):
-    if not _is_device_array(x):
-        return np.asarray(x)
-    if hasattr(x, "copy_to_host"):
-        return x.copy_to_host()
-    from numba import cuda
-
-    return cuda.as_cuda_array(x).copy_to_host()
-
-
 def _validate(q, k, v, *, rank, oversample, power_iters, seed, causal, scale, key_lengths, backend, energy,
               tolerance) -> _Problem:
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
-    arrays = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    on_device = {name: _is_device_array(x) for name, x in arrays.items()}
-    for name, x in arrays.items():
-        if not on_device[name] and not isinstance(x, np.ndarray):
-            raise TypeError(
-                f"{name} must be a NumPy array or a device array with __cuda_array_interface__, got {type(x).__name__}"
-            )
-    if len(set(on_device.values())) > 1:
-        where = ", ".join(f"{n} on {'device' if d else 'host'}" for n, d in on_device.items())
-        raise TypeError(f"q, k and v must all be host arrays or all device arrays, got {where}")
+    inputs = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    on_device = arrays.inputs_on_device(inputs)
     shapes, dtypes = {}, {}
-    for name, x in arrays.items():
-        shapes[name], dtypes[name] = _shape_dtype(x)
+    for name, x in inputs.items():
+        shapes[name], dtypes[name] = arrays.shape_of(x), arrays.dtype_of(x, name)
         if len(shapes[name]) != 4:
             raise ValueError(f"{name} must have rank 4 (B, H, N, d), got shape {shapes[name]}")
         if dtypes[name] not in SUPPORTED_DTYPES:
@@ -170,30 +140,16 @@ def _validate(q, k, v, *, rank, oversample, power_iters, seed, causal, scale, ke
         raise ValueError(f"every dimension must be >= 1, got q {shapes['q']}, k {shapes['k']}")
     if heads % kv_heads:
         raise ValueError(f"q heads must be a multiple of k heads (grouped-query attention), got H={heads}, Hkv={kv_heads}")
-    chosen = backend if backend != "auto" else ("cuda" if on_device["q"] else "reference")
-    if chosen == "cuda" and head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim d={head_dim} is not supported by the cuda backend; supported: {SUPPORTED_HEAD_DIMS}")
+    chosen = backend if backend != "auto" else ("cuda" if on_device else "reference")
+    if chosen == "cuda" and head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head dim d={head_dim} is not supported by the cuda backend; supported: {KERNEL_HEAD_DIMS}")
     validate_lowrank_params(rank, nq, nk, oversample=oversample, power_iters=power_iters, seed=seed, energy=energy,
                             tolerance=tolerance)
+    scale = arrays.check_scale(scale)
     if scale is None:
         scale = default_scale(head_dim)
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-            raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-        scale = float(scale)
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be finite and > 0, got {scale}")
-    lengths = None
-    if key_lengths is not None:
-        lengths = _to_host(key_lengths)
-        if lengths.ndim != 1 or lengths.shape[0] != batch:
-            raise ValueError(f"key_lengths must have shape (B,) = ({batch},), got {lengths.shape}")
-        if not np.issubdtype(lengths.dtype, np.integer):
-            raise TypeError(f"key_lengths must be integers, got dtype {lengths.dtype}")
-        if lengths.min() < 0 or lengths.max() > nk:
-            raise ValueError(f"key_lengths must lie in [0, Nk={nk}], got min {lengths.min()} max {lengths.max()}")
-        lengths = lengths.astype(np.int32)
-    problem = _Problem(batch, heads, kv_heads, nq, nk, head_dim, dtypes["q"], on_device["q"], scale, bool(causal),
+    lengths = arrays.host_key_lengths(key_lengths, batch, nk)
+    problem = _Problem(batch, heads, kv_heads, nq, nk, head_dim, dtypes["q"], on_device, scale, bool(causal),
                        lengths)
     return problem, chosen
 
@@ -209,8 +165,9 @@ class _DenseOperators:
     xp = np
 
     def __init__(self, q, k, p: _Problem):
-        self.a, self.lse = attention_matrix(_to_host(q), _to_host(k), causal=p.causal, scale=p.scale,
-                                            key_lengths=p.key_lengths, return_lse=True)
+        q, k = (arrays.to_host(x, p.dtype) for x in (q, k))
+        self.a, self.lse = attention_matrix(q, k, causal=p.causal, scale=p.scale, key_lengths=p.key_lengths,
+                                            return_lse=True)
 
     def times(self, x):
         return self.a @ x
@@ -235,19 +192,18 @@ class _CudaOperators:
     Their A·X takes X per key head (like V); an X per query head is applied in G = H / Hkv
     calls on the query heads ``j::G`` (see `nkattn.reference.lowrank`), writing into views
     of one output. The lse of the first pass stays on the device for every Aᵀ·Y pass.
+    Products wider than the kernels take (``max_width``: 256 columns, fewer where shared
+    memory runs out) run in chunks of columns; a column's arithmetic does not depend on
+    the others, so chunking leaves the float64 bits unchanged.
     """
 
     def __init__(self, q, k, p: _Problem):
-        try:
-            from nkattn.cuda_kernels import lowrank as kernels
-        except ImportError as exc:
-            raise ImportError(
-                "backend='cuda' needs the GPU operators nkattn.cuda_kernels.lowrank (attention_times, "
-                "attention_transpose_times), which this installation lacks; use backend='reference'"
-            ) from exc
         from numba import cuda
 
+        from nkattn.cuda_kernels import lowrank as kernels
+
         self.cuda, self.kernels, self.p = cuda, kernels, p
+        self.max_width = kernels.max_width(p.dtype, p.head_dim)
         self.xp = _cupy_or_none(p) or np
         self.q, self.k = (self._device(x) for x in (q, k))
         lengths = np.full(p.batch, p.nk, dtype=np.int32) if p.key_lengths is None else p.key_lengths
@@ -257,8 +213,8 @@ class _CudaOperators:
 
     def _device(self, x):
         """A numba view of a device input, or a device copy of a host one."""
-        if _is_device_array(x):
-            return x if hasattr(x, "copy_to_host") else self.cuda.as_cuda_array(x)
+        if arrays.is_device_array(x):
+            return arrays.numba_view(x)
         return self.cuda.to_device(np.ascontiguousarray(x))
 
     def _upload(self, x):
@@ -274,7 +230,17 @@ class _CudaOperators:
             return device.copy_to_host().astype(np.float64)
         return self.xp.asarray(device).astype(np.float64)
 
+    def _by_columns(self, product, rhs):
+        chunks = [product(rhs[..., c : c + self.max_width]) for c in range(0, rhs.shape[-1], self.max_width)]
+        return chunks[0] if len(chunks) == 1 else self.xp.concatenate(chunks, axis=-1)
+
     def times(self, x):
+        return self._by_columns(self._times, x)
+
+    def transpose_times(self, y):
+        return self._by_columns(self._transpose_times, y)
+
+    def _times(self, x):
         p, cuda = self.p, self.cuda
         xd, _owner = self._upload(x)
         out = cuda.device_array((p.batch, p.heads, p.nq, x.shape[-1]), dtype=p.dtype)
@@ -288,7 +254,7 @@ class _CudaOperators:
             self._lse_device, self.lse = lse, self._download(lse)
         return self._download(out)
 
-    def transpose_times(self, y):
+    def _transpose_times(self, y):
         p = self.p
         yd, _owner = self._upload(y)
         out = self.cuda.device_array((p.batch, p.heads, p.nk, y.shape[-1]), dtype=p.dtype)
@@ -406,7 +372,7 @@ def _factors(q, k, v, p: _Problem, backend, *, rank, oversample, power_iters, se
     xp = ops.xp
     v_rows = None
     if v is not None and (measure_output or tolerance is not None):
-        v_rows = _expand_kv_heads(np.asarray(_to_host(v), dtype=np.float64), p.heads)
+        v_rows = _expand_kv_heads(np.asarray(arrays.to_host(v, p.dtype), dtype=np.float64), p.heads)
     kmax = min(p.nq, p.nk)
     if rank != "auto":
         sketch = _sketch(ops, p, rank, oversample, power_iters, seed, v_rows)
@@ -477,7 +443,7 @@ def lowrank_attention(q, k, v, *, rank, oversample=10, power_iters=2, seed=0, ca
     tolerance = _resolve_rule(rank, v, energy, tolerance, "lowrank_attention")
     f, xp = _factors(q, k, v, p, backend, rank=rank, oversample=oversample, power_iters=power_iters, seed=seed,
                      energy=energy, tolerance=tolerance, measure_output=False)
-    values = xp.asarray(_expand_kv_heads(np.asarray(_to_host(v), dtype=np.float64), p.heads))
+    values = xp.asarray(_expand_kv_heads(np.asarray(arrays.to_host(v, p.dtype), dtype=np.float64), p.heads))
     out = f.U @ (f.sigma[..., :, None] * (f.Vt @ values))
     return _like_input(q, out, p), _like_input(q, f.lse, p)
 
@@ -485,18 +451,11 @@ def lowrank_attention(q, k, v, *, rank, oversample=10, power_iters=2, seed=0, ca
 def _like_input(template, x, p: _Problem):
     """x (NumPy or CuPy, float64) as the inputs' kind and dtype."""
     x = x.astype(p.dtype)
-    if not p.on_device:
+    kind = arrays.framework(template)
+    if hasattr(x, "__cuda_array_interface__") and kind in ("torch", "cupy"):  # a CuPy result stays on the device
+        if kind == "torch":
+            import torch
+
+            return torch.from_dlpack(x)
         return x
-    module = type(template).__module__.split(".")[0]
-    on_gpu = hasattr(x, "__cuda_array_interface__")  # a CuPy result
-    if module == "torch":
-        import torch
-
-        return torch.from_dlpack(x) if on_gpu else torch.from_numpy(x).to(template.device)
-    if module == "cupy":
-        import cupy
-
-        return cupy.asarray(x)
-    from numba import cuda
-
-    return cuda.to_device(_host(x))
+    return arrays.from_host(template, _host(x))

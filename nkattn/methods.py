@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from nkattn import arrays
+from nkattn.reference import lowrank as lowrank_ref
 from nkattn.reference import lsh as lsh_ref
 from nkattn.reference.exact import KERNEL_HEAD_DIMS
 
@@ -519,5 +520,72 @@ TABLE = Method(
 )
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (EXACT, LSH, TABLE)}
+# --------------------------------------------------------------------------------------
+# lowrank
+# --------------------------------------------------------------------------------------
+
+
+def _lowrank_check(req: Request, given: frozenset) -> None:
+    opts = req.options
+    lowrank_ref.validate_lowrank_params(opts["rank"], req.nq, req.nk, oversample=opts["oversample"],
+                                        power_iters=opts["power_iters"], seed=opts["seed"], energy=opts["energy"],
+                                        tolerance=opts["tolerance"])
+
+
+def _lowrank_compute(backend: str) -> Callable:
+    """``compute(call, q, k, v) -> (O, lse)``: the driver `nkattn.lowrank.lowrank_attention` on `backend`."""
+
+    def compute(call: Call, q, k, v):
+        from nkattn.lowrank import lowrank_attention
+
+        return lowrank_attention(q, k, v, backend=backend, causal=call.request.causal, scale=call.scale,
+                                 key_lengths=call.key_lengths, **call.request.options)
+
+    return compute
+
+
+def _lowrank_launch(call: Call, q, k, v, key_lengths, out, lse):
+    # the driver takes the host key_lengths of the call (it checks and copies them itself)
+    # and returns device arrays of the inputs' dtype, copied into the outputs on_cuda allocated
+    result, result_lse = _lowrank_compute("cuda")(call, q, k, v)
+    out.copy_to_device(result)
+    lse.copy_to_device(result_lse)
+
+
+LOWRANK = Method(
+    name="lowrank",
+    summary="softmax attention through a rank-k randomized SVD of every head's attention matrix",
+    semantics="nkattn.reference.lowrank",
+    approximate=True,
+    options={
+        "rank": Option("auto", lowrank_ref.check_rank,
+                       "k in [1, min(Nq, Nk)], or 'auto': per head the smallest k meeting energy/tolerance"),
+        "oversample": Option(10, lowrank_ref.check_count, "extra columns p of the sketch (width l = k + p)"),
+        "power_iters": Option(2, lowrank_ref.check_count, "power iterations q (2q + 2 passes over A)"),
+        "seed": Option(0, check_seed, "seed of the Gaussian test matrix and the error probes"),
+        "energy": Option(None, lowrank_ref.check_fraction,
+                         "rank='auto': keep this share of ‖A‖_F² (seed 001's rule, on σ²)"),
+        "tolerance": Option(None, lowrank_ref.check_fraction,
+                            "rank='auto': ‖(A - Â_k)V‖_F <= tolerance·‖AV‖_F (0.01 when energy is None too)"),
+    },
+    backends=(
+        # V never enters a kernel's tiles (it is applied in float64, or rides along A·X in chunks
+        # of columns), so only d is the kernels'
+        Backend("cuda", "cuda (low-rank operators)", lambda req: ffma_reasons(req, d=req.head_dim),
+                on_cuda(_lowrank_launch),
+                arithmetic="A·X and Aᵀ·Y as the exact FFMA kernel, in the input dtype; QR and SVD in float64 "
+                           "(CuPy on the GPU when installed, else NumPy on the host)"),
+        _reference_backend(_lowrank_compute("reference")),
+    ),
+    check=_lowrank_check,
+    needs_finite={"q": "the SVD of A needs finite scores (LAPACK's does not converge on NaN)",
+                  "k": "the SVD of A needs finite scores (LAPACK's does not converge on NaN)"},
+    # rank 1: past σ₁ the sample's heads have clusters of near-equal singular values (its first
+    # head's are 1.41, 1, 1, ...), where rounding, not the kernels, decides which directions a
+    # truncation keeps; no power iteration: 2 passes instead of 6 keep the simulator's run short
+    demo_options={"rank": 1, "power_iters": 0, "seed": 0},
+)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (EXACT, LSH, TABLE, LOWRANK)}
 BACKENDS = ("cuda", "reference")

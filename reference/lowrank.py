@@ -42,10 +42,16 @@ the same algorithm matrix-free, in the GPU operators' order of operations:
 
 * A·X is `nkattn.reference.exact.streaming_attention_ref` with X for V: key tiles of
   ``order.block_n`` in order, online softmax, chunked dot products.
-* Aᵀ·Y walks the queries in tiles of ``order.block_m`` (one GPU block owns a tile of
-  keys): scores by the same chunked dot as A·X (bit-identical s_ij), ``p = exp(s -
-  lse)`` with the portable exp, and ``acc_j += p_ij · Y_i`` for i in increasing order,
-  one rounding per multiply and per add. The query tiling changes no operation order.
+* Aᵀ·Y follows its kernel (one GPU block owns a tile of keys and walks the queries):
+  query tiles of ``order.block_n`` rows in increasing order, zero-padded past Nq like the
+  kernel's shared-memory copy; for every key j, ``s = q_i·k_j`` by the exact kernel's
+  chunked dot (bit-identical s_ij), ``x = s·scale + (-lse_i)``, ``p = exp(x)`` with the
+  portable exp (0 where row i does not see key j), and ``acc_j += p·Y_i`` row by row,
+  one rounding per multiply and per add. Tiles the kernel skips for a block of keys add
+  exact zeros here.
+
+The float64 kernels of `nkattn.cuda_kernels.lowrank` reproduce these two mirrors bit for
+bit when given the kernels' order (``nkattn.cuda_kernels.online_softmax.kernel_order``).
 
 A-posteriori error (`probe_residual_norms`, `error_estimates`): r Gaussian probes ω_i,
 independent of Ω, go through the first A·X pass. With E = A - Â_k, ``‖E ω‖²`` has mean
@@ -83,31 +89,45 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+def check_rank(name: str, rank, kmax: int | None = None):
+    """`rank` if it is "auto" or an integer >= 1 (and <= kmax = min(Nq, Nk) when given); else ValueError naming it."""
+    if isinstance(rank, str) and rank == "auto":
+        return rank
+    if _is_int(rank) and rank >= 1 and (kmax is None or rank <= kmax):
+        return int(rank)
+    bound = "an integer >= 1" if kmax is None else f"an integer in [1, min(Nq, Nk) = {kmax}]"
+    raise ValueError(f"{name} must be {bound} or 'auto', got {rank!r}")
+
+
+def check_count(name: str, value) -> int:
+    """`value` if it is an integer >= 0 (oversample, power_iters); else ValueError naming it."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_fraction(name: str, value):
+    """`value` if it is None or a number in (0, 1] (energy, tolerance); else ValueError naming it."""
+    if value is not None and (not _is_real(value) or not 0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return value
+
+
 def validate_lowrank_params(rank, nq, nk, *, oversample, power_iters, seed, energy=None, tolerance=None) -> None:
     """ValueError naming the argument for anything the randomized SVD cannot take.
 
     rank is an integer in [1, min(Nq, Nk)] or "auto"; oversample and power_iters are
     integers >= 0; seed an integer >= 0; energy and tolerance (rank="auto" only) lie in (0, 1].
     """
-    kmax = min(nq, nk)
-    if isinstance(rank, str):
-        if rank != "auto":
-            raise ValueError(f"rank must be an integer in [1, min(Nq, Nk) = {kmax}] or 'auto', got {rank!r}")
-    elif not _is_int(rank) or not 1 <= rank <= kmax:
-        raise ValueError(f"rank must be an integer in [1, min(Nq, Nk) = {kmax}] or 'auto', got {rank!r}")
-    if not _is_int(oversample) or oversample < 0:
-        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
-    if not _is_int(power_iters) or power_iters < 0:
-        raise ValueError(f"power_iters must be an integer >= 0, got {power_iters!r}")
+    check_rank("rank", rank, min(nq, nk))
+    check_count("oversample", oversample)
+    check_count("power_iters", power_iters)
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     for name, value in (("energy", energy), ("tolerance", tolerance)):
-        if value is None:
-            continue
-        if rank != "auto":
+        if value is not None and rank != "auto":
             raise ValueError(f"{name} only applies to rank='auto', got rank={rank!r} and {name}={value!r}")
-        if not _is_real(value) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        check_fraction(name, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -174,21 +194,6 @@ def randomized_svd_ref(a, rank, *, oversample=10, power_iters=2, seed=0):
 # --------------------------------------------------------------------------------------
 
 
-def _chunked_scores(q_rows, k_rows, scale, chunk):
-    """scale · q_rows k_rowsᵀ with the kernels' chunked dot: (..., M, d) x (..., N, d) -> (..., M, N).
-
-    Each chunk of `chunk` consecutive elements is summed in order, then the chunk sums in
-    order: the expression of `streaming_attention_ref`, so s_ij is bit-identical to A·X's.
-    """
-    dot = None
-    for c0 in range(0, q_rows.shape[-1], chunk):
-        part = q_rows[..., :, None, c0] * k_rows[..., None, :, c0]
-        for c in range(c0 + 1, c0 + chunk):
-            part = part + q_rows[..., :, None, c] * k_rows[..., None, :, c]
-        dot = part if dot is None else dot + part
-    return dot * scale
-
-
 def _check_operator_shapes(q, k, rhs, rhs_name, rhs_rows, rhs_heads):
     if q.ndim != 4 or k.ndim != 4 or rhs.ndim != 4:
         raise ValueError(f"q, k and {rhs_name} must have rank 4, got {q.shape}, {k.shape}, {rhs.shape}")
@@ -211,10 +216,13 @@ def attention_times_ref(q, k, x, key_lengths=None, *, causal=False, scale=None, 
     return streaming_attention_ref(q, k, x, causal=causal, scale=scale, key_lengths=key_lengths, order=order)
 
 
-def attention_transpose_times_ref(q, k, y, lse, key_lengths=None, *, causal=False, scale=None, order=None):
+def attention_transpose_times_ref(q, k, y, lse, key_lengths=None, *, causal=False, scale=None, order=None, keys=None):
     """Mirror of Aᵀ·Y: (B, H, Nk, l) float64 from y (B, H, Nq, l) and the A·X pass's lse (B, H, Nq).
 
-    Per query head (not summed over a group). Order of operations in the module docstring.
+    Per query head (not summed over a group). Order of operations in the module docstring;
+    `order` defaults to the float64 kernel's (only its ``block_n`` and ``dot_chunk``
+    matter). `keys` (indices into Nk, default all) returns only those keys' rows: a key's
+    bits depend on nothing else, so large problems can be checked on a sample.
     """
     q, k, y = (np.asarray(t, dtype=np.float64) for t in (q, k, y))
     lse = np.asarray(lse, dtype=np.float64)
@@ -223,23 +231,42 @@ def attention_transpose_times_ref(q, k, y, lse, key_lengths=None, *, causal=Fals
         raise ValueError(f"lse must have shape {q.shape[:3]}, got {lse.shape}")
     batch, heads, nq, head_dim = q.shape
     k = _expand_kv_heads(k, heads)
-    nk = k.shape[2]
+    nk, width = k.shape[2], y.shape[3]
     scale = default_scale(head_dim) if scale is None else float(scale)
     order = streaming_order(np.float64, head_dim) if order is None else order
+    bn, chunk = order.block_n, order.dot_chunk
+    key_idx = np.arange(nk) if keys is None else np.asarray(keys)
+    k = k[:, :, key_idx]
+
     counts = visible_key_counts(batch, nq, nk, causal, key_lengths)  # (B, Nq)
-    # an empty row sees no key: its -inf lse never meets a visible score
-    lse_use = np.where(np.isfinite(lse), lse, 0.0)
-    acc = np.zeros((batch, heads, nk, y.shape[-1]))
-    for tile_start in range(0, nq, order.block_m):
-        rows = slice(tile_start, min(tile_start + order.block_m, nq))
-        visible = np.arange(nk)[None, None, :] < counts[:, rows, None]  # (B, bm, Nk)
-        if not visible.any():
-            continue
-        s = _chunked_scores(q[:, :, rows], k, scale, order.dot_chunk)  # (B, H, bm, Nk)
-        s = np.where(visible[:, None], s, -np.inf)
-        p = exp_nonpositive(s - lse_use[:, :, rows, None])
-        for i in range(p.shape[2]):  # queries in increasing order
-            acc += p[:, :, i, :, None] * y[:, :, tile_start + i, None, :]
+    acc = np.zeros((batch, heads, len(key_idx), width))
+    with np.errstate(invalid="ignore", over="ignore"):
+        for tile_start in range(0, nq, bn):
+            # the tile, zero-padded past Nq like the kernel's shared-memory copy; padding rows see no key
+            rows = slice(tile_start, min(tile_start + bn, nq))
+            n_rows = rows.stop - rows.start
+            q_tile = np.zeros((batch, heads, bn, head_dim))
+            y_tile = np.zeros((batch, heads, bn, width))
+            lse_tile = np.zeros((batch, heads, bn))
+            count_tile = np.zeros((batch, bn), dtype=np.int64)
+            q_tile[:, :, :n_rows] = q[:, :, rows]
+            y_tile[:, :, :n_rows] = y[:, :, rows]
+            lse_tile[:, :, :n_rows] = lse[:, :, rows]
+            count_tile[:, :n_rows] = counts[:, rows]
+
+            # scores (keys x rows): the chunked dot over d, then scale and lse
+            dot = None
+            for c0 in range(0, head_dim, chunk):
+                part = k[:, :, :, None, c0] * q_tile[:, :, None, :, c0]
+                for c in range(c0 + 1, c0 + chunk):
+                    part = part + k[:, :, :, None, c] * q_tile[:, :, None, :, c]
+                dot = part if dot is None else dot + part
+            x = dot * scale + (-lse_tile[:, :, None, :])
+            visible = key_idx[None, None, :, None] < count_tile[:, None, None, :]
+            p = exp_nonpositive(np.where(visible, x, -np.inf))
+
+            for i in range(bn):
+                acc = acc + p[..., i, None] * y_tile[:, :, None, i, :]
     return acc
 
 

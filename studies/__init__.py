@@ -12,6 +12,7 @@ registry. Importing this package imports no study (they pull in SciPy, torch, nu
     lsh-bench      lsh_bench -> lsh_bench_plots                                     GPU
     distance       distance (distance_data, distance_engine, distance_attention)
                      -> distance_plots                                              CPU
+    lowrank        lowrank (lowrank_check: the GPU operators) -> lowrank_plots     CPU, MiniLM weights
     exact-bits     exact_bits                                                       simulator or GPU
     exact-tune     exact_tune                                                       GPU
     exact-bench    exact_bench -> exact_bench_plots                                 GPU
@@ -53,6 +54,10 @@ STUDIES = {
     ),
     "distance": _study(
         "distance", "Do Base17/random/PCA projections and lookup tables preserve distances and attention?",
+        needs_gpu=False, plots=True,
+    ),
+    "lowrank": _study(
+        "lowrank", "How well does a randomized SVD of A approximate real attention, and which rank does rank='auto' pick?",
         needs_gpu=False, plots=True,
     ),
     "exact-bits": _study(

@@ -794,7 +794,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-# figures live in their own module; `nkattn figures` finds them here
-from nkattn.studies.lowrank_plots import FIGURES  # noqa: F401

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+
+from nkattn.figures import COLUMN_WIDTH, PAGE_WIDTH, load_result, save_figure, style
+from nkattn.studies import lowrank as study
 
 METHODS = (  # (column, label, style) of the output-error frontier
     ("best_out", "best rank-k output (tail of σ(A·V))", {"color": "k", "ls": ":"}),
@@ -20,34 +24,18 @@ METHODS = (  # (column, label, style) of the output-error frontier
 )
 
 
-def _study():
-    # imported late: the study module imports this one for its FIGURES
-    from nkattn.studies import lowrank
-
-    return lowrank
-
-
 def _load(results_dir, auto=False):
-    from nkattn.figures import load_result
-
-    study = _study()
-    name = study.FULL_AUTO if auto else study.FULL_RESULT
-    data = load_result(results_dir, study.STUDY, name, command=study.COMMAND)
+    name, quick = (study.FULL_AUTO, study.QUICK_AUTO) if auto else (study.FULL_RESULT, study.QUICK_RESULT)
+    data = load_result(results_dir, study.STUDY, name, command=study.COMMAND, quick=quick)
     return data, study.columns(data["records"])
 
 
-def _save(fig, figures_dir, name):
-    from nkattn.figures import save_figure
-
-    return save_figure(fig, Path(figures_dir) / _study().STUDY, name)
+def _save(fig, figures_dir, name, data):
+    return save_figure(fig, Path(figures_dir) / study.STUDY, name, results=[data])
 
 
 def fig_spectra(results_dir: Path, figures_dir: Path) -> list[Path]:
     """Mean σ_i / σ_1 per layer: exact SVD (lines) and the matrix-free randomized SVD (markers)."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import COLUMN_WIDTH, style
-
     data, _ = _load(results_dir)
     spectra = data["meta"]["summary"]["spectra"]
     n = max(s["n"] for s in spectra)
@@ -65,22 +53,20 @@ def fig_spectra(results_dir: Path, figures_dir: Path) -> list[Path]:
                 ax.plot(index, sv, color=color, label=f"layer {s['layer']}")
             else:
                 ax.plot(index, sv, ls="", marker="x", ms=3, color=color)
-        ax.plot([], [], ls="", marker="x", color="0.3", label="matrix-free rSVD, k = 32")
+        ax.plot([], [], ls="", marker="x", color="0.3",
+                label=f"matrix-free rSVD, k = {data['meta']['config']['matrix_free_rank']}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("singular value index i")
         ax.set_ylabel(f"σ_i / σ_1 of A (mean over heads, passages; N = {n})")
         ax.legend(fontsize=6, ncol=2)
-        return _save(fig, figures_dir, "spectra")
+        return _save(fig, figures_dir, "spectra", data)
 
 
 def fig_rsvd_accuracy(results_dir: Path, figures_dir: Path) -> list[Path]:
     """Spectral error of the randomized SVD over σ_{k+1} per k, and principal angle against the gap."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, style
-
-    _, c = _load(results_dir)
+    data, c = _load(results_dir)
+    config = data["meta"]["config"]
     ranks = sorted(set(c["k"].astype(int).tolist()))
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.6), constrained_layout=True)
@@ -90,10 +76,10 @@ def fig_rsvd_accuracy(results_dir: Path, figures_dir: Path) -> list[Path]:
         if "mf_spec_ratio" in c:
             sel = np.isfinite(c["mf_spec_ratio"])
             groups.append(c["mf_spec_ratio"][sel])
-            labels.append(f"{_study().MATRIX_FREE_RANK}\nmatrix-free")
+            labels.append(f"{config['matrix_free_rank']}\nmatrix-free")
         ax.boxplot(groups, whis=(0, 100), widths=0.5)
         ax.set_xticks(range(1, len(labels) + 1), labels)
-        ax.axhline(_study().SPEC_TARGET, color="C3", ls="--", label="target 1.5")
+        ax.axhline(config["spec_target"], color="C3", ls="--", label=f"target {config['spec_target']}")
         ax.set_xlabel("rank k")
         ax.set_ylabel("‖A − Â_k‖₂ / σ_{k+1}")
         ax.set_title("box: quartiles; whiskers: min to max over heads", fontsize=7)
@@ -107,16 +93,12 @@ def fig_rsvd_accuracy(results_dir: Path, figures_dir: Path) -> list[Path]:
         ax.set_xlabel("relative gap (σ_k − σ_{k+1}) / σ_k")
         ax.set_ylabel("largest principal angle, span U_k vs Û_k (°)")
         ax.legend(markerscale=3)
-        return _save(fig, figures_dir, "rsvd_accuracy")
+        return _save(fig, figures_dir, "rsvd_accuracy", data)
 
 
 def fig_frontier(results_dir: Path, figures_dir: Path) -> list[Path]:
     """Output error ‖(A − Ã) V‖_F / ‖A V‖_F against k for every method (median, 10–90th percentile band)."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, style
-
-    _, c = _load(results_dir)
+    data, c = _load(results_dir)
     ranks = np.array(sorted(set(c["k"].astype(int).tolist())))
     n = int(c["n"].max())
     heads = int((c["k"] == ranks[0]).sum())
@@ -144,16 +126,12 @@ def fig_frontier(results_dir: Path, figures_dir: Path) -> list[Path]:
             ax.set_xlabel(f"rank k (N = {n})")
         axes[0].set_title(f"median and 10–90th percentile over {heads} heads", fontsize=7)
         axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6)
-        return _save(fig, figures_dir, "frontier")
+        return _save(fig, figures_dir, "frontier", data)
 
 
 def fig_auto_rank(results_dir: Path, figures_dir: Path) -> list[Path]:
     """rank="auto": the chosen k / N per rule (ECDF) and the output error it leaves."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, style
-
-    _, c = _load(results_dir, auto=True)
+    data, c = _load(results_dir, auto=True)
     rules = list(dict.fromkeys(c["rule"].tolist()))
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.6), constrained_layout=True)
@@ -174,16 +152,12 @@ def fig_auto_rank(results_dir: Path, figures_dir: Path) -> list[Path]:
         axes[1].set_xticks(range(len(rules)), rules, rotation=20)
         axes[1].set_yscale("log")
         axes[1].set_ylabel("output error ‖(A − Â_k)V‖_F / ‖AV‖_F\n(black: the tolerance)")
-        return _save(fig, figures_dir, "auto_rank")
+        return _save(fig, figures_dir, "auto_rank", data)
 
 
 def fig_auto_heatmap(results_dir: Path, figures_dir: Path) -> list[Path]:
     """Mean chosen rank per layer x head, for the default output budget and seed 001's energy rule."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, style
-
-    _, c = _load(results_dir, auto=True)
+    data, c = _load(results_dir, auto=True)
     n = int(c["n"].max())
     panels = [r for r in ("tolerance=0.01", "energy=0.95") if (c["rule"] == r).any()]
     layers, heads = int(c["layer"].max()) + 1, int(c["head"].max()) + 1
@@ -206,16 +180,12 @@ def fig_auto_heatmap(results_dir: Path, figures_dir: Path) -> list[Path]:
             ax.set_title(f"rank='auto', {rule} (mean k, N = {n})")
             ax.grid(False)
             fig.colorbar(im, ax=ax, label="k", shrink=0.9)
-        return _save(fig, figures_dir, "auto_heatmap")
+        return _save(fig, figures_dir, "auto_heatmap", data)
 
 
 def fig_estimator(results_dir: Path, figures_dir: Path) -> list[Path]:
     """The a-posteriori estimate over the true Frobenius error, and the bound over the true spectral error."""
-    import matplotlib.pyplot as plt
-
-    from nkattn.figures import PAGE_WIDTH, style
-
-    _, c = _load(results_dir)
+    data, c = _load(results_dir)
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.3), constrained_layout=True)
         axes[0].hist(c["est_ratio"], bins=60, color="C0")
@@ -229,7 +199,7 @@ def fig_estimator(results_dir: Path, figures_dir: Path) -> list[Path]:
         axes[1].legend()
         for ax in axes:
             ax.set_ylabel("heads × ranks")
-        return _save(fig, figures_dir, "estimator")
+        return _save(fig, figures_dir, "estimator", data)
 
 
 FIGURES = [fig_spectra, fig_rsvd_accuracy, fig_frontier, fig_auto_rank, fig_auto_heatmap, fig_estimator]

@@ -38,7 +38,10 @@ FOREIGN_OPTIONS = [
     pytest.param("table", {"lsh_tables": 4}, ValueError, "only apply to method='lsh'", id="table-lsh_tables"),
     pytest.param("exact", {"table": "dot"}, ValueError, "table only applies to method='table'", id="exact-table"),
     pytest.param("lsh", {"table": "dot"}, ValueError, "table only applies to method='table'", id="lsh-table"),
-    pytest.param("exact", {"seed": 1}, ValueError, "seed only applies to method='lsh' or method='table'", id="exact-seed"),
+    pytest.param("exact", {"seed": 1}, ValueError, "seed only applies to method='lsh' or method='table' or method='lowrank'",
+                 id="exact-seed"),
+    pytest.param("lsh", {"rank": 4}, ValueError, "method='lsh' takes no option rank: rank, oversample, power_iters, energy "
+                 "and tolerance only apply to method='lowrank'", id="lsh-rank"),
     pytest.param("lsh", {"rnak": 4}, TypeError, "unexpected keyword argument 'rnak'", id="unknown"),
 ]
 

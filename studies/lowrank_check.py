@@ -2,13 +2,13 @@
 
 Not a study (it writes nothing under results/): a script for the device,
 
-    python -m nkattn.studies.lowrank_ops_check            # N = 16K, d = 64, l = 42, float32 and float64
+    python -m nkattn.studies.lowrank_check            # N = 16K, d = 64, l = 42, float32 and float64
 
 1. Correctness, the GPU tests' key cases at N = 16K: every output element written
    (outputs poisoned with NaN first); sampled rows of A·X and lse and sampled
    keys of Aᵀ·Y against dense float64 (<= 1e-12 relative in float64; in float32
    within 2x the naive float32 formula's error + the float32 floor); the float64
-   kernels bit-identical to the mirrors of `nkattn.reference.lowrank_ops` (on the
+   kernels bit-identical to the mirrors of `nkattn.reference.lowrank` (on the
    last rows, whose bottom-right causal alignment survives dropping the rows
    before them, and on sampled keys); two runs bit-identical.
 2. Timing, B = 1, H = 8, N = 16K, d = 64: CUDA events, median of >= 20 runs
@@ -119,12 +119,12 @@ def make(rng, b, h, hkv, nq, nk, dtype):
 def check_case(checks, name, dtype, b, h, hkv, nq, nk, causal, key_lengths, seed):
     from numba import cuda
 
-    from nkattn.cuda_kernels.lowrank_ops import (
+    from nkattn.cuda_kernels.lowrank import (
         attention_times,
         attention_transpose_times,
     )
     from nkattn.cuda_kernels.online_softmax import kernel_order
-    from nkattn.reference.lowrank_ops import (
+    from nkattn.reference.lowrank import (
         attention_times_ref,
         attention_transpose_times_ref,
     )
@@ -195,7 +195,7 @@ def check_case(checks, name, dtype, b, h, hkv, nq, nk, causal, key_lengths, seed
 
         def mirror():
             for bb, hh in picks:
-                one = dict(causal=causal, scale=scale, key_lengths=[key_lengths[bb]], order=kernel_order(np.float64, D))
+                one = {"causal": causal, "scale": scale, "key_lengths": [key_lengths[bb]], "order": kernel_order(np.float64, D)}
                 sel = (slice(bb, bb + 1), slice(hh, hh + 1))
                 kv = (slice(bb, bb + 1), slice(hh // group, hh // group + 1))
                 # bottom-right causal alignment is unchanged by dropping leading rows
@@ -231,7 +231,7 @@ def time_kernels(dtype, n, heads, repeats, causal):
     from numba import cuda
 
     from nkattn.cuda_kernels.exact import exact_attention, exact_attention_kernel
-    from nkattn.cuda_kernels.lowrank_ops import (
+    from nkattn.cuda_kernels.lowrank import (
         attention_times,
         attention_transpose_kernel,
         attention_transpose_times,
@@ -260,7 +260,7 @@ def time_kernels(dtype, n, heads, repeats, causal):
     sp_t = attention_transpose_kernel(dtype, D, WIDTH)[1]
 
     def transpose_uncapped():
-        from nkattn.cuda_kernels.lowrank_ops import transpose_launch_config
+        from nkattn.cuda_kernels.lowrank import transpose_launch_config
         from nkattn.cuda_kernels.online_softmax import launch_with_shared_memory
 
         grid, block, shared = transpose_launch_config(sp_t, 1, heads, n)
@@ -282,7 +282,7 @@ def time_kernels(dtype, n, heads, repeats, causal):
     for name, flops, fn, kernel in kernels:
         timing = (_wall_time_ms if SIMULATOR else cuda_time_ms)(fn, warmup=3, repeats=repeats)
         regs, local = resources(kernel())
-        rows.append(dict(name=name, ms=timing["median_ms"], p90=timing["p90_ms"], tflops=flops / timing["median_ms"] / 1e9, regs=regs, local=local))
+        rows.append({"name": name, "ms": timing["median_ms"], "p90": timing["p90_ms"], "tflops": flops / timing["median_ms"] / 1e9, "regs": regs, "local": local})
     base = rows[0]["ms"]
     for r in rows:
         r["vs_exact"] = r["ms"] / base

@@ -13,14 +13,15 @@ products a randomized SVD of A needs (issue 11), and neither ever holds A:
   tile of keys walks the query tiles in order and recomputes P from Q, K and the
   stored lse: the structure of FlashAttention's dV = Pᵀ·dO, with no atomics.
 
-Widths: any 1 <= l <= `MAX_WIDTH`. The value columns split over the TX threads
-of a row (TX = 16 on the GPU, 4 under the simulator); a width TX divides runs
-exactly at its size, any other is carried in shared memory and registers as the
-next multiple of TX with zero columns (l = 42 runs as 48), which are never read
-from x or y nor written to the output.
+Widths: any 1 <= l <= `max_width(dtype, d)`, which is `MAX_WIDTH` except where a
+block's shared memory runs out first (float64 at d = 64 on the GPU). The value
+columns split over the TX threads of a row (TX = 16 on the GPU, 4 under the
+simulator); a width TX divides runs exactly at its size, any other is carried in
+shared memory and registers as the next multiple of TX with zero columns (l = 42
+runs as 48), which are never read from x or y nor written to the output.
 
 Arithmetic as in the exact kernel (`streaming_primitives`): float64 exactly
-rounded, bit-identical to the mirrors in `nkattn.reference.lowrank_ops`; float32
+rounded, bit-identical to the mirrors in `nkattn.reference.lowrank`; float32
 fast (FMA, hardware exp). Both are deterministic: fixed order, no atomics.
 """
 
@@ -241,6 +242,28 @@ def _output(name, arr, shape, dtype, stream):
     if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
         raise ValueError(f"{name} must be {dtype} of shape {shape}, got {np.dtype(arr.dtype)} {tuple(arr.shape)}")
     return arr
+
+
+@cache
+def max_width(dtype, head_dim: int) -> int:
+    """The widest l both operators take at this dtype and head dim: `MAX_WIDTH`, or the widest
+    whose block fits in `SHARED_LIMIT` bytes of shared memory (on the GPU, float64 at d = 64
+    falls short). `nkattn.lowrank` runs wider products in chunks of columns."""
+    dtype = np.dtype(dtype)
+
+    def fits(width):
+        # the kernels attention_times and attention_transpose_times launch for this width (cached)
+        _, times_sp = exact_attention_kernel(dtype, head_dim, **({} if width == head_dim else {"value_dim": width}))
+        _, transpose_sp = attention_transpose_kernel(dtype, head_dim, width)
+        return max(times_sp.SHARED_BYTES, transpose_sp.SHARED_BYTES) <= SHARED_LIMIT
+
+    if fits(MAX_WIDTH):
+        return MAX_WIDTH
+    fitting, too_wide = 1, MAX_WIDTH  # shared memory grows with l
+    while too_wide - fitting > 1:
+        mid = (fitting + too_wide) // 2
+        fitting, too_wide = (mid, too_wide) if fits(mid) else (fitting, mid)
+    return fitting
 
 
 def _check_shared(sp, dtype, head_dim, width, arg):
