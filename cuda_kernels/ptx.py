@@ -30,6 +30,16 @@ them against NumPy on the GPU). A warpgroup is 128 consecutive threads; thread
   *MN-major* operand (N contiguous: V in P·V, read with the transpose flag) has
   the same physical layout with the roles of rows and columns exchanged: rows
   are K (keys), W-byte blocks run along N (head dim).
+
+Warp-level ``mma.sync.m16n8k16`` (PTX ISA, "Matrix Fragments for mma.m16n8k16";
+the FlashAttention-2 instruction, for GPUs without wgmma) uses the same per-warp
+layouts as warp 0 of a warpgroup: A (16 x 16, 4 x b32) as `a_fragment_coords`,
+D (16 x 8, 4 float32) as `accumulator_coords` with ``i < 4``, and B given as
+N x K (8 x 16, 2 x b32): register ``r`` holds ``B[g, 2tq + 8r + {0, 1}]``
+(`mma_b_coords`). ``ldmatrix.x4`` fills them from shared memory: lanes 8j to
+8j + 7 give the row addresses of 8 x 8 matrix j, and lane ``L`` receives in
+register j the elements ``(L // 4, 2(L % 4) + {0, 1})`` of matrix j, or with
+``.trans`` the elements ``(2(L % 4) + {0, 1}, L // 4)`` (`ldmatrix_coords`).
 """
 
 from __future__ import annotations
@@ -76,6 +86,21 @@ def a_fragment_coords(kind: str, t: int, r: int) -> list[tuple[int, int]]:
         return [(row, tq + 4 * (r >> 1))]
     k0 = 2 * tq + 8 * (r >> 1)
     return [(row, k0), (row, k0 + 1)]
+
+
+def mma_b_coords(t: int, r: int) -> list[tuple[int, int]]:
+    """(n, k) of the elements in B register ``r`` of lane ``t`` of ``mma.sync.m16n8k16`` (B as N x K)."""
+    g, tq = divmod(t % 32, 4)
+    k0 = 2 * tq + 8 * r
+    return [(g, k0), (g, k0 + 1)]
+
+
+def ldmatrix_coords(t: int, transpose: bool) -> list[tuple[int, int]]:
+    """(row, col) within each 8 x 8 matrix of the two 16-bit elements ``ldmatrix`` gives lane ``t``."""
+    g, tq = divmod(t % 32, 4)
+    if transpose:
+        return [(2 * tq, g), (2 * tq + 1, g)]
+    return [(g, 2 * tq), (g, 2 * tq + 1)]
 
 
 def swizzle(byte_offset: int, width: int) -> int:
@@ -355,6 +380,70 @@ if not SIMULATOR:
 
         return mma_rs
 
+    @cache
+    def mma_sync(kind: str):
+        """``D += A·Bᵀ`` of one warp, ``mma.sync.aligned.m16n8k16``, f16 or bf16 in, float32 D.
+
+        Returns an intrinsic ``f(acc, acc_offset, a_regs, a_offset, b_regs, b_offset)``:
+        ``acc[acc_offset:acc_offset + 4]`` (float32, the D layout) += A·Bᵀ with A in
+        ``a_regs[a_offset:a_offset + 4]`` and B (N x K) in ``b_regs[b_offset:b_offset + 2]``
+        (uint32, two halves each, low half first). Synchronous: every lane of the warp
+        must call it together.
+        """
+        if kind not in ("f16", "bf16"):
+            raise ValueError(f"no mma.sync m16n8k16 for kind={kind!r} (f16 or bf16)")
+        asm = (f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+               "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$0,$1,$2,$3};")
+        constraints = "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3"
+
+        @intrinsic
+        def mma(typingctx, acc, acc_offset, a_regs, a_offset, b_regs, b_offset):
+            def codegen(context, builder, sig, args):
+                def words(arr_index, offset_index, count):
+                    base = context.cast(builder, args[offset_index], sig.args[offset_index], types.intp)
+                    return [_element_pointer(context, builder, sig.args[arr_index], args[arr_index],
+                                             [builder.add(base, context.get_constant(types.intp, i))], [types.intp])
+                            for i in range(count)]
+
+                d_ptrs = words(0, 1, 4)
+                operands = [builder.load(p) for p in words(2, 3, 4) + words(4, 5, 2)]
+                out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * 4),
+                                operands + [builder.load(p) for p in d_ptrs])
+                for i, p in enumerate(d_ptrs):
+                    builder.store(builder.extract_value(out, i), p)
+                return context.get_dummy_value()
+
+            return types.void(acc, acc_offset, a_regs, a_offset, b_regs, b_offset), codegen
+
+        return mma
+
+    @cache
+    def ldmatrix_x4(transpose: bool = False):
+        """Four 8 x 8 matrices of 16-bit elements from shared memory into one warp's registers.
+
+        Returns an intrinsic ``f(regs, offset, smem, smem_idx)``: this lane gives the address of
+        ``smem[smem_idx]``, the start of one 16-byte matrix row (lanes 8j to 8j + 7: rows 0-7 of
+        matrix j), and receives ``regs[offset + j]`` (uint32) as in `ldmatrix_coords`.
+        """
+        asm = f"ldmatrix.sync.aligned.m8n8.x4{'.trans' if transpose else ''}.shared.b16 {{$0,$1,$2,$3}}, [$4];"
+
+        @intrinsic
+        def load(typingctx, regs, offset, smem, smem_idx):
+            def codegen(context, builder, sig, args):
+                src = _element_pointer(context, builder, sig.args[2], args[2], [args[3]], [sig.args[3]])
+                out = _call_asm(builder, asm, "=r,=r,=r,=r,r,~{memory}", ir.LiteralStructType([_I32] * 4),
+                                [_shared_u32(builder, src)])
+                base = context.cast(builder, args[1], sig.args[1], types.intp)
+                for j in range(4):
+                    idx = builder.add(base, context.get_constant(types.intp, j))
+                    builder.store(builder.extract_value(out, j),
+                                  _element_pointer(context, builder, sig.args[0], args[0], [idx], [types.intp]))
+                return context.get_dummy_value()
+
+            return types.void(regs, offset, smem, smem_idx), codegen
+
+        return load
+
     @cuda.jit(device=True, inline="always")
     def quad_max(x, tid):
         """max over the 4 lanes of a quad (the lanes that share accumulator rows)."""
@@ -454,6 +543,55 @@ else:  # ------------------------------------------------------------- simulator
         other = lanes[tid ^ step]
         cuda.syncthreads()
         return other
+
+    @cache
+    def mma_sync(kind: str):
+        if kind not in ("f16", "bf16"):
+            raise ValueError(f"no mma.sync m16n8k16 for kind={kind!r} (f16 or bf16)")
+
+        @cuda.jit(device=True)
+        def mma(acc, acc_offset, a_regs, a_offset, b_regs, b_offset):
+            tid = cuda.threadIdx.x
+            lane = tid % 32
+            words = _block_scratch(("mma_sync", tid // 32), (32, 6), np.uint32)
+            for r in range(4):
+                words[lane, r] = a_regs[a_offset + r]
+            for r in range(2):
+                words[lane, 4 + r] = b_regs[b_offset + r]
+            cuda.syncthreads()  # every lane's fragments are in the scratch
+            a_matrix, b_matrix = np.zeros((16, 16)), np.zeros((8, 16))
+            for t in range(32):
+                for r in range(4):
+                    (row, k0), (_, k1) = a_fragment_coords(kind, t, r)
+                    a_matrix[row, k0], a_matrix[row, k1] = _half_values([words[t, r] & 0xFFFF, words[t, r] >> 16], kind)
+                for r in range(2):
+                    (n, k0), (_, k1) = mma_b_coords(t, r)
+                    b_matrix[n, k0], b_matrix[n, k1] = _half_values([words[t, 4 + r] & 0xFFFF, words[t, 4 + r] >> 16],
+                                                                    kind)
+            cuda.syncthreads()  # every lane has read the scratch before the next call overwrites it
+            for i in range(4):
+                row, col = accumulator_coords(lane, i)
+                acc[acc_offset + i] = acc[acc_offset + i] + float(np.dot(a_matrix[row], b_matrix[col]))
+
+        return mma
+
+    @cache
+    def ldmatrix_x4(transpose: bool = False):
+        @cuda.jit(device=True)
+        def load(regs, offset, smem, smem_idx):
+            tid = cuda.threadIdx.x
+            lane = tid % 32
+            rows = _block_scratch(("ldmatrix", tid // 32), (32,), np.int64)
+            rows[lane] = smem_idx
+            cuda.syncthreads()  # every lane's row address is in the scratch
+            for j in range(4):
+                (r0, c0), (r1, c1) = ldmatrix_coords(lane, transpose)
+                lo = int(smem[rows[8 * j + r0] + c0])
+                hi = int(smem[rows[8 * j + r1] + c1])
+                regs[offset + j] = lo | (hi << 16)
+            cuda.syncthreads()  # every lane has read the addresses before the next call overwrites them
+
+        return load
 
     @cuda.jit(device=True)
     def quad_max(x, tid):

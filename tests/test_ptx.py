@@ -13,7 +13,7 @@ from functools import cache
 import ml_dtypes
 import numpy as np
 import pytest
-from numba import cuda, from_dtype, uint32
+from numba import cuda, from_dtype, uint16, uint32
 
 from nkattn.cuda_kernels import ptx
 from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functions
@@ -143,6 +143,88 @@ def test_wgmma_matches_numpy(kind, n, k_total, a_operand, transpose_b):
     launch_with_shared_memory(kernel, 1, 128, shared_bytes, 0, cuda.to_device(a_dev), cuda.to_device(b_dev), out)
     expected = _expected_fragments(a[0, 0] @ b[0, 0].T)
     np.testing.assert_array_equal(out.copy_to_host(), expected.astype(np.float32))
+
+
+@cache
+def mma_sync_kernel(kind: str, transpose_b: bool):
+    """Two warps, each with its own A (16 x 16) and B (16 x 16: N x K, or K x N when transposed)
+    loaded by ldmatrix.x4 from shared memory; D = A·Bᵀ by two m16n8k16 steps (one per n8 half).
+    Writes each lane's accumulators and its raw A and B fragments."""
+    mma = ptx.mma_sync(kind)
+    load_a, load_b = ptx.ldmatrix_x4(False), ptx.ldmatrix_x4(transpose_b)
+    row_align = None if ptx.SIMULATOR else 16  # ldmatrix rows are 16-byte aligned; the simulator refuses the option
+
+    @cuda.jit
+    def kernel(a, b, out, fragments):
+        tid = cuda.threadIdx.x
+        w = tid // 32
+        lane = tid % 32
+        sa = cuda.shared.array(512, uint16, alignment=row_align)
+        sb = cuda.shared.array(512, uint16, alignment=row_align)
+        for i in range(lane, 256, 32):
+            sa[256 * w + i] = a[w, i // 16, i % 16]
+            sb[256 * w + i] = b[w, i // 16, i % 16]
+        cuda.syncthreads()  # both tiles are in shared memory
+        j = lane // 8
+        r = lane % 8
+        a_regs = cuda.local.array(4, uint32)
+        b_regs = cuda.local.array(4, uint32)
+        # matrix j of A: rows 8(j & 1) + r, columns 8(j >> 1), as registers a0-a3 want them
+        load_a(a_regs, 0, sa, 256 * w + (r + 8 * (j & 1)) * 16 + 8 * (j >> 1))
+        if transpose_b:  # stored K x N: matrix j is keys 8(j & 1) + r of columns 8(j >> 1)
+            load_b(b_regs, 0, sb, 256 * w + (r + 8 * (j & 1)) * 16 + 8 * (j >> 1))
+        else:  # stored N x K: matrix j is row 8(j >> 1) + r, keys 8(j & 1)
+            load_b(b_regs, 0, sb, 256 * w + (r + 8 * (j >> 1)) * 16 + 8 * (j & 1))
+        acc = cuda.local.array(8, np.float32)
+        for i in range(8):
+            acc[i] = 0.0
+        mma(acc, 0, a_regs, 0, b_regs, 0)
+        mma(acc, 4, a_regs, 0, b_regs, 2)
+        for i in range(8):
+            out[tid, i] = acc[i]
+        for i in range(4):
+            fragments[tid, i] = a_regs[i]
+            fragments[tid, 4 + i] = b_regs[i]
+
+    return kernel
+
+
+def _pack(bits, pairs):
+    return np.array([int(bits[p0]) | (int(bits[p1]) << 16) for p0, p1 in pairs], dtype=np.uint32)
+
+
+@pytest.mark.parametrize("kind, transpose_b", [
+    pytest.param("f16", False, id="f16"),
+    pytest.param("bf16", True, id="bf16-trans"),
+    pytest.param("f16", True, id="f16-trans", marks=pytest.mark.gpu),
+    pytest.param("bf16", False, id="bf16", marks=pytest.mark.gpu),
+])
+def test_ldmatrix_and_mma_sync_match_numpy(kind, transpose_b):
+    rng = np.random.default_rng(7)
+    a_bits, a = _exact_values(rng, (2, 16, 16), kind)
+    b_bits, b = _exact_values(rng, (2, 16, 16), kind)  # N x K
+    stored_b = np.ascontiguousarray(np.swapaxes(b_bits, 1, 2)) if transpose_b else b_bits
+    out = cuda.device_array((64, 8), dtype=np.float32)
+    fragments = cuda.device_array((64, 8), dtype=np.uint32)
+    mma_sync_kernel(kind, transpose_b)[1, 64](cuda.to_device(a_bits), cuda.to_device(stored_b), out, fragments)
+    got, got_fragments = out.copy_to_host(), fragments.copy_to_host()
+    for w in range(2):
+        d = a[w] @ b[w].T
+        for lane in range(32):
+            t = 32 * w + lane
+            np.testing.assert_array_equal(got[t], [d[ptx.accumulator_coords(lane, i)] for i in range(8)])
+            a_words = _pack(a_bits[w], [ptx.a_fragment_coords(kind, lane, r) for r in range(4)])
+            b_words = _pack(b_bits[w], [[(n + 8 * half, k) for n, k in ptx.mma_b_coords(lane, r)]
+                                        for half in range(2) for r in range(2)])
+            np.testing.assert_array_equal(got_fragments[t], np.concatenate([a_words, b_words]))
+
+
+def test_ldmatrix_coords_transpose_each_other():
+    for lane in range(32):
+        plain, trans = ptx.ldmatrix_coords(lane, False), ptx.ldmatrix_coords(lane, True)
+        assert [(c, r) for r, c in plain] == trans
+    with pytest.raises(ValueError, match="mma.sync"):
+        ptx.mma_sync("tf32")
 
 
 @cuda.jit
