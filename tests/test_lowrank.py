@@ -41,13 +41,11 @@ from nkattn.studies import lowrank as study
 from nkattn.studies import lowrank_plots as plots
 from nkattn.testing import (
     assert_bit_identical,
-    assert_within_budget,
-    float32_floor,
     nan_padded_device_view,
     relative_error,
 )
 
-from .conftest import REAL_GPU, SIMULATOR
+from .conftest import REAL_GPU, SIMULATOR, check_float32
 
 # --------------------------------------------------------------------------------------
 # inputs
@@ -216,16 +214,6 @@ def transpose_formula(q, k, y, lse, *, causal, scale, key_lengths, compute_dtype
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.where(visible, np.exp(np.where(visible, s - lse[..., None], -np.inf)), compute_dtype(0))
     return np.einsum("bhqk,bhql->bhkl", p, y)
-
-
-def check_float32(name, got, ref64, naive):
-    """The float32 error budget on a GPU; the simulator does float32 math as NumPy
-    scalars without FMA, so there it only catches indexing bugs (STYLE: no float32
-    precision claims from the simulator)."""
-    if SIMULATOR:
-        assert relative_error(got, ref64) <= 1e-3, name
-    else:
-        assert_within_budget(name, got, ref64, naive, floor=float32_floor(ref64))
 
 
 def run_times(q, k, x, c):
