@@ -190,6 +190,22 @@ def test_without_a_process_group_the_error_says_how_to_make_one():
         distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)))
 
 
+def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
+    from nkattn.studies import distributed_bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda **kwargs: calls.append(kwargs))
+    for options in ({"quick": True, "repeats": None, "seq_lens": None, "long_sequence": None},
+                    {"quick": False, "repeats": 5, "seq_lens": [1024, 4096], "long_sequence": False}):
+        cmd = bench.torchrun_command(gpus=2, results_dir=tmp_path, **options)
+        assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        bench.main(cmd[cmd.index("nkattn.studies.distributed_bench") + 1 :])
+        assert calls.pop() == {"results_dir": tmp_path, **options}
+    assert [n for n, _, _ in bench.configs(quick=False, seq_lens=None, long_sequence=None)][-1] == bench.LONG_N
+    assert bench.configs(quick=False, seq_lens=[512], long_sequence=None) == [(512, bench.HEADS, False), (512, bench.HEADS, True)]
+    assert bench.scaling_efficiency(100.0, 4, 25.0) == 1.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not REAL_GPU or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs and a CUDA torch")
 def test_two_gpus_over_nccl_give_the_one_gpu_bits(tmp_path):
