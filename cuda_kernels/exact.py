@@ -2,7 +2,10 @@
 
 `exact_attention(q, k, v, ...)` takes numba device arrays and returns device
 arrays (O, lse); `nkattn.attention` is the public entry point that validates and
-converts inputs.
+converts inputs. `exact_attention_fold` runs the same loop over one chunk of the
+keys, resuming from and leaving a carried state: folding the chunks of a key
+sequence in order gives the bits of one `exact_attention` call (context
+parallelism, `nkattn.distributed`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def exact_attention_kernel(
     portable_math: bool | None = None,
     prefetch: bool = False,
     max_registers: int | None | str = "tuned",
+    resume: bool = False,
 ):
     """Build the fused forward kernel for one dtype and head dim.
 
@@ -65,9 +69,21 @@ def exact_attention_kernel(
     current one is computed (off: the staging registers cost more occupancy than
     the overlap gains on the H100); `max_registers` caps registers per thread
     ("tuned": `tuned_register_cap`). Neither changes the bits.
+
+    `resume` builds the chunked entry instead (`exact_attention_fold`): the same
+    tile loop over the key tiles of one chunk, with rows and keys at global
+    positions (``row_offset``, ``key_offset``) for the masks, the running
+    (m, l, acc) read from and written to (lse, l_state, O) between launches, and
+    O = acc / l, lse = m + log l on the ``last`` chunk. A row folds the tiles it
+    sees in the order of the one-launch kernel, through the same device code, so
+    it ends with the same bits as long as every chunk starts on a key tile (BN)
+    boundary; which rows share a block does not matter (batch invariance). The
+    resume kernel is a separate function: the one-launch kernel's code is untouched.
     """
     if max_registers == "tuned":
         max_registers = tuned_register_cap(dtype, max(head_dim, value_dim or head_dim))
+    if prefetch and resume:
+        raise ValueError("the resume entry loads key tiles directly: prefetch does not apply")
     if prefetch and value_dim not in (None, head_dim):
         raise ValueError(f"prefetch stages K and V rows of equal width: value_dim {value_dim} != head dim {head_dim}")
     sp = streaming_primitives(
@@ -85,6 +101,8 @@ def exact_attention_kernel(
     )
 
     jit_options = {} if SIMULATOR or max_registers is None else {"max_registers": max_registers}
+    if resume:
+        return _resume_kernel(sp, jit_options), sp
 
     @cuda.jit(**jit_options)
     def exact_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale, causal, group):
@@ -141,6 +159,86 @@ def exact_attention_kernel(
     return exact_attention_fwd, sp
 
 
+def _resume_kernel(sp, jit_options):
+    """The chunked entry of `exact_attention_kernel` (``resume=True``): grid as the one-launch kernel's."""
+    TM, TN, TD, TX, BM, BN, DV, LV = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN, sp.DV, sp.LV
+    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
+    PADDED_V = LV != DV
+    visible_keys, load_q_tile, load_kv_tile = sp.visible_keys, sp.load_q_tile, sp.load_kv_tile
+    tile_scores, online_softmax_update, accumulate_pv, store_rows = (
+        sp.tile_scores, sp.online_softmax_update, sp.accumulate_pv, sp.store_rows
+    )
+
+    @cuda.jit(**jit_options)
+    def exact_attention_resume(
+        q, k, v, key_lengths, o, lse, l_state, qk_scale, causal, group, row_offset, nq_total, key_offset, first, last
+    ):
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        row0 = cuda.blockIdx.x * BM
+        nq = q.shape[2]
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+
+        kv_end = cuda.local.array(TM, np.int32)
+        m_i = cuda.local.array(TM, NB_DTYPE)
+        l_i = cuda.local.array(TM, NB_DTYPE)
+        acc = cuda.local.array((TM, TD), NB_DTYPE)
+        s = cuda.local.array((TM, TN), NB_DTYPE)
+        partial = cuda.local.array((TM, TN), NB_DTYPE)
+        q_frag = cuda.local.array(TM, NB_DTYPE)
+        k_frag = cuda.local.array(TN, NB_DTYPE)
+        v_frag = cuda.local.array(TD, NB_DTYPE)
+        for i in range(TM):
+            q_idx = row0 + ty * TM + i
+            live = q_idx < nq  # rows past the chunk of queries belong to no one here
+            kv_end[i] = visible_keys(row_offset + q_idx, nq_total, nk_b, causal) if live else 0
+            # running statistics: fresh on the first chunk, carried over after it
+            if live and not first:
+                m_i[i] = lse[b, h, q_idx]
+                l_i[i] = l_state[b, h, q_idx]
+                for e in range(TD):
+                    acc[i, e] = o[b, h, q_idx, tx * TD + e] if not PADDED_V or tx * TD + e < DV else ZERO
+            else:
+                m_i[i] = NEG_INF
+                l_i[i] = ZERO
+                for e in range(TD):
+                    acc[i, e] = ZERO
+        block_kv_end = visible_keys(row_offset + min(row0 + BM, nq) - 1, nq_total, nk_b, causal)
+        chunk_end = min(block_kv_end, key_offset + k.shape[2])
+        # the keys a tile load may read, counted from the chunk's first
+        chunk_keys = min(nk_b - key_offset, k.shape[2])
+
+        load_q_tile(q, b, h, row0, smem, tid)
+        for tile_start in range(key_offset, chunk_end, BN):
+            cuda.syncthreads()  # Q is loaded and every read of the previous tile is done
+            load_kv_tile(k, v, b, kvh, tile_start - key_offset, chunk_keys, smem, tid)
+            cuda.syncthreads()  # the whole K/V tile is in shared memory
+            tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)
+            online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)
+            cuda.syncthreads()  # every thread's P block is written
+            accumulate_pv(smem, ty, tx, acc, q_frag, v_frag)
+
+        if last:
+            store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)
+            return
+        for i in range(TM):
+            q_idx = row0 + ty * TM + i
+            if q_idx < nq:
+                for e in range(TD):
+                    if not PADDED_V or tx * TD + e < DV:
+                        o[b, h, q_idx, tx * TD + e] = acc[i, e]
+                if tx == 0:
+                    lse[b, h, q_idx] = m_i[i]
+                    l_state[b, h, q_idx] = l_i[i]
+
+    return exact_attention_resume
+
+
 def launch_config(sp, batch: int, heads: int, nq: int):
     """(grid, block, dynamic shared bytes): one block per BM query rows of one (b, h)."""
     return (math.ceil(nq / sp.BM), heads, batch), sp.THREADS, sp.SHARED_BYTES
@@ -170,5 +268,34 @@ def exact_attention(
     launch_with_shared_memory(
         kernel, grid, block, shared, stream,
         q, k, v, key_lengths, out, lse, dtype.type(scale), bool(causal), heads // k.shape[1],
+    )
+    return out, lse
+
+
+def exact_attention_fold(
+    q, k, v, key_lengths, out, lse, l_state, *, causal: bool, scale: float, row_offset: int, nq_total: int,
+    key_offset: int, first: bool, last: bool, stream=0,
+):
+    """Fold one chunk of keys into the carried state of a run of query rows (device arrays).
+
+    q holds global query rows ``[row_offset, row_offset + q.shape[2])`` of ``nq_total``;
+    k and v hold global keys ``[key_offset, key_offset + k.shape[2])``; `key_lengths`
+    (int32, B) counts global keys. Between calls out holds the unnormalised
+    accumulator, lse the running max and `l_state` the running sum (same shape as
+    lse); ``first`` starts from an empty state, ``last`` leaves O and lse as
+    `exact_attention` returns them. Folding every chunk of the keys that the rows
+    see, in key order, each starting on a multiple of the key tile BN
+    (`exact_attention_kernel`'s ``sp.BN``), gives `exact_attention`'s bits for these
+    rows. Inputs are assumed validated (`nkattn.distributed` checks them).
+    """
+    batch, heads, nq, head_dim = q.shape
+    dtype = np.dtype(q.dtype)
+    variant = {} if v.shape[3] == head_dim else {"value_dim": v.shape[3]}
+    kernel, sp = exact_attention_kernel(dtype, head_dim, resume=True, **variant)
+    grid, block, shared = launch_config(sp, batch, heads, nq)
+    launch_with_shared_memory(
+        kernel, grid, block, shared, stream,
+        q, k, v, key_lengths, out, lse, l_state, dtype.type(scale), bool(causal), heads // k.shape[1],
+        np.int64(row_offset), np.int64(nq_total), np.int64(key_offset), bool(first), bool(last),
     )
     return out, lse

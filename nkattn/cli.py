@@ -119,13 +119,19 @@ def cmd_run(args) -> int:
     return run_all(simulator=simulator, repeats=args.repeats)
 
 
+def bench_studies() -> dict[str, str]:
+    """`nkattn bench` name -> study: each method's bench, then the others (`nkattn.studies.BENCHES`)."""
+    from nkattn.methods import METHODS
+    from nkattn.studies import BENCHES
+
+    return {**{m.name: m.bench for m in METHODS.values() if m.bench}, **BENCHES}
+
+
 def cmd_bench(args) -> int:
     simulator = _choose_simulator()
-    from nkattn.methods import METHODS
-
     given = {"repeats": args.repeats, "seq_lens": args.seq_lens, "long_sequence": args.long}
     kwargs = {"quick": args.quick, **{name: value for name, value in given.items() if value is not None}}
-    return _run_study(f"bench {args.name}", METHODS[args.name].bench, simulator, **kwargs)
+    return _run_study(f"bench {args.name}", bench_studies()[args.name], simulator, **kwargs)
 
 
 def cmd_study(args) -> int:
@@ -166,10 +172,9 @@ def _listing(rows) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     # the registries are read here without importing numba (the simulator is chosen later)
-    from nkattn.methods import METHODS
     from nkattn.studies import STUDIES as studies
 
-    benches = {m.name: studies[m.bench] for m in METHODS.values() if m.bench}
+    benches = {name: studies[study] for name, study in bench_studies().items()}
     parser = argparse.ArgumentParser(prog="nkattn", description="A Numba kernel lab for transformer attention.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -188,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes only")
     p.add_argument("--repeats", type=int, default=None, help="runs per timing (exact, table; default 20)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="override the sequence lengths (writes a -partial file)")
-    p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="exact: also run N = 1M (default: with the full grid)")
+    p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="exact, distributed: also run N = 1M (default: with the full grid)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -17,6 +17,7 @@ registry. Importing this package imports no study (they pull in SciPy, torch, nu
     exact-tune     exact_tune                                                       GPU
     exact-bench    exact_bench -> exact_bench_plots                                 GPU
     table-bench    table_bench -> table_bench_plots                                 GPU
+    distributed-bench  distributed_bench (under torchrun, 1 to 4 GPUs)               GPU
 
 Shared helpers: `nkattn.studies._common` (Frobenius relative error, peak device
 memory, one BLAS thread) and `nkattn.results` (significant digits, selecting records).
@@ -73,4 +74,11 @@ STUDIES = {
     "table-bench": _study(
         "table_bench", "Lookup scores vs dot products, lookup attention vs exact", needs_gpu=True, plots=True
     ),
+    "distributed-bench": _study(
+        "distributed_bench", "Context-parallel exact attention on 1, 2 and 4 GPUs: scaling, bits, memory",
+        needs_gpu=True, plots=False,
+    ),
 }
+
+# `nkattn bench NAME` for the benches that are no one method's (a method names its own in `Method.bench`)
+BENCHES = {"distributed": "distributed-bench"}

@@ -10,7 +10,7 @@ import pytest
 from nkattn import cli, runner
 from nkattn.cli import main
 from nkattn.methods import METHODS, hopper_reasons
-from nkattn.studies import STUDIES
+from nkattn.studies import BENCHES, STUDIES
 
 from .conftest import SIMULATOR
 
@@ -49,11 +49,11 @@ def test_study_help_lists_every_study_with_its_summary(capsys):
     assert STUDIES["rank-entropy"].summary in listed
 
 
-def test_bench_lists_the_methods_with_a_bench(capsys):
+def test_bench_lists_the_methods_with_a_bench_then_the_others(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     listed = capsys.readouterr().out
-    assert "{" + ",".join(m.name for m in METHODS.values() if m.bench) + "}" in listed
+    assert "{" + ",".join([*(m.name for m in METHODS.values() if m.bench), *BENCHES]) + "}" in listed
 
 
 def test_a_study_chooses_the_simulator_first_and_gets_a_results_dir(fake_study, capsys):
@@ -65,8 +65,9 @@ def test_a_study_chooses_the_simulator_first_and_gets_a_results_dir(fake_study, 
     assert f"wrote {RESULTS_DIR / 'fake.json'}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, command", [(["study", "fake"], "study fake"), (["bench", "exact"], "bench exact")],
-                         ids=["gpu-study", "bench"])
+@pytest.mark.parametrize("argv, command", [(["study", "fake"], "study fake"), (["bench", "exact"], "bench exact"),
+                                           (["bench", "distributed", "--quick"], "bench distributed")],
+                         ids=["gpu-study", "bench", "bench-distributed"])
 def test_gpu_commands_without_a_gpu_end_in_one_line(fake_study, monkeypatch, capsys, argv, command):
     fake_study(needs_gpu=True)
     monkeypatch.setattr(cli, "_gpu_present", lambda: False)

@@ -1,0 +1,366 @@
+"""Context-parallel exact attention over a torch.distributed process group, bit-identical to one device.
+
+Every rank of a group of P holds a shard of the sequence of q, k and v (torch
+tensors: CUDA with NCCL, CPU with gloo) and gets back its rows of O and lse,
+bit for bit those of `nkattn.attention` on the whole sequence on one device
+(the FFMA kernel: float32 and float64, d in 16..256, dv = d). Two strategies:
+
+* ``"heads"`` (DeepSpeed-Ulysses): an all-to-all gives each rank all N positions
+  of H/P query heads and Hkv/P key/value heads, the unchanged one-device kernel
+  runs on them, and an all-to-all brings the rows home. The kernel's rows do not
+  depend on which other heads or rows share a launch (batch invariance), so the
+  bits are those of one device. Needs H and Hkv divisible by P.
+* ``"sequence"``: every key/value chunk is broadcast to every rank in key order
+  (the next chunk's broadcast in flight while the current one is computed), and
+  each rank folds the chunks its rows see into their running (m, l, acc) with the
+  kernel's resume entry (`nkattn.cuda_kernels.exact.exact_attention_fold`): the
+  order of the tiles a row sees is the one-device kernel's, so are the bits. A ring
+  would deliver chunks out of order, and a rank would have to hold them until their
+  turn; a broadcast in key order needs two chunk buffers. Needs every chunk to be a
+  whole number of the kernel's key tiles (`chunk_multiple`).
+
+Shard layout (`shard`, `unshard`): the sequence (axis 2) of q and of k/v is cut
+into P equal chunks, rank r holding chunk r; with ``zigzag`` (the default when
+``causal``) into 2P chunks, rank r holding chunks r and 2P-1-r, in that order,
+which gives every rank the same causal work. Both strategies take and return the
+same layout, so they are interchangeable. key_lengths (B,) counts global keys and
+is the same on every rank.
+
+Errors: each rank checks its own inputs, then one all_gather of a small int64
+descriptor compares what every rank passed; a bad input on any rank, or ranks
+that disagree (shapes, dtype, strategy, masks, scale), raise ValueError or
+TypeError on every rank, never a hang. A rank that never calls leaves the others
+in that all_gather: create the group with a timeout (gloo raises when it expires;
+NCCL's watchdog aborts)::
+
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))
+
+Launch one process per GPU, e.g. ``torchrun --nproc-per-node=4 train.py``, with
+``torch.cuda.set_device(local_rank)`` before the first call.
+
+Bit-identity holds for finite inputs (``check_finite=True`` refuses others): with
+NaN or inf in v, rows that do not see the key may turn NaN or not depending on
+which key tiles their launch visits (`nkattn.reference.exact`), and the
+``"sequence"`` launches visit other tiles than the one-device launch.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from nkattn import arrays
+
+STRATEGIES = ("sequence", "heads")
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# the descriptor every rank gathers: one int64 each, -1 where a field is unknown
+FIELDS = ("error", "strategy", "causal", "zigzag", "dtype", "B", "H", "Hkv", "Nq / P", "Nk / P", "d", "dv",
+          "key_lengths", "scale", "device")
+
+
+def _chunks(world: int, zigzag: bool) -> int:
+    return 2 * world if zigzag else world
+
+
+def chunks_of(rank: int, world: int, zigzag: bool) -> tuple[int, ...]:
+    """The chunks of the sequence that rank `rank` holds, in the order of its shard."""
+    return (rank, 2 * world - 1 - rank) if zigzag else (rank,)
+
+
+def shard(x, rank: int, world: int, *, zigzag: bool = False):
+    """Rank `rank`'s shard of the full tensor x (B, H, N, d): chunk `rank` of P, or with
+    `zigzag` chunks `rank` and 2P-1-`rank` of 2P, concatenated (a copy)."""
+    import torch
+
+    n, parts = x.shape[2], _chunks(world, zigzag)
+    if n % parts:
+        raise ValueError(f"a sequence of {n} does not split into {parts} equal chunks "
+                         f"({world} ranks{', zigzag' if zigzag else ''})")
+    size = n // parts
+    return torch.cat([x[:, :, c * size : (c + 1) * size] for c in chunks_of(rank, world, zigzag)], dim=2)
+
+
+def unshard(shards, *, zigzag: bool = False):
+    """The full tensor from every rank's shard (a list in rank order), the inverse of `shard`;
+    works for lse (B, H, N) too."""
+    import torch
+
+    world = len(shards)
+    per_rank = [len(chunks_of(r, world, zigzag)) for r in range(world)]
+    pieces = {c: part for r, s in enumerate(shards)
+              for c, part in zip(chunks_of(r, world, zigzag), s.chunk(per_rank[r], dim=2), strict=True)}
+    return torch.cat([pieces[c] for c in range(_chunks(world, zigzag))], dim=2)
+
+
+def chunk_multiple(dtype, head_dim: int) -> int:
+    """The key tile BN of the kernel for this dtype and d: ``"sequence"`` needs every key chunk
+    (Nk / P, or Nk / 2P with zigzag) to be a multiple of it (64 for float32 on a GPU, 8 in the simulator)."""
+    from nkattn.cuda_kernels.online_softmax import kernel_order
+
+    return kernel_order(np.dtype(dtype), head_dim).block_n
+
+
+def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool = False, zigzag: bool | None = None,
+              key_lengths=None, scale: float | None = None, return_lse: bool = False, check_finite: bool = True):
+    """Exact attention of this rank's rows; q, k and v are its shards (see the module docstring).
+
+    q is (B, H, Nq/P, d), k and v (B, Hkv, Nk/P, d) of one dtype (float32 or float64) and
+    device; ``zigzag`` (default: ``causal``) says how the shards were cut. The other
+    arguments are `nkattn.attention`'s, with key_lengths counting global keys. Returns O
+    (B, H, Nq/P, d), or (O, lse) with ``return_lse``, torch tensors on q's device.
+    Every rank of `group` (default: the world) must call with the same options.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group(..., timeout=...) first")
+    group = dist.group.WORLD if group is None else group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        call = _local_call(q, k, v, world, strategy=strategy, causal=causal, zigzag=zigzag,
+                           key_lengths=key_lengths, scale=scale, return_lse=return_lse, check_finite=check_finite)
+        local_error = None
+    except (TypeError, ValueError) as exc:
+        call, local_error = None, exc
+    descriptor = _descriptor(call)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    gathered = [torch.empty(len(FIELDS), dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor(descriptor, dtype=torch.int64, device=device), group=group)
+    table = np.stack([g.cpu().numpy() for g in gathered])
+    _check_agreement(table, rank, local_error)
+    _check_shards(call, world)
+
+    run = _sequence if call["strategy"] == "sequence" else _heads
+    out, lse = run(call, rank, world, group)
+    return (out, lse) if return_lse else out
+
+
+def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale, return_lse, check_finite) -> dict:
+    """This rank's inputs checked as `nkattn.attention` checks them, as a dict of what the run needs."""
+    import torch
+
+    from nkattn.api import plan
+    from nkattn.methods import check_flag
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {arrays.describe_value(strategy)}")
+    causal = check_flag("causal", causal)
+    zigzag = causal if zigzag is None else check_flag("zigzag", zigzag)
+    check_flag("return_lse", return_lse)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor (this rank's shard), got {arrays.describe_value(x)}")
+    devices = {x.device for x in (q, k, v)}
+    if len(devices) > 1:
+        raise ValueError(f"q, k and v must be on one device, got {', '.join(str(x.device) for x in (q, k, v))}")
+    dtype = arrays.dtype_of(q, "q")
+    if dtype not in DTYPES:
+        raise TypeError(f"context-parallel attention runs the FFMA kernel: float32 or float64, got q of dtype {dtype}")
+    # the local shards through nkattn.attention's checks (key_lengths count global keys: checked below);
+    # CPU tensors as NumPy views, which plan() takes for host arrays
+    views = [x if x.is_cuda else x.detach().numpy() for x in (q, k, v)]
+    local, backend = plan(*views, causal=causal, scale=scale, backend="cuda", check_finite=check_finite)
+    req = local.request
+    if backend.label != "cuda (FFMA kernel)":
+        raise ValueError(f"context-parallel attention runs the FFMA kernel, and {backend.label} was chosen")
+    lengths = None
+    if key_lengths is not None:
+        host = key_lengths.cpu().numpy() if isinstance(key_lengths, torch.Tensor) else key_lengths
+        lengths = arrays.host_key_lengths(host, req.batch, req.nk * _chunks(world, zigzag))
+    return {"q": q, "k": k, "v": v, "strategy": strategy, "causal": causal, "zigzag": zigzag, "dtype": dtype,
+            "batch": req.batch, "heads": req.heads, "kv_heads": req.kv_heads, "nq": req.nq, "nk": req.nk,
+            "head_dim": req.head_dim, "value_dim": req.value_dim, "key_lengths": lengths, "scale": local.scale}
+
+
+def _descriptor(call: dict | None) -> list[int]:
+    if call is None:
+        return [1] + [-1] * (len(FIELDS) - 1)
+    lengths = call["key_lengths"]
+    return [
+        0, STRATEGIES.index(call["strategy"]), int(call["causal"]), int(call["zigzag"]), DTYPES.index(call["dtype"]),
+        call["batch"], call["heads"], call["kv_heads"], call["nq"], call["nk"], call["head_dim"], call["value_dim"],
+        -1 if lengths is None else zlib.crc32(lengths.astype(np.int64).tobytes()),
+        int(np.float64(call["scale"]).view(np.int64)), int(call["q"].is_cuda),
+    ]
+
+
+def _check_agreement(table: np.ndarray, rank: int, local_error: Exception | None) -> None:
+    """Raise on every rank if any rank refused its inputs or the ranks disagree."""
+    failed = [r for r in range(table.shape[0]) if table[r, 0]]
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise ValueError(f"rank(s) {failed} of the group refused their inputs (their error says why); "
+                         f"this rank ({rank}) stops too")
+    differ = [name for i, name in enumerate(FIELDS) if len(set(table[:, i])) > 1]
+    if differ:
+        readable = {"strategy": lambda x: STRATEGIES[x], "dtype": lambda x: DTYPES[x].name,
+                    "scale": lambda x: float(np.int64(x).view(np.float64)), "device": lambda x: ("cpu", "cuda")[x],
+                    "key_lengths": lambda x: "none" if x == -1 else f"crc32 {x:#x}"}
+        lines = [f"{name}: " + ", ".join(f"rank {r} {readable.get(name, int)(int(table[r, FIELDS.index(name)]))}"
+                                         for r in range(table.shape[0])) for name in differ]
+        raise ValueError("the ranks passed different inputs to nkattn.distributed.attention:\n  " + "\n  ".join(lines))
+
+
+def _check_shards(call: dict, world: int) -> None:
+    """What the strategy needs of the sizes; the same on every rank once they agree."""
+    parts = len(chunks_of(0, world, call["zigzag"]))
+    for name, n in (("q", call["nq"]), ("k and v", call["nk"])):
+        if n % parts:
+            raise ValueError(f"zigzag shards hold 2 chunks each: the shard of {name} has {n} positions, an odd number")
+    if call["strategy"] == "heads":
+        for name, h in (("H", call["heads"]), ("Hkv", call["kv_heads"])):
+            if h % world:
+                raise ValueError(f'strategy="heads" splits the heads over the {world} ranks: {name}={h} is not a multiple')
+        return
+    tile = chunk_multiple(call["dtype"], call["head_dim"])
+    chunk = call["nk"] // parts
+    if world * parts > 1 and chunk % tile:  # one rank with zigzag still folds 2 chunks
+        raise ValueError(f'strategy="sequence" folds whole key tiles: a key chunk of {chunk} positions (Nk/{world * parts}) '
+                         f"is not a multiple of the kernel's key tile {tile} ({call['dtype'].name}, d={call['head_dim']})")
+
+
+class _Device:
+    """Kernel arrays for the inputs' device: numba views of CUDA tensors, launched on torch's
+    current stream; copies of CPU tensors on the GPU (or the simulator) otherwise."""
+
+    def __init__(self, tensor):
+        import torch
+        from numba import cuda
+
+        self.torch_device = tensor.device
+        self.on_gpu = tensor.is_cuda
+        self.stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream) if self.on_gpu else 0
+
+    def view(self, t):
+        from numba import cuda
+
+        return arrays.numba_view(t) if self.on_gpu else cuda.to_device(np.ascontiguousarray(t.numpy()), stream=self.stream)
+
+    def empty(self, shape, dtype):
+        """(torch tensor or None, kernel array) of `shape`: the tensor is what the caller gets back."""
+        import torch
+        from numba import cuda
+
+        if self.on_gpu:
+            t = torch.empty(shape, dtype=getattr(torch, dtype.name), device=self.torch_device)
+            return t, arrays.numba_view(t)
+        return None, cuda.device_array(shape, dtype=dtype, stream=self.stream)
+
+    def result(self, pair):
+        import torch
+
+        t, view = pair
+        return t if self.on_gpu else torch.from_numpy(view.copy_to_host(stream=self.stream))
+
+    def lengths(self, call: dict, nk_total: int):
+        from numba import cuda
+
+        host = np.full(call["batch"], nk_total, np.int32) if call["key_lengths"] is None else call["key_lengths"]
+        return cuda.to_device(host, stream=self.stream)
+
+
+def _sequence(call: dict, rank: int, world: int, group):
+    """Broadcast the key/value chunks in key order; fold each into the rows that see it."""
+    import torch
+    import torch.distributed as dist
+
+    from nkattn.cuda_kernels.exact import exact_attention_fold
+
+    q, k, v = call["q"], call["k"], call["v"]
+    zigzag, causal = call["zigzag"], call["causal"]
+    n_chunks, mine = _chunks(world, zigzag), chunks_of(rank, world, zigzag)
+    cq, ck = call["nq"] // len(mine), call["nk"] // len(mine)
+    nq_total, nk_total = cq * n_chunks, ck * n_chunks
+    dev = _Device(q)
+    lengths = dev.lengths(call, nk_total)
+    batch, heads, dtype = call["batch"], call["heads"], call["dtype"]
+    out = dev.empty((batch, heads, call["nq"], call["value_dim"]), dtype)
+    lse = dev.empty((batch, heads, call["nq"]), dtype)
+    _, l_state = dev.empty((batch, heads, call["nq"]), dtype)
+
+    # the key chunks each of this rank's query chunks sees, in key order (at least one, which
+    # writes O = 0 and lse = -inf for rows that see no key)
+    nk_b = np.full(batch, nk_total) if call["key_lengths"] is None else call["key_lengths"].astype(np.int64)
+    folds = []
+    for i, c in enumerate(mine):
+        last_row = (c + 1) * cq - 1  # sees the most keys of the chunk (bottom-right causal, as the kernel)
+        seen = int(np.minimum(nk_b, last_row + 1 + nk_b - nq_total).max()) if causal else int(nk_b.max())
+        needed = [kc for kc in range(n_chunks) if kc * ck < seen] or [0]
+        rows = slice(i * cq, (i + 1) * cq)
+        folds.append((c, needed, dev.view(q[:, :, rows]), out[1][:, :, rows], lse[1][:, :, rows], l_state[:, :, rows]))
+
+    owners = {c: (r, j) for r in range(world) for j, c in enumerate(chunks_of(r, world, zigzag))}
+    kv_shape = (batch, call["kv_heads"], ck, call["head_dim"])
+    slots = [(torch.empty(kv_shape, dtype=q.dtype, device=q.device), torch.empty(kv_shape, dtype=q.dtype, device=q.device))
+             for _ in range(2)]
+
+    def send(kc):
+        owner, j = owners[kc]
+        k_buf, v_buf = slots[kc % 2]
+        if owner == rank:
+            k_buf.copy_(k[:, :, j * ck : (j + 1) * ck])
+            v_buf.copy_(v[:, :, j * ck : (j + 1) * ck])
+        src = dist.get_global_rank(group, owner)
+        return [dist.broadcast(buf, src=src, group=group, async_op=True) for buf in (k_buf, v_buf)]
+
+    scale, stream = call["scale"], dev.stream
+    in_flight = {0: send(0)}
+    for kc in range(n_chunks):
+        if kc + 1 < n_chunks:
+            in_flight[kc + 1] = send(kc + 1)  # the next chunk travels while this one is computed
+        for work in in_flight.pop(kc):
+            work.wait()
+        k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % 2])
+        for c, needed, q_view, o_view, lse_view, l_view in folds:
+            if kc in needed:
+                exact_attention_fold(
+                    q_view, k_chunk, v_chunk, lengths, o_view, lse_view, l_view, causal=causal, scale=scale,
+                    row_offset=c * cq, nq_total=nq_total, key_offset=kc * ck, first=kc == needed[0],
+                    last=kc == needed[-1], stream=stream,
+                )
+    return dev.result(out), dev.result(lse)
+
+
+def _heads(call: dict, rank: int, world: int, group):
+    """All-to-all to whole sequences of H/P heads, the one-device kernel, all-to-all back."""
+    import torch
+    import torch.distributed as dist
+
+    from nkattn.cuda_kernels.exact import exact_attention
+
+    q, k, v = call["q"], call["k"], call["v"]
+    zigzag, n_chunks = call["zigzag"], _chunks(world, call["zigzag"])
+
+    def gather_sequence(x, heads):
+        """(B, heads/P, N, ·): this rank's heads at every position, in global order."""
+        per = heads // world
+        sent = [x[:, r * per : (r + 1) * per].contiguous() for r in range(world)]
+        got = [torch.empty_like(sent[0]) for _ in range(world)]
+        dist.all_to_all(got, sent, group=group)
+        pieces = {}
+        for r, part in enumerate(got):
+            mine = chunks_of(r, world, zigzag)
+            pieces.update(zip(mine, part.chunk(len(mine), dim=2), strict=True))
+        return torch.cat([pieces[c] for c in range(n_chunks)], dim=2)
+
+    def scatter_rows(x):
+        """The inverse: every rank's rows of this rank's heads home, heads back in order."""
+        per_chunk = x.shape[2] // n_chunks
+        sent = [torch.cat([x[:, :, c * per_chunk : (c + 1) * per_chunk] for c in chunks_of(r, world, zigzag)], dim=2)
+                for r in range(world)]
+        got = [torch.empty_like(sent[rank]) for _ in range(world)]
+        dist.all_to_all(got, sent, group=group)
+        return torch.cat(got, dim=1)
+
+    q_full, k_full, v_full = gather_sequence(q, call["heads"]), gather_sequence(k, call["kv_heads"]), gather_sequence(v, call["kv_heads"])
+    dev = _Device(q)
+    nq_total, nk_total = q_full.shape[2], k_full.shape[2]
+    heads = call["heads"] // world
+    out = dev.empty((call["batch"], heads, nq_total, call["value_dim"]), call["dtype"])
+    lse = dev.empty((call["batch"], heads, nq_total), call["dtype"])
+    exact_attention(dev.view(q_full), dev.view(k_full), dev.view(v_full), dev.lengths(call, nk_total), causal=call["causal"],
+                    scale=call["scale"], out=out[1], lse=lse[1], stream=dev.stream)
+    return scatter_rows(dev.result(out)), scatter_rows(dev.result(lse)[..., None])[..., 0]

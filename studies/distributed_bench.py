@@ -1,0 +1,258 @@
+"""Benchmark: context-parallel exact attention (`nkattn.distributed`) on P GPUs against one.
+
+Question: how close do the two strategies come to P times the speed of one GPU
+(scaling efficiency T₁ / (P·T_P)), at bits equal to the one-GPU kernel's, and
+beside PyTorch's own context parallelism (`context_parallel` with SDPA)?
+
+Data: random normal q, k, v, B = 1, float32, d = 64, H = 8 (H = 4 at N = 1M, where one
+call on one GPU takes tens of seconds); N in {64K, 256K} (quick: 16K), causal and not;
+P in {1, 2, 4} up to the processes launched.
+
+Method: one process per GPU under torchrun (`nkattn bench distributed` launches it
+over min(4, GPUs) when started without it); P ranks take part in a run, the others
+wait at a barrier. T₁ is the one-GPU kernel (`exact_attention`) on rank 0. A call
+is timed with CUDA events on every rank after a barrier; its time is the slowest
+rank's; median of >= 20 calls (3 at N = 1M). ``bit_identical``: every rank's O and
+lse gathered on rank 0 and compared, every element, with the one-GPU result.
+``peak_bytes``: per GPU, the largest over ranks of torch's allocator peak during a
+call plus the resident shards of q, k, v, O and lse. The inputs are finite, so the
+calls pass check_finite=False (the check is a pass over q, k and v that one GPU
+does not pay in T₁). Not yet run on a GPU: the numbers come from the first run.
+
+Results: results/bench/distributed-<device>.json, one record per (impl, strategy, P, N,
+causal): gpus, strategy, N, d, dtype, causal, median_ms, scaling_efficiency,
+bit_identical, peak_bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nkattn.results import RESULTS_DIR, make_meta, write_results
+
+SEQ_LENS = (65536, 262144)
+QUICK_SEQ_LENS = (16384,)
+LONG_N, LONG_HEADS = 1 << 20, 4
+HEADS, HEAD_DIM = 8, 64
+GPU_COUNTS = (1, 2, 4)
+MAX_PROCESSES = 4
+
+
+def torchrun_command(*, gpus: int, quick: bool, results_dir, repeats: int | None, seq_lens, long_sequence) -> list[str]:
+    """The command that reruns this bench under torchrun, one process per GPU (`main` parses it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+           "-m", "nkattn.studies.distributed_bench", "--results-dir", str(results_dir)]
+    if quick:
+        cmd.append("--quick")
+    if repeats is not None:
+        cmd += ["--repeats", str(repeats)]
+    if seq_lens is not None:
+        cmd += ["--seq-lens", *map(str, seq_lens)]
+    if long_sequence is not None:
+        cmd.append("--long" if long_sequence else "--no-long")
+    return cmd
+
+
+def main(argv=None) -> None:
+    """Entry point of each torchrun process: `torchrun_command`'s options, as `nkattn bench` spells them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nkattn.studies.distributed_bench")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    parser.add_argument("--long", action=argparse.BooleanOptionalAction, default=None)
+    args = parser.parse_args(argv)
+    run(quick=args.quick, results_dir=args.results_dir, repeats=args.repeats, seq_lens=args.seq_lens,
+        long_sequence=args.long)
+
+
+def results_path(results_dir, device: str, partial: bool) -> Path:
+    from nkattn.timing import device_slug
+
+    return Path(results_dir) / "bench" / f"distributed-{device_slug(device)}{'-partial' if partial else ''}.json"
+
+
+def configs(*, quick: bool, seq_lens, long_sequence) -> list[tuple[int, int, bool]]:
+    """(N, H, causal) in the order they run; N = 1M only with `long_sequence` (default: the full grid)."""
+    lens = tuple(seq_lens) if seq_lens is not None else (QUICK_SEQ_LENS if quick else SEQ_LENS)
+    long_sequence = (not quick and seq_lens is None) if long_sequence is None else long_sequence
+    grid = [(n, HEADS, causal) for n in lens for causal in (False, True)]
+    return grid + ([(LONG_N, LONG_HEADS, causal) for causal in (False, True)] if long_sequence else [])
+
+
+def scaling_efficiency(t1_ms: float, gpus: int, tp_ms: float) -> float:
+    """T₁ / (P·T_P): 1 is perfect scaling."""
+    return t1_ms / (gpus * tp_ms)
+
+
+def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int | None = None, seq_lens=None,
+        long_sequence=None) -> list[Path]:
+    import torch
+
+    if "RANK" not in os.environ:  # not under torchrun: launch it, rank 0 writes the file
+        gpus = min(MAX_PROCESSES, torch.cuda.device_count())
+        if gpus < 1:
+            raise RuntimeError("the distributed bench needs CUDA GPUs")
+        cmd = torchrun_command(gpus=gpus, quick=quick, results_dir=results_dir, repeats=repeats, seq_lens=seq_lens,
+                               long_sequence=long_sequence)
+        subprocess.run(cmd, check=True)
+        return [results_path(results_dir, torch.cuda.get_device_name(), quick or seq_lens is not None)]
+    return _run_rank(quick=quick, results_dir=results_dir, repeats=20 if repeats is None else repeats,
+                     seq_lens=seq_lens, long_sequence=long_sequence)
+
+
+def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence) -> list[Path]:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = [p for p in GPU_COUNTS if p <= world]
+    groups = {p: dist.new_group(list(range(p))) for p in counts}  # every rank creates every group
+    records = []
+    for n, heads, causal in configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence):
+        reps = 3 if n >= LONG_N else repeats
+        records += _one_config(torch, dist, rank, groups, n, heads, causal, reps)
+    name = torch.cuda.get_device_name()
+    path = results_path(results_dir, name, quick or seq_lens is not None)
+    if rank == 0:
+        meta = make_meta(device=name, command="nkattn bench distributed" + (" --quick" if quick else ""),
+                         config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": "float32",
+                                 "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS})
+        write_results(path, meta, records)
+    dist.barrier()
+    dist.destroy_process_group()
+    return [path] if rank == 0 else []
+
+
+def _timed(torch, dist, group, fn, repeats) -> float:
+    """Median over calls of the slowest rank's CUDA-event time, in ms."""
+    times = []
+    for i in range(repeats + 2):
+        dist.barrier(group)
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        slowest = torch.tensor([start.elapsed_time(stop)], device="cuda")
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        if i >= 2:  # two warm-up calls (compilation, NCCL set-up)
+            times.append(slowest.item())
+    return float(np.median(times))
+
+
+def _peak(torch, dist, group, fn, resident_bytes) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.tensor([torch.cuda.max_memory_allocated() - base + resident_bytes], device="cuda")
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return int(peak.item())
+
+
+def _one_config(torch, dist, rank, groups, n, heads, causal, repeats) -> list[dict]:
+    from numba import cuda
+
+    from nkattn import distributed
+    from nkattn.cuda_kernels.exact import exact_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(n + causal)
+    shape = (1, heads, n, HEAD_DIM)
+    full = [torch.randn(shape, device="cuda", generator=gen) for _ in range(3)]
+    scale = HEAD_DIM ** -0.5
+    base = {"N": n, "H": heads, "d": HEAD_DIM, "dtype": "float32", "causal": causal}
+    t1, reference = None, None
+    if rank == 0:
+        out, lse = torch.empty_like(full[0]), torch.empty(shape[:3], device="cuda")
+        views = [cuda.as_cuda_array(t) for t in (*full, out, lse)]
+        lengths = cuda.to_device(np.full(1, n, np.int32))
+
+        def one_gpu():
+            exact_attention(*views[:3], lengths, causal=causal, scale=scale, out=views[3], lse=views[4])
+
+        t1 = _timed(torch, dist, groups[1], one_gpu, repeats)
+        reference = (out, lse)
+    t1 = _broadcast_float(torch, dist, t1)
+    records = [{"impl": "nkattn-exact", "gpus": 1, "strategy": "one-gpu", **base, "median_ms": t1,
+                "scaling_efficiency": 1.0, "bit_identical": True}]
+    for p, group in groups.items():
+        if rank >= p:
+            dist.barrier()
+            continue
+        shards = [distributed.shard(t, rank, p, zigzag=causal) for t in full]
+        resident = sum(t.numel() * t.element_size() for t in shards) + shards[0].numel() * 4 + shards[0][..., 0].numel() * 4
+        for strategy in distributed.STRATEGIES:
+            def call(strategy=strategy, shards=shards, group=group):
+                return distributed.attention(*shards, group=group, strategy=strategy, causal=causal, return_lse=True,
+                                             check_finite=False)
+
+            tp = _timed(torch, dist, group, call, repeats)
+            same = _same_bits(torch, dist, group, call(), reference, p, causal)
+            records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, **base, "median_ms": tp,
+                            "scaling_efficiency": scaling_efficiency(t1, p, tp), "bit_identical": same,
+                            "peak_bytes": _peak(torch, dist, group, call, resident)})
+        records.append(_torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base))
+        dist.barrier()
+    return records
+
+
+def _broadcast_float(torch, dist, value) -> float:
+    t = torch.tensor([0.0 if value is None else value], device="cuda")
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def _same_bits(torch, dist, group, result, reference, p, causal) -> bool:
+    """Every rank's rows gathered on every rank of `group`; rank 0 compares with one GPU's, then tells the rest."""
+    from nkattn import distributed
+
+    same = torch.zeros(1, device="cuda")
+    for got, ref in zip(result, (reference or (None, None)), strict=True):
+        parts = [torch.empty_like(got) for _ in range(p)]
+        dist.all_gather(parts, got.contiguous(), group=group)
+        if reference is not None:
+            same += float(not torch.equal(distributed.unshard(parts, zigzag=causal).view(torch.int32), ref.view(torch.int32)))
+    dist.broadcast(same, src=0, group=group)
+    return bool(same.item() == 0)
+
+
+def _torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base) -> dict:
+    """PyTorch's context parallelism (ring attention over SDPA's fp32 memory-efficient kernel), where it runs."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    record = {"impl": "torch-context-parallel", "gpus": p, "strategy": "ring", **base}
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor.experimental import context_parallel
+
+        mesh = DeviceMesh.from_group(group, "cuda")
+        buffers = [t.clone() for t in full]  # context_parallel shards its buffers in place
+
+        def call():
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+                return F.scaled_dot_product_attention(*buffers, is_causal=causal)
+
+        tp = _timed(torch, dist, group, call, repeats)
+    except Exception as exc:  # noqa: BLE001 (an experimental API: whatever stops it is recorded, not fatal)
+        return {**record, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    # its bits are not compared: it merges blocks by log-sum-exp, which no one-GPU kernel reproduces
+    return {**record, "median_ms": tp, "scaling_efficiency": scaling_efficiency(t1, p, tp)}
+
+
+if __name__ == "__main__":
+    main()

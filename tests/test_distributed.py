@@ -1,0 +1,216 @@
+"""Context-parallel attention: 2 ranks, O and lse bit-identical to one device's, errors on every rank.
+
+One session of 2 spawned gloo ranks (CPU tensors; the kernels run in the simulator,
+or on the GPU where there is one) runs every case, the refusals and a timeout,
+while this process computes the one-device results; the tests then read what the
+ranks wrote. Sizes are whole key tiles of the kernel (`chunk_multiple`: 8 in the
+simulator), the fewest a strategy needs. The `gpu` test repeats the cases on 2
+GPUs over NCCL.
+"""
+
+import datetime
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nkattn import distributed
+from nkattn.distributed import chunk_multiple, chunks_of, shard, unshard
+from nkattn.testing import assert_bit_identical
+
+from .conftest import REAL_GPU
+
+WORLD = 2
+TIMEOUT_S = 2.0
+BN = chunk_multiple(np.float32, 16)  # float32 and float64 tile alike at d = 16 in the simulator
+assert BN == chunk_multiple(np.float64, 16) or REAL_GPU
+
+
+def case(strategy, causal, dtype, h, hkv, chunks, masked=0):
+    """`chunks` key tiles of keys and of queries, cut into WORLD (or 2·WORLD, zigzag) shards;
+    with `masked`, key_lengths hides the last `masked` keys."""
+    n = chunks * chunk_multiple(dtype, 16)
+    cid = f"{strategy}-{'causal' if causal else 'full'}-H{h}-Hkv{hkv}-N{n}{f'-kl{n - masked}' if masked else ''}-f{np.dtype(dtype).itemsize * 8}"
+    return {"id": cid, "strategy": strategy, "causal": causal, "dtype": dtype, "h": h, "hkv": hkv, "n": n, "masked": masked}
+
+
+CASES = [
+    case("sequence", False, np.float64, 2, 1, 2, masked=5),  # GQA; the mask ends inside rank 1's chunk
+    case("sequence", True, np.float32, 1, 1, 4),  # zigzag: 4 chunks over 2 ranks
+    case("heads", False, np.float32, 2, 2, 2),
+    case("heads", True, np.float64, 4, 2, 2, masked=3),  # GQA, zigzag shards, a mask
+]
+
+
+def inputs(c, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, c["h"], c["n"], 16)).astype(c["dtype"])
+    k, v = (rng.standard_normal((1, c["hkv"], c["n"], 16)).astype(c["dtype"]) for _ in range(2))
+    lengths = [c["n"] - c["masked"]] if c["masked"] else None
+    return q, k, v, lengths
+
+
+def one_device(c, seed):
+    import nkattn
+
+    q, k, v, lengths = inputs(c, seed)
+    return nkattn.attention(q, k, v, causal=c["causal"], key_lengths=lengths, return_lse=True, backend="cuda")
+
+
+def refusals(rank):
+    """name -> (strategy, causal, q, k, v) this rank passes, the call each rank must refuse."""
+    def t(h, n, dtype=torch.float64):
+        return torch.ones(1, h, n, 16, dtype=dtype)
+
+    return {
+        "heads-not-divisible": ("heads", False, t(3, BN), t(3, BN), t(3, BN)),
+        "kv-heads-not-divisible": ("heads", False, t(2, BN), t(1, BN), t(1, BN)),
+        "chunk-not-whole-tiles": ("sequence", False, t(1, BN + 1), t(1, BN + 1), t(1, BN + 1)),
+        "zigzag-odd-shard": ("sequence", True, t(1, 3), t(1, 3), t(1, 3)),
+        "ranks-disagree-on-shapes": ("sequence", False, t(1, BN * (1 + rank)), t(1, BN), t(1, BN)),
+        "ranks-disagree-on-strategy": (("sequence", "heads")[rank], False, t(2, BN), t(2, BN), t(2, BN)),
+        "one-rank-bad-dtype": ("sequence", False, t(1, BN, (torch.float64, torch.float16)[rank]), t(1, BN), t(1, BN)),
+    }
+
+
+def rank_main(rank, backend, store, results):
+    """One rank: every case, every refusal, then the timeout; writes what it saw to results/rank<r>.npy."""
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    device = "cuda" if backend == "nccl" else "cpu"
+    seen = {}
+    for i, c in enumerate(CASES):
+        q, k, v, lengths = (None if x is None else torch.as_tensor(x) for x in inputs(c, seed=i))
+        zigzag = c["causal"]
+        o, lse = distributed.attention(*(shard(x, rank, WORLD, zigzag=zigzag).to(device) for x in (q, k, v)),
+                                       strategy=c["strategy"], causal=c["causal"], key_lengths=lengths, return_lse=True)
+        seen[c["id"]] = (o.cpu().numpy(), lse.cpu().numpy())
+    for name, (strategy, causal, q, k, v) in refusals(rank).items():
+        try:
+            distributed.attention(q.to(device), k.to(device), v.to(device), strategy=strategy, causal=causal)
+            seen[name] = None
+        except (TypeError, ValueError) as exc:
+            seen[name] = (type(exc).__name__, str(exc))
+    if backend == "gloo":
+        # a group whose other rank never calls: rank 0 must get an error once the group's timeout expires
+        short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        if rank == 0:
+            start = time.perf_counter()
+            try:
+                distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)), group=short)
+                seen["timeout"] = None
+            except RuntimeError as exc:
+                seen["timeout"] = (time.perf_counter() - start, str(exc).splitlines()[0])
+        else:
+            time.sleep(TIMEOUT_S + 2)  # alive, so rank 0 waits on a silent peer, not a closed one
+    np.save(os.path.join(results, f"rank{rank}.npy"), seen, allow_pickle=True)
+
+
+def run_ranks(backend, tmp_path):
+    """Spawn the ranks, compute the one-device results meanwhile, and return both."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(rank_main, args=(backend, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    expected = {c["id"]: one_device(c, seed=i) for i, c in enumerate(CASES)}
+    while not context.join(timeout=600):
+        pass
+    ranks = [np.load(tmp_path / f"rank{r}.npy", allow_pickle=True).item() for r in range(WORLD)]
+    return expected, ranks
+
+
+@pytest.fixture(scope="module")
+def gloo_session(tmp_path_factory):
+    return run_ranks("gloo", tmp_path_factory.mktemp("gloo"))
+
+
+def check_bits(c, expected, ranks):
+    o_ref, lse_ref = expected[c["id"]]
+    o = unshard([torch.from_numpy(r[c["id"]][0]) for r in ranks], zigzag=c["causal"]).numpy()
+    lse = unshard([torch.from_numpy(r[c["id"]][1]) for r in ranks], zigzag=c["causal"]).numpy()
+    assert_bit_identical("O", o, o_ref)
+    assert_bit_identical("lse", lse, lse_ref)
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c["id"] for c in CASES])
+def test_two_ranks_give_the_one_device_bits(gloo_session, c):
+    check_bits(c, *gloo_session)
+
+
+REFUSED = {
+    "heads-not-divisible": ("ValueError", "H=3 is not a multiple"),
+    "kv-heads-not-divisible": ("ValueError", "Hkv=1 is not a multiple"),
+    "chunk-not-whole-tiles": ("ValueError", "is not a multiple of the kernel's key tile"),
+    "zigzag-odd-shard": ("ValueError", "an odd number"),
+    "ranks-disagree-on-shapes": ("ValueError", f"Nq / P: rank 0 {BN}, rank 1 {2 * BN}"),
+    "ranks-disagree-on-strategy": ("ValueError", "strategy: rank 0 sequence, rank 1 heads"),
+}
+
+
+@pytest.mark.parametrize("name", [*REFUSED, "one-rank-bad-dtype"])
+def test_bad_calls_raise_on_every_rank(gloo_session, name):
+    _, ranks = gloo_session
+    if name == "one-rank-bad-dtype":
+        assert ranks[1][name][0] == "TypeError" and "float16" in ranks[1][name][1]
+        assert ranks[0][name] == ("ValueError", ranks[0][name][1]) and "rank(s) [1]" in ranks[0][name][1]
+        return
+    kind, text = REFUSED[name]
+    for r, seen in enumerate(ranks):
+        assert seen[name] is not None, f"rank {r} accepted {name}"
+        assert seen[name][0] == kind and text in seen[name][1], f"rank {r}: {seen[name]}"
+
+
+def test_a_rank_that_never_calls_ends_in_the_groups_timeout(gloo_session):
+    _, ranks = gloo_session
+    waited, message = ranks[0]["timeout"]
+    assert TIMEOUT_S * 0.9 <= waited <= TIMEOUT_S + 10, (waited, message)
+
+
+@pytest.mark.parametrize("zigzag", [False, True])
+def test_shard_and_unshard_are_inverse(zigzag):
+    x = torch.arange(2 * 3 * 16 * 2, dtype=torch.float64).reshape(2, 3, 16, 2)
+    parts = [shard(x, r, 4, zigzag=zigzag) for r in range(4)]
+    assert [p.shape[2] for p in parts] == [4] * 4
+    assert torch.equal(unshard(parts, zigzag=zigzag), x)
+    assert chunks_of(1, 4, zigzag) == ((1, 6) if zigzag else (1,))
+    if zigzag:  # rank r holds chunks r and 2P-1-r of 2P
+        assert torch.equal(parts[1], torch.cat([x[:, :, 2:4], x[:, :, 12:14]], dim=2))
+    with pytest.raises(ValueError, match="does not split into 8 equal chunks"):
+        shard(x[:, :, :12], 0, 4, zigzag=True)
+
+
+def test_without_a_process_group_the_error_says_how_to_make_one():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)))
+
+
+def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
+    from nkattn.studies import distributed_bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda **kwargs: calls.append(kwargs))
+    for options in ({"quick": True, "repeats": None, "seq_lens": None, "long_sequence": None},
+                    {"quick": False, "repeats": 5, "seq_lens": [1024, 4096], "long_sequence": False}):
+        cmd = bench.torchrun_command(gpus=2, results_dir=tmp_path, **options)
+        assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        bench.main(cmd[cmd.index("nkattn.studies.distributed_bench") + 1 :])
+        assert calls.pop() == {"results_dir": tmp_path, **options}
+    assert [n for n, _, _ in bench.configs(quick=False, seq_lens=None, long_sequence=None)][-1] == bench.LONG_N
+    assert bench.configs(quick=False, seq_lens=[512], long_sequence=None) == [(512, bench.HEADS, False), (512, bench.HEADS, True)]
+    assert bench.scaling_efficiency(100.0, 4, 25.0) == 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not REAL_GPU or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs and a CUDA torch")
+def test_two_gpus_over_nccl_give_the_one_gpu_bits(tmp_path):
+    expected, ranks = run_ranks("nccl", tmp_path)
+    for c in CASES:
+        check_bits(c, expected, ranks)
+    for name, (kind, text) in REFUSED.items():
+        assert all(r[name][0] == kind and text in r[name][1] for r in ranks), name
