@@ -181,6 +181,14 @@ if not SIMULATOR:
         idx = [context.cast(builder, i, t, types.intp) for i, t in zip(indices, index_types)]
         return cgutils.get_item_pointer(context, builder, arrty, ary, idx, wraparound=False)
 
+    def _accumulate(builder, asm, constraints, operands, acc_ptrs):
+        """Run ``asm`` with the float32 accumulators at ``acc_ptrs`` tied in after ``operands``,
+        and store what it returns back into them."""
+        out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * len(acc_ptrs)),
+                        operands + [builder.load(p) for p in acc_ptrs])
+        for i, p in enumerate(acc_ptrs):
+            builder.store(builder.extract_value(out, i), p)
+
     def _shared_u32(builder, ptr):
         shared = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3))
         return builder.trunc(builder.ptrtoint(shared, _I64), _I32)
@@ -341,10 +349,7 @@ if not SIMULATOR:
                     operands = [context.cast(builder, args[1], sig.args[1], types.uint64),
                                 context.cast(builder, args[2], sig.args[2], types.uint64),
                                 context.cast(builder, args[3], sig.args[3], types.int32)]
-                    out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * nacc),
-                                    operands + [builder.load(p) for p in ptrs])
-                    for i, p in enumerate(ptrs):
-                        builder.store(builder.extract_value(out, i), p)
+                    _accumulate(builder, asm, constraints, operands, ptrs)
                     return context.get_dummy_value()
 
                 return types.void(acc, desc_a, desc_b, scale_d, smem), codegen
@@ -370,10 +375,7 @@ if not SIMULATOR:
                     a_vals.append(word if word.type == _I32 else builder.bitcast(word, _I32))
                 operands = a_vals + [context.cast(builder, args[3], sig.args[3], types.uint64),
                                      context.cast(builder, args[4], sig.args[4], types.int32)]
-                out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * nacc),
-                                operands + [builder.load(p) for p in ptrs])
-                for i, p in enumerate(ptrs):
-                    builder.store(builder.extract_value(out, i), p)
+                _accumulate(builder, asm, constraints, operands, ptrs)
                 return context.get_dummy_value()
 
             return types.void(acc, a_regs, a_offset, desc_b, scale_d, smem), codegen
@@ -405,12 +407,8 @@ if not SIMULATOR:
                                              [builder.add(base, context.get_constant(types.intp, i))], [types.intp])
                             for i in range(count)]
 
-                d_ptrs = words(0, 1, 4)
                 operands = [builder.load(p) for p in words(2, 3, 4) + words(4, 5, 2)]
-                out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * 4),
-                                operands + [builder.load(p) for p in d_ptrs])
-                for i, p in enumerate(d_ptrs):
-                    builder.store(builder.extract_value(out, i), p)
+                _accumulate(builder, asm, constraints, operands, words(0, 1, 4))
                 return context.get_dummy_value()
 
             return types.void(acc, acc_offset, a_regs, a_offset, b_regs, b_offset), codegen
