@@ -79,14 +79,15 @@ def fig_policies(results_dir: Path, figures_dir: Path) -> list[Path]:
     with style():
         fig, axes = plt.subplots(1, len(tolerances), figsize=(PAGE_WIDTH, 2.6), sharey=True, constrained_layout=True)
         for ax, tol in zip(np.atleast_1d(axes), tolerances):
+            # coinciding points (fp16 and auto, say) stay apart by marker: a legend, not labels
             for i, (name, p) in enumerate(policies[tol].items()):
-                ax.scatter(p["mean_cost"], p["meets_budget"], color=f"C{i % 7}", marker="os^"[i // 7], zorder=3)
-                ax.annotate(name, (p["mean_cost"], p["meets_budget"]), fontsize=5.5, xytext=(3, 2),
-                            textcoords="offset points")
+                ax.scatter(p["mean_cost"], p["meets_budget"], color=f"C{i % 7}", marker="osv^"[i // 7],
+                           s=[40, 25, 14][i // 7 % 3], zorder=3, label=name, alpha=0.85)
             ax.set_xscale("log")
             ax.set_xlabel("mean cost per head (fp16 = 1)")
             ax.set_title(f"tolerance {tol}: held-out heads")
         np.atleast_1d(axes)[0].set_ylabel("share of heads within budget")
+        np.atleast_1d(axes)[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6)
         return save_figure(fig, Path(figures_dir) / STUDY, "policies", results=[data])
 
 
