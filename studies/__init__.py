@@ -13,6 +13,7 @@ registry. Importing this package imports no study (they pull in SciPy, torch, nu
     distance       distance (distance_data, distance_engine, distance_attention)
                      -> distance_plots                                              CPU
     lowrank        lowrank (lowrank_check: the GPU operators) -> lowrank_plots     CPU, MiniLM weights
+    precision      precision -> precision_plots                                     CPU, MiniLM weights
     exact-bits     exact_bits                                                       simulator or GPU
     exact-tune     exact_tune                                                       GPU
     exact-bench    exact_bench -> exact_bench_plots                                 GPU
@@ -60,6 +61,10 @@ STUDIES = {
     "lowrank": _study(
         "lowrank", "How well does a randomized SVD of A approximate real attention, and which rank does rank='auto' pick?",
         needs_gpu=False, plots=True,
+    ),
+    "precision": _study(
+        "precision", "How much does each format (fp32 to int8) lose per MiniLM head, what predicts it, and which "
+        "per-head policy meets a budget?", needs_gpu=False, plots=True,
     ),
     "exact-bits": _study(
         "exact_bits", "What breaks float64 bit-exactness of the exact kernel, and what restores it?",

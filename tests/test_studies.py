@@ -25,8 +25,8 @@ from nkattn.studies import STUDIES, StudyInfo
 from nkattn.studies._common import relative_frobenius_error
 
 needs_model = pytest.mark.skipif(not bert.model_available(), reason=f"MiniLM weights not installed: {bert.INSTALL_HINT}")
-# rank-entropy needs MiniLM; distance runs without it but then has no attention figures to draw
-NEEDS_MODEL = {"rank-entropy", "distance"}
+# rank-entropy and precision need MiniLM; distance runs without it but then has no attention figures to draw
+NEEDS_MODEL = {"rank-entropy", "precision", "distance"}
 # distance writes MiniLM's weights through gguf (the `studies` extra; not on the GPU machine's image)
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
 NEEDS_GGUF = {"distance"}
@@ -142,6 +142,34 @@ def test_rank_entropy_quick_records(quick_run):
     summary = meta["summary"]["by_length"]
     assert set(summary) == {str(n) for n in re.QUICK_LENGTHS}
     sp = summary["64"]["spearman_entropy_erank95"]
+    assert sp["ci_low"] <= sp["rho"] <= sp["ci_high"]
+
+
+@needs_model
+def test_precision_quick_records(quick_run):
+    from nkattn.reference import precision as pr
+    from nkattn.studies import precision as ps
+
+    data = _result(quick_run, "precision", "precision/quick.json")
+    meta, records = data["meta"], data["records"]
+    assert meta["command"] == "nkattn study precision --quick"
+    assert len(records) == ps.QUICK_PASSAGES * len(ps.QUICK_LENGTHS) * 6 * 12
+    fit = ps.QUICK_PASSAGES // 2
+    assert all(r["split"] == ("fit" if r["passage"] < fit else "held-out") for r in records)
+    for r in records:
+        # every format's error is finite; fp32 is the most accurate, as its unit roundoff says
+        assert 0 <= r["err_fp32"] <= min(r[f"err_{f}"] for f in ps.FORMATS)
+        for tol in ps.TOLERANCES:
+            oracle = r[ps.policy_field("oracle", tol)]
+            assert oracle == "fp32" or r[f"err_{oracle}"] <= tol
+            assert r[ps.policy_field("auto", tol)] in pr.FORMATS
+    # auto's predictor bounds every head it was fitted on
+    assert all(r[f"pred_{f}"] >= r[f"err_{f}"] * (1 - 2e-3) for r in records if r["split"] == "fit" for f in ps.FORMATS)
+    policies = meta["summary"]["policies"]
+    for tol in ps.TOLERANCES:
+        assert policies[f"{tol:g}"]["oracle"]["meets_budget"] == 1.0 or policies[f"{tol:g}"]["oracle"]["formats"].get("fp32")
+        assert policies[f"{tol:g}"]["fp32"]["meets_budget"] == 1.0
+    sp = meta["summary"]["spearman"]["bf16"]["entropy_norm"]
     assert sp["ci_low"] <= sp["rho"] <= sp["ci_high"]
 
 

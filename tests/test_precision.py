@@ -1,0 +1,324 @@
+"""Low-precision references (`nkattn.reference.precision`): each format's rounding against
+ml_dtypes, its error against float64 within its written bound, the analyzers against direct
+float64 formulas, the policies' decisions on constructed heads, and bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nkattn.reference import precision as pr
+from nkattn.reference.exact import attention_ref, visible_key_counts
+from nkattn.testing import assert_within_budget, float32_floor
+
+FORMATS = tuple(pr.FORMATS)
+
+
+def _inputs(seed, b, h, hkv, nq, nk, d, dv, *, temperature=1.0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(b, h, nq, d)) * temperature, rng.normal(size=(b, hkv, nk, d)),
+            rng.normal(size=(b, hkv, nk, dv)))
+
+
+# --------------------------------------------------------------------------------------
+# rounding
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "e4m3"])
+def test_convert_is_the_ml_dtypes_cast_of_float32(dtype):
+    rng = np.random.default_rng(0)
+    limit = {"fp32": 1e30, "fp16": 6e4, "bf16": 1e30, "e4m3": 448}[dtype]
+    x = np.concatenate([rng.normal(size=2000), rng.uniform(-limit, limit, 200), np.geomspace(1e-12, limit, 200)])
+    x32 = x.astype(np.float32)
+    expected = x32.astype(pr.DTYPES[dtype]).astype(np.float64)
+    np.testing.assert_array_equal(pr.convert(x32.astype(np.float64), dtype), expected)
+
+
+@pytest.mark.parametrize(("dtype", "x", "rounded"), [
+    ("bf16", 1 + 2**-8, 1.0),  # a tie goes to the even neighbour
+    ("bf16", 1 + 3 * 2**-8, 1 + 2**-6),
+    ("fp16", 1 + 2**-11, 1.0),
+    ("e4m3", 1 + 2**-4, 1.0),
+    ("e4m3", 1 + 3 * 2**-4, 1.25),
+    ("e4m3", 2**-10, 0.0),  # half the smallest subnormal, a tie, to 0
+    ("e4m3", 3 * 2**-10, 2**-8),
+])
+def test_convert_rounds_to_nearest_even(dtype, x, rounded):
+    assert pr.convert(np.array([x]), dtype)[0] == rounded
+    assert pr.convert(np.array([-x]), dtype)[0] == -rounded
+
+
+def test_round_input_rounds_float64_to_bf16_once():
+    """ml_dtypes goes float64 -> float32 -> bf16: 1 + 2^-8 + 2^-30 would land on the tie, then on 1."""
+    x = np.array([1 + 2**-8 + 2**-30])
+    assert x.astype(ml_dtypes.bfloat16).astype(np.float64)[0] == 1.0
+    assert pr.round_input(x, "bf16")[0] == 1 + 2**-7
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-fp16", "int8-fp8"])
+def test_operands_are_the_format_numbers_with_full_blocks(fmt):
+    """Every operand value is representable; each non-zero block reaches the format's largest value;
+    the dequantized operand is within its stated error of the input."""
+    f = pr.FORMATS[fmt]
+    q, k, v = _inputs(1, 1, 2, 2, 300, 300, 32, 16)
+    k[0, 1, :, 3] += 30  # an outlier channel
+    ops = pr.operands(q, k, v, fmt)
+    largest = {"e4m3": pr.E4M3_MAX, "int8": pr.INT8_MAX}
+    for name, op, block, kind in (("q", ops.q, f.q_block, f.qk), ("k", ops.k, f.k_block, f.qk)):
+        if kind == "int8":
+            assert np.array_equal(op.values, np.round(op.values)) and np.abs(op.values).max() <= 127, name
+        else:
+            np.testing.assert_array_equal(pr.convert(op.values, kind), op.values)
+        for start in range(0, 300, block):
+            assert np.abs(op.values[0, 0, start:start + block]).max() == largest[kind], (name, start)
+    if f.pv == "e4m3":
+        np.testing.assert_array_equal(pr.convert(ops.v.values, "e4m3"), ops.v.values)
+    q_in = pr.round_input(q, f.input)
+    pre = pr.f32(q_in * pr.f32(1 / np.sqrt(32) * pr.LOG2E)) if f.qk == "int8" else q_in
+    scale_back = pr.f32(1 / np.sqrt(32) * pr.LOG2E) if f.qk == "int8" else 1.0
+    assert (np.abs(ops.q.dequantized() - pre) / scale_back <= ops.q.err).all()
+
+
+def test_fp8_scales_are_per_block():
+    """Changing one key changes the e4m3 values of its own 128-key block of K only."""
+    q, k, v = _inputs(2, 1, 1, 1, 4, 300, 16, 16)
+    base = pr.operands(q, k, v, "fp8").k.values
+    k[0, 0, 130, 0] = 50.0
+    moved = pr.operands(q, k, v, "fp8").k.values
+    changed = (base != moved).any(axis=-1)[0, 0]
+    assert changed[128:256].any() and not changed[:128].any() and not changed[256:].any()
+
+
+def test_k_smoothing_removes_a_shared_offset():
+    """A key offset shared by every key moves every score of a row alike. Smoothed, the int8
+    error stays that of the unshifted keys; without smoothing the offset takes the int8 range.
+    (int8-fp16: in int8-fp8 the e4m3 P·V error is as large as the unsmoothed QK error.)"""
+    fmt = "int8-fp16"
+    q, k, v = _inputs(3, 1, 2, 2, 40, 90, 32, 16)
+    o64, _ = attention_ref(q, k, v)
+
+    def error(fmt, keys):
+        return np.abs(pr.emulate(q, keys, v, fmt)[0] - o64).max()
+
+    plain, shifted = error(fmt, k), error(fmt, k + 20.0)
+    unsmoothed = error(dataclasses.replace(pr.FORMATS[fmt], smooth_k=False), k + 20.0)
+    assert shifted <= 2 * plain and unsmoothed >= 3 * shifted, (plain, shifted, unsmoothed)
+    assert (np.abs(pr.emulate(q, k + 20.0, v, fmt)[0] - o64) <= pr.error_bound(q, k + 20.0, v, fmt)).all()
+
+
+# --------------------------------------------------------------------------------------
+# error against float64 within the written bound
+# --------------------------------------------------------------------------------------
+
+GRID = [
+    # (b, h, hkv, nq, nk, d, dv, causal, key_lengths)
+    pytest.param(1, 2, 2, 1, 1, 16, 16, False, None, id="B1-H2-Nq1-Nk1-d16"),
+    pytest.param(1, 2, 1, 17, 129, 32, 32, False, None, id="B1-H2-Hkv1-Nq17-Nk129-d32"),
+    pytest.param(2, 4, 2, 113, 203, 64, 48, True, [150, 0], id="B2-H4-Hkv2-Nq113-Nk203-d64-dv48-causal-lengths"),
+    pytest.param(1, 2, 2, 203, 127, 16, 16, True, None, id="B1-H2-Nq203-Nk127-d16-causal"),
+    pytest.param(1, 1, 1, 128, 256, 32, 8, False, [255], id="B1-H1-Nq128-Nk256-d32-dv8-lengths"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "d", "dv", "causal", "key_lengths"), GRID)
+@pytest.mark.parametrize("temperature", [1.0, 4.0], ids=["t1", "t4"])
+def test_error_within_written_bound(fmt, b, h, hkv, nq, nk, d, dv, causal, key_lengths, temperature):
+    q, k, v = _inputs(nq * 7 + nk, b, h, hkv, nq, nk, d, dv, temperature=temperature)
+    o, lse = pr.emulate(q, k, v, fmt, causal=causal, key_lengths=key_lengths)
+    o64, _ = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths)
+    bound = pr.error_bound(q, k, v, fmt, causal=causal, key_lengths=key_lengths)
+    err = np.abs(o - o64)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert (err <= bound).all(), f"{fmt}: error {err[worst]:.3e} > bound {bound[worst]:.3e} at {worst}"
+    # the values are the output dtype's, and rows with no key are exactly O = 0, lse = -inf
+    np.testing.assert_array_equal(pr.convert(o, pr.FORMATS[fmt].out), o)
+    empty = visible_key_counts(b, nq, nk, causal, key_lengths)[:, None, :] == 0
+    empty = np.broadcast_to(empty, lse.shape)
+    assert (o[empty] == 0).all() and (lse[empty] == -np.inf).all()
+    assert np.isfinite(lse[~empty]).all()
+
+
+def test_fp32_meets_the_float32_budget():
+    """The fp32 emulation is a float32 kernel: the repo's rule against naive float32 holds."""
+    q, k, v = _inputs(4, 2, 2, 2, 70, 130, 64, 64, temperature=3.0)
+    o, _ = pr.emulate(q, k, v, "fp32", causal=True)
+    o64, _ = attention_ref(q, k, v, causal=True)
+    naive, _ = attention_ref(q, k, v, causal=True, compute_dtype=np.float32)
+    assert_within_budget("O", o, o64, naive=naive, floor=float32_floor(o64))
+
+
+def test_emulation_refuses_non_finite_inputs_and_ignores_unread_keys():
+    q, k, v = _inputs(5, 1, 1, 1, 8, 20, 16, 16)
+    k_bad = k.copy()
+    k_bad[0, 0, 15] = np.inf
+    with pytest.raises(ValueError, match="k must be finite"):
+        pr.emulate(q, k_bad, v, "fp8")
+    # past key_lengths nothing is read: not even into a block's scale
+    o_bad, _ = pr.emulate(q, k_bad, v, "fp8", key_lengths=[15])
+    o_ok, _ = pr.emulate(q, k, v, "fp8", key_lengths=[15])
+    np.testing.assert_array_equal(o_bad, o_ok)
+
+
+# --------------------------------------------------------------------------------------
+# analyzers
+# --------------------------------------------------------------------------------------
+
+
+def test_analyzers_match_direct_float64():
+    b, h, hkv, nq, nk, d = 2, 4, 2, 60, 150, 16
+    q, k, v = _inputs(6, b, h, hkv, nq, nk, d, d, temperature=2.0)
+    lengths = [150, 40]
+    a = pr.analyze(q, k, v, causal=True, key_lengths=lengths, block_m=32, block_n=64)
+    counts = visible_key_counts(b, nq, nk, True, lengths)
+    for bi in range(b):
+        for hi in range(h):
+            kh = k[bi, hi // 2]
+            for i in range(nq):
+                n = counts[bi, i]
+                if n == 0:
+                    assert np.isnan(a.entropy[bi, hi, i]) and np.isnan(a.spread[bi, hi, i])
+                    continue
+                s = q[bi, hi, i] @ kh[:n].T / np.sqrt(d)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                assert a.entropy[bi, hi, i] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-10, abs=1e-12)
+                assert a.spread[bi, hi, i] == pytest.approx(np.log(p.max()), abs=1e-12)
+                assert a.max_abs_score[bi, hi, i] == pytest.approx(np.abs(s).max(), rel=1e-13)
+                assert a.min_abs_score[bi, hi, i] == pytest.approx(np.abs(s[s != 0]).min(), rel=1e-13)
+            for blk in range(-(-nq // 32)):
+                assert a.q_absmax[bi, hi, blk] == np.abs(q[bi, hi, 32 * blk:32 * blk + 32]).max()
+        for kv in range(hkv):
+            valid = np.arange(nk) < lengths[bi]
+            for blk in range(-(-nk // 64)):
+                keys = slice(64 * blk, 64 * blk + 64)
+                assert a.k_absmax[bi, kv, blk] == np.abs(k[bi, kv, keys][valid[keys]]).max(initial=0.0)
+                assert a.v_absmax[bi, kv, blk] == np.abs(v[bi, kv, keys][valid[keys]]).max(initial=0.0)
+    stats = pr.head_stats(a)
+    assert stats["entropy_mean"].shape == (b, h)
+    np.testing.assert_allclose(stats["entropy_mean"], np.nanmean(a.entropy, axis=-1))
+    np.testing.assert_allclose(stats["max_p"], np.exp(np.nanmax(a.spread, axis=-1)))
+    blocks = pr.block_stats(a)
+    np.testing.assert_allclose(blocks["max_abs_score"][..., 0], np.nanmax(a.max_abs_score[..., :32], axis=-1))
+    assert blocks["entropy_mean"].shape == (b, h, 2)
+
+
+# --------------------------------------------------------------------------------------
+# policies on constructed heads
+# --------------------------------------------------------------------------------------
+
+
+def _constructed_heads(n=32, d=32):
+    """Head 0 one-hot (each query matches one key by a margin of 40), head 1 uniform (every
+    score 0.5), head 2 a huge dynamic range (scores from about 1e-7 to about 100)."""
+    rng = np.random.default_rng(7)
+    q = np.zeros((1, 3, n, d))
+    k = np.zeros((1, 3, n, d))
+    basis = np.eye(d)[np.arange(n) % d]
+    q[0, 0], k[0, 0] = 40 * basis, basis * np.sqrt(d)
+    q[0, 1, :, 0] = 0.5 * np.sqrt(d)
+    k[0, 1, :, 0] = 1.0
+    q[0, 2, :, 0] = np.sqrt(d)
+    k[0, 2, :, 0] = np.geomspace(1e-7, 100, n)
+    v = rng.normal(size=(1, 3, n, d))
+    return q, k, v
+
+
+def test_policies_on_constructed_heads():
+    q, k, v = _constructed_heads()
+    stats = pr.head_stats(pr.analyze(q, k, v))
+    assert stats["entropy_mean"][0, 0] < 1e-6 and stats["max_p"][0, 0] > 0.999
+    assert stats["entropy_norm"][0, 1] == pytest.approx(1.0) and stats["dynamic_range"][0, 1] == pytest.approx(1.0)
+    assert stats["dynamic_range"][0, 2] > 1e8
+    # seed 001: one-hot -> FP32 (entropy < 1); uniform -> FP16 (range 1, |s| in [6e-5, 65504]); huge range -> FP32
+    assert list(pr.choose(q, k, v, "adaattn").formats[0]) == ["fp32", "fp16", "fp32"]
+    # the issue's thresholds: max p > 0.95; normalised entropy 1 > 0.8; max score 100 > 50
+    assert list(pr.choose(q, k, v, "adaattn-issue").formats[0]) == ["fp32", "fp16", "fp32"]
+    assert set(pr.choose(q, k, v, "sage").formats.ravel()) == {"int8-fp8"}
+    for name in FORMATS:
+        assert set(pr.choose(q, k, v, name).formats.ravel()) == {name}
+
+
+def test_oracle_takes_the_cheapest_format_within_tolerance():
+    q, k, v = _constructed_heads()
+    d = pr.choose(q, k, v, "oracle", tolerance=1e-2)
+    for h in range(3):
+        ok = [f for f in pr.BY_COST if d.measured[0, h, FORMATS.index(f)] <= 1e-2]
+        assert d.formats[0, h] == ok[0]
+    # below every format's error: the fallback is fp32
+    assert set(pr.choose(q, k, v, "oracle", tolerance=1e-300).formats.ravel()) == {"fp32"}
+
+
+def test_auto_follows_its_predictor_and_is_deterministic():
+    q, k, v = _inputs(8, 1, 4, 4, 48, 48, 16, 16, temperature=2.0)
+    coef = np.zeros((len(FORMATS), 1 + len(pr.FEATURES)))
+    predicted = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 5e-3, "fp8": 5e-2, "int8-fp16": 2e-2, "int8-fp8": 4e-2}
+    coef[:, 0] = np.log([predicted[f] for f in FORMATS])
+    fixed = pr.Predictor(coef, np.zeros(len(FORMATS)), source="test")
+    for tol, expected in ((1e-1, "fp8"), (3e-2, "int8-fp16"), (1e-2, "fp16"), (1e-4, "fp32"), (1e-9, "fp32")):
+        d = pr.choose(q, k, v, "auto", tolerance=tol, predictor=fixed)
+        assert set(d.formats.ravel()) == {expected}, tol
+    again = pr.choose(q, k, v, "auto", tolerance=1e-2, predictor=fixed)
+    np.testing.assert_array_equal(again.predicted, d.predicted)
+
+
+def test_fitted_predictor_bounds_the_heads_it_was_fitted_on():
+    q, k, v = pr.calibration_heads(seed=3, heads=24, n=48, d=16)
+    stats = pr.head_stats(pr.analyze(q, k, v))
+    measured = pr.measured_errors(q, k, v)
+    fitted = pr.fit_predictor(stats, measured, source="test")
+    assert (fitted.predict(stats) >= measured * (1 - 1e-9)).all()
+    auto = pr.choose(q, k, v, "auto", tolerance=1e-2, predictor=fitted)
+    picked = np.take_along_axis(measured, np.vectorize(FORMATS.index)(auto.formats)[..., None], -1)[..., 0]
+    assert (picked <= 1e-2).all()
+
+
+def test_precision_attention_emulates_each_head_in_its_format():
+    q, k, v = _constructed_heads(n=32, d=16)
+    o, lse, d = pr.precision_attention(q, k, v, "adaattn")
+    assert len(set(d.formats[0])) == 2
+    for h, name in enumerate(d.formats[0]):
+        o_f, lse_f = pr.emulate(q, k, v, name)
+        np.testing.assert_array_equal(o[0, h], o_f[0, h])
+        np.testing.assert_array_equal(lse[0, h], lse_f[0, h])
+
+
+# --------------------------------------------------------------------------------------
+# bad inputs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp4", "FP16", None, 16])
+def test_unknown_precision_is_named(precision):
+    q, k, v = _inputs(9, 1, 1, 1, 4, 4, 16, 16)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        pr.choose(q, k, v, precision)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        pr.emulate(q, k, v, precision)
+
+
+@pytest.mark.parametrize("tolerance", [0, -1e-3, float("nan"), float("inf"), True, "1e-2"])
+def test_bad_tolerance_is_named(tolerance):
+    q, k, v = _inputs(9, 1, 1, 1, 4, 4, 16, 16)
+    with pytest.raises(ValueError, match="tolerance must be a finite number > 0"):
+        pr.choose(q, k, v, "auto", tolerance=tolerance)
+
+
+def test_tolerance_goes_with_auto_and_oracle_only():
+    q, k, v = _inputs(9, 1, 1, 1, 4, 4, 16, 16)
+    with pytest.raises(ValueError, match="needs tolerance="):
+        pr.choose(q, k, v, "auto")
+    with pytest.raises(ValueError, match="tolerance applies to precision in"):
+        pr.choose(q, k, v, "bf16", tolerance=1e-2)
+
+
+def test_auto_defaults_to_the_calibrated_predictor():
+    q, k, v = _constructed_heads()
+    d = pr.choose(q, k, v, "auto", tolerance=1e-2)
+    assert pr.default_predictor().source == "calibration_heads(seed=0)"
+    assert d.predicted.shape == (1, 3, len(FORMATS)) and set(d.formats.ravel()) <= set(FORMATS)
+    np.testing.assert_array_equal(pr.choose(q, k, v, "auto", tolerance=1e-2).formats, d.formats)
