@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda, from_dtype, uint32, uint64
 
 from nkattn.cuda_kernels import ptx
-from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory
+from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory, visible_keys
 from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functions
 
 LOG2E = 1.4426950408889634
@@ -77,22 +77,11 @@ def padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-
-
 @cache
 def _row_functions(block_n: int):
-    """Device code shared by both kernels: key visibility and the online softmax over one
+    """Device code shared by both kernels: the online softmax over one
     tile of accumulator-layout scores (the thread's rows r0 = 16w + g and r0 + 8)."""
     NS = block_n // 2
-
-    @cuda.jit(device=True, inline="always")
-    def visible_keys(q_idx, nq, nk_b, causal):
-        if q_idx >= nq:
-            return 0
-        count = nk_b
-        if causal:
-            count = min(count, q_idx + 1 + nk_b - nq)
-        return max(count, 0)
 
     @cuda.jit(device=True, inline="always")
     def softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2):
@@ -138,7 +127,7 @@ def _row_functions(block_n: int):
             return F32_ZERO, NEG_INF
         return F32_ONE / l_row, (m_row + math.log2(l_row)) * F32_LN2
 
-    return visible_keys, softmax, finish_row
+    return softmax, finish_row
 
 
 @cache
@@ -227,7 +216,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
-    visible_keys, softmax, finish_row = _row_functions(BN)
+    softmax, finish_row = _row_functions(BN)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
@@ -409,7 +398,7 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
     k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
     vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
-    visible_keys, softmax, finish_row = _row_functions(BN)
+    softmax, finish_row = _row_functions(BN)
     mma_s = ptx.wgmma("tf32", BN, "desc")
     N_O1 = min(DVP, 128)  # as the half kernel: wgmmas of at most N = 128
     SPLIT_O = DVP > N_O1

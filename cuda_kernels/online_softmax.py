@@ -75,6 +75,18 @@ else:
         return sig, codegen
 
 
+@cuda.jit(device=True, inline="always")
+def visible_keys(q_idx, nq, nk_b, causal):
+    """How many keys, [0, count), row ``q_idx`` of ``nq`` sees among the ``nk_b`` valid
+    ones; causal is bottom-right aligned. 0 for rows past the end. Every kernel's masks."""
+    if q_idx >= nq:
+        return 0
+    count = nk_b
+    if causal:
+        count = min(count, q_idx + 1 + nk_b - nq)
+    return max(count, 0)
+
+
 def _arithmetic(contract: bool):
     """(mul, add, div): plain operators that the compiler may contract into FMAs, or
     float64 operations that are each one correctly rounded IEEE operation
@@ -260,15 +272,6 @@ def streaming_primitives(
     if portable and dtype != np.float64:
         raise ValueError("the portable exp/log are float64 only")
     exp, log = _portable_math(mul, add, div) if portable else _library_math()
-
-    @cuda.jit(device=True, inline="always")
-    def visible_keys(q_idx, nq, nk_b, causal):
-        if q_idx >= nq:
-            return 0
-        count = nk_b
-        if causal:
-            count = min(count, q_idx + 1 + nk_b - nq)
-        return max(count, 0)
 
     @cuda.jit(device=True, inline="always")
     def load_q_tile(q, b, h, row0, smem, tid):
