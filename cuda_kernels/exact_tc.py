@@ -79,7 +79,7 @@ def padded(n: int, multiple: int) -> int:
 
 @cache
 def _row_functions(block_n: int):
-    """Device code shared by both kernels: the online softmax over one
+    """The online softmax of both kernels over one
     tile of accumulator-layout scores (the thread's rows r0 = 16w + g and r0 + 8)."""
     NS = block_n // 2
 
@@ -119,15 +119,41 @@ def _row_functions(block_n: int):
             acc_s[i] = p
         return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
 
-    @cuda.jit(device=True, inline="always")
-    def finish_row(l_row, m_row):
-        """(1 / l, lse) of a row: l == 0 means it saw no key (O = 0, lse = -inf); a NaN l
-        (non-finite input) propagates into both."""
-        if l_row == F32_ZERO:
-            return F32_ZERO, NEG_INF
-        return F32_ONE / l_row, (m_row + math.log2(l_row)) * F32_LN2
+    return softmax
 
-    return softmax, finish_row
+
+@cuda.jit(device=True, inline="always")
+def finish_row(l_row, m_row):
+    """(1 / l, lse) of a row: l == 0 means it saw no key (O = 0, lse = -inf); a NaN l
+    (non-finite input) propagates into both."""
+    if l_row == F32_ZERO:
+        return F32_ZERO, NEG_INF
+    return F32_ONE / l_row, (m_row + math.log2(l_row)) * F32_LN2
+
+
+def _row_store(value_width: int, store_pair):
+    """The epilogue of both kernels: the quad's row sums, then O = acc / l for the thread's
+    columns of its rows r0 and r0 + 8 through ``store_pair(o, b, h, row, col, x, y)``
+    (columns col, col + 1), and lse by one lane of the quad."""
+
+    @cuda.jit(device=True, inline="always")
+    def store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1):
+        l0 = ptx.quad_sum(l0, tid)
+        l1 = ptx.quad_sum(l1, tid)
+        dv = o.shape[3]
+        for half in range(2):
+            row = r0 + 8 * half
+            if row < nq:
+                inv, row_lse = finish_row(l0 if half == 0 else l1, m0 if half == 0 else m1)
+                for c in range(value_width // 8):
+                    col = 8 * c + 2 * tq
+                    if col < dv:
+                        i = 4 * c + 2 * half
+                        store_pair(o, b, h, row, col, acc_o[i] * inv, acc_o[i + 1] * inv)
+                if tq == 0:
+                    lse[b, h, row] = row_lse
+
+    return store_rows
 
 
 @cache
@@ -216,7 +242,13 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
-    softmax, finish_row = _row_functions(BN)
+    softmax = _row_functions(BN)
+
+    @cuda.jit(device=True, inline="always")
+    def store_pair(o, b, h, row, col, x, y):
+        ptx.store_b32(o, b, h, row, col, pack(x, y))
+
+    store_rows = _row_store(DVP, store_pair)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
@@ -341,22 +373,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
                     acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
                 pack_p(acc_s, p_regs)
 
-        l0 = ptx.quad_sum(l0, tid)
-        l1 = ptx.quad_sum(l1, tid)
-        dv = o.shape[3]
-        for half in range(2):
-            row = r0 + 8 * half
-            l_row = l0 if half == 0 else l1
-            m_row = m0 if half == 0 else m1
-            if row < nq:
-                inv, row_lse = finish_row(l_row, m_row)
-                for c in range(DVP // 8):
-                    col = 8 * c + 2 * tq
-                    if col < dv:
-                        i = 4 * c + 2 * half
-                        ptx.store_b32(o, b, h, row, col, pack(acc_o[i] * inv, acc_o[i + 1] * inv))
-                if tq == 0:
-                    lse[b, h, row] = row_lse
+        store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
 
     return tc_attention_fwd, SHARED_BYTES
 
@@ -398,7 +415,14 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
     k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
     vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
-    softmax, finish_row = _row_functions(BN)
+    softmax = _row_functions(BN)
+
+    @cuda.jit(device=True, inline="always")
+    def store_pair(o, b, h, row, col, x, y):
+        o[b, h, row, col] = x
+        o[b, h, row, col + 1] = y
+
+    store_rows = _row_store(DVP, store_pair)
     mma_s = ptx.wgmma("tf32", BN, "desc")
     N_O1 = min(DVP, 128)  # as the half kernel: wgmmas of at most N = 128
     SPLIT_O = DVP > N_O1
@@ -553,21 +577,7 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
             ptx.wgmma_commit()
             wait_mma_all()
 
-        l0 = ptx.quad_sum(l0, tid)
-        l1 = ptx.quad_sum(l1, tid)
-        dv = o.shape[3]
-        for half in range(2):
-            row = r0 + 8 * half
-            if row < nq:
-                inv, row_lse = finish_row(l0 if half == 0 else l1, m0 if half == 0 else m1)
-                for c in range(DVP // 8):
-                    col = 8 * c + 2 * tq
-                    if col < dv:
-                        i = 4 * c + 2 * half
-                        o[b, h, row, col] = acc_o[i] * inv
-                        o[b, h, row, col + 1] = acc_o[i + 1] * inv
-                if tq == 0:
-                    lse[b, h, row] = row_lse
+        store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
 
     return tc_attention_fwd, SHARED_BYTES
 
