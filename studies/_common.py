@@ -7,6 +7,8 @@ live in `nkattn.results`.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -14,6 +16,19 @@ from threadpoolctl import threadpool_limits
 # 512 x 384 in the BERT forward, 512 x 512 SVDs): there OpenBLAS's threads cost more
 # than they save, 10-30x more on two busy cores (measured on the CI's 2-core machines).
 single_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
+
+
+def minilm_passages(n_passages: int, min_tokens: int, seed: int):
+    """(MiniLM encoder, `n_passages` corpus passages of at least `min_tokens` tokens that fit
+    it, drawn with `seed`): the MiniLM studies' inputs, the weights read offline."""
+    from nkattn import corpus
+    from nkattn.reference.bert import BertEncoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    encoder = BertEncoder.from_pretrained()
+    passages = corpus.sample_passages(n_passages, min_tokens=min_tokens, max_tokens=encoder.config.max_position,
+                                      seed=seed, tokenizer=encoder.tokenizer)
+    return encoder, passages
 
 
 def relative_frobenius_error(approx, exact, axis=(-2, -1)) -> np.ndarray:

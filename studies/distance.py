@@ -144,7 +144,7 @@ import numpy as np
 
 from nkattn.reference import table as T
 from nkattn.results import RESULTS_DIR, SIGNIFICANT_DIGITS, make_meta, write_results
-from nkattn.studies._common import single_blas_thread
+from nkattn.studies._common import minilm_passages, single_blas_thread
 from nkattn.studies.distance_attention import (
     TOPK,
     attention_part,
@@ -226,10 +226,8 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, progress: bool 
     encoder = traces_train = None
     n_tokens = QUICK_TOKENS if quick else N_TOKENS
     if have_model:
-        encoder = bert.BertEncoder.from_pretrained()
         n_train, n_test = (QUICK_TRAIN, QUICK_TEST) if quick else (N_TRAIN, N_TEST)
-        passages = corpus.sample_passages(n_train + n_test, min_tokens=n_tokens, max_tokens=encoder.config.max_position,
-                                          seed=0, tokenizer=encoder.tokenizer)
+        encoder, passages = minilm_passages(n_train + n_test, n_tokens, 0)
         train_p, test_p = passages[:n_train], passages[n_train:]
         traces_train = minilm_traces(encoder, train_p, n_tokens, progress=progress, desc="train passages")
         traces_test = minilm_traces(encoder, test_p, n_tokens, progress=progress, desc="test passages")

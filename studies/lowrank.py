@@ -109,7 +109,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -125,6 +124,7 @@ from nkattn.reference.lowrank import (
     randomized_svd_mirror,
 )
 from nkattn.results import RESULTS_DIR, make_meta, write_results
+from nkattn.studies._common import minilm_passages
 
 STUDY = "lowrank"
 COMMAND = "nkattn study lowrank"
@@ -310,12 +310,9 @@ def minilm_layers(n_passages: int, length: int, layers=None, *, progress: bool =
     from tqdm.auto import tqdm
 
     from nkattn import corpus
-    from nkattn.reference.bert import MODEL_NAME, BertEncoder
+    from nkattn.reference.bert import MODEL_NAME
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    encoder = BertEncoder.from_pretrained()
-    passages = corpus.sample_passages(n_passages, min_tokens=length, max_tokens=encoder.config.max_position,
-                                      seed=SEED, tokenizer=encoder.tokenizer)
+    encoder, passages = minilm_passages(n_passages, length, SEED)
     for index, passage in enumerate(tqdm(passages, desc="lowrank", unit="passage", disable=not progress)):
         trace = encoder.forward(np.array([encoder.wrap(encoder.token_ids(passage.text), length)]), trace=True)
         for layer in trace.layers:

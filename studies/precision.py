@@ -62,7 +62,6 @@ Conclusion (verdicts on seed 001)
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ from nkattn.results import (
     round_sig,
     write_results,
 )
-from nkattn.studies._common import single_blas_thread
+from nkattn.studies._common import minilm_passages, single_blas_thread
 from nkattn.studies.rank_entropy import spearman_ci
 
 STUDY = "precision"
@@ -192,17 +191,14 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, n_passages: int
     """Run the sweep, fit the predictor on the first half of the passages, write
     ``results_dir/precision/{quick,minilm}.json``."""
     from nkattn import corpus
-    from nkattn.reference.bert import MODEL_NAME, BertEncoder
+    from nkattn.reference.bert import MODEL_NAME
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lengths = tuple(lengths or (QUICK_LENGTHS if quick else LENGTHS))
     n_passages = n_passages or (QUICK_PASSAGES if quick else N_PASSAGES)
     n_boot = 50 if quick else N_BOOT
     started = time.time()
 
-    encoder = BertEncoder.from_pretrained()
-    passages = corpus.sample_passages(n_passages, min_tokens=max(lengths), max_tokens=encoder.config.max_position,
-                                      seed=SEED, tokenizer=encoder.tokenizer)
+    encoder, passages = minilm_passages(n_passages, max(lengths), SEED)
     records, stats, errors = sweep(encoder, passages, lengths, progress=progress)
     fit_passages = n_passages // 2
     fit = np.array([r["passage"] < fit_passages for r in records])

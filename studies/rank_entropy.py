@@ -117,7 +117,6 @@ Conclusion (verdicts on seed 001)
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -131,7 +130,7 @@ from nkattn.results import (
     round_sig,
     write_results,
 )
-from nkattn.studies._common import relative_frobenius_error, single_blas_thread
+from nkattn.studies._common import minilm_passages, relative_frobenius_error, single_blas_thread
 
 STUDY = "rank-entropy"
 FULL_RESULT = "minilm.json"
@@ -477,22 +476,14 @@ def run(
 ) -> list[Path]:
     """Run the sweep and write ``results_dir/rank-entropy/{quick,minilm}.json``."""
     from nkattn import corpus
-    from nkattn.reference.bert import MODEL_NAME, BertEncoder
+    from nkattn.reference.bert import MODEL_NAME
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lengths = tuple(lengths or (QUICK_LENGTHS if quick else LENGTHS))
     n_passages = n_passages or (QUICK_PASSAGES if quick else N_PASSAGES)
     n_boot = 100 if quick else N_BOOT
     started = time.time()
 
-    encoder = BertEncoder.from_pretrained()
-    passages = corpus.sample_passages(
-        n_passages,
-        min_tokens=max(lengths),
-        max_tokens=encoder.config.max_position,
-        seed=SEED,
-        tokenizer=encoder.tokenizer,
-    )
+    encoder, passages = minilm_passages(n_passages, max(lengths), SEED)
     collector = sweep(encoder, passages, lengths, progress=progress)
     records = collector.records
     summary = summarize(records, collector.spectra(), n_boot=n_boot)
