@@ -1,15 +1,22 @@
 """Context-parallel attention: 2 ranks, O and lse bit-identical to one device's, errors on every rank.
 
 One session of 2 spawned gloo ranks (CPU tensors; the kernels run in the simulator,
-or on the GPU where there is one) runs every case, the refusals and a timeout,
-while this process computes the one-device results; the tests then read what the
-ranks wrote. Sizes are whole key tiles of the kernel (`chunk_multiple`: 8 in the
-simulator), the fewest a strategy needs. The `gpu` test repeats the cases on 2
-GPUs over NCCL.
+or on the GPU where there is one) runs every case and the refusals while this
+process computes the one-device results; the tests then read what the ranks wrote.
+A second session of 2 ranks runs the timeout alone, so a peer left behind by it
+cannot touch the bit checks. Sizes are whole key tiles of the kernel
+(`chunk_multiple`: 8 in the simulator), the fewest a strategy needs. The `gpu`
+test repeats the cases on 2 GPUs over NCCL.
+
+Each rank writes its stdout, stderr and, if it dies of a signal, faulthandler's
+stacks to rank<r>.log; a session whose ranks fail fails with those logs' tails,
+because a rank's own words are the only clue to a crash in gloo or the simulator.
 """
 
 import datetime
+import faulthandler
 import os
+import signal
 import time
 
 import numpy as np
@@ -24,6 +31,7 @@ from .conftest import REAL_GPU
 
 WORLD = 2
 TIMEOUT_S = 2.0
+SESSION_LIMIT_S = 600  # a session still running then is hung: its ranks dump their stacks and are killed
 BN = chunk_multiple(np.float32, 16)  # float32 and float64 tile alike at d = 16 in the simulator
 assert BN == chunk_multiple(np.float64, 16) or REAL_GPU
 
@@ -75,14 +83,27 @@ def refusals(rank):
     }
 
 
-def rank_main(rank, backend, store, results):
-    """One rank: every case, every refusal, then the timeout; writes what it saw to results/rank<r>.npy."""
+def start_rank(rank, backend, results, timeout_s):
+    """Send this rank's output to results/rank<r>.log and join the group of WORLD ranks."""
     import torch.distributed as dist
 
+    log = open(os.path.join(results, f"rank{rank}.log"), "w", buffering=1)  # noqa: SIM115 (open while the rank lives)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    # loopback, whatever the machine's hostname resolves to: every rank is on this host
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(results, 'store')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist
+
+
+def rank_main(rank, backend, results):
+    """One rank: every case, then every refusal; writes what it saw to results/rank<r>.npy."""
+    dist = start_rank(rank, backend, results, timeout_s=120)
     device = "cuda" if backend == "nccl" else "cpu"
     seen = {}
     for i, c in enumerate(CASES):
@@ -97,32 +118,67 @@ def rank_main(rank, backend, store, results):
             seen[name] = None
         except (TypeError, ValueError) as exc:
             seen[name] = (type(exc).__name__, str(exc))
-    if backend == "gloo":
-        # a group whose other rank never calls: rank 0 must get an error once the group's timeout expires
-        short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        if rank == 0:
-            start = time.perf_counter()
-            try:
-                distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)), group=short)
-                seen["timeout"] = None
-            except RuntimeError as exc:
-                seen["timeout"] = (time.perf_counter() - start, str(exc).splitlines()[0])
-        else:
-            time.sleep(TIMEOUT_S + 2)  # alive, so rank 0 waits on a silent peer, not a closed one
+    dist.destroy_process_group()
     np.save(os.path.join(results, f"rank{rank}.npy"), seen, allow_pickle=True)
 
 
-def run_ranks(backend, tmp_path):
-    """Spawn the ranks, compute the one-device results meanwhile, and return both."""
+def silent_peer_main(rank, backend, results):
+    """Rank 0 calls on a group whose other rank never calls, and must get an error once the
+    group's timeout expires; rank 1 stays alive until then (a silent peer, not a closed one)."""
+    dist = start_rank(rank, backend, results, timeout_s=120)
+    # the short timeout only on the call's group: ranks start seconds apart under load
+    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    done = os.path.join(results, "rank0.done")
+    seen = {}
+    if rank == 0:
+        start = time.perf_counter()
+        try:
+            distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)), group=short)
+            seen["timeout"] = None
+        except RuntimeError as exc:
+            seen["timeout"] = (time.perf_counter() - start, str(exc).splitlines()[0])
+        open(done, "w").close()
+    else:
+        while not os.path.exists(done):
+            time.sleep(0.05)
+    dist.destroy_process_group()
+    np.save(os.path.join(results, f"rank{rank}.npy"), seen, allow_pickle=True)
+
+
+def spawn_ranks(main, backend, results, meanwhile=lambda: None):
+    """Run `main` on WORLD spawned ranks, call `meanwhile` while they run, and return its
+    result with what each rank saved; a failed rank fails the caller with the ranks' logs."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(rank_main, args=(backend, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    expected = {c["id"]: one_device(c, seed=i) for i, c in enumerate(CASES)}
-    while not context.join(timeout=600):
-        pass
-    ranks = [np.load(tmp_path / f"rank{r}.npy", allow_pickle=True).item() for r in range(WORLD)]
-    return expected, ranks
+    context = mp.start_processes(main, args=(backend, str(results)), nprocs=WORLD, join=False, start_method="spawn")
+    result = meanwhile()
+    failure, deadline = None, time.monotonic() + SESSION_LIMIT_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    os.kill(process.pid, signal.SIGUSR1)
+                time.sleep(1)
+                for process in context.processes:
+                    process.kill()
+                failure = f"still running after {SESSION_LIMIT_S} s"
+                break
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        failure = exc
+    if failure is not None:
+        logs = "\n".join(f"--- rank {r} log (last lines) ---\n{log_tail(results / f'rank{r}.log')}" for r in range(WORLD))
+        pytest.fail(f"{main.__name__} on {backend}: {failure}\n{logs}", pytrace=False)
+    return result, [np.load(results / f"rank{r}.npy", allow_pickle=True).item() for r in range(WORLD)]
+
+
+def log_tail(path, lines=30):
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+def run_ranks(backend, tmp_path):
+    """The one-device results (computed while the ranks run) and what each rank saw."""
+    return spawn_ranks(rank_main, backend, tmp_path,
+                       meanwhile=lambda: {c["id"]: one_device(c, seed=i) for i, c in enumerate(CASES)})
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +222,9 @@ def test_bad_calls_raise_on_every_rank(gloo_session, name):
         assert seen[name][0] == kind and text in seen[name][1], f"rank {r}: {seen[name]}"
 
 
-def test_a_rank_that_never_calls_ends_in_the_groups_timeout(gloo_session):
-    _, ranks = gloo_session
+def test_a_rank_that_never_calls_ends_in_the_groups_timeout(tmp_path):
+    _, ranks = spawn_ranks(silent_peer_main, "gloo", tmp_path)
+    assert ranks[0]["timeout"] is not None, "rank 0's call returned although rank 1 never called"
     waited, message = ranks[0]["timeout"]
     assert TIMEOUT_S * 0.9 <= waited <= TIMEOUT_S + 10, (waited, message)
 
