@@ -3,28 +3,36 @@
 `plan` validates a call on the host before any launch (numba.cuda kernels cannot
 raise): arrays, shapes, dtypes, masks, scale and flags here, the method's options
 and rules in `nkattn.methods`; then it walks the method's backends in priority
-order and, when none fits, raises with every backend's reasons.
+order and, when none fits, raises with every backend's reasons. With precision="auto" it
+first checks the data and chooses a format per head from it, then walks the backends.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
 from nkattn import arrays
 from nkattn.methods import (
+    AUTO_DTYPES,
     BACKENDS,
     METHODS,
+    PRECISION_POLICIES,
     PRECISIONS,
     Backend,
     Call,
     Request,
     check_flag,
+    choose_head_formats,
     method_options,
 )
 from nkattn.reference.exact import default_scale
 from nkattn.reference.lsh import check_no_keys
+
+logger = logging.getLogger(__name__)
 
 
 class FallbackWarning(UserWarning):
@@ -49,6 +57,8 @@ def attention(
     table=None,
     check_finite: bool = True,
     precision: str | None = None,
+    tolerance: float | None = None,
+    return_decisions: bool = False,
     **options,
 ):
     """Attention ``softmax(scale · q kᵀ + mask) · v``; semantics in `nkattn.reference.exact`.
@@ -60,7 +70,8 @@ def attention(
     float16 and bfloat16), and inputs are never modified. ``scale`` defaults to
     1/sqrt(d). ``key_lengths`` (B,) hides keys ``j >= key_lengths[b]``; ``causal`` is
     bottom-right aligned when Nq != Nk. Rows with no visible key give O = 0 and
-    lse = -inf. Returns O, or (O, lse) with ``return_lse``.
+    lse = -inf. Returns O, or (O, lse) with ``return_lse``; ``return_decisions`` appends what
+    precision="auto" chose: (O, decisions) or (O, lse, decisions).
 
     check_finite: True (default) raises ValueError, naming the tensor and the index,
     if q, k or v holds NaN or inf (checked where the data lives). False promises
@@ -78,6 +89,18 @@ def attention(
     kernel on a GPU); "tf32x3": the tensor-core kernel with each product split into three
     TF32 products (near float32 accuracy, see `nkattn.cuda_kernels.exact_tc`); "tf32": one
     TF32 product, like torch's allow_tf32 (about 1e-3 relative error).
+
+    precision="auto" (method "exact", float32 or float64 inputs, finite whatever ``check_finite``
+    says) with ``tolerance`` (a finite number > 0): per (batch, head) the cheapest format whose
+    predicted relative error ‖O_f - O‖_F / ‖O‖_F is within tolerance, fp32 where none is
+    (`nkattn.reference.precision.choose`: its analyzers run on the host, in float64, from the
+    dense scores). Each head runs in its format, rounded once from the input: on the reference,
+    that format's float64 emulation (`nkattn.reference.precision.emulate`); on "cuda", the kernel
+    a call in the format's dtype takes (fp32: FFMA; fp16, bf16: tensor cores), and a reason naming
+    the format and the heads for fp8 and int8, which have no kernel yet. O and lse come back in
+    the input dtype. The choice is logged at INFO (logger "nkattn.api", one line per call) and
+    returned with ``return_decisions=True``: a `nkattn.reference.precision.Decisions`, with
+    ``formats`` (B, H) and ``predicted`` (B, H, len(FORMATS)), the predicted error of every format.
 
     method="exact" is softmax attention; method="lsh" restricts every query to the
     keys that share a SimHash bucket with it in at least one of ``lsh_tables``
@@ -103,13 +126,25 @@ def attention(
 
     ``**options`` passes the options of methods registered in `nkattn.methods`.
     """
-    named = {"lsh_bits": lsh_bits, "lsh_tables": lsh_tables, "seed": seed, "lsh_shared_qk": lsh_shared_qk, "table": table}
+    named = {"lsh_bits": lsh_bits, "lsh_tables": lsh_tables, "seed": seed, "lsh_shared_qk": lsh_shared_qk, "table": table,
+             "tolerance": tolerance}
     options.update({name: value for name, value in named.items() if value is not None})
     return_lse = check_flag("return_lse", return_lse)
+    return_decisions = check_flag("return_decisions", return_decisions)
+    if return_decisions and precision not in PRECISION_POLICIES:
+        raise ValueError(f"return_decisions=True returns the formats a precision in {PRECISION_POLICIES} chose per "
+                         f"head, got precision={precision!r}")
     call, chosen = plan(q, k, v, method=method, causal=causal, scale=scale, key_lengths=key_lengths, backend=backend,
                         check_finite=check_finite, precision=precision, **options)
+    head_formats = call.request.head_formats
+    if head_formats is not None:
+        logger.info("precision=%r, tolerance=%g, %s: %s", precision, head_formats.decisions.tolerance, chosen.label,
+                    head_formats.summary())
     out, lse = chosen.run(call)
-    return (out, lse) if return_lse else out
+    result = (out, lse) if return_lse else (out,)
+    if return_decisions:
+        result += (head_formats.decisions,)
+    return result if len(result) > 1 else out
 
 
 def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None, backend="auto", check_finite=True,
@@ -175,10 +210,18 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
     if precision is not None:
         if not isinstance(precision, str):
             raise TypeError(f"precision must be None or a string such as 'fp32', got {arrays.describe_value(precision)}")
-        if dtype != np.float32:
+        if precision not in (*PRECISIONS, *PRECISION_POLICIES):
+            raise ValueError(f"precision must be None or one of {(*PRECISIONS, *PRECISION_POLICIES)}, got {precision!r}")
+        if precision in PRECISION_POLICIES:
+            if precision not in entry.precision_policies:
+                takers = " or ".join(f"method={m.name!r}" for m in METHODS.values() if precision in m.precision_policies)
+                raise ValueError(f"precision={precision!r} applies to {takers} only; method={method!r} takes precision "
+                                 f"None or one of {PRECISIONS}")
+            if dtype not in AUTO_DTYPES:
+                raise ValueError(f"precision={precision!r} rounds each head from the input down to its format, so it "
+                                 f"takes float32 or float64 inputs; these are {dtype}")
+        elif dtype != np.float32:
             raise ValueError(f"precision picks the arithmetic of float32 inputs; these are {dtype}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 
     req = Request(
         method=method, dtype=dtype, batch=batch, heads=heads, kv_heads=kv_heads, nq=nq, nk=nk, head_dim=head_dim,
@@ -186,22 +229,32 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
         precision=precision, options=opts,
     )
     entry.check(req, frozenset(options))
-    chosen = _pick_backend(entry.backends, req, backend)
-    _check_finite(inputs, dtype, check_finite, entry)
-    call = Call(req, q, None if derived else k, v, lengths, default_scale(head_dim) if scale is None else scale)
-    return call, chosen
+    resolved_scale = default_scale(head_dim) if scale is None else scale
+    needs = {name: f"method={entry.name!r} needs finite {name} whatever check_finite says: {why}"
+             for name, why in entry.needs_finite.items() if name in inputs}
+    if precision in PRECISION_POLICIES:
+        # the policy reads the data, so the data is checked before any backend is asked
+        needs = {name: f"precision={precision!r} needs finite {name} whatever check_finite says: its analyzers and "
+                       "formats are defined on finite numbers" for name in inputs}
+        _check_finite(inputs, dtype, check_finite, needs)
+        req = replace(req, head_formats=choose_head_formats(req, q, k, v, lengths, resolved_scale))
+        chosen = _pick_backend(entry.backends, req, backend)
+    else:
+        chosen = _pick_backend(entry.backends, req, backend)
+        _check_finite(inputs, dtype, check_finite, needs)
+    return Call(req, q, None if derived else k, v, lengths, resolved_scale), chosen
 
 
-def _check_finite(inputs: dict, dtype, check_finite: bool, entry) -> None:
-    names = tuple(inputs) if check_finite else tuple(n for n in entry.needs_finite if n in inputs)
+def _check_finite(inputs: dict, dtype, check_finite: bool, needs: dict[str, str]) -> None:
+    """NaN or inf in an input is an error if check_finite, or if `needs` (name -> why) names it."""
+    names = tuple(inputs) if check_finite else tuple(needs)
     for name in names:
         found = arrays.first_nonfinite(inputs[name], dtype)
         if found is None:
             continue
         index, value = found
-        if name in entry.needs_finite:
-            raise ValueError(f"{name} holds {value} at index {index}; method={entry.name!r} needs finite {name} "
-                             f"whatever check_finite says: {entry.needs_finite[name]}")
+        if name in needs:
+            raise ValueError(f"{name} holds {value} at index {index}; {needs[name]}")
         raise ValueError(f"{name} holds {value} at index {index}; pass check_finite=False to let NaN and inf "
                          "propagate (semantics in nkattn.reference.exact)")
 
@@ -212,11 +265,13 @@ def _pick_backend(backends: tuple[Backend, ...], req: Request, backend: str) -> 
     for candidate in candidates:
         reasons = candidate.supports(req)
         if not reasons:
-            if refusals and req.on_device and candidate.name == "reference":
+            # device inputs leaving the GPU warn; another host backend's refusal is no reason to
+            cuda_refusals = [(b, r) for b, r in refusals if b.name == "cuda"]
+            if cuda_refusals and req.on_device and candidate.name == "reference":
                 warnings.warn(
-                    f"no CUDA backend can run this call ({_refusal_lines(refusals, '; ')}); running it on the float64 "
-                    "reference on the host, device inputs copied there and back. Pass backend='reference' to "
-                    "choose that, or backend='cuda' to make it an error.",
+                    f"no CUDA backend can run this call ({_refusal_lines(cuda_refusals, '; ')}); running it on the "
+                    "float64 reference on the host, device inputs copied there and back. Pass backend='reference' "
+                    "to choose that, or backend='cuda' to make it an error.",
                     FallbackWarning, stacklevel=4,
                 )
             return candidate

@@ -21,7 +21,7 @@ the one it should be preferred to.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,42 @@ from nkattn.reference.exact import KERNEL_HEAD_DIMS
 
 
 @dataclass(frozen=True)
+class HeadFormats:
+    """What precision='auto' chose from the data, before dispatch: the format of every head."""
+
+    decisions: Any  # nkattn.reference.precision.Decisions: formats (B, H), tolerance, predicted errors
+    sees_keys: np.ndarray  # (B, H): heads with a visible key; the others are O = 0, lse = -inf in every format
+
+    def formats(self) -> list[str]:
+        """The formats chosen for heads that see a key, cheapest first."""
+        from nkattn.reference.precision import BY_COST
+
+        return [f for f in BY_COST if (self.heads(f)[0]).size]
+
+    def heads(self, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(b, h) indices, in C order, of the heads that chose `fmt` and see a key."""
+        return np.nonzero((self.decisions.formats == fmt) & self.sees_keys)
+
+    def summary(self) -> str:
+        """One line: every format chosen and its heads (those that see no key included)."""
+        from nkattn.reference.precision import BY_COST
+
+        formats = self.decisions.formats
+        return "; ".join(f"{f} on {heads_text(*np.nonzero(formats == f), formats.size)}"
+                         for f in BY_COST if (formats == f).any())
+
+
+def heads_text(bs, hs, total: int, shown: int = 8) -> str:
+    """'2 of 12 heads, (b, h) = (0, 1), (1, 4)', the first `shown` heads listed."""
+    pairs = [f"({b}, {h})" for b, h in zip(bs.tolist(), hs.tolist())]
+    more = f", ... ({len(pairs) - shown} more)" if len(pairs) > shown else ""
+    return f"{len(pairs)} of {total} heads, (b, h) = {', '.join(pairs[:shown])}{more}"
+
+
+@dataclass(frozen=True)
 class Request:
-    """What a call asks for, without its data: enough for a backend to accept or refuse it."""
+    """What a call asks for, without its data: enough for a backend to accept or refuse it
+    (precision='auto' adds the formats it chose per head from the data)."""
 
     method: str
     dtype: np.dtype  # of q, k and v: float16, bfloat16, float32 or float64
@@ -49,8 +83,9 @@ class Request:
     key_lengths: bool  # a key_lengths mask was given
     on_device: bool  # device arrays in, device arrays of the same framework out
     scale: float | None  # as the caller gave it; None: the method's default
-    precision: str | None  # float32 arithmetic asked for; None: the backend's own
+    precision: str | None  # float32 arithmetic asked for, or "auto" (a format per head); None: the backend's own
     options: Mapping[str, Any] = field(default_factory=dict)  # the method's, checked, defaults filled in
+    head_formats: HeadFormats | None = None  # precision="auto" only
 
 
 @dataclass(frozen=True)
@@ -109,6 +144,8 @@ class Method:
     needs_finite: Mapping[str, str] = field(default_factory=dict)
     demo_options: Mapping[str, Any] = field(default_factory=dict)  # what `nkattn run` passes on its sample
     bench: str | None = None  # the study `nkattn bench <name>` runs
+    # precisions beyond PRECISIONS that pick a format per head ("auto"), which this method's backends run
+    precision_policies: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------
@@ -175,6 +212,7 @@ def method_options(method: str, given: Mapping[str, Any]) -> dict:
 FP32_PRECISIONS = (None, "fp32")
 TENSOR_CORE_PRECISIONS = ("tf32x3", "tf32")
 PRECISIONS = ("fp32", *TENSOR_CORE_PRECISIONS)  # every precision a float32 call may ask for
+PRECISION_POLICIES = ("auto",)  # a format per head, for the methods that list it
 
 
 def cuda_available() -> bool:
@@ -198,7 +236,9 @@ def ffma_reasons(request: Request, **dims: int) -> list[str]:
     reasons = _no_device()
     if request.dtype in arrays.HALF_DTYPES:
         reasons.append("float16/bfloat16 need the tensor-core kernel (the FFMA kernels take float32 and float64)")
-    if request.precision not in FP32_PRECISIONS:
+    if request.precision in PRECISION_POLICIES:
+        reasons.append(_per_head_reason(request))
+    elif request.precision not in FP32_PRECISIONS:
         reasons.append(f"precision={request.precision!r} needs the tensor-core kernel (the FFMA kernels compute in fp32)")
     for label, dim in dims.items():
         if dim not in KERNEL_HEAD_DIMS:
@@ -212,7 +252,13 @@ def _same_dims(request: Request) -> list[str]:
     return []
 
 
+def _per_head_reason(request: Request) -> str:
+    return f"precision={request.precision!r} runs each head in its own format: the 'format per head' backends run it"
+
+
 def reference_reasons(request: Request) -> list[str]:
+    if request.precision in PRECISION_POLICIES:
+        return [_per_head_reason(request)]
     if request.precision not in FP32_PRECISIONS:
         return [f"precision={request.precision!r} is a kernel's arithmetic; the reference computes in float64"]
     return []
@@ -362,13 +408,142 @@ def _exact_tc_run(call: Call):
     return out.copy_to_host().view(req.dtype), lse.copy_to_host()
 
 
+# --------------------------------------------------------------------------------------
+# exact with precision="auto": a format per head
+# --------------------------------------------------------------------------------------
+
+# the formats whose operands are the inputs themselves (no block scales, no smoothing), so a call
+# of that dtype computes them: fp32 on the FFMA kernel, fp16 and bf16 on the tensor-core kernel;
+# fp8 and int8 have no CUDA kernel yet (issue 12, item 2)
+KERNEL_FORMATS = {name: dtype for name, dtype in (("fp32", np.dtype(np.float32)), ("fp16", np.dtype(np.float16)),
+                                                  ("bf16", arrays.BFLOAT16)) if dtype is not None}
+AUTO_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # each head is rounded down from these to its format
+
+
+def _check_tolerance(name: str, value):
+    from nkattn.reference.precision import check_tolerance
+
+    return None if value is None else check_tolerance("auto", value)
+
+
+def _exact_check(req: Request, given: frozenset) -> None:
+    from nkattn.reference.precision import check_tolerance
+
+    tolerance = req.options["tolerance"]
+    if req.precision in PRECISION_POLICIES:
+        check_tolerance(req.precision, tolerance)
+    elif tolerance is not None:
+        raise ValueError(f"tolerance applies to precision in {PRECISION_POLICIES} only (the error budget of each "
+                         f"head), got tolerance={tolerance!r} with precision={req.precision!r}")
+
+
+def choose_head_formats(req: Request, q, k, v, key_lengths, scale: float) -> HeadFormats:
+    """`nkattn.reference.precision.choose` on the call's data (copied to the host in float64): the
+    analyzers of every head and the policy `req.precision` with ``tolerance``."""
+    from nkattn.reference.exact import visible_key_counts
+    from nkattn.reference.precision import choose
+
+    q, k, v = (np.asarray(arrays.to_host(x, req.dtype), dtype=np.float64) for x in (q, k, v))
+    decisions = choose(q, k, v, req.precision, tolerance=req.options["tolerance"], causal=req.causal, scale=scale,
+                       key_lengths=key_lengths)
+    sees = (visible_key_counts(req.batch, req.nq, req.nk, req.causal, key_lengths) > 0).any(axis=-1)
+    return HeadFormats(decisions, np.broadcast_to(sees[:, None], (req.batch, req.heads)))
+
+
+def _per_head(call: Call, compute: Callable) -> tuple:
+    """(O, lse) with every format's heads computed together as a batch of one-head sequences:
+    ``compute(fmt, q, k, v, key_lengths)`` on float64 host arrays (n, 1, N, d) -> (O, lse) of any
+    float dtype. Heads that see no key are O = 0, lse = -inf, as in every format."""
+    req, plan = call.request, call.request.head_formats
+    q, k, v = (np.asarray(arrays.to_host(x, req.dtype), dtype=np.float64) for x in (call.q, call.k, call.v))
+    lengths = np.full(req.batch, req.nk, np.int32) if call.key_lengths is None else call.key_lengths
+    group = req.heads // req.kv_heads
+    out = np.zeros((req.batch, req.heads, req.nq, req.value_dim), dtype=req.dtype)
+    lse = np.full((req.batch, req.heads, req.nq), -np.inf, dtype=req.dtype)
+    for fmt in plan.formats():
+        bs, hs = plan.heads(fmt)
+        o_f, lse_f = compute(fmt, q[bs, hs][:, None], k[bs, hs // group][:, None], v[bs, hs // group][:, None],
+                             lengths[bs])
+        out[bs, hs] = o_f[:, 0]
+        lse[bs, hs] = lse_f[:, 0]
+    return arrays.from_host(call.q, out), arrays.from_host(call.q, lse)
+
+
+def _single_format_request(req: Request, fmt: str, heads: int) -> Request:
+    """The request of a plain call in `fmt`'s dtype on `heads` one-head sequences, on the host."""
+    return replace(req, dtype=KERNEL_FORMATS[fmt], batch=heads, heads=1, kv_heads=1, key_lengths=True,
+                   on_device=False, precision=None, options={**req.options, "tolerance": None}, head_formats=None)
+
+
+def _single_format_kernels() -> list[Backend]:
+    return [b for b in EXACT.backends if b.name == "cuda" and b.run is not _auto_cuda_run]
+
+
+def _policy_only(req: Request) -> list[str]:
+    if req.precision in PRECISION_POLICIES:
+        return []
+    return [f"runs precision in {PRECISION_POLICIES} only (a format per head), got precision={req.precision!r}"]
+
+
+def _auto_cuda_reasons(req: Request) -> list[str]:
+    """Each format's heads go where a plain call of that format's dtype goes with backend='cuda';
+    a format no kernel computes is a reason, never another format."""
+    if req.precision not in PRECISION_POLICIES:
+        return _policy_only(req)
+    reasons = []
+    plan = req.head_formats
+    for fmt in plan.formats():
+        bs, hs = plan.heads(fmt)
+        chose = f"precision={req.precision!r} chose {fmt} for {heads_text(bs, hs, req.batch * req.heads)}"
+        if fmt not in KERNEL_FORMATS:
+            reasons.append(f"{chose}: no CUDA kernel computes {fmt} yet (backend='reference' emulates it)")
+            continue
+        sub = _single_format_request(req, fmt, bs.size)
+        refusals = [(b, b.supports(sub)) for b in _single_format_kernels()]
+        if all(r for _, r in refusals):
+            reasons.append(f"{chose}, and no kernel takes {KERNEL_FORMATS[fmt]} here: "
+                           + "; ".join(f"{b.label}: {'; '.join(r)}" for b, r in refusals))
+    return reasons
+
+
+def _auto_cuda_run(call: Call):
+    """Every format's heads rounded once from the caller's data to its dtype, on the host, and run
+    by the kernel a plain call of that dtype takes (batch invariance: the bits of the full call)."""
+
+    def launch(fmt, q, k, v, key_lengths):
+        dtype = KERNEL_FORMATS[fmt]
+        req = _single_format_request(call.request, fmt, q.shape[0])
+        backend = next(b for b in _single_format_kernels() if not b.supports(req))
+        sub = Call(req, *(arrays.round_to(x, dtype) for x in (q, k, v)), key_lengths, call.scale)
+        return backend.run(sub)
+
+    return _per_head(call, launch)
+
+
+def _auto_reference_run(call: Call):
+    from nkattn.reference.precision import emulate
+
+    def emulated(fmt, q, k, v, key_lengths):
+        return emulate(q, k, v, fmt, causal=call.request.causal, scale=call.scale, key_lengths=key_lengths)
+
+    return _per_head(call, emulated)
+
+
 EXACT = Method(
     name="exact",
     summary="softmax attention",
     semantics="nkattn.reference.exact",
     approximate=False,
-    options={},
+    options={
+        "tolerance": Option(None, _check_tolerance,
+                            "precision='auto': the largest predicted ‖O_f - O‖_F / ‖O‖_F of each head's format f"),
+    },
     backends=(
+        Backend(
+            "cuda", "cuda (format per head)", _auto_cuda_reasons, _auto_cuda_run,
+            arithmetic="precision='auto': each head on the kernel a call in its format's dtype takes (fp32: FFMA, "
+                       "fp16/bf16: tensor cores), heads rounded on the host; no kernel for fp8 and int8 yet",
+        ),
         Backend(
             "cuda", "cuda (tensor-core kernel)", _exact_tc_reasons, _exact_tc_run,
             arithmetic="wgmma with float32 accumulation and softmax: float16/bfloat16 operands; float32 as "
@@ -381,9 +556,16 @@ EXACT = Method(
             arithmetic="float32: FMA and hardware exp; float64: one rounding per operation, portable exp/log",
             bit_reference=_exact_kernel_bits,
         ),
+        Backend(
+            "reference", "reference (format per head)", _policy_only, _auto_reference_run,
+            arithmetic="precision='auto': each head in its format's rounding, emulated in float64 "
+                       "(nkattn.reference.precision.emulate)",
+        ),
         _reference_backend(_exact_reference),
     ),
+    check=_exact_check,
     bench="exact-bench",
+    precision_policies=PRECISION_POLICIES,
 )
 
 

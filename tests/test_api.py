@@ -170,7 +170,8 @@ def test_when_nothing_fits_the_error_lists_every_backend_and_its_reasons():
 
 def test_an_unknown_precision_is_named_with_the_known_ones():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"precision must be None or one of \('fp32', 'tf32x3', 'tf32'\), got 'bf16x3'"):
+    with pytest.raises(ValueError, match=r"precision must be None or one of \('fp32', 'tf32x3', 'tf32', 'auto'\), "
+                                         r"got 'bf16x3'"):
         nkattn.attention(q, k, v, precision="bf16x3")
 
 

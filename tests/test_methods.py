@@ -40,8 +40,10 @@ FOREIGN_OPTIONS = [
     pytest.param("lsh", {"table": "dot"}, ValueError, "table only applies to method='table'", id="lsh-table"),
     pytest.param("exact", {"seed": 1}, ValueError, "seed only applies to method='lsh' or method='table' or method='lowrank'",
                  id="exact-seed"),
-    pytest.param("lsh", {"rank": 4}, ValueError, "method='lsh' takes no option rank: rank, oversample, power_iters, energy "
-                 "and tolerance only apply to method='lowrank'", id="lsh-rank"),
+    pytest.param("lsh", {"rank": 4}, ValueError, "method='lsh' takes no option rank: rank, oversample, power_iters and "
+                 "energy only apply to method='lowrank'", id="lsh-rank"),
+    pytest.param("lsh", {"tolerance": 0.01}, ValueError, "method='lsh' takes no option tolerance: tolerance only applies "
+                 "to method='exact' or method='lowrank'", id="lsh-tolerance"),
     pytest.param("lsh", {"rnak": 4}, TypeError, "unexpected keyword argument 'rnak'", id="unknown"),
 ]
 

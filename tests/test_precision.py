@@ -1,15 +1,22 @@
 """Low-precision references (`nkattn.reference.precision`): each format's rounding against
 ml_dtypes, its error against float64 within its written bound, the analyzers against direct
-float64 formulas, the policies' decisions on constructed heads, and bad inputs."""
+float64 formulas, the policies' decisions on constructed heads, and bad inputs; then
+``nkattn.attention(..., precision="auto", tolerance=...)``: its decisions are the reference
+policy's, each head is what a call in its format gives, and what it refuses."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 import ml_dtypes
 import numpy as np
 import pytest
+from numba import cuda
 
+import nkattn
+from nkattn.api import plan
 from nkattn.reference import precision as pr
 from nkattn.reference.exact import attention_ref, visible_key_counts
 from nkattn.testing import assert_within_budget, float32_floor
@@ -322,3 +329,195 @@ def test_auto_defaults_to_the_calibrated_predictor():
     assert pr.default_predictor().source == "calibration_heads(seed=0)"
     assert d.predicted.shape == (1, 3, len(FORMATS)) and set(d.formats.ravel()) <= set(FORMATS)
     np.testing.assert_array_equal(pr.choose(q, k, v, "auto", tolerance=1e-2).formats, d.formats)
+
+
+# --------------------------------------------------------------------------------------
+# precision="auto" in nkattn.attention
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _small_predictor() -> pr.Predictor:
+    """Fitted as `default_predictor` is, on fewer and smaller calibration heads (0.2 s; the default
+    takes 4 to 16 s on 2 cores); the API must follow whatever `default_predictor` returns."""
+    q, k, v = pr.calibration_heads(seed=0, heads=24, n=48, d=16)
+    return pr.fit_predictor(pr.head_stats(pr.analyze(q, k, v)), pr.measured_errors(q, k, v), source="test")
+
+
+@pytest.fixture
+def small_predictor(monkeypatch):
+    monkeypatch.setattr(pr, "default_predictor", _small_predictor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Predicts:
+    """Predicts `errors` (B, H, len(FORMATS)) whatever the heads."""
+
+    errors: np.ndarray
+
+    def predict(self, stats):
+        return self.errors
+
+
+def _force(monkeypatch, formats):
+    """Make precision='auto' choose formats[b][h] for head (b, h) at any tolerance below 1."""
+    chosen = np.array(formats, dtype=object)
+    errors = np.where(chosen[..., None] == np.array(FORMATS, dtype=object), 0.0, 1.0)
+    monkeypatch.setattr(pr, "default_predictor", lambda: _Predicts(errors))
+
+
+def _as(x, dtype):
+    return tuple(np.asarray(a).astype(dtype) for a in x)
+
+
+@pytest.mark.parametrize("tolerance", [1e-1, 3e-2, 1e-3, 1e-6])
+def test_auto_decides_as_the_reference_policy_on_constructed_heads(small_predictor, tolerance):
+    q, k, v = _as(_constructed_heads(n=32, d=16), np.float32)
+    _, decisions = nkattn.attention(q, k, v, precision="auto", tolerance=tolerance, return_decisions=True,
+                                    backend="reference")
+    expected = pr.choose(*_as((q, k, v), np.float64), "auto", tolerance=tolerance)
+    np.testing.assert_array_equal(decisions.formats, expected.formats)
+    np.testing.assert_array_equal(decisions.predicted, expected.predicted)
+    assert decisions.precision == "auto" and decisions.tolerance == tolerance
+    if tolerance == 1e-3:  # one-hot rows and the huge dynamic range need more bits than uniform rows
+        assert list(decisions.formats[0]) == ["fp32", "fp16", "fp32"]
+    if tolerance == 1e-6:  # fp32 meets it, or nothing does and fp32 is the fallback
+        assert set(decisions.formats.ravel()) == {"fp32"}
+
+
+def test_auto_passes_masks_and_scale_to_the_policy(small_predictor):
+    q, k, v = _inputs(10, 2, 4, 2, 20, 30, 16, 16, temperature=3.0)
+    given = {"causal": True, "scale": 0.4, "key_lengths": np.array([30, 11])}
+    _, decisions = nkattn.attention(q, k, v, precision="auto", tolerance=3e-2, return_decisions=True,
+                                    backend="reference", **given)
+    expected = pr.choose(q, k, v, "auto", tolerance=3e-2, **given)
+    np.testing.assert_array_equal(decisions.predicted, expected.predicted)
+    np.testing.assert_array_equal(decisions.formats, expected.formats)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auto_on_the_reference_is_each_heads_emulation(small_predictor, dtype):
+    """GQA, causal with Nq != Nk, and a batch whose rows see no key (O = 0, lse = -inf)."""
+    q, k, v = _as(_inputs(11, 2, 4, 2, 24, 40, 16, 8, temperature=2.0), dtype)
+    q[0, 1] *= 0.1  # a diffuse head
+    q[0, 3] *= 30.0  # a sharp one
+    lengths = np.array([40, 0])
+    out, lse, decisions = nkattn.attention(q, k, v, causal=True, key_lengths=lengths, precision="auto",
+                                           tolerance=3e-2, return_lse=True, return_decisions=True, backend="reference")
+    assert out.dtype == dtype and lse.dtype == dtype
+    assert len(set(decisions.formats[0])) >= 3, decisions.formats
+    emulated = {f: pr.emulate(*_as((q, k, v), np.float64), f, causal=True, key_lengths=lengths)
+                for f in set(decisions.formats.ravel())}
+    for (b, h), fmt in np.ndenumerate(decisions.formats):
+        o_f, lse_f = emulated[fmt]
+        np.testing.assert_array_equal(out[b, h], o_f[b, h].astype(dtype), err_msg=f"O of head {(b, h)} ({fmt})")
+        np.testing.assert_array_equal(lse[b, h], lse_f[b, h].astype(dtype), err_msg=f"lse of head {(b, h)} ({fmt})")
+    assert (out[1] == 0).all() and (lse[1] == -np.inf).all()
+
+
+def test_auto_on_cuda_runs_each_head_on_the_kernel_of_its_format(monkeypatch):
+    """Each head's bits are those of a plain call in its format's dtype; heads that see no key (batch 1)
+    need no kernel, whatever their format."""
+    q, k, v = _as(_constructed_heads(n=8, d=16), np.float32)
+    q, k, v = (np.concatenate([x, x]) for x in (q, k, v))
+    _force(monkeypatch, [["fp32", "fp16", "bf16"], ["fp8", "int8-fp16", "fp16"]])
+    lengths = np.array([8, 0])
+    out, lse = nkattn.attention(q, k, v, key_lengths=lengths, precision="auto", tolerance=1e-2, return_lse=True,
+                                backend="cuda")
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    for h, dtype in enumerate((np.float32, np.float16, ml_dtypes.bfloat16)):
+        alone, alone_lse = nkattn.attention(*(x[:1, h:h + 1].astype(dtype) for x in (q, k, v)), return_lse=True,
+                                            backend="cuda")
+        np.testing.assert_array_equal(out[0, h], alone[0, 0].astype(np.float32), err_msg=f"O of head {h}")
+        np.testing.assert_array_equal(lse[0, h], alone_lse[0, 0], err_msg=f"lse of head {h}")
+    assert (out[1] == 0).all() and (lse[1] == -np.inf).all()
+
+
+def test_auto_is_deterministic_and_logs_one_line_per_call(small_predictor, caplog):
+    q, k, v = _inputs(12, 1, 3, 3, 16, 16, 16, 16, temperature=2.0)
+    runs = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nkattn.api"):
+            runs.append(nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, return_lse=True,
+                                         return_decisions=True, backend="reference"))
+        assert len(caplog.records) == 1
+        runs[-1] += (caplog.records[0].getMessage(),)
+    (out, lse, decisions, line), (out2, lse2, decisions2, line2) = runs
+    np.testing.assert_array_equal(out, out2)
+    np.testing.assert_array_equal(lse, lse2)
+    np.testing.assert_array_equal(decisions.formats, decisions2.formats)
+    np.testing.assert_array_equal(decisions.predicted, decisions2.predicted)
+    assert line == line2
+    assert line.startswith("precision='auto', tolerance=0.01, reference (format per head): ")
+    for fmt in set(decisions.formats.ravel()):
+        assert f"{fmt} on " in line
+
+
+def test_formats_without_a_kernel_are_cuda_reasons_naming_format_and_heads(monkeypatch):
+    q, k, v = _as(_inputs(13, 1, 3, 3, 8, 8, 16, 16), np.float32)
+    _force(monkeypatch, [["fp16", "fp8", "int8-fp16"]])
+    with pytest.raises(ValueError) as info:
+        nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="cuda")
+    message = str(info.value)
+    assert ("cuda (format per head): precision='auto' chose fp8 for 1 of 3 heads, (b, h) = (0, 1): no CUDA kernel "
+            "computes fp8 yet (backend='reference' emulates it)") in message
+    assert "chose int8-fp16 for 1 of 3 heads, (b, h) = (0, 2): no CUDA kernel computes int8-fp16 yet" in message
+    assert "chose fp16" not in message  # fp16 has its kernel
+    # backend="auto" takes the emulation: host inputs quietly, device inputs with a warning
+    assert plan(q, k, v, precision="auto", tolerance=1e-2)[1].label == "reference (format per head)"
+    expected = nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="reference")
+    with pytest.warns(nkattn.FallbackWarning, match="no CUDA kernel computes fp8 yet"):
+        out = nkattn.attention(*(cuda.to_device(x) for x in (q, k, v)), precision="auto", tolerance=1e-2)
+    np.testing.assert_array_equal(out.copy_to_host(), expected)
+
+
+def test_a_format_whose_kernel_refuses_the_shape_is_a_reason(monkeypatch):
+    """fp32 heads go to the FFMA kernel, which tiles d in (16, 32, ...): d = 24 is refused, not run as tf32x3."""
+    q, k, v = _as(_inputs(14, 1, 2, 2, 8, 8, 24, 24), np.float32)
+    _force(monkeypatch, [["fp32", "fp16"]])
+    with pytest.raises(ValueError, match=r"chose fp32 for 1 of 2 heads, \(b, h\) = \(0, 0\), and no kernel takes "
+                                         r"float32 here: .*cuda \(FFMA kernel\): the FFMA kernels support d in"):
+        nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="cuda")
+
+
+AUTO_BAD = [
+    pytest.param({"precision": "fp4"}, ValueError,
+                 r"precision must be None or one of \('fp32', 'tf32x3', 'tf32', 'auto'\), got 'fp4'", id="precision"),
+    pytest.param({"precision": "auto"}, ValueError, r"precision='auto' needs tolerance=", id="no-tolerance"),
+    *(pytest.param({"precision": "auto", "tolerance": t}, ValueError, "tolerance must be a finite number > 0",
+                   id=f"tolerance-{t!r}") for t in (0, -1e-3, float("nan"), float("inf"), True, "1e-3")),
+    pytest.param({"tolerance": 1e-3}, ValueError, r"tolerance applies to precision in \('auto',\) only .* "
+                 r"got tolerance=0.001 with precision=None", id="tolerance-alone"),
+    pytest.param({"precision": "tf32", "tolerance": 1e-3}, ValueError, "tolerance applies to precision in",
+                 id="tolerance-tf32"),
+    pytest.param({"precision": "auto", "tolerance": 1e-3, "method": "lsh"}, ValueError,
+                 "method='lsh' takes no option tolerance: tolerance only applies to method='exact' or method='lowrank'",
+                 id="lsh-tolerance"),
+    pytest.param({"precision": "auto", "method": "lsh"}, ValueError,
+                 r"precision='auto' applies to method='exact' only; method='lsh' takes precision None or one of "
+                 r"\('fp32', 'tf32x3', 'tf32'\)", id="lsh"),
+    pytest.param({"precision": "auto", "tolerance": 1e-2, "method": "lowrank"}, ValueError,
+                 "precision='auto' applies to method='exact' only", id="lowrank"),
+    pytest.param({"precision": "auto", "tolerance": 1e-2, "dtype": np.float16}, ValueError,
+                 "precision='auto' rounds each head from the input down to its format, so it takes float32 or "
+                 "float64 inputs; these are float16", id="float16"),
+    pytest.param({"return_decisions": True}, ValueError,
+                 r"return_decisions=True returns the formats a precision in \('auto',\) chose per head, got "
+                 "precision=None", id="decisions-without-auto"),
+    pytest.param({"precision": "auto", "tolerance": 1e-2, "return_decisions": "yes"}, TypeError,
+                 "return_decisions must be True or False", id="decisions-flag"),
+    pytest.param({"precision": "auto", "tolerance": 1e-2, "check_finite": False, "nan": True}, ValueError,
+                 r"q holds nan at index \(0, 0, 1, 2\); precision='auto' needs finite q whatever check_finite says",
+                 id="nan"),
+]
+
+
+@pytest.mark.parametrize("given, exc, message", AUTO_BAD)
+def test_bad_auto_calls_are_named(given, exc, message):
+    given = dict(given)
+    q, k, v = _as(_inputs(15, 1, 1, 1, 4, 4, 16, 16), given.pop("dtype", np.float32))
+    if given.pop("nan", False):
+        q[0, 0, 1, 2] = np.nan
+    with pytest.raises(exc, match=message):
+        nkattn.attention(q, k, v, **given)
