@@ -1,4 +1,5 @@
-"""Exact attention: kernel vs float64 oracle and bit-level mirror, determinism, invariance, extremes.
+"""Exact attention: kernel vs float64 oracle and bit-level mirror, determinism, invariance, extremes,
+the row entropy.
 
 Under the simulator (no GPU) the grids are tiny; on a GPU the same tests run the
 full grid, plus the `gpu`-marked ones (float32 precision, many repeats).
@@ -285,3 +286,37 @@ def test_device_tensors_in_device_tensors_out(framework):
     np.testing.assert_array_equal(got, nkattn.attention(*host, causal=True))
     for x, y in zip(dev, before):
         assert bool((x == y).all())
+
+
+# --------------------------------------------------------------------------------------
+# row entropy (return_entropy=True): the oracle, the mirror, the kernel's compile-time variant
+# --------------------------------------------------------------------------------------
+
+
+def entropy_by_definition(q, k, causal=False, key_lengths=None):
+    """-Σ p log p from the oracle's probabilities, written independently of its entropy."""
+    identity = np.broadcast_to(np.eye(k.shape[2]), (*k.shape[:2], k.shape[2], k.shape[2]))
+    p = attention_ref(q, k, identity, causal=causal, key_lengths=key_lengths)[0]  # O with v = I: the rows of P
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+
+
+@pytest.mark.parametrize("canonical", [True, False], ids=["canonical-order", "simulator-order"])
+def test_entropy_of_mirror_and_oracle_match_the_definition(canonical):
+    rng = np.random.default_rng(14)
+    for d, logit_scale in ((16, 1.0), (64, 6.0)):
+        q = rng.standard_normal((2, 4, 37, d)) * logit_scale
+        k, v = rng.standard_normal((2, 2, 2, 41, d))
+        order = streaming_order(np.float64, d) if canonical else SIMULATOR_ORDER
+        for causal in (False, True):
+            for key_lengths in (None, (41, 0)):
+                o_ref, lse_ref, h_ref = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, return_entropy=True)
+                o, lse, h = streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, order=order,
+                                                    return_entropy=True)
+                assert relative_error(h_ref, entropy_by_definition(q, k, causal, key_lengths)) <= 1e-14
+                assert relative_error(h, h_ref) <= 1e-14
+                # asking for the entropy changes nothing else, to the bit
+                without = (*attention_ref(q, k, v, causal=causal, key_lengths=key_lengths),
+                           *streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, order=order))
+                for name, got, expected in zip(("O", "lse", "O mirror", "lse mirror"), (o_ref, lse_ref, o, lse), without):
+                    assert_bit_identical(name, got, expected)
