@@ -14,8 +14,20 @@ from numba import cuda
 import nkattn
 from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
-from nkattn.reference.exact import attention_ref, streaming_attention_ref, streaming_order
-from nkattn.testing import assert_bit_identical, nan_padded_device_view, relative_error
+from nkattn.reference.exact import (
+    attention_ref,
+    default_scale,
+    streaming_attention_ref,
+    streaming_order,
+    visible_key_counts,
+)
+from nkattn.testing import (
+    assert_bit_identical,
+    assert_within_budget,
+    float32_floor,
+    nan_padded_device_view,
+    relative_error,
+)
 
 from .conftest import REAL_GPU, SIMULATOR, check_float32
 
@@ -320,3 +332,82 @@ def test_entropy_of_mirror_and_oracle_match_the_definition(canonical):
                            *streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, order=order))
                 for name, got, expected in zip(("O", "lse", "O mirror", "lse mirror"), (o_ref, lse_ref, o, lse), without):
                     assert_bit_identical(name, got, expected)
+
+
+ENTROPY_SIM_GRID = [
+    case(1, 2, 1, 9, 17, 16, causal=True),
+    case(2, 1, 1, 7, 12, 32, key_lengths=(12, 0)),
+    case(1, 2, 2, 11, 6, 16, causal=True, dtype=np.float32),
+    case(2, 2, 1, 5, 9, 32, key_lengths=(9, 4), dtype=np.float32),
+]
+
+ENTROPY_GRID = GPU_GRID if REAL_GPU else ENTROPY_SIM_GRID
+
+
+def run_kernel_entropy(q, k, v, causal=False, key_lengths=None):
+    """(O, lse, entropy) from the FFMA kernel's entropy variant, at the default scale."""
+    lengths = np.full(q.shape[0], k.shape[2], np.int32) if key_lengths is None else np.asarray(key_lengths, np.int32)
+    results = exact_attention(*(cuda.to_device(x) for x in (q, k, v)), cuda.to_device(lengths), causal=causal,
+                              scale=default_scale(q.shape[-1]), return_entropy=True)
+    return tuple(x.copy_to_host() for x in results)
+
+
+@pytest.mark.parametrize("c", ENTROPY_GRID)
+def test_entropy_kernel_within_budget_and_float64_bit_identical_to_mirror(c):
+    q, k, v = make_inputs(c, seed=15, logit_scale=3.0)
+    o, lse, h = run_kernel_entropy(q, k, v, c["causal"], c["key_lengths"])
+    _, _, h_ref = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"], return_entropy=True)
+    if c["dtype"] == np.float64:
+        mirror = streaming_attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"],
+                                         order=kernel_order(np.float64, c["d"]), return_entropy=True)
+        for name, got, expected in zip(("O", "lse", "entropy"), (o, lse, h), mirror):
+            assert_bit_identical(name, got, expected)
+        assert relative_error(h, h_ref) <= 1e-12
+    else:
+        _, _, h_naive = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"], return_entropy=True,
+                                      compute_dtype=np.float32)
+        check_float32("entropy", h, h_ref, h_naive)
+
+
+@settings(max_examples=4 if SIMULATOR else 60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    nq=st.integers(1, 12 if SIMULATOR else 300),
+    nk=st.integers(1, 20 if SIMULATOR else 300),
+    d=st.sampled_from([16] if SIMULATOR else [16, 32, 64, 128, 256]),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    logit_scale=st.sampled_from([0.0, 1.0, 30.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_float64_entropy_matches_mirror_and_oracle(b, hkv, group, nq, nk, d, causal, masked, logit_scale, seed):
+    rng = np.random.default_rng(seed)
+    c = {"b": b, "h": hkv * group, "hkv": hkv, "nq": nq, "nk": nk, "d": d, "dtype": np.float64}
+    q, k, v = make_inputs(c, seed=seed, logit_scale=logit_scale)
+    key_lengths = rng.integers(0, nk + 1, size=b) if masked else None
+    _, _, h = run_kernel_entropy(q, k, v, causal, key_lengths)
+    _, _, h_mirror = streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths,
+                                             order=kernel_order(np.float64, d), return_entropy=True)
+    assert_bit_identical("entropy", h, h_mirror)
+    _, _, h_ref = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, return_entropy=True)
+    assert relative_error(h, h_ref) <= 1e-12
+    # two terms >= 0 make H >= 0 exactly; at most ln n over n visible keys, up to log's rounding
+    n_visible = np.maximum(visible_key_counts(b, nq, nk, causal, key_lengths), 1)[:, None]
+    assert (h >= 0).all() and (h <= np.log(n_visible) * (1 + 4 * np.finfo(np.float64).eps)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logit_scale", [0.2, 1.0, 8.0], ids=["flat", "plain", "sharp"])
+def test_float32_entropy_within_error_budget_on_gpu(logit_scale):
+    # rows of high entropy (flat), plain and near one-hot (sharp) against float64, with the budget
+    # set by the naive float32 formula; O and lse of the entropy kernel are held to the same rule
+    c = {"b": 2, "h": 8, "hkv": 2, "nq": 1000, "nk": 1531, "d": 64, "dtype": np.float32}
+    q, k, v = make_inputs(c, seed=18, logit_scale=logit_scale)
+    key_lengths = np.array([1531, 900])
+    got = run_kernel_entropy(q, k, v, True, key_lengths)
+    ref = attention_ref(q, k, v, causal=True, key_lengths=key_lengths, return_entropy=True)
+    naive = attention_ref(q, k, v, causal=True, key_lengths=key_lengths, return_entropy=True, compute_dtype=np.float32)
+    for name, g, r, n in zip(("O", "lse", "entropy"), got, ref, naive):
+        assert_within_budget(name, g, r, n, floor=float32_floor(r))
