@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from numba import cuda
 
 import nkattn
+from nkattn.api import plan
 from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
+from nkattn.methods import METHODS, Request, method_options
 from nkattn.reference.exact import (
     attention_ref,
     default_scale,
@@ -411,3 +413,80 @@ def test_float32_entropy_within_error_budget_on_gpu(logit_scale):
     naive = attention_ref(q, k, v, causal=True, key_lengths=key_lengths, return_entropy=True, compute_dtype=np.float32)
     for name, g, r, n in zip(("O", "lse", "entropy"), got, ref, naive):
         assert_within_budget(name, g, r, n, floor=float32_floor(r))
+
+
+def extreme_rows(dtype):
+    """Batch 0 one-hot rows, batch 1 uniform rows over up to 3 keys, batch 2 no key at all; causal
+    with Nq = 6 > Nk = 4 hides every key from rows 0 and 1."""
+    b, nq, nk, d = 3, 6, 4, 16
+    q = np.zeros((b, 1, nq, d))
+    k = np.zeros((b, 1, nk, d))
+    k[0, 0, :, :nk] = np.eye(nk)
+    for i in range(2, nq):
+        q[0, 0, i, min(i - 2, nk - 1)] = 4e4  # a score of 1e4 on the row's last visible key, 0 elsewhere
+    v = np.random.default_rng(16).standard_normal((b, 1, nk, d))
+    key_lengths = np.array([nk, 3, 0])
+    visible = visible_key_counts(b, nq, nk, True, key_lengths)[:, None, :]
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype)), key_lengths, visible
+
+
+@pytest.mark.parametrize("backend", ["cuda", "reference"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_entropy_of_one_hot_uniform_and_empty_rows(backend, dtype):
+    (q, k, v), key_lengths, visible = extreme_rows(dtype)
+    o, lse, h = nkattn.attention(q, k, v, causal=True, key_lengths=key_lengths, return_lse=True, return_entropy=True,
+                                 backend=backend)
+    assert h.dtype == dtype and not np.isnan(h).any()
+    seen = visible > 0
+    assert (h[0] == 0).all(), "one-hot rows (and rows that see nothing) have entropy 0"
+    np.testing.assert_allclose(h[1][seen[1]], np.log(visible[1][seen[1]]), rtol=4 * np.finfo(dtype).eps)
+    assert (h[~seen] == 0).all() and (o[~seen] == 0).all() and (lse[~seen] == -np.inf).all()
+
+
+def test_return_entropy_composes_with_return_lse_and_device_arrays():
+    c = {"b": 1, "h": 1, "hkv": 1, "nq": 5, "nk": 9, "d": 16, "dtype": np.float64}
+    q, k, v = make_inputs(c, seed=17)
+    o, lse = nkattn.attention(q, k, v, causal=True, return_lse=True, backend="cuda")
+    o_h, h = nkattn.attention(q, k, v, causal=True, return_entropy=True, backend="cuda")
+    o_dev, lse_dev, h_dev = nkattn.attention(*(cuda.to_device(x) for x in (q, k, v)), causal=True, return_lse=True,
+                                             return_entropy=True, backend="cuda")
+    assert all(hasattr(x, "copy_to_host") for x in (o_dev, lse_dev, h_dev)) and h_dev.shape == lse.shape
+    for name, got, expected in (("O", o_h, o), ("O", o_dev.copy_to_host(), o), ("lse", lse_dev.copy_to_host(), lse),
+                                ("entropy", h_dev.copy_to_host(), h)):
+        assert_bit_identical(name, got, expected)
+    with pytest.raises(TypeError, match="return_entropy must be True or False, got 'yes'"):
+        nkattn.attention(q, k, v, return_entropy="yes")
+
+
+@pytest.mark.parametrize("method, options", [("lsh", {}), ("table", {}), ("lowrank", {"rank": 2})])
+def test_methods_other_than_exact_refuse_return_entropy_with_a_reason(method, options):
+    q, k, v = make_inputs({"b": 1, "h": 1, "hkv": 1, "nq": 8, "nk": 8, "d": 16, "dtype": np.float64})
+    with pytest.raises(ValueError) as info:
+        nkattn.attention(q, k, v, method=method, return_entropy=True, **options)
+    message = str(info.value)
+    assert f"no backend can run method={method!r}" in message
+    for backend in METHODS[method].backends:
+        assert f"{backend.label}: no row entropy here (return_entropy=True): only method='exact' computes it" in message
+    assert plan(q, k, v, method=method, **options)[1].name == "cuda"  # the same call without it is taken
+
+
+def test_only_the_ffma_kernel_and_the_float64_reference_take_return_entropy():
+    # a backend added later must say whether it computes the entropy, or it would drop it
+    computes = {("exact", "cuda (FFMA kernel)"), ("exact", "reference (NumPy float64)")}
+    for method, entry in METHODS.items():
+        req = Request(method=method, dtype=np.dtype(np.float32), batch=1, heads=1, kv_heads=1, nq=8, nk=8, head_dim=16,
+                      value_dim=16, causal=False, key_lengths=False, on_device=False, scale=None, precision=None,
+                      options=method_options(method, {}), entropy=True)
+        for backend in entry.backends:
+            refuses = any("return_entropy=True" in reason for reason in backend.supports(req))
+            assert refuses != ((method, backend.label) in computes), f"{method}: {backend.label}"
+
+
+def test_the_tensor_core_kernel_refuses_return_entropy_and_the_reference_takes_it():
+    c = {"b": 1, "h": 1, "hkv": 1, "nq": 8, "nk": 8, "d": 16, "dtype": np.float16}
+    q, k, v = make_inputs(c)
+    assert plan(q, k, v, return_entropy=True)[1].label == "reference (NumPy float64)"
+    o, lse, h = nkattn.attention(q, k, v, return_lse=True, return_entropy=True)
+    assert o.dtype == np.float16 and lse.dtype == h.dtype == np.float32
+    with pytest.raises(ValueError, match=r"cuda \(tensor-core kernel\): [^\n]*no row entropy here \(return_entropy=True\)"):
+        nkattn.attention(q, k, v, return_entropy=True, backend="cuda")
