@@ -1,11 +1,12 @@
 """Exact attention in one fused numba.cuda launch (streaming softmax, O(N) memory).
 
 `exact_attention(q, k, v, ...)` takes numba device arrays and returns device
-arrays (O, lse); `nkattn.attention` is the public entry point that validates and
-converts inputs. `exact_attention_fold` runs the same loop over one chunk of the
-keys, resuming from and leaving a carried state: folding the chunks of a key
-sequence in order gives the bits of one `exact_attention` call (context
-parallelism, `nkattn.distributed`).
+arrays (O, lse), and the row entropy with ``return_entropy=True``;
+`nkattn.attention` is the public entry point that validates and converts inputs.
+`exact_attention_fold` runs the same loop over one chunk of the keys, resuming
+from and leaving a carried state: folding the chunks of a key sequence in order
+gives the bits of one `exact_attention` call (context parallelism,
+`nkattn.distributed`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def exact_attention_kernel(
     prefetch: bool = False,
     max_registers: int | None | str = "tuned",
     resume: bool = False,
+    entropy: bool = False,
 ):
     """Build the fused forward kernel for one dtype and head dim.
 
@@ -79,11 +81,19 @@ def exact_attention_kernel(
     it ends with the same bits as long as every chunk starts on a key tile (BN)
     boundary; which rows share a block does not matter (batch invariance). The
     resume kernel is a separate function: the one-launch kernel's code is untouched.
+
+    `entropy` builds the one-launch kernel that also writes the row entropy
+    (`nkattn.reference.exact`) into an extra (B, H, Nq) argument after lse: one more
+    running sum per row, updated after each tile's softmax step. It too is a separate
+    function, so the kernel without it compiles to the same code as before it existed.
     """
     if max_registers == "tuned":
         max_registers = tuned_register_cap(dtype, max(head_dim, value_dim or head_dim))
     if prefetch and resume:
         raise ValueError("the resume entry loads key tiles directly: prefetch does not apply")
+    if entropy and (prefetch or resume):
+        raise ValueError("the entropy kernel is the one-launch kernel without prefetch: "
+                         f"got prefetch={prefetch}, resume={resume}")
     if prefetch and value_dim not in (None, head_dim):
         raise ValueError(f"prefetch stages K and V rows of equal width: value_dim {value_dim} != head dim {head_dim}")
     sp = streaming_primitives(
@@ -103,6 +113,8 @@ def exact_attention_kernel(
     jit_options = {} if SIMULATOR or max_registers is None else {"max_registers": max_registers}
     if resume:
         return _resume_kernel(sp, jit_options), sp
+    if entropy:
+        return _entropy_kernel(sp, jit_options), sp
 
     @cuda.jit(**jit_options)
     def exact_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale, causal, group):
@@ -239,15 +251,82 @@ def _resume_kernel(sp, jit_options):
     return exact_attention_resume
 
 
+def _entropy_kernel(sp, jit_options):
+    """The one-launch kernel of `exact_attention_kernel` with the row entropy (``entropy=True``)."""
+    TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
+    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
+    visible_keys, load_q_tile, load_kv_tile = sp.visible_keys, sp.load_q_tile, sp.load_kv_tile
+    tile_scores, online_softmax_update, entropy_update, accumulate_pv = (
+        sp.tile_scores, sp.online_softmax_update, sp.entropy_update, sp.accumulate_pv
+    )
+    store_rows, store_entropy_rows = sp.store_rows, sp.store_entropy_rows
+
+    @cuda.jit(**jit_options)
+    def exact_attention_entropy(q, k, v, key_lengths, o, lse, entropy, qk_scale, causal, group):
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        row0 = cuda.blockIdx.x * BM
+        nq = q.shape[2]
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+
+        kv_end = cuda.local.array(TM, np.int32)
+        m_i = cuda.local.array(TM, NB_DTYPE)
+        l_i = cuda.local.array(TM, NB_DTYPE)
+        t_i = cuda.local.array(TM, NB_DTYPE)
+        m_prev = cuda.local.array(TM, NB_DTYPE)
+        l_prev = cuda.local.array(TM, NB_DTYPE)
+        acc = cuda.local.array((TM, TD), NB_DTYPE)
+        s = cuda.local.array((TM, TN), NB_DTYPE)
+        partial = cuda.local.array((TM, TN), NB_DTYPE)
+        q_frag = cuda.local.array(TM, NB_DTYPE)
+        k_frag = cuda.local.array(TN, NB_DTYPE)
+        v_frag = cuda.local.array(TD, NB_DTYPE)
+        for i in range(TM):
+            kv_end[i] = visible_keys(row0 + ty * TM + i, nq, nk_b, causal)
+            m_i[i] = NEG_INF
+            l_i[i] = ZERO
+            t_i[i] = ZERO
+            for e in range(TD):
+                acc[i, e] = ZERO
+        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)
+
+        load_q_tile(q, b, h, row0, smem, tid)
+        for tile_start in range(0, block_kv_end, BN):
+            cuda.syncthreads()  # Q is loaded and every read of the previous tile is done
+            load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)
+            cuda.syncthreads()  # the whole K/V tile is in shared memory
+            tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)
+            for i in range(TM):
+                m_prev[i] = m_i[i]
+                l_prev[i] = l_i[i]
+            online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)
+            # reads only this thread's own P entries: no barrier before it
+            entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid)
+            cuda.syncthreads()  # every thread's P block is written
+            accumulate_pv(smem, ty, tx, acc, q_frag, v_frag)
+
+        store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)
+        store_entropy_rows(entropy, b, h, row0, nq, ty, tx, l_i, t_i)
+
+    return exact_attention_entropy
+
+
 def launch_config(sp, batch: int, heads: int, nq: int):
     """(grid, block, dynamic shared bytes): one block per BM query rows of one (b, h)."""
     return (math.ceil(nq / sp.BM), heads, batch), sp.THREADS, sp.SHARED_BYTES
 
 
 def exact_attention(
-    q, k, v, key_lengths, *, causal: bool, scale: float, out=None, lse=None, stream=0, **variant
+    q, k, v, key_lengths, *, causal: bool, scale: float, out=None, lse=None, return_entropy: bool = False,
+    entropy=None, stream=0, **variant
 ):
-    """Run the fused kernel on device arrays; returns device arrays (O, lse).
+    """Run the fused kernel on device arrays; returns device arrays (O, lse), or
+    (O, lse, entropy) with `return_entropy` (into `entropy` when given, shaped as lse).
 
     `key_lengths` is an int32 device array of length B (Nk for every batch when
     there is no key mask). v may be narrower or wider than q and k (O takes v's
@@ -263,13 +342,21 @@ def exact_attention(
         lse = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream)
     if value_dim != head_dim:
         variant = dict(variant, value_dim=value_dim)
+    if entropy is not None and not return_entropy:
+        raise ValueError("an entropy buffer was passed without return_entropy=True")
+    outputs = (out, lse)
+    if return_entropy:
+        if entropy is None:
+            entropy = cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream)
+        outputs = (out, lse, entropy)
+        variant = dict(variant, entropy=True)
     kernel, sp = exact_attention_kernel(dtype, head_dim, **variant)
     grid, block, shared = launch_config(sp, batch, heads, nq)
     launch_with_shared_memory(
         kernel, grid, block, shared, stream,
-        q, k, v, key_lengths, out, lse, dtype.type(scale), bool(causal), heads // k.shape[1],
+        q, k, v, key_lengths, *outputs, dtype.type(scale), bool(causal), heads // k.shape[1],
     )
-    return out, lse
+    return outputs
 
 
 def exact_attention_fold(

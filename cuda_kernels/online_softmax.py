@@ -230,12 +230,17 @@ def streaming_primitives(
     ``tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)``  the thread's TM x TN block of q·k
     ``online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
         mask and scale the scores, update running max and sum, rescale acc, write Pᵀ
+    ``entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid)``
+        after `online_softmax_update`, given the running max and sum it started from:
+        the running entropy sum t (`nkattn.reference.exact.StreamingOrder`)
     ``accumulate_pv(smem, ty, tx, acc, p_frag, v_frag)``  acc += P·V over the tile
     ``store_p(smem, ty, tx, i, j, p)``               the thread's p[i, j] into Pᵀ
     ``store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)``
         the thread's row i as query q_idx: O = acc / l, lse = m + log(l); O = 0 and
         lse = -inf for a row with no key (l = 0; a NaN l stores NaN)
     ``store_rows(o, lse, b, h, row0, nq, ty, tx, acc, m_i, l_i)``  every row of the thread, rows from row0
+    ``store_entropy_rows(entropy, b, h, row0, nq, ty, tx, l_i, t_i)``
+        log(l) - t / l of every row of the thread; 0 for a row with no key
     """
     dtype = np.dtype(dtype)
     order = kernel_order(dtype, head_dim) if order is None else order
@@ -518,6 +523,26 @@ def streaming_primitives(
                 acc[i, e] = mul(acc[i, e], alpha)
 
     @cuda.jit(device=True, inline="always")
+    def entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid):
+        # t = Σ p·(s - m) over the keys seen, kept relative to the running max as l is, so
+        # that H = log l - t / l sums two terms >= 0 (lse - Σ p·s cancels when |s| >> H).
+        # It reads back what online_softmax_update left: the masked scaled scores in s, the
+        # thread's own p in Pᵀ, the new max in m_i; alpha is recomputed, to the same bits
+        for i in range(TM):
+            m_use = ZERO if m_i[i] == NEG_INF else m_i[i]
+            t_row = ZERO
+            for j in range(TN):
+                p = smem[P_OFFSET + (tx * TN + j) * LDP + ty * TM + i]
+                # a key of weight 0 adds 0: p * (s - m) is 0 * -inf = NaN for masked and -inf scores
+                term = mul(p, add(s[i, j], -m_use)) if p != ZERO else ZERO
+                t_row = term if j == 0 else add(t_row, term)
+            shift = add(m_prev[i], -m_use)
+            t = t_i[i]
+            if l_prev[i] != ZERO:  # else t = 0 and shift may be -inf
+                t = add(t, mul(shift, l_prev[i]))
+            t_i[i] = add(mul(t, exp(shift)), row_sum(t_row, smem, tid))
+
+    @cuda.jit(device=True, inline="always")
     def accumulate_pv(smem, ty, tx, acc, p_frag, v_frag):
         p_col = uint32(P_OFFSET + ty * TM)
         v_row = uint32(V_OFFSET + tx * TD)
@@ -551,6 +576,14 @@ def streaming_primitives(
             if q_idx < nq:
                 store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)
 
+    @cuda.jit(device=True, inline="always")
+    def store_entropy_rows(entropy, b, h, row0, nq, ty, tx, l_i, t_i):
+        for i in range(TM):
+            q_idx = row0 + ty * TM + i
+            if q_idx < nq and tx == 0:
+                # l = 0: no key, an empty sum; l = NaN stores NaN, as lse does
+                entropy[b, h, q_idx] = add(log(l_i[i]), -div(t_i[i], l_i[i])) if l_i[i] != ZERO else ZERO
+
     return SimpleNamespace(
         TX=TX, TM=TM, TN=TN, TD=TD, DV=DV, LV=LV, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
         NB_DTYPE=NB_DTYPE, NEG_INF=NEG_INF, ZERO=ZERO,
@@ -566,11 +599,13 @@ def streaming_primitives(
         gather_kv_tile=gather_kv_tile,
         tile_scores=tile_scores,
         online_softmax_update=online_softmax_update,
+        entropy_update=entropy_update,
         accumulate_pv=accumulate_pv,
         store_p=store_p,
         mul=mul, add=add, exp=exp,
         store_row=store_row,
         store_rows=store_rows,
+        store_entropy_rows=store_entropy_rows,
         row_max=row_max,
     )
 

@@ -49,6 +49,7 @@ def attention(
     scale: float | None = None,
     key_lengths=None,
     return_lse: bool = False,
+    return_entropy: bool = False,
     backend: str = "auto",
     lsh_bits: int | None = None,
     lsh_tables: int | None = None,
@@ -72,6 +73,11 @@ def attention(
     bottom-right aligned when Nq != Nk. Rows with no visible key give O = 0 and
     lse = -inf. Returns O, or (O, lse) with ``return_lse``; ``return_decisions`` appends what
     precision="auto" chose: (O, decisions) or (O, lse, decisions).
+
+    return_entropy: also return each row's entropy ``H = lse - Σ p·s`` in nats (shape,
+    dtype and kind of lse; 0 for a row with no visible key), after O and lse: (O, H),
+    or (O, lse, H) with ``return_lse``. method="exact" only, on the FFMA kernel or the
+    reference; every other backend refuses it with a reason.
 
     check_finite: True (default) raises ValueError, naming the tensor and the index,
     if q, k or v holds NaN or inf (checked where the data lives). False promises
@@ -135,20 +141,20 @@ def attention(
         raise ValueError(f"return_decisions=True returns the formats a precision in {PRECISION_POLICIES} chose per "
                          f"head, got precision={precision!r}")
     call, chosen = plan(q, k, v, method=method, causal=causal, scale=scale, key_lengths=key_lengths, backend=backend,
-                        check_finite=check_finite, precision=precision, **options)
+                        check_finite=check_finite, precision=precision, return_entropy=return_entropy, **options)
     head_formats = call.request.head_formats
     if head_formats is not None:
         logger.info("precision=%r, tolerance=%g, %s: %s", precision, head_formats.decisions.tolerance, chosen.label,
                     head_formats.summary())
-    out, lse = chosen.run(call)
-    result = (out, lse) if return_lse else (out,)
+    out, lse, *entropy = chosen.run(call)  # entropy: [H] when asked for
+    result = ((out, lse) if return_lse else (out,)) + tuple(entropy)
     if return_decisions:
         result += (head_formats.decisions,)
     return result if len(result) > 1 else out
 
 
 def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None, backend="auto", check_finite=True,
-         precision=None, **options) -> tuple[Call, Backend]:
+         precision=None, return_entropy=False, **options) -> tuple[Call, Backend]:
     """Validate a call and choose its backend without running it: ``backend.run(call)`` runs it.
 
     Takes `attention`'s arguments (method options as keywords); raises what it raises.
@@ -161,6 +167,7 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
     opts = method_options(method, options)
     causal = check_flag("causal", causal)
     check_finite = check_flag("check_finite", check_finite)
+    return_entropy = check_flag("return_entropy", return_entropy)
     derived = entry.keys_from_q(opts)
     if derived:
         check_no_keys(k, derived)
@@ -226,7 +233,7 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
     req = Request(
         method=method, dtype=dtype, batch=batch, heads=heads, kv_heads=kv_heads, nq=nq, nk=nk, head_dim=head_dim,
         value_dim=value_dim, causal=causal, key_lengths=lengths is not None, on_device=on_device, scale=scale,
-        precision=precision, options=opts,
+        precision=precision, options=opts, entropy=return_entropy,
     )
     entry.check(req, frozenset(options))
     resolved_scale = default_scale(head_dim) if scale is None else scale

@@ -86,6 +86,7 @@ class Request:
     precision: str | None  # float32 arithmetic asked for, or "auto" (a format per head); None: the backend's own
     options: Mapping[str, Any] = field(default_factory=dict)  # the method's, checked, defaults filled in
     head_formats: HeadFormats | None = None  # precision="auto" only
+    entropy: bool = False  # the row entropy asked for (return_entropy=True)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Backend:
     name: str  # what ``backend=`` selects: "cuda" or "reference"
     label: str  # how errors and `nkattn info` name it
     supports: Callable[[Request], list[str]]  # why it cannot run a request ([]: it can)
-    run: Callable[[Call], tuple]  # (O, lse) as arrays of the caller's kind
+    run: Callable[[Call], tuple]  # (O, lse), then the row entropy if asked for, as arrays of the caller's kind
     arithmetic: str  # how it computes, for `nkattn info`
     deterministic: bool = True  # repeated calls give identical bits
     # a float64 function (q, k, v, *, causal, scale, key_lengths) -> (O, lse) whose bits
@@ -264,29 +265,39 @@ def reference_reasons(request: Request) -> list[str]:
     return []
 
 
+def no_entropy(request: Request) -> list[str]:
+    """The reason of a backend that does not compute the row entropy, when a call asks for it."""
+    if request.entropy:
+        return [("no row entropy here (return_entropy=True): only method='exact' computes it, on the FFMA kernel "
+                 "(float32, float64) or the reference")]
+    return []
+
+
 def on_reference(compute: Callable) -> Callable[[Call], tuple]:
     """A reference backend's ``run`` from ``compute(call, q, k, v) -> (O, lse)`` on float64
-    host arrays (k None when derived from q).
+    host arrays (k None when derived from q), ``(O, lse, entropy)`` when the call asks for
+    the row entropy.
 
-    The result is rounded once to the input dtype (lse to float32 for float16 and
-    bfloat16 inputs, as FlashAttention returns it) and given back in the input's kind.
+    The result is rounded once to the input dtype (lse and entropy to float32 for float16
+    and bfloat16 inputs, as FlashAttention returns lse) and given back in the input's kind.
     """
 
     def run(call: Call):
         req = call.request
         q, k, v = (None if x is None else np.asarray(arrays.to_host(x, req.dtype), dtype=np.float64)
                    for x in (call.q, call.k, call.v))
-        out, lse = compute(call, q, k, v)
-        lse_dtype = np.dtype(np.float32) if req.dtype in arrays.HALF_DTYPES else req.dtype
+        out, *per_row = compute(call, q, k, v)
+        row_dtype = np.dtype(np.float32) if req.dtype in arrays.HALF_DTYPES else req.dtype
         return (arrays.from_host(call.q, arrays.round_to(out, req.dtype)),
-                arrays.from_host(call.q, arrays.round_to(lse, lse_dtype)))
+                *(arrays.from_host(call.q, arrays.round_to(x, row_dtype)) for x in per_row))
 
     return run
 
 
 def on_cuda(launch: Callable) -> Callable[[Call], tuple]:
     """A CUDA backend's ``run`` from ``launch(call, q, k, v, key_lengths, out, lse)`` on numba
-    device arrays (k None when derived from q), which fills out and lse.
+    device arrays (k None when derived from q), which fills out and lse, and also
+    ``entropy`` (shaped as lse), passed after lse, when the call asks for the row entropy.
 
     Device inputs are used in place and the outputs allocated in their framework;
     host inputs are copied to the device and the outputs back.
@@ -298,23 +309,24 @@ def on_cuda(launch: Callable) -> Callable[[Call], tuple]:
         req = call.request
         lengths = np.full(req.batch, req.nk, np.int32) if call.key_lengths is None else call.key_lengths
         out_shape = (req.batch, req.heads, req.nq, req.value_dim)
+        shapes = (out_shape, out_shape[:3], out_shape[:3]) if req.entropy else (out_shape, out_shape[:3])
         if req.on_device:
             q, k, v = (None if x is None else arrays.numba_view(x) for x in (call.q, call.k, call.v))
-            out, out_view = arrays.empty_like_framework(call.q, out_shape, req.dtype)
-            lse, lse_view = arrays.empty_like_framework(call.q, out_shape[:3], req.dtype)
-            launch(call, q, k, v, cuda.to_device(lengths), out_view, lse_view)
-            return out, lse
+            outputs = [arrays.empty_like_framework(call.q, shape, req.dtype) for shape in shapes]
+            launch(call, q, k, v, cuda.to_device(lengths), *(view for _, view in outputs))
+            return tuple(result for result, _ in outputs)
         q, k, v = (None if x is None else cuda.to_device(np.ascontiguousarray(x)) for x in (call.q, call.k, call.v))
-        out = cuda.device_array(out_shape, dtype=req.dtype)
-        lse = cuda.device_array(out_shape[:3], dtype=req.dtype)
-        launch(call, q, k, v, cuda.to_device(lengths), out, lse)
-        return out.copy_to_host(), lse.copy_to_host()
+        outputs = [cuda.device_array(shape, dtype=req.dtype) for shape in shapes]
+        launch(call, q, k, v, cuda.to_device(lengths), *outputs)
+        return tuple(x.copy_to_host() for x in outputs)
 
     return run
 
 
-def _reference_backend(compute: Callable) -> Backend:
-    return Backend("reference", "reference (NumPy float64)", reference_reasons, on_reference(compute),
+def _reference_backend(compute: Callable, *, entropy: bool = False) -> Backend:
+    """`entropy`: compute returns the row entropy when the call asks for it."""
+    reasons = reference_reasons if entropy else (lambda req: reference_reasons(req) + no_entropy(req))
+    return Backend("reference", "reference (NumPy float64)", reasons, on_reference(compute),
                    arithmetic="float64 on the host, rounded once to the input dtype")
 
 
@@ -327,13 +339,15 @@ def _exact_reference(call: Call, q, k, v):
     from nkattn.reference.exact import attention_ref
 
     req = call.request
-    return attention_ref(q, k, v, causal=req.causal, scale=call.scale, key_lengths=call.key_lengths)
+    return attention_ref(q, k, v, causal=req.causal, scale=call.scale, key_lengths=call.key_lengths,
+                         return_entropy=req.entropy)
 
 
-def _exact_launch(call: Call, q, k, v, key_lengths, out, lse):
+def _exact_launch(call: Call, q, k, v, key_lengths, out, lse, entropy=None):
     from nkattn.cuda_kernels.exact import exact_attention
 
-    exact_attention(q, k, v, key_lengths, causal=call.request.causal, scale=call.scale, out=out, lse=lse)
+    exact_attention(q, k, v, key_lengths, causal=call.request.causal, scale=call.scale, out=out, lse=lse,
+                    return_entropy=entropy is not None, entropy=entropy)
 
 
 def _exact_kernel_bits(q, k, v, *, causal, scale, key_lengths):
@@ -373,7 +387,7 @@ def hopper_reasons() -> list[str]:
 def _exact_tc_reasons(req: Request) -> list[str]:
     from nkattn.cuda_kernels.exact_tc import MAX_HEAD_DIM
 
-    reasons = hopper_reasons()
+    reasons = hopper_reasons() + no_entropy(req)
     if tensor_core_kind(req) is None:
         if req.dtype == np.float32:
             reasons.append(f"float32 takes the tensor-core kernel with precision in {TENSOR_CORE_PRECISIONS}, "
@@ -540,7 +554,7 @@ EXACT = Method(
     },
     backends=(
         Backend(
-            "cuda", "cuda (format per head)", _auto_cuda_reasons, _auto_cuda_run,
+            "cuda", "cuda (format per head)", lambda req: _auto_cuda_reasons(req) + no_entropy(req), _auto_cuda_run,
             arithmetic="precision='auto': each head on the kernel a call in its format's dtype takes (fp32: FFMA, "
                        "fp16/bf16: tensor cores), heads rounded on the host; no kernel for fp8 and int8 yet",
         ),
@@ -557,11 +571,12 @@ EXACT = Method(
             bit_reference=_exact_kernel_bits,
         ),
         Backend(
-            "reference", "reference (format per head)", _policy_only, _auto_reference_run,
+            "reference", "reference (format per head)", lambda req: _policy_only(req) + no_entropy(req),
+            _auto_reference_run,
             arithmetic="precision='auto': each head in its format's rounding, emulated in float64 "
                        "(nkattn.reference.precision.emulate)",
         ),
-        _reference_backend(_exact_reference),
+        _reference_backend(_exact_reference, entropy=True),
     ),
     check=_exact_check,
     bench="exact-bench",
@@ -577,7 +592,7 @@ EXACT = Method(
 def _lsh_cuda_reasons(req: Request) -> list[str]:
     from nkattn.cuda_kernels.lsh import MAX_TABLES
 
-    reasons = ffma_reasons(req, d=req.head_dim) + _same_dims(req)
+    reasons = ffma_reasons(req, d=req.head_dim) + _same_dims(req) + no_entropy(req)
     if req.options["lsh_tables"] > MAX_TABLES:
         reasons.append(f"the LSH kernel supports lsh_tables <= {MAX_TABLES}, got {req.options['lsh_tables']}")
     return reasons
@@ -691,7 +706,7 @@ TABLE = Method(
     },
     backends=(
         # q and k are encoded on the host: the kernel tiles only dv
-        Backend("cuda", "cuda (lookup kernel)", lambda req: ffma_reasons(req, dv=req.value_dim),
+        Backend("cuda", "cuda (lookup kernel)", lambda req: ffma_reasons(req, dv=req.value_dim) + no_entropy(req),
                 on_cuda(_table_launch), arithmetic="table lookups; softmax and P·V as the exact FFMA kernel"),
         _reference_backend(_table_reference),
     ),
@@ -753,7 +768,7 @@ LOWRANK = Method(
     backends=(
         # V never enters a kernel's tiles (it is applied in float64, or rides along A·X in chunks
         # of columns), so only d is the kernels'
-        Backend("cuda", "cuda (low-rank operators)", lambda req: ffma_reasons(req, d=req.head_dim),
+        Backend("cuda", "cuda (low-rank operators)", lambda req: ffma_reasons(req, d=req.head_dim) + no_entropy(req),
                 on_cuda(_lowrank_launch),
                 arithmetic="A·X and Aᵀ·Y as the exact FFMA kernel, in the input dtype; QR and SVD in float64 "
                            "(CuPy on the GPU when installed, else NumPy on the host)"),

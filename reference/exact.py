@@ -23,6 +23,16 @@ Semantics (written once, here; every path follows them):
 * ``causal`` is bottom-right aligned, as in FlashAttention: with
   ``nk_b = key_lengths[b]`` (or Nk), query i sees key j iff ``j <= i + nk_b - Nq``.
 * A query row with no visible key returns O = 0 and lse = -inf, never NaN.
+* The row entropy (``return_entropy=True``) is ``H_i = -Σ_j p_ij log p_ij =
+  lse_i - Σ_j p_ij s_ij`` in nats over the row's visible keys, p the softmax and
+  s the scaled scores: 0 for a row with one visible key (or one that takes all
+  the weight), ln n for equal scores over n keys, and 0 for a row with no
+  visible key (an empty sum, as O = 0 and lse = log 0 = -inf are). It is
+  computed as ``log l - Σ_j e^(s_j - m) (s_j - m) / l`` (m the row max, l the
+  softmax sum): both terms are >= 0, so H keeps its relative accuracy when
+  ``|s| >> H``, where ``lse - Σ p·s`` would cancel. It depends on q and k only:
+  non-finite scores act on it as on lse (NaN where lse is NaN, -inf scores are
+  keys of weight 0), non-finite v never reaches it.
 * Non-finite values propagate, as in torch and FlashAttention (`nkattn.attention`
   refuses them unless ``check_finite=False``); a visible score is
   ``scale * q_i · k_j``:
@@ -41,6 +51,7 @@ Equivalent NumPy for one (b, h) with no mask::
     p = np.exp(s - s.max(-1, keepdims=True))
     o = (p @ v) / p.sum(-1, keepdims=True)
     lse = s.max(-1) + np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1))
+    entropy = lse - (np.exp(s - lse[:, None]) * s).sum(-1)
 """
 
 from __future__ import annotations
@@ -74,8 +85,10 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / float(np.sqrt(head_dim))
 
 
-def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, compute_dtype=np.float64):
-    """Oracle: dense attention. Returns (O, lse) in `compute_dtype`.
+def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, compute_dtype=np.float64,
+                  return_entropy=False):
+    """Oracle: dense attention. Returns (O, lse), or (O, lse, entropy) with `return_entropy`,
+    in `compute_dtype`.
 
     float64 is the reference; ``compute_dtype=np.float32`` is the naive float32
     formula whose error sets a float32 kernel's error budget.
@@ -99,8 +112,14 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, comput
         p = np.where(visible, np.exp(s - np.where(empty, zero, m)), zero)
         l = p.sum(axis=-1, keepdims=True)
         o = np.where(empty, zero, (p @ v) / np.where(empty, one, l))
-        lse = np.where(empty, q.dtype.type(-np.inf), m + np.log(np.where(empty, one, l)))
-    return o, lse[..., 0]
+        log_l = np.log(np.where(empty, one, l))
+        lse = np.where(empty, q.dtype.type(-np.inf), m + log_l)
+        if not return_entropy:
+            return o, lse[..., 0]
+        # -Σ p log p with -log p = log l - (s - m) >= 0; a key of weight 0 adds 0, not 0 * inf
+        neg_log_p = log_l - (s - np.where(empty, zero, m))
+        entropy = np.where(p == zero, zero, p / np.where(empty, one, l) * neg_log_p).sum(axis=-1)
+    return o, lse[..., 0], entropy
 
 
 def _read_keys(batch: int, nk: int, key_lengths) -> np.ndarray:
@@ -130,7 +149,13 @@ class StreamingOrder:
       pairwise (a butterfly: ``x[0::2] + x[1::2]`` until one is left);
     * the accumulator is rescaled by ``alpha = exp(m_old - m_new)``, then
       ``acc += p_j * v_j`` for every key j of the tile in order (masked keys have
-      p = 0 and change nothing).
+      p = 0 and change nothing);
+    * with the row entropy, ``t = Σ p_j (s_j - m)`` over the keys seen so far, relative
+      to the running max like l: a thread sums ``p_j * (s_j - m_new)`` over its keys
+      with ``p_j != 0`` in order, the partial sums combine as l's do, and
+      ``t = (t + (m_old - m_new) * l_old) * alpha + tile sum`` (the correction only
+      where ``l_old != 0``: a row that has seen no key has t = 0); finally
+      ``entropy = log(l) - t / l``.
     """
 
     threads_y: int
@@ -227,12 +252,22 @@ def _butterfly_sum(x):
     return x[..., 0]
 
 
-def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, order=None):
+def _thread_then_butterfly_sum(x, order: StreamingOrder):
+    """A row sum over a key tile (last axis) as the kernel forms it: each of `threads_x` threads
+    sums its `keys_per_thread` consecutive keys in order, then the butterfly."""
+    per_thread = x.reshape(*x.shape[:-1], order.threads_x, order.keys_per_thread)
+    partial = per_thread[..., 0]
+    for j in range(1, order.keys_per_thread):
+        partial = partial + per_thread[..., j]
+    return _butterfly_sum(partial)
+
+
+def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, order=None, return_entropy=False):
     """Mirror: float64 attention in the kernel's exact operation order.
 
     `order` defaults to ``streaming_order(float64, d)``, the float64 kernel's.
     v may be of any width (the low-rank path's A·X is this function with X for v).
-    Returns (O, lse) as float64.
+    Returns (O, lse), or (O, lse, entropy) with `return_entropy`, as float64.
     """
     q = np.asarray(q, dtype=np.float64)
     k = _expand_kv_heads(np.asarray(k, dtype=np.float64), q.shape[1])
@@ -247,6 +282,7 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
     read = _read_keys(batch, nk, key_lengths)[:, None, :, None]  # (B, 1, Nk, 1)
     m = np.full((batch, heads, nq), -np.inf)
     l = np.zeros((batch, heads, nq))
+    t = np.zeros((batch, heads, nq))
     acc = np.zeros((batch, heads, nq, value_dim))
     with np.errstate(invalid="ignore", over="ignore"):
         for tile_start in range(0, nk, bn):
@@ -274,19 +310,24 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
             # online-softmax update; the kernel's max skips NaN (a comparison with NaN is false)
             m_new = np.maximum(m, np.fmax.reduce(s, axis=-1, initial=-np.inf))
             m_use = np.where(m_new == -np.inf, 0.0, m_new)
-            alpha = exp_nonpositive(m - m_use)
-            p = exp_nonpositive(s - m_use[..., None])
-            per_thread = p.reshape(*p.shape[:-1], order.threads_x, order.keys_per_thread)
-            partial = per_thread[..., 0]
-            for t in range(1, order.keys_per_thread):
-                partial = partial + per_thread[..., t]
-            l = l * alpha + _butterfly_sum(partial)
+            shift = m - m_use
+            alpha = exp_nonpositive(shift)
+            x = s - m_use[..., None]
+            p = exp_nonpositive(x)
+            if return_entropy:
+                terms = np.where(p != 0, p * x, 0.0)
+                t = np.where(l != 0, t + shift * l, t) * alpha + _thread_then_butterfly_sum(terms, order)
+            l = l * alpha + _thread_then_butterfly_sum(p, order)
             acc = acc * alpha[..., None]
             for j in range(bn):
                 acc = acc + p[..., j, None] * v_tile[:, :, None, j, :]
             m = m_new
 
         has_keys = l != 0  # l = 0: no key; l = NaN: a NaN or +inf score, stored as NaN
-        o = np.where(has_keys[..., None], acc / np.where(has_keys, l, 1.0)[..., None], 0.0)
-        lse = np.where(has_keys, m + log_positive(np.where(has_keys, l, 1.0)), -np.inf)
+        l_div = np.where(has_keys, l, 1.0)
+        o = np.where(has_keys[..., None], acc / l_div[..., None], 0.0)
+        log_l = log_positive(l_div)
+        lse = np.where(has_keys, m + log_l, -np.inf)
+        if return_entropy:
+            return o, lse, np.where(has_keys, log_l - t / l_div, 0.0)
     return o, lse

@@ -1,4 +1,5 @@
-"""Exact attention: kernel vs float64 oracle and bit-level mirror, determinism, invariance, extremes.
+"""Exact attention: kernel vs float64 oracle and bit-level mirror, determinism, invariance, extremes,
+the row entropy.
 
 Under the simulator (no GPU) the grids are tiny; on a GPU the same tests run the
 full grid, plus the `gpu`-marked ones (float32 precision, many repeats).
@@ -11,10 +12,24 @@ from hypothesis import strategies as st
 from numba import cuda
 
 import nkattn
+from nkattn.api import plan
 from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
 from nkattn.cuda_kernels.online_softmax import SIMULATOR_ORDER, kernel_order
-from nkattn.reference.exact import attention_ref, streaming_attention_ref, streaming_order
-from nkattn.testing import assert_bit_identical, nan_padded_device_view, relative_error
+from nkattn.methods import METHODS, Request, method_options
+from nkattn.reference.exact import (
+    attention_ref,
+    default_scale,
+    streaming_attention_ref,
+    streaming_order,
+    visible_key_counts,
+)
+from nkattn.testing import (
+    assert_bit_identical,
+    assert_within_budget,
+    float32_floor,
+    nan_padded_device_view,
+    relative_error,
+)
 
 from .conftest import REAL_GPU, SIMULATOR, check_float32
 
@@ -285,3 +300,193 @@ def test_device_tensors_in_device_tensors_out(framework):
     np.testing.assert_array_equal(got, nkattn.attention(*host, causal=True))
     for x, y in zip(dev, before):
         assert bool((x == y).all())
+
+
+# --------------------------------------------------------------------------------------
+# row entropy (return_entropy=True): the oracle, the mirror, the kernel's compile-time variant
+# --------------------------------------------------------------------------------------
+
+
+def entropy_by_definition(q, k, causal=False, key_lengths=None):
+    """-Σ p log p from the oracle's probabilities, written independently of its entropy."""
+    identity = np.broadcast_to(np.eye(k.shape[2]), (*k.shape[:2], k.shape[2], k.shape[2]))
+    p = attention_ref(q, k, identity, causal=causal, key_lengths=key_lengths)[0]  # O with v = I: the rows of P
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+
+
+@pytest.mark.parametrize("canonical", [True, False], ids=["canonical-order", "simulator-order"])
+def test_entropy_of_mirror_and_oracle_match_the_definition(canonical):
+    rng = np.random.default_rng(14)
+    for d, logit_scale in ((16, 1.0), (64, 6.0)):
+        q = rng.standard_normal((2, 4, 37, d)) * logit_scale
+        k, v = rng.standard_normal((2, 2, 2, 41, d))
+        order = streaming_order(np.float64, d) if canonical else SIMULATOR_ORDER
+        for causal in (False, True):
+            for key_lengths in (None, (41, 0)):
+                o_ref, lse_ref, h_ref = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, return_entropy=True)
+                o, lse, h = streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, order=order,
+                                                    return_entropy=True)
+                assert relative_error(h_ref, entropy_by_definition(q, k, causal, key_lengths)) <= 1e-14
+                assert relative_error(h, h_ref) <= 1e-14
+                # asking for the entropy changes nothing else, to the bit
+                without = (*attention_ref(q, k, v, causal=causal, key_lengths=key_lengths),
+                           *streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, order=order))
+                for name, got, expected in zip(("O", "lse", "O mirror", "lse mirror"), (o_ref, lse_ref, o, lse), without):
+                    assert_bit_identical(name, got, expected)
+
+
+ENTROPY_SIM_GRID = [
+    case(1, 2, 1, 9, 17, 16, causal=True),
+    case(2, 1, 1, 7, 12, 32, key_lengths=(12, 0)),
+    case(1, 2, 2, 11, 6, 16, causal=True, dtype=np.float32),
+    case(2, 2, 1, 5, 9, 32, key_lengths=(9, 4), dtype=np.float32),
+]
+
+ENTROPY_GRID = GPU_GRID if REAL_GPU else ENTROPY_SIM_GRID
+
+
+def run_kernel_entropy(q, k, v, causal=False, key_lengths=None):
+    """(O, lse, entropy) from the FFMA kernel's entropy variant, at the default scale."""
+    lengths = np.full(q.shape[0], k.shape[2], np.int32) if key_lengths is None else np.asarray(key_lengths, np.int32)
+    results = exact_attention(*(cuda.to_device(x) for x in (q, k, v)), cuda.to_device(lengths), causal=causal,
+                              scale=default_scale(q.shape[-1]), return_entropy=True)
+    return tuple(x.copy_to_host() for x in results)
+
+
+@pytest.mark.parametrize("c", ENTROPY_GRID)
+def test_entropy_kernel_within_budget_and_float64_bit_identical_to_mirror(c):
+    q, k, v = make_inputs(c, seed=15, logit_scale=3.0)
+    o, lse, h = run_kernel_entropy(q, k, v, c["causal"], c["key_lengths"])
+    _, _, h_ref = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"], return_entropy=True)
+    if c["dtype"] == np.float64:
+        mirror = streaming_attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"],
+                                         order=kernel_order(np.float64, c["d"]), return_entropy=True)
+        for name, got, expected in zip(("O", "lse", "entropy"), (o, lse, h), mirror):
+            assert_bit_identical(name, got, expected)
+        assert relative_error(h, h_ref) <= 1e-12
+    else:
+        _, _, h_naive = attention_ref(q, k, v, causal=c["causal"], key_lengths=c["key_lengths"], return_entropy=True,
+                                      compute_dtype=np.float32)
+        check_float32("entropy", h, h_ref, h_naive)
+
+
+@settings(max_examples=4 if SIMULATOR else 60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    nq=st.integers(1, 12 if SIMULATOR else 300),
+    nk=st.integers(1, 20 if SIMULATOR else 300),
+    d=st.sampled_from([16] if SIMULATOR else [16, 32, 64, 128, 256]),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    logit_scale=st.sampled_from([0.0, 1.0, 30.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_float64_entropy_matches_mirror_and_oracle(b, hkv, group, nq, nk, d, causal, masked, logit_scale, seed):
+    rng = np.random.default_rng(seed)
+    c = {"b": b, "h": hkv * group, "hkv": hkv, "nq": nq, "nk": nk, "d": d, "dtype": np.float64}
+    q, k, v = make_inputs(c, seed=seed, logit_scale=logit_scale)
+    key_lengths = rng.integers(0, nk + 1, size=b) if masked else None
+    _, _, h = run_kernel_entropy(q, k, v, causal, key_lengths)
+    _, _, h_mirror = streaming_attention_ref(q, k, v, causal=causal, key_lengths=key_lengths,
+                                             order=kernel_order(np.float64, d), return_entropy=True)
+    assert_bit_identical("entropy", h, h_mirror)
+    _, _, h_ref = attention_ref(q, k, v, causal=causal, key_lengths=key_lengths, return_entropy=True)
+    assert relative_error(h, h_ref) <= 1e-12
+    # two terms >= 0 make H >= 0 exactly; at most ln n over n visible keys, up to log's rounding
+    n_visible = np.maximum(visible_key_counts(b, nq, nk, causal, key_lengths), 1)[:, None]
+    assert (h >= 0).all() and (h <= np.log(n_visible) * (1 + 4 * np.finfo(np.float64).eps)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logit_scale", [0.2, 1.0, 8.0], ids=["flat", "plain", "sharp"])
+def test_float32_entropy_within_error_budget_on_gpu(logit_scale):
+    # rows of high entropy (flat), plain and near one-hot (sharp) against float64, with the budget
+    # set by the naive float32 formula; O and lse of the entropy kernel are held to the same rule
+    c = {"b": 2, "h": 8, "hkv": 2, "nq": 1000, "nk": 1531, "d": 64, "dtype": np.float32}
+    q, k, v = make_inputs(c, seed=18, logit_scale=logit_scale)
+    key_lengths = np.array([1531, 900])
+    got = run_kernel_entropy(q, k, v, True, key_lengths)
+    ref = attention_ref(q, k, v, causal=True, key_lengths=key_lengths, return_entropy=True)
+    naive = attention_ref(q, k, v, causal=True, key_lengths=key_lengths, return_entropy=True, compute_dtype=np.float32)
+    for name, g, r, n in zip(("O", "lse", "entropy"), got, ref, naive):
+        assert_within_budget(name, g, r, n, floor=float32_floor(r))
+
+
+def extreme_rows(dtype):
+    """Batch 0 one-hot rows, batch 1 uniform rows over up to 3 keys, batch 2 no key at all; causal
+    with Nq = 6 > Nk = 4 hides every key from rows 0 and 1."""
+    b, nq, nk, d = 3, 6, 4, 16
+    q = np.zeros((b, 1, nq, d))
+    k = np.zeros((b, 1, nk, d))
+    k[0, 0, :, :nk] = np.eye(nk)
+    for i in range(2, nq):
+        q[0, 0, i, min(i - 2, nk - 1)] = 4e4  # a score of 1e4 on the row's last visible key, 0 elsewhere
+    v = np.random.default_rng(16).standard_normal((b, 1, nk, d))
+    key_lengths = np.array([nk, 3, 0])
+    visible = visible_key_counts(b, nq, nk, True, key_lengths)[:, None, :]
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype)), key_lengths, visible
+
+
+@pytest.mark.parametrize("backend", ["cuda", "reference"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_entropy_of_one_hot_uniform_and_empty_rows(backend, dtype):
+    (q, k, v), key_lengths, visible = extreme_rows(dtype)
+    o, lse, h = nkattn.attention(q, k, v, causal=True, key_lengths=key_lengths, return_lse=True, return_entropy=True,
+                                 backend=backend)
+    assert h.dtype == dtype and not np.isnan(h).any()
+    seen = visible > 0
+    assert (h[0] == 0).all(), "one-hot rows (and rows that see nothing) have entropy 0"
+    np.testing.assert_allclose(h[1][seen[1]], np.log(visible[1][seen[1]]), rtol=4 * np.finfo(dtype).eps)
+    assert (h[~seen] == 0).all() and (o[~seen] == 0).all() and (lse[~seen] == -np.inf).all()
+
+
+def test_return_entropy_composes_with_return_lse_and_device_arrays():
+    c = {"b": 1, "h": 1, "hkv": 1, "nq": 5, "nk": 9, "d": 16, "dtype": np.float64}
+    q, k, v = make_inputs(c, seed=17)
+    o, lse = nkattn.attention(q, k, v, causal=True, return_lse=True, backend="cuda")
+    o_h, h = nkattn.attention(q, k, v, causal=True, return_entropy=True, backend="cuda")
+    o_dev, lse_dev, h_dev = nkattn.attention(*(cuda.to_device(x) for x in (q, k, v)), causal=True, return_lse=True,
+                                             return_entropy=True, backend="cuda")
+    assert all(hasattr(x, "copy_to_host") for x in (o_dev, lse_dev, h_dev)) and h_dev.shape == lse.shape
+    for name, got, expected in (("O", o_h, o), ("O", o_dev.copy_to_host(), o), ("lse", lse_dev.copy_to_host(), lse),
+                                ("entropy", h_dev.copy_to_host(), h)):
+        assert_bit_identical(name, got, expected)
+    with pytest.raises(TypeError, match="return_entropy must be True or False, got 'yes'"):
+        nkattn.attention(q, k, v, return_entropy="yes")
+
+
+@pytest.mark.parametrize("method, options", [("lsh", {}), ("table", {}), ("lowrank", {"rank": 2})])
+def test_methods_other_than_exact_refuse_return_entropy_with_a_reason(method, options):
+    q, k, v = make_inputs({"b": 1, "h": 1, "hkv": 1, "nq": 8, "nk": 8, "d": 16, "dtype": np.float64})
+    with pytest.raises(ValueError) as info:
+        nkattn.attention(q, k, v, method=method, return_entropy=True, **options)
+    message = str(info.value)
+    assert f"no backend can run method={method!r}" in message
+    for backend in METHODS[method].backends:
+        assert f"{backend.label}: no row entropy here (return_entropy=True): only method='exact' computes it" in message
+    assert plan(q, k, v, method=method, **options)[1].name == "cuda"  # the same call without it is taken
+
+
+def test_only_the_ffma_kernel_and_the_float64_reference_take_return_entropy():
+    # a backend added later must say whether it computes the entropy, or it would drop it
+    computes = {("exact", "cuda (FFMA kernel)"), ("exact", "reference (NumPy float64)")}
+    for method, entry in METHODS.items():
+        req = Request(method=method, dtype=np.dtype(np.float32), batch=1, heads=1, kv_heads=1, nq=8, nk=8, head_dim=16,
+                      value_dim=16, causal=False, key_lengths=False, on_device=False, scale=None, precision=None,
+                      options=method_options(method, {}), entropy=True)
+        for backend in entry.backends:
+            refuses = any("return_entropy=True" in reason for reason in backend.supports(req))
+            assert refuses != ((method, backend.label) in computes), f"{method}: {backend.label}"
+
+
+def test_the_tensor_core_kernel_refuses_return_entropy_and_the_reference_takes_it():
+    c = {"b": 1, "h": 1, "hkv": 1, "nq": 8, "nk": 8, "d": 16, "dtype": np.float16}
+    q, k, v = make_inputs(c)
+    assert plan(q, k, v, return_entropy=True)[1].label == "reference (NumPy float64)"
+    o, lse, h = nkattn.attention(q, k, v, return_lse=True, return_entropy=True)
+    assert o.dtype == np.float16 and lse.dtype == h.dtype == np.float32
+    with pytest.raises(ValueError, match=r"cuda \(tensor-core kernel\): [^\n]*no row entropy here \(return_entropy=True\)"):
+        nkattn.attention(q, k, v, return_entropy=True, backend="cuda")

@@ -170,6 +170,26 @@ def test_nonfinite_v_reaches_every_row_that_sees_the_key(dtype, value):
         assert np.isfinite(got).all()  # lse does not read v
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropy_is_nan_where_lse_is_and_never_reads_v(dtype):
+    q, k, v = inputs(dtype)
+    k[..., 0] = -1.0
+    k[0, 0, 4, 0] = 1.0
+    q[0, 0, 2] = 0.0
+    q[0, 0, 2, 0] = np.inf  # every score of row 2 is -inf: a row with no key, entropy 0
+    q[0, 0, 10] = 0.0
+    q[0, 0, 10, 0] = np.inf  # row 10 sees key 4: a +inf score
+    q[0, 1, 7, 3] = np.nan
+    v[0, 1, 3, 5] = np.nan
+    nan_rows = np.zeros((B, H, N), bool)
+    nan_rows[0, 0, 10] = nan_rows[0, 1, 7] = True
+    for _, lse, h in both(q, k, v, causal=True, return_entropy=True):
+        np.testing.assert_array_equal(np.isnan(h), nan_rows)
+        np.testing.assert_array_equal(np.isnan(lse), nan_rows)
+        assert h[0, 0, 2] == 0.0 and lse[0, 0, 2] == -np.inf
+        assert (h[~nan_rows] >= 0).all()
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_float64_kernel_keeps_its_mirror_on_nan(where):
     """NaN where the float64 kernel and its mirror visit the same tiles: same NaN places, other bits equal."""
