@@ -31,7 +31,22 @@ Data
     heads within budget (``meets_budget``), the mean cost (`Format.cost`, fp16 = 1) and the
     formats it chose.
 
-Plots (`precision_plots`): error_by_format, analyzer_spearman, policies.
+    End to end (results/precision/minilm-e2e.json): passages 20-59 of the same sample (20-39
+    are the held-out ones above, 40-59 new; none fitted the predictor) at N = 256, the model's
+    sentence-transformers length, each through the float64 forward with every layer's
+    attention replaced by `PolicyAttention`: per layer `choose` picks each head's format on
+    that layer's q, k, v and `emulate` computes the head in it. Policies: each format
+    everywhere (``int8-fp8`` is ``sage``), ``adaattn``, ``adaattn-issue``, ``oracle`` and
+    ``auto`` (the predictor fitted above) at 1e-3 and 1e-2. One record per (policy, passage):
+    ``one_minus_cos`` of its sentence embedding (mean pooling, L2 norm) against float64's;
+    ``top1_agrees`` (its nearest other passage by cosine is float64's) and ``top5_overlap``
+    (the share of its 5 nearest that are float64's 5 nearest), each side within its own
+    embeddings; ``top1_gap_float64`` (float64's cosine margin between its first and second
+    neighbour); ``heads_<format>`` and ``mean_cost`` of the 72 heads. ``meta.summary`` per
+    policy: 1 - cos quantiles, top-1 agreement, mean top-5 overlap, mean cost, share of heads
+    per format.
+
+Plots (`precision_plots`): error_by_format, analyzer_spearman, policies, end_to_end.
 
 Results (full run: 9 min on 2 CPU cores; 5,760 rows, 2,880 held out)
     * Error per format, median (max) over heads at N = 256: fp32 3.0e-7 (6.9e-7), fp16
@@ -80,8 +95,8 @@ from nkattn.studies._common import minilm_passages, minilm_provenance, single_bl
 from nkattn.studies.rank_entropy import spearman_ci
 
 STUDY = "precision"
-FULL_RESULT = "minilm.json"
-QUICK_RESULT = "quick.json"
+FULL_RESULT, FULL_E2E = "minilm.json", "minilm-e2e.json"
+QUICK_RESULT, QUICK_E2E = "quick.json", "quick-e2e.json"
 COMMAND = "nkattn study precision"
 
 LENGTHS = (128, 256)
@@ -95,6 +110,12 @@ ANALYZERS = ("entropy_norm", "spread_mean", "max_p", "max_abs_score", "score_rea
              "k_absmax", "v_absmax")
 FORMATS = tuple(pr.FORMATS)
 FIXED_POLICIES = (*FORMATS, "sage", "adaattn", "adaattn-issue")
+# end to end: 'sage' is int8-fp8 everywhere, the same forward, so it runs once as int8-fp8
+E2E_POLICIES = (*((p, None) for p in (*FORMATS, "adaattn", "adaattn-issue")),
+                *((p, tol) for p in pr.TOLERANCE_POLICIES for tol in TOLERANCES))
+E2E_PASSAGES = 40
+QUICK_E2E_PASSAGES = 7  # the fewest for which a top-5 among the others is not the whole corpus
+TOP_K = 5
 
 
 def policy_field(policy: str, tolerance: float | None = None) -> str:
@@ -185,21 +206,133 @@ def sweep(encoder, passages, lengths, *, progress: bool = True) -> tuple[list[di
     return records, stats, np.array(error_rows)
 
 
+# --------------------------------------------------------------------------------------
+# end to end: sentence embeddings under each policy
+# --------------------------------------------------------------------------------------
+
+
+def policy_label(policy: str, tolerance: float | None) -> str:
+    return policy if tolerance is None else f"{policy} {tolerance:g}"
+
+
+class PolicyAttention:
+    """`BertEncoder`'s attention hook under one policy: per layer `choose` picks each head's
+    format on that layer's q, k, v and `emulate` computes the head in it
+    (`nkattn.reference.precision.precision_attention`). ``formats`` keeps the (B, H) choices
+    of every call, in layer order."""
+
+    def __init__(self, policy: str, tolerance: float | None = None, predictor: pr.Predictor | None = None):
+        self.policy, self.tolerance, self.predictor = policy, tolerance, predictor
+        self.formats: list[np.ndarray] = []
+
+    def __call__(self, q, k, v, *, key_lengths=None):
+        out, _, decisions = pr.precision_attention(q, k, v, self.policy, tolerance=self.tolerance,
+                                                   key_lengths=key_lengths, predictor=self.predictor)
+        self.formats.append(decisions.formats)
+        return out
+
+
+def one_minus_cosine(a, b) -> np.ndarray:
+    """1 - cos per row of unit vectors, as |a - b|^2 / 2: 1 - a·b would bottom out at float64's
+    1e-16, above what fp32 attention leaves."""
+    return 0.5 * ((np.asarray(a) - np.asarray(b)) ** 2).sum(axis=-1)
+
+
+def nearest_neighbours(embeddings, k: int) -> np.ndarray:
+    """(P, k) indices of each row's k most cosine-similar other rows (unit vectors), most similar first."""
+    sims = embeddings @ embeddings.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def neighbour_agreement(embeddings, reference, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: whether its nearest other row is the reference's, and the share of its k nearest
+    that are among the reference's k nearest."""
+    ours, theirs = nearest_neighbours(embeddings, k), nearest_neighbours(reference, k)
+    overlap = np.array([np.intersect1d(a, b).size for a, b in zip(ours, theirs)]) / k
+    return ours[:, 0] == theirs[:, 0], overlap
+
+
+def top1_gap(embeddings) -> np.ndarray:
+    """Per row, cosine to its nearest other row minus cosine to the second: how far a top-1 is from a tie."""
+    sims = embeddings @ embeddings.T
+    np.fill_diagonal(sims, -np.inf)
+    top2 = -np.sort(-sims, axis=1)[:, :2]
+    return top2[:, 0] - top2[:, 1]
+
+
+def end_to_end(encoder, token_ids, passage_ids, predictor: pr.Predictor, *, policies=E2E_POLICIES,
+               k: int = TOP_K, progress: bool = True) -> list[dict]:
+    """One record per (policy, passage): the passage's sentence embedding under the policy against
+    float64's, its neighbours in the corpus of `token_ids` (P, N) under each, and the formats chosen.
+    `predictor` is auto's."""
+    from tqdm.auto import tqdm
+
+    reference = np.concatenate([encoder.forward(ids[None]).sentence_embeddings() for ids in token_ids])
+    gap = top1_gap(reference)
+    costs = np.array([pr.FORMATS[f].cost for f in FORMATS])
+    records = []
+    bar = tqdm(total=len(policies) * len(token_ids), desc=f"{STUDY} end to end", unit="pass", disable=not progress)
+    for policy, tolerance in policies:
+        embeddings, formats = [], []
+        for ids in token_ids:
+            hook = PolicyAttention(policy, tolerance, predictor)
+            embeddings.append(encoder.forward(ids[None], attention=hook).sentence_embeddings())
+            formats.append(np.concatenate([f.ravel() for f in hook.formats]))
+            bar.update()
+        embeddings = np.concatenate(embeddings)
+        top1, overlap = neighbour_agreement(embeddings, reference, k)
+        for i, passage in enumerate(passage_ids):
+            counts = {f: int((formats[i] == f).sum()) for f in FORMATS}
+            records.append({
+                "policy": policy, "tolerance": tolerance, "passage": int(passage),
+                "one_minus_cos": round_sig(one_minus_cosine(embeddings[i], reference[i])),
+                "top1_agrees": bool(top1[i]), f"top{k}_overlap": round_sig(overlap[i]),
+                "top1_gap_float64": round_sig(gap[i]),
+                "mean_cost": round_sig(costs[[FORMATS.index(f) for f in formats[i]]].mean()),
+                **{f"heads_{f}": n for f, n in counts.items()},
+            })
+    bar.close()
+    return records
+
+
+def summarize_e2e(records: list[dict], *, k: int = TOP_K) -> dict:
+    """Per policy: quantiles of 1 - cos, top-1 agreement, mean top-k overlap, mean cost, share of heads per format."""
+    summary = {}
+    for policy, tolerance in dict.fromkeys((r["policy"], r["tolerance"]) for r in records):
+        c = columns([r for r in records if r["policy"] == policy and r["tolerance"] == tolerance])
+        heads = np.array([c[f"heads_{f}"].sum() for f in FORMATS])
+        summary[policy_label(policy, tolerance)] = {
+            "one_minus_cos": {q: round_sig(np.percentile(c["one_minus_cos"], p))
+                              for q, p in (("min", 0), ("median", 50), ("p90", 90), ("max", 100))},
+            "top1_agreement": round_sig(c["top1_agrees"].mean()),
+            "top1_disagreements": int((~c["top1_agrees"]).sum()),
+            f"top{k}_overlap": round_sig(c[f"top{k}_overlap"].mean()),
+            "mean_cost": round_sig(c["mean_cost"].mean()),
+            "formats": {f: round_sig(n / heads.sum()) for f, n in zip(FORMATS, heads) if n},
+        }
+    return summary
+
+
 @single_blas_thread
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, n_passages: int | None = None, lengths=None,
         progress: bool = True) -> list[Path]:
     """Run the sweep, fit the predictor on the first half of the passages, write
-    ``results_dir/precision/{quick,minilm}.json``."""
+    ``results_dir/precision/{quick,minilm}.json``; then the end-to-end run on the passages after
+    the fitted ones, with that predictor: ``{quick,minilm}-e2e.json``."""
     from nkattn.reference.bert import MODEL_NAME
 
     lengths = tuple(lengths or (QUICK_LENGTHS if quick else LENGTHS))
     n_passages = n_passages or (QUICK_PASSAGES if quick else N_PASSAGES)
     n_boot = 50 if quick else N_BOOT
+    fit_passages = n_passages // 2
+    e2e_passages = range(fit_passages, fit_passages + (QUICK_E2E_PASSAGES if quick else E2E_PASSAGES))
     started = time.time()
 
-    encoder, passages = minilm_passages(n_passages, max(lengths), SEED)
+    # one permutation of the corpus: the sweep's passages are its first n_passages whatever its size
+    encoder, sample = minilm_passages(max(n_passages, e2e_passages.stop), max(lengths), SEED)
+    passages = sample[:n_passages]
     records, stats, errors = sweep(encoder, passages, lengths, progress=progress)
-    fit_passages = n_passages // 2
     fit = np.array([r["passage"] < fit_passages for r in records])
     predictor = pr.fit_predictor({k: v[fit] for k, v in stats.items()}, errors[fit],
                                  source=f"{STUDY}: passages 0-{fit_passages - 1}")
@@ -229,5 +362,29 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, n_passages: int
     meta = make_meta(config=config, provenance=prov, command=COMMAND + (" --quick" if quick else ""))
     meta["summary"] = summary
     meta["runtime_s"] = round(time.time() - started, 1)
-    path = Path(results_dir) / STUDY / (QUICK_RESULT if quick else FULL_RESULT)
-    return [write_results(path, meta, records)]
+
+    started = time.time()
+    n = max(lengths)  # full run: 256, also the max_seq_length sentence-transformers gives this model
+    token_ids = np.array([encoder.wrap(encoder.token_ids(sample[i].text), n) for i in e2e_passages])
+    e2e_records = end_to_end(encoder, token_ids, e2e_passages, predictor, progress=progress)
+    e2e_config = {
+        "model": MODEL_NAME, "n": n, "passages": [e2e_passages.start, e2e_passages.stop - 1],
+        "fit_passages": [0, fit_passages - 1], "seed": SEED,
+        "policies": [{"policy": p, "tolerance": t, "label": policy_label(p, t)} for p, t in E2E_POLICIES],
+        "formats": config["formats"], "predictor": config["predictor"], "top_k": TOP_K,
+        "embedding": "mean of the last hidden states over the tokens, L2-normalized (sentence-transformers')",
+        "one_minus_cos": "1 - cos(embedding under the policy, float64 embedding) of the same passage",
+        "neighbours": f"top-1 and top-{TOP_K} by cosine among the other passages of the records, each side "
+                      "(policy, float64) within its own embeddings",
+        "significant_digits": SIGNIFICANT_DIGITS, "quick": quick,
+    }
+    note = (f"; passages 0-{fit_passages - 1} fitted auto's predictor and are not in the records, "
+            f"those from {fit_passages} on are held out from it")
+    e2e_meta = make_meta(config=e2e_config, command=meta["command"],
+                         provenance=minilm_provenance(encoder, sample, seed=SEED, min_tokens=n, passage_note=note))
+    e2e_meta["summary"] = summarize_e2e(e2e_records)
+    e2e_meta["runtime_s"] = round(time.time() - started, 1)
+    # both files at the end: a file written earlier would make the second's git revision "-dirty"
+    folder = Path(results_dir) / STUDY
+    return [write_results(folder / (QUICK_RESULT if quick else FULL_RESULT), meta, records),
+            write_results(folder / (QUICK_E2E if quick else FULL_E2E), e2e_meta, e2e_records)]
