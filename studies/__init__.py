@@ -63,8 +63,9 @@ STUDIES = {
         needs_gpu=False, plots=True,
     ),
     "precision": _study(
-        "precision", "How much does each format (fp32 to int8) lose per MiniLM head, what predicts it, and which "
-        "per-head policy meets a budget?", needs_gpu=False, plots=True,
+        "precision", "How much does each format (fp32 to int8) lose per MiniLM head, what predicts it, which "
+        "per-head policy meets a budget, and what each policy does to sentence embeddings?", needs_gpu=False,
+        plots=True,
     ),
     "exact-bits": _study(
         "exact_bits", "What breaks float64 bit-exactness of the exact kernel, and what restores it?",

@@ -1,8 +1,10 @@
-"""Figures of the precision study, drawn from results/precision/minilm.json only (a quick
-run's quick.json when the full run's file is absent; the figures then say so).
+"""Figures of the precision study, drawn from results/precision/minilm.json and
+minilm-e2e.json only (a quick run's quick.json and quick-e2e.json when the full run's file is
+absent; the figures then say so).
 
-error_by_format, analyzer_spearman, policies (figures/precision/). Formats, tolerances,
-costs and analyzers are read from the results' ``meta.config``.
+error_by_format, analyzer_spearman, policies (minilm.json), end_to_end (minilm-e2e.json), in
+figures/precision/. Formats, tolerances, costs, analyzers and policies are read from the
+results' ``meta.config``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import numpy as np
 
 from nkattn.figures import PAGE_WIDTH, load_result, save_figure, style
 from nkattn.results import columns
-from nkattn.studies.precision import COMMAND, FULL_RESULT, QUICK_RESULT, STUDY
+from nkattn.studies.precision import COMMAND, FULL_E2E, FULL_RESULT, QUICK_E2E, QUICK_RESULT, STUDY
 
 
-def _load(results_dir):
-    data = load_result(results_dir, STUDY, FULL_RESULT, command=COMMAND, quick=QUICK_RESULT)
+def _load(results_dir, e2e=False):
+    full, quick = (FULL_E2E, QUICK_E2E) if e2e else (FULL_RESULT, QUICK_RESULT)
+    data = load_result(results_dir, STUDY, full, command=COMMAND, quick=quick)
     return data, data["meta"]["config"], columns(data["records"])
 
 
@@ -91,4 +94,39 @@ def fig_policies(results_dir: Path, figures_dir: Path) -> list[Path]:
         return save_figure(fig, Path(figures_dir) / STUDY, "policies", results=[data])
 
 
-FIGURES = [fig_error_by_format, fig_analyzer_spearman, fig_policies]
+def fig_end_to_end(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """1 - cos of each held-out passage's sentence embedding under each policy against float64,
+    with the top-1 neighbour agreement and the mean cost under each policy."""
+    data, config, _ = _load(results_dir, e2e=True)
+    summary = data["meta"]["summary"]
+    records = data["records"]
+    labels = [p["label"] for p in config["policies"]]
+    kinds = list(dict.fromkeys("format" if p["policy"] in config["formats"] else p["policy"]
+                               for p in config["policies"]))
+    with style():
+        fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 2.8), constrained_layout=True)
+        rng = np.random.default_rng(0)  # fixed jitter: the same bytes on every redraw
+        for i, p in enumerate(config["policies"]):
+            y = np.array([r["one_minus_cos"] for r in records
+                          if r["policy"] == p["policy"] and r["tolerance"] == p["tolerance"]])
+            kind = kinds.index("format" if p["policy"] in config["formats"] else p["policy"])
+            ax.scatter(i + rng.uniform(-0.2, 0.2, y.size), y, s=5, lw=0, alpha=0.7, color=f"C{kind}")
+            ax.plot([i - 0.3, i + 0.3], [np.median(y)] * 2, color="k", lw=1)
+            row = summary[p["label"]]
+            agree = y.size - row["top1_disagreements"]
+            ax.annotate(f"{agree}/{y.size}\n{row['mean_cost']:.3g}", (i, 1), xycoords=("data", "axes fraction"),
+                        ha="center", va="bottom", fontsize=6)
+        ax.annotate("top-1 NN as float64\nmean cost", (0, 1), xycoords="axes fraction", xytext=(-4, 0),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=25, ha="right")
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        ax.set_yscale("log")
+        ax.set_ylabel("1 − cos(embedding, float64)")
+        first, last = config["passages"]
+        ax.set_title(f"{config['model']}, N = {config['n']}: sentence embeddings of passages {first}-{last} "
+                     "(held out from auto's fit) under each policy; bar: median", pad=22)
+        return save_figure(fig, Path(figures_dir) / STUDY, "end_to_end", results=[data])
+
+
+FIGURES = [fig_error_by_format, fig_analyzer_spearman, fig_policies, fig_end_to_end]

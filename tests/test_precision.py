@@ -2,7 +2,8 @@
 ml_dtypes, its error against float64 within its written bound, the analyzers against direct
 float64 formulas, the policies' decisions on constructed heads, and bad inputs; then
 ``nkattn.attention(..., precision="auto", tolerance=...)``: its decisions are the reference
-policy's, each head is what a call in its format gives, and what it refuses."""
+policy's, each head is what a call in its format gives, and what it refuses; last, the
+precision study's end-to-end attention hook and neighbour measures."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from numba import cuda
 import nkattn
 from nkattn.api import plan
 from nkattn.reference import precision as pr
+from nkattn.reference.bert import BertConfig, BertEncoder, random_weights
 from nkattn.reference.exact import attention_ref, visible_key_counts
+from nkattn.studies import precision as ps
 from nkattn.testing import assert_within_budget, float32_floor
 
 FORMATS = tuple(pr.FORMATS)
@@ -521,3 +524,68 @@ def test_bad_auto_calls_are_named(given, exc, message):
         q[0, 0, 1, 2] = np.nan
     with pytest.raises(exc, match=message):
         nkattn.attention(q, k, v, **given)
+
+
+# --------------------------------------------------------------------------------------
+# the precision study's end-to-end hook (its quick run: tests/test_studies.py)
+# --------------------------------------------------------------------------------------
+
+TINY_BERT = BertConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=48,
+                       vocab_size=50)
+
+
+@functools.cache
+def _tiny_encoder() -> BertEncoder:
+    return BertEncoder(random_weights(TINY_BERT, seed=3), TINY_BERT)
+
+
+# each gives this encoder's heads two or more formats, so a mix-up between heads shows
+@pytest.mark.parametrize(("policy", "tolerance"), [("adaattn", None), ("adaattn-issue", None), ("oracle", 1e-2),
+                                                   ("auto", 1e-3)])
+def test_policy_hook_chooses_each_layers_heads_as_choose_and_emulates_them(policy, tolerance):
+    ids = np.random.default_rng(0).integers(1, TINY_BERT.vocab_size, (2, 40))
+    lengths = np.array([40, 29])  # a padded row: the hook must pass key_lengths on
+    hook = ps.PolicyAttention(policy, tolerance, _small_predictor())
+    out = _tiny_encoder().forward(ids, lengths, attention=hook, trace=True)
+    assert len(hook.formats) == TINY_BERT.num_layers
+    assert len(set(np.concatenate([f.ravel() for f in hook.formats]))) >= 2
+    for layer, formats in zip(out.layers, hook.formats):
+        expected = pr.choose(layer.q, layer.k, layer.v, policy, tolerance=tolerance, key_lengths=lengths,
+                             predictor=_small_predictor())
+        np.testing.assert_array_equal(formats, expected.formats)
+        for name in set(formats.ravel()):
+            o, _ = pr.emulate(layer.q, layer.k, layer.v, name, key_lengths=lengths)
+            np.testing.assert_array_equal(layer.output[formats == name], o[formats == name])
+
+
+def test_fp32_everywhere_keeps_embeddings_and_neighbours():
+    encoder = _tiny_encoder()
+    ids = np.random.default_rng(1).integers(1, TINY_BERT.vocab_size, (8, 40))
+    exact = encoder.forward(ids).sentence_embeddings()
+    fp32 = encoder.forward(ids, attention=ps.PolicyAttention("fp32")).sentence_embeddings()
+    assert np.abs(fp32 - exact).max() <= 1e-6
+    records = ps.end_to_end(encoder, ids, range(10, 18), _small_predictor(), policies=[("fp32", None)],
+                            progress=False)
+    assert [r["passage"] for r in records] == list(range(10, 18))
+    assert all(r["top1_agrees"] and r["top5_overlap"] == 1 and r["one_minus_cos"] <= 5e-13 for r in records)
+    heads = TINY_BERT.num_layers * TINY_BERT.num_heads
+    assert all(r["heads_fp32"] == heads and r["mean_cost"] == ps.round_sig(pr.FORMATS["fp32"].cost) for r in records)
+    summary = ps.summarize_e2e(records)["fp32"]
+    assert summary["top1_agreement"] == 1 and summary["top1_disagreements"] == 0 and summary["formats"] == {"fp32": 1}
+
+
+def test_neighbour_agreement_and_one_minus_cosine_on_constructed_embeddings():
+    angles = np.array([0.0, 0.1, 0.3, 0.31, 1.5, 2.5, 3.7])
+    unit = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    assert list(ps.nearest_neighbours(unit, 2)[0]) == [1, 2]
+    np.testing.assert_allclose(ps.top1_gap(unit)[:2], [np.cos(0.1) - np.cos(0.3), np.cos(0.1) - np.cos(0.2)])
+    moved = unit.copy()
+    moved[0] = [np.cos(0.22), np.sin(0.22)]  # nearest 2 (0.08), then 3 (0.09); 1 is 0.12 away
+    top1, overlap = ps.neighbour_agreement(moved, unit, k=2)
+    assert list(top1) == [False] + [True] * 6
+    # top-2 sets: row 0 {1, 2} -> {2, 3}; rows 2 and 3 now have row 0 second instead of row 1
+    assert list(overlap) == [0.5, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0]
+    # |a - b|^2 / 2 is 1 - cos, and stays accurate where 1 - a·b is float64 rounding
+    np.testing.assert_allclose(ps.one_minus_cosine(unit[0], unit[1:]), 1 - np.cos(angles[1:]), rtol=1e-12)
+    tiny = np.array([np.cos(1e-9), np.sin(1e-9)])
+    assert ps.one_minus_cosine(unit[0], tiny) == pytest.approx(0.5e-18, rel=1e-6)

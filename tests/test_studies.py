@@ -173,6 +173,40 @@ def test_precision_quick_records(quick_run):
     assert sp["ci_low"] <= sp["rho"] <= sp["ci_high"]
 
 
+@needs_model
+def test_precision_e2e_quick_records(quick_run):
+    from nkattn.studies import precision as ps
+
+    heads = _result(quick_run, "precision", "precision/quick.json")["meta"]
+    data = _result(quick_run, "precision", "precision/quick-e2e.json")
+    meta, records = data["meta"], data["records"]
+    config, summary = meta["config"], meta["summary"]
+    assert meta["command"] == "nkattn study precision --quick" and config["quick"]
+    # held out from the predictor's fit, in the same passage numbering as quick.json
+    fit, (first, last) = ps.QUICK_PASSAGES // 2, config["passages"]
+    assert config["fit_passages"] == [0, fit - 1] and (first, last) == (fit, fit + ps.QUICK_E2E_PASSAGES - 1)
+    assert meta["provenance"]["passages"][: ps.QUICK_PASSAGES] == heads["provenance"]["passages"]
+    assert config["predictor"] == heads["config"]["predictor"]
+    # what the end_to_end figure reads
+    assert config["n"] == max(ps.QUICK_LENGTHS) and config["model"]
+    labels = [p["label"] for p in config["policies"]]
+    assert labels == [ps.policy_label(p, t) for p, t in ps.E2E_POLICIES] == list(summary)
+    assert len(records) == len(labels) * ps.QUICK_E2E_PASSAGES
+    for p in config["policies"]:
+        rows = [r for r in records if r["policy"] == p["policy"] and r["tolerance"] == p["tolerance"]]
+        assert sorted(r["passage"] for r in rows) == list(range(first, last + 1))
+        s = summary[p["label"]]
+        assert s["top1_disagreements"] == sum(not r["top1_agrees"] for r in rows)
+        assert s["one_minus_cos"]["min"] <= s["one_minus_cos"]["median"] <= s["one_minus_cos"]["max"]
+        assert s["mean_cost"] > 0 and sum(s["formats"].values()) == pytest.approx(1, abs=1e-3)
+    for r in records:
+        assert 0 <= r["one_minus_cos"] <= 2 and 0 <= r["top5_overlap"] <= 1 and r["top1_gap_float64"] >= 0
+        assert sum(r[f"heads_{f}"] for f in ps.FORMATS) == 6 * 12
+        if r["tolerance"] is None and r["policy"] in ps.FORMATS:
+            assert r[f"heads_{r['policy']}"] == 6 * 12
+    assert summary["fp32"]["one_minus_cos"]["max"] < 1e-12 and summary["fp32"]["top1_agreement"] == 1
+
+
 def test_lsh_quick_records(quick_run):
     from nkattn.studies import lsh_recall as lr
 
