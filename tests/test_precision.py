@@ -521,3 +521,69 @@ def test_bad_auto_calls_are_named(given, exc, message):
         q[0, 0, 1, 2] = np.nan
     with pytest.raises(exc, match=message):
         nkattn.attention(q, k, v, **given)
+
+
+# --------------------------------------------------------------------------------------
+# the analyzers on the GPU (nkattn.cuda_kernels.precision, nkattn.precision)
+# --------------------------------------------------------------------------------------
+
+from nkattn.cuda_kernels import precision as kp
+from nkattn.cuda_kernels.online_softmax import kernel_order
+from nkattn.reference.exact import _expand_kv_heads, streaming_attention_ref
+
+
+def _kernel_order_scores(q, k, scale, chunk):
+    """scale · q·k summed as the kernel does: chunks of `chunk` elements in order, then the chunk sums."""
+    k = _expand_kv_heads(k, q.shape[1])
+    dot = None
+    for c0 in range(0, q.shape[-1], chunk):
+        part = q[..., :, None, c0] * k[..., None, :, c0]
+        for c in range(c0 + 1, c0 + chunk):
+            part = part + q[..., :, None, c] * k[..., None, :, c]
+        dot = part if dot is None else dot + part
+    return dot * scale
+
+
+def _run_row_analyzers(q, k, lengths, *, causal, scale):
+    out = kp.row_analyzers(cuda.to_device(q), cuda.to_device(k), cuda.to_device(np.asarray(lengths, np.int32)),
+                           causal=causal, scale=scale)
+    return tuple(x.copy_to_host() for x in out)
+
+
+ROW_GRID = [
+    pytest.param(2, 2, 1, 5, 11, [11, 0], True, id="B2-H2-Hkv1-Nq5-Nk11-causal-lengths11,0"),
+    pytest.param(1, 1, 1, 12, 6, None, True, id="B1-H1-Nq12-Nk6-causal"),  # rows 0-5 see no key
+    pytest.param(1, 2, 2, 9, 7, [5], False, id="B1-H2-Nq9-Nk7-lengths5"),
+]
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal"), ROW_GRID)
+def test_row_analyzers_are_the_mirror_bit_for_bit(b, h, hkv, nq, nk, lengths, causal):
+    """float64 in the simulator: lse and entropy are the mirror's bits; max and min are those of the
+    scores summed in the kernel's order; rows with no key (batch 1 of the first case, rows 0-5 of
+    the second) have lse -inf, entropy 0, max -inf, min +inf."""
+    q, k, v = _inputs(20, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
+    lengths = np.full(b, nk) if lengths is None else np.array(lengths)
+    scale = 0.3
+    lse, entropy, s_max, s_min = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale)
+    order = kernel_order(np.float64, 16)
+    _, lse_ref, entropy_ref = streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=lengths,
+                                                      order=order, return_entropy=True)
+    np.testing.assert_array_equal(lse, lse_ref)
+    np.testing.assert_array_equal(entropy, entropy_ref)
+    s = _kernel_order_scores(q, k, scale, order.dot_chunk)
+    visible = np.arange(nk) < visible_key_counts(b, nq, nk, causal, lengths)[:, None, :, None]
+    np.testing.assert_array_equal(s_max, np.where(visible, s, -np.inf).max(axis=-1))
+    np.testing.assert_array_equal(s_min, np.where(visible, s, np.inf).min(axis=-1))
+
+
+def test_block_absmax_is_numpy_and_skips_rows_past_lengths():
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(3, 2, 13, 12)) * rng.uniform(0.1, 10, size=(3, 2, 13, 1))
+    lengths = np.array([13, 6, 0], np.int32)
+    got = kp.block_absmax(cuda.to_device(x), cuda.to_device(lengths), 4).copy_to_host()
+    assert got.shape == (3, 2, 4)
+    for bi, n in enumerate(lengths):
+        for blk in range(4):
+            rows = x[bi, :, 4 * blk:min(4 * blk + 4, n)]
+            np.testing.assert_array_equal(got[bi, :, blk], np.abs(rows).max(axis=(-2, -1), initial=0.0))
