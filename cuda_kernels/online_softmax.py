@@ -602,7 +602,7 @@ def streaming_primitives(
         entropy_update=entropy_update,
         accumulate_pv=accumulate_pv,
         store_p=store_p,
-        mul=mul, add=add, exp=exp,
+        mul=mul, add=add, exp=exp, log=log,
         store_row=store_row,
         store_rows=store_rows,
         store_entropy_rows=store_entropy_rows,

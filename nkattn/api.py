@@ -27,6 +27,7 @@ from nkattn.methods import (
     Request,
     check_flag,
     choose_head_formats,
+    gpu_analyzers,
     method_options,
 )
 from nkattn.reference.exact import default_scale
@@ -244,7 +245,8 @@ def plan(q, k, v, *, method="exact", causal=False, scale=None, key_lengths=None,
         needs = {name: f"precision={precision!r} needs finite {name} whatever check_finite says: its analyzers and "
                        "formats are defined on finite numbers" for name in inputs}
         _check_finite(inputs, dtype, check_finite, needs)
-        req = replace(req, head_formats=choose_head_formats(req, q, k, v, lengths, resolved_scale))
+        on_gpu = gpu_analyzers(req, backend)
+        req = replace(req, head_formats=choose_head_formats(req, q, k, v, lengths, resolved_scale, on_gpu=on_gpu))
         chosen = _pick_backend(entry.backends, req, backend)
     else:
         chosen = _pick_backend(entry.backends, req, backend)

@@ -451,15 +451,30 @@ def _exact_check(req: Request, given: frozenset) -> None:
                          f"head), got tolerance={tolerance!r} with precision={req.precision!r}")
 
 
-def choose_head_formats(req: Request, q, k, v, key_lengths, scale: float) -> HeadFormats:
-    """`nkattn.reference.precision.choose` on the call's data (copied to the host in float64): the
-    analyzers of every head and the policy `req.precision` with ``tolerance``."""
-    from nkattn.reference.exact import visible_key_counts
-    from nkattn.reference.precision import choose
+def gpu_analyzers(req: Request, backend: str) -> bool:
+    """Whether precision='auto' analyzes the call's data on the GPU (`nkattn.precision`: one streaming
+    pass, O(N) memory) rather than on the host from dense float64 scores (O(N²)): wherever the call
+    may run on CUDA, a GPU (or the simulator) is there and the streaming kernels tile d."""
+    return backend != "reference" and req.head_dim in KERNEL_HEAD_DIMS and cuda_available()
 
-    q, k, v = (np.asarray(arrays.to_host(x, req.dtype), dtype=np.float64) for x in (q, k, v))
-    decisions = choose(q, k, v, req.precision, tolerance=req.options["tolerance"], causal=req.causal, scale=scale,
-                       key_lengths=key_lengths)
+
+def choose_head_formats(req: Request, q, k, v, key_lengths, scale: float, *, on_gpu: bool) -> HeadFormats:
+    """The policy `req.precision` with ``tolerance`` on the analyzers of every head: those of the
+    GPU (`nkattn.precision.device_head_stats`, device inputs read in place) with `on_gpu`, else
+    `nkattn.reference.precision.choose` on the call's data copied to the host in float64."""
+    from nkattn.reference.exact import visible_key_counts
+    from nkattn.reference.precision import auto_decisions, choose
+
+    tolerance = req.options["tolerance"]
+    if on_gpu:
+        from nkattn.precision import device_head_stats
+
+        stats = device_head_stats(q, k, v, key_lengths, causal=req.causal, scale=scale)
+        decisions = auto_decisions(stats, tolerance)
+    else:
+        q, k, v = (np.asarray(arrays.to_host(x, req.dtype), dtype=np.float64) for x in (q, k, v))
+        decisions = choose(q, k, v, req.precision, tolerance=tolerance, causal=req.causal, scale=scale,
+                           key_lengths=key_lengths)
     sees = (visible_key_counts(req.batch, req.nq, req.nk, req.causal, key_lengths) > 0).any(axis=-1)
     return HeadFormats(decisions, np.broadcast_to(sees[:, None], (req.batch, req.heads)))
 
@@ -556,7 +571,8 @@ EXACT = Method(
         Backend(
             "cuda", "cuda (format per head)", lambda req: _auto_cuda_reasons(req) + no_entropy(req), _auto_cuda_run,
             arithmetic="precision='auto': each head on the kernel a call in its format's dtype takes (fp32: FFMA, "
-                       "fp16/bf16: tensor cores), heads rounded on the host; no kernel for fp8 and int8 yet",
+                       "fp16/bf16: tensor cores), heads rounded on the host, analyzers on the GPU (nkattn.precision); no "
+                       "kernel for fp8 and int8 yet",
         ),
         Backend(
             "cuda", "cuda (tensor-core kernel)", _exact_tc_reasons, _exact_tc_run,

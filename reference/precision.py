@@ -736,8 +736,13 @@ def choose(q, k, v, precision: str, *, tolerance=None, causal=False, scale=None,
         return Decisions(precision, adaattn_rule(stats))
     if precision == "adaattn-issue":
         return Decisions(precision, adaattn_issue_rule(stats))
+    return auto_decisions(stats, tolerance, predictor)
+
+
+def auto_decisions(stats: dict, tolerance: float, predictor: Predictor | None = None) -> Decisions:
+    """'auto' from head statistics: those of `head_stats`, or the GPU analyzers' (`nkattn.precision`)."""
     predicted = (predictor or default_predictor()).predict(stats)
-    return Decisions(precision, cheapest_within(predicted, tolerance), tolerance, predicted=predicted)
+    return Decisions("auto", cheapest_within(predicted, tolerance), tolerance, predicted=predicted)
 
 
 def precision_attention(q, k, v, precision="auto", *, tolerance=None, causal=False, scale=None, key_lengths=None,

@@ -2,8 +2,9 @@
 ml_dtypes, its error against float64 within its written bound, the analyzers against direct
 float64 formulas, the policies' decisions on constructed heads, and bad inputs; then
 ``nkattn.attention(..., precision="auto", tolerance=...)``: its decisions are the reference
-policy's, each head is what a call in its format gives, and what it refuses; last, the
-precision study's end-to-end attention hook and neighbour measures."""
+policy's, each head is what a call in its format gives, and what it refuses; the precision
+study's end-to-end attention hook and neighbour measures; last, the analyzers on the GPU
+(`nkattn.cuda_kernels.precision`, `nkattn.precision`) against the host analysis."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ from numba import cuda
 
 import nkattn
 from nkattn.api import plan
+from nkattn.cuda_kernels import precision as kp
+from nkattn.cuda_kernels.online_softmax import kernel_order
+from nkattn.precision import NOT_MEASURED, device_head_stats
 from nkattn.reference import precision as pr
 from nkattn.reference.bert import BertConfig, BertEncoder, random_weights
-from nkattn.reference.exact import attention_ref, visible_key_counts
+from nkattn.reference.exact import (
+    _expand_kv_heads,
+    attention_ref,
+    streaming_attention_ref,
+    visible_key_counts,
+)
 from nkattn.studies import precision as ps
 from nkattn.testing import assert_within_budget, float32_floor
 
@@ -589,3 +598,185 @@ def test_neighbour_agreement_and_one_minus_cosine_on_constructed_embeddings():
     np.testing.assert_allclose(ps.one_minus_cosine(unit[0], unit[1:]), 1 - np.cos(angles[1:]), rtol=1e-12)
     tiny = np.array([np.cos(1e-9), np.sin(1e-9)])
     assert ps.one_minus_cosine(unit[0], tiny) == pytest.approx(0.5e-18, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# the analyzers on the GPU (nkattn.cuda_kernels.precision, nkattn.precision)
+# --------------------------------------------------------------------------------------
+
+
+gpu = pytest.mark.gpu
+
+
+def _kernel_order_scores(q, k, scale, chunk):
+    """scale · q·k summed as the kernel does: chunks of `chunk` elements in order, then the chunk sums."""
+    k = _expand_kv_heads(k, q.shape[1])
+    dot = None
+    for c0 in range(0, q.shape[-1], chunk):
+        part = q[..., :, None, c0] * k[..., None, :, c0]
+        for c in range(c0 + 1, c0 + chunk):
+            part = part + q[..., :, None, c] * k[..., None, :, c]
+        dot = part if dot is None else dot + part
+    return dot * scale
+
+
+def _run_row_analyzers(q, k, lengths, *, causal, scale):
+    out = kp.row_analyzers(cuda.to_device(q), cuda.to_device(k), cuda.to_device(np.asarray(lengths, np.int32)),
+                           causal=causal, scale=scale)
+    return tuple(x.copy_to_host() for x in out)
+
+
+ROW_GRID = [
+    pytest.param(2, 2, 1, 5, 11, [11, 0], True, id="B2-H2-Hkv1-Nq5-Nk11-causal-lengths11,0"),
+    pytest.param(1, 1, 1, 12, 6, None, True, id="B1-H1-Nq12-Nk6-causal"),  # rows 0-5 see no key
+    pytest.param(1, 2, 2, 9, 7, [5], False, id="B1-H2-Nq9-Nk7-lengths5"),
+]
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal"), ROW_GRID)
+def test_row_analyzers_are_the_mirror_bit_for_bit(b, h, hkv, nq, nk, lengths, causal):
+    """float64 in the simulator: lse and entropy are the mirror's bits; max and min are those of the
+    scores summed in the kernel's order; rows with no key (batch 1 of the first case, rows 0-5 of
+    the second) have lse -inf, entropy 0, max -inf, min +inf."""
+    q, k, v = _inputs(20, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
+    lengths = np.full(b, nk) if lengths is None else np.array(lengths)
+    scale = 0.3
+    lse, entropy, s_max, s_min = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale)
+    order = kernel_order(np.float64, 16)
+    _, lse_ref, entropy_ref = streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=lengths,
+                                                      order=order, return_entropy=True)
+    np.testing.assert_array_equal(lse, lse_ref)
+    np.testing.assert_array_equal(entropy, entropy_ref)
+    s = _kernel_order_scores(q, k, scale, order.dot_chunk)
+    visible = np.arange(nk) < visible_key_counts(b, nq, nk, causal, lengths)[:, None, :, None]
+    np.testing.assert_array_equal(s_max, np.where(visible, s, -np.inf).max(axis=-1))
+    np.testing.assert_array_equal(s_min, np.where(visible, s, np.inf).min(axis=-1))
+
+
+def test_block_absmax_is_numpy_and_skips_rows_past_lengths():
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(3, 2, 13, 12)) * rng.uniform(0.1, 10, size=(3, 2, 13, 1))
+    lengths = np.array([13, 6, 0], np.int32)
+    got = kp.block_absmax(cuda.to_device(x), cuda.to_device(lengths), 4).copy_to_host()
+    assert got.shape == (3, 2, 4)
+    for bi, n in enumerate(lengths):
+        for blk in range(4):
+            rows = x[bi, :, 4 * blk:min(4 * blk + 4, n)]
+            np.testing.assert_array_equal(got[bi, :, blk], np.abs(rows).max(axis=(-2, -1), initial=0.0))
+
+
+def _feature_differences(got: dict, expected: dict) -> dict:
+    """Per statistic, the largest relative difference over heads (NaN where both are NaN)."""
+    out = {}
+    for name, ref in expected.items():
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(ref), err_msg=name)
+        both = ~np.isnan(ref)
+        rel = np.abs(got[name][both] - ref[both]) / np.maximum(np.abs(ref[both]), 1e-300)
+        out[name] = float(rel.max(initial=0.0))
+    return out
+
+
+DEVICE_STATS_CASES = [
+    pytest.param("constructed", id="constructed-one-hot-uniform-huge-range"),
+    pytest.param("random", id="random-B1-H4-Hkv2-Nq8-Nk8-causal-lengths5"),
+]
+
+
+@pytest.mark.parametrize("case", DEVICE_STATS_CASES)
+def test_device_head_stats_are_the_float64_analysis(case):
+    """The statistics agree with the dense float64 analysis to float64 rounding, so the predictions
+    do and the decisions agree at every tolerance."""
+    if case == "constructed":
+        q, k, v = _constructed_heads(n=8, d=16)
+        given = {"causal": False, "key_lengths": None, "scale": None}
+    else:
+        q, k, v = _inputs(22, 1, 4, 2, 8, 8, 16, 8, temperature=3.0)
+        q[0, 0] *= 0.05
+        q[0, 3] *= 20.0
+        given = {"causal": True, "key_lengths": np.array([5]), "scale": None}
+    scale = 1 / np.sqrt(16)
+    got = device_head_stats(q, k, v, given["key_lengths"], causal=given["causal"], scale=scale)
+    expected = pr.head_stats(pr.analyze(q, k, v, **given))
+    assert set(got) == set(expected) - set(NOT_MEASURED)
+    # the reference's lse - Σ p·s and max s - lse cancel to about eps · max|s| (a one-hot row's
+    # entropy of 1e-15 comes out 0 there); every other statistic is a maximum, exact on both sides
+    cancels = 16 * np.finfo(np.float64).eps * expected["max_abs_score"]
+    for name in got:
+        atol = cancels if name in ("entropy_mean", "entropy_norm", "spread_mean") else 0.0
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(expected[name]), err_msg=name)
+        assert (np.abs(got[name] - expected[name]) <= 1e-13 * np.abs(expected[name]) + atol).all(), \
+            (name, _feature_differences(got, {n: expected[n] for n in got}))
+    predictor = _small_predictor()
+    np.testing.assert_allclose(predictor.predict(got), predictor.predict(expected), rtol=1e-8)
+    for tolerance in (1e-1, 3e-2, 1e-2, 1e-3, 1e-5):
+        np.testing.assert_array_equal(pr.auto_decisions(got, tolerance, predictor).formats,
+                                      pr.choose(q, k, v, "auto", tolerance=tolerance, predictor=predictor,
+                                                **given).formats, err_msg=f"tolerance {tolerance}")
+
+
+def test_auto_on_cuda_decides_as_on_the_reference(small_predictor, monkeypatch):
+    """backend='cuda' (device inputs, read in place) and 'auto' analyze on the device, here the
+    simulator, and backend='reference' on the host; the decisions agree."""
+    calls = []
+    monkeypatch.setattr("nkattn.precision.device_head_stats",
+                        lambda *a, **kw: calls.append(1) or device_head_stats(*a, **kw))
+    q, k, v = _as(_constructed_heads(n=8, d=16), np.float32)
+    for tolerance, backend, inputs in ((1e-1, "auto", (q, k, v)), (1e-3, "cuda", tuple(map(cuda.to_device, (q, k, v))))):
+        host = plan(q, k, v, precision="auto", tolerance=tolerance, backend="reference")[0].request.head_formats
+        device = plan(*inputs, precision="auto", tolerance=tolerance, backend=backend)[0].request.head_formats
+        np.testing.assert_array_equal(device.decisions.formats, host.decisions.formats)
+        # float32 inputs: the kernel's per-row results are stored in float32
+        np.testing.assert_allclose(device.decisions.predicted, host.decisions.predicted, rtol=1e-6)
+    assert len(calls) == 2
+    assert list(host.decisions.formats[0]) == ["fp32", "fp16", "fp32"]  # at 1e-3: formats with a kernel
+
+
+def _plain_rows(q, k, dtype, *, causal, scale, key_lengths):
+    """lse, entropy (lse - Σ p·s), max s and min s of every row, the plain formulas in `dtype`."""
+    f = np.dtype(dtype).type
+    s = (q.astype(f) @ np.swapaxes(_expand_kv_heads(k.astype(f), q.shape[1]), -1, -2)) * f(scale)
+    nq, nk = q.shape[2], k.shape[2]
+    visible = np.arange(nk) < visible_key_counts(q.shape[0], nq, nk, causal, key_lengths)[:, None, :, None]
+    s_max = np.where(visible, s, -np.inf).max(axis=-1)
+    s_min = np.where(visible, s, np.inf).min(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(visible, np.exp(s - s_max[..., None]), f(0))
+        lse = s_max + np.log(p.sum(axis=-1))
+        p = np.where(visible, np.exp(s - lse[..., None]), f(0))
+        entropy = lse - np.where(visible, p * s, f(0)).sum(axis=-1)
+    return lse, entropy, s_max, s_min
+
+
+@gpu
+def test_row_analyzers_float32_within_budget_and_decisions_agree():
+    """float32 on the GPU: every row's lse, entropy, max and min within 2x the naive float32 error of
+    the float64 oracle, and auto's decisions those of the float64 analysis where no prediction lies
+    within 1 % of the tolerance."""
+    b, h, hkv, nq, nk, d = 2, 8, 4, 300, 517, 64
+    q, k, v = _inputs(23, b, h, hkv, nq, nk, d, d)
+    q *= np.geomspace(0.05, 8, h)[None, :, None, None]
+    lengths = np.array([517, 200])
+    scale = 1 / np.sqrt(d)
+    q32, k32, v32 = _as((q, k, v), np.float32)
+    q, k, v = _as((q32, k32, v32), np.float64)  # the float64 oracle of the float32 data
+    got = _run_row_analyzers(q32, k32, lengths, causal=True, scale=scale)
+    naive = _plain_rows(q32, k32, np.float32, causal=True, scale=scale, key_lengths=lengths)
+    ref = _plain_rows(q, k, np.float64, causal=True, scale=scale, key_lengths=lengths)
+    # the oracle's entropy: lse - Σ p·s cancels in float64 too, by more than float32 errs on small entropies
+    _, _, entropy64 = attention_ref(q, k, v, causal=True, scale=scale, key_lengths=lengths, return_entropy=True)
+    ref = (ref[0], entropy64, ref[2], ref[3])
+    sees = visible_key_counts(b, nq, nk, True, lengths)[:, None, :] > 0
+    for name, g, n, r in zip(("lse", "entropy", "max", "min"), got, naive, ref):
+        sel = np.broadcast_to(sees, g.shape)
+        assert_within_budget(name, g[sel], r[sel], n[sel], floor=float32_floor(r[sel]))
+    stats32 = device_head_stats(q32, k32, v32, lengths, causal=True, scale=scale)
+    stats64 = pr.head_stats(pr.analyze(q, k, v, causal=True, scale=scale, key_lengths=lengths))
+    print("feature relative differences, float32 GPU vs float64 host:",
+          _feature_differences(stats32, {name: stats64[name] for name in stats32}))
+    predictor = _small_predictor()
+    predicted = predictor.predict(stats64)
+    for tolerance in (1e-1, 1e-2, 1e-3):
+        clear = (np.abs(predicted / tolerance - 1) > 1e-2).all(axis=-1)
+        mine = pr.auto_decisions(stats32, tolerance, predictor).formats
+        theirs = pr.auto_decisions(stats64, tolerance, predictor).formats
+        np.testing.assert_array_equal(mine[clear], theirs[clear], err_msg=f"tolerance {tolerance}")
