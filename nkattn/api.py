@@ -100,14 +100,16 @@ def attention(
     precision="auto" (method "exact", float32 or float64 inputs, finite whatever ``check_finite``
     says) with ``tolerance`` (a finite number > 0): per (batch, head) the cheapest format whose
     predicted relative error ‖O_f - O‖_F / ‖O‖_F is within tolerance, fp32 where none is
-    (`nkattn.reference.precision.choose`: its analyzers run on the host, in float64, from the
-    dense scores). Each head runs in its format, rounded once from the input: on the reference,
-    that format's float64 emulation (`nkattn.reference.precision.emulate`); on "cuda", the kernel
-    a call in the format's dtype takes (fp32: FFMA; fp16, bf16: tensor cores), and a reason naming
-    the format and the heads for fp8 and int8, which have no kernel yet. O and lse come back in
-    the input dtype. The choice is logged at INFO (logger "nkattn.api", one line per call) and
-    returned with ``return_decisions=True``: a `nkattn.reference.precision.Decisions`, with
-    ``formats`` (B, H) and ``predicted`` (B, H, len(FORMATS)), the predicted error of every format.
+    (`nkattn.reference.precision`'s policy). Its analyzers run on the GPU, one streaming pass at
+    O(N) memory (`nkattn.precision`), wherever the call may run on CUDA; otherwise on the host,
+    in float64, from the dense scores. Each head runs in its format, rounded once from the
+    input: on the reference, that format's float64 emulation (`nkattn.reference.precision.emulate`);
+    on "cuda", the kernel a call in the format's dtype takes (fp32: FFMA; fp16, bf16: tensor
+    cores), and a reason naming the format and the heads for fp8 and int8, which have no kernel
+    yet. O and lse come back in the input dtype. The choice is logged at INFO (logger
+    "nkattn.api", one line per call) and returned with ``return_decisions=True``: a
+    `nkattn.reference.precision.Decisions`, with ``formats`` (B, H) and ``predicted``
+    (B, H, len(FORMATS)), the predicted error of every format.
 
     method="exact" is softmax attention; method="lsh" restricts every query to the
     keys that share a SimHash bucket with it in at least one of ``lsh_tables``
