@@ -1,8 +1,9 @@
 """The analyzers of `nkattn.reference.precision` on the GPU, at O(N) memory.
 
 `row_analyzers(q, k, key_lengths, ...)` streams the scores once, as the exact kernel
-does, and writes per query row the lse, the entropy and the largest and smallest scaled
-visible score; `block_absmax(x, lengths, block)` writes max |x| per block of rows.
+does, and writes per query row (or every `row_stride`-th) the lse, the entropy and the
+largest and smallest scaled visible score; `block_absmax(x, lengths, block)` writes
+max |x| per block of rows.
 `nkattn.precision` turns them into the reference's head statistics.
 """
 
@@ -23,8 +24,9 @@ from nkattn.cuda_kernels.online_softmax import (
 
 @cache
 def row_analyzers_kernel(dtype, head_dim: int):
-    """The exact kernel's score loop without values: grid ``(ceil(Nq / BM), H, B)``, a block of
-    TY x TX threads owns BM query rows and streams key tiles of BN (`exact_attention_kernel`)::
+    """The exact kernel's score loop without values: grid ``(ceil(R / BM), H, B)`` over the R sampled
+    rows, a block of TY x TX threads owns BM of them and streams key tiles of BN
+    (`exact_attention_kernel`)::
 
                    key tile (BN)
                  +---------------+
@@ -36,6 +38,10 @@ def row_analyzers_kernel(dtype, head_dim: int):
     Scores, m, l and t are the entropy kernel's operations in its order, so lse and the
     entropy have its bits (float64: the mirror's, `nkattn.reference.exact`). The row
     minimum is one more running value over the visible scaled scores.
+
+    ``q_rows`` holds the sampled rows only (row i is query row ``i · row_stride`` of ``nq``):
+    outputs are indexed by i, masks by the query row, so each sampled row sees exactly the
+    keys it sees in the full attention.
     """
     # no values here: one value column shrinks the V region and the accumulator to nothing
     sp = streaming_primitives(np.dtype(dtype), head_dim, value_dim=1)
@@ -47,14 +53,15 @@ def row_analyzers_kernel(dtype, head_dim: int):
     add, log, store_entropy_rows = sp.add, sp.log, sp.store_entropy_rows
 
     @cuda.jit
-    def row_analyzers(q, k, key_lengths, lse, entropy, score_max, score_min, qk_scale, causal, group):
+    def row_analyzers(q_rows, k, key_lengths, lse, entropy, score_max, score_min, qk_scale, causal, group,
+                      row_stride, nq):
         tid = cuda.threadIdx.x
         ty = tid // TX
         tx = tid - ty * TX
         b = cuda.blockIdx.z
         h = cuda.blockIdx.y
         row0 = cuda.blockIdx.x * BM
-        nq = q.shape[2]
+        rows = q_rows.shape[2]
         kvh = h // group
         nk_b = key_lengths[b]
         smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
@@ -72,16 +79,17 @@ def row_analyzers_kernel(dtype, head_dim: int):
         q_frag = cuda.local.array(TM, NB_DTYPE)
         k_frag = cuda.local.array(TN, NB_DTYPE)
         for i in range(TM):
-            kv_end[i] = visible_keys(row0 + ty * TM + i, nq, nk_b, causal)
+            # rows past the sample map past nq, where visible_keys gives 0
+            kv_end[i] = visible_keys((row0 + ty * TM + i) * row_stride, nq, nk_b, causal)
             m_i[i] = NEG_INF
             n_i[i] = POS_INF
             l_i[i] = ZERO
             t_i[i] = ZERO
             for e in range(TD):
                 acc[i, e] = ZERO
-        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)
+        block_kv_end = visible_keys((min(row0 + BM, rows) - 1) * row_stride, nq, nk_b, causal)
 
-        load_q_tile(q, b, h, row0, smem, tid)
+        load_q_tile(q_rows, b, h, row0, smem, tid)
         for tile_start in range(0, block_kv_end, BN):
             cuda.syncthreads()  # Q is loaded and every read of the previous tile is done
             load_k_tile(k, b, kvh, tile_start, nk_b, smem, tid)
@@ -105,31 +113,38 @@ def row_analyzers_kernel(dtype, head_dim: int):
                 n_i[i] = min(n_i[i], low)
 
         for i in range(TM):
-            q_idx = row0 + ty * TM + i
-            if q_idx < nq and tx == 0:
+            row = row0 + ty * TM + i
+            if row < rows and tx == 0:
                 # as the exact kernel's store_row: l = 0 is a row with no key (m = -inf, n = +inf)
-                lse[b, h, q_idx] = add(m_i[i], log(l_i[i])) if l_i[i] != ZERO else NEG_INF
-                score_max[b, h, q_idx] = m_i[i]
-                score_min[b, h, q_idx] = n_i[i]
-        store_entropy_rows(entropy, b, h, row0, nq, ty, tx, l_i, t_i)
+                lse[b, h, row] = add(m_i[i], log(l_i[i])) if l_i[i] != ZERO else NEG_INF
+                score_max[b, h, row] = m_i[i]
+                score_min[b, h, row] = n_i[i]
+        store_entropy_rows(entropy, b, h, row0, rows, ty, tx, l_i, t_i)
 
     return row_analyzers, sp
 
 
-def row_analyzers(q, k, key_lengths, *, causal: bool, scale: float, stream=0):
-    """(lse, entropy, score_max, score_min) per query row, device arrays (B, H, Nq) of q's dtype,
-    from device arrays q (B, H, Nq, d), k (B, Hkv, Nk, d) and int32 `key_lengths` (B,).
+def row_analyzers(q, k, key_lengths, *, causal: bool, scale: float, row_stride: int = 1, stream=0):
+    """(lse, entropy, score_max, score_min) of query rows ``0, s, 2s, ...`` (s = `row_stride`),
+    device arrays (B, H, ceil(Nq / s)) of q's dtype, from device arrays q (B, H, Nq, d),
+    k (B, Hkv, Nk, d) and int32 `key_lengths` (B,).
 
-    The scores are ``scale · q·k`` over the visible keys; a row with no key has lse = -inf,
-    entropy 0, max -inf and min +inf. Inputs are assumed validated (`nkattn.attention`).
+    The scores are ``scale · q·k`` over the keys each row sees in the full (B, H, Nq) attention;
+    a row with no key has lse = -inf, entropy 0, max -inf and min +inf. Inputs are assumed
+    validated (`nkattn.attention`).
     """
+    if isinstance(row_stride, bool) or not isinstance(row_stride, (int, np.integer)) or row_stride < 1:
+        raise ValueError(f"row_stride must be an integer >= 1, got {row_stride!r}")
     batch, heads, nq, head_dim = q.shape
+    rows = -(-nq // row_stride)
     dtype = np.dtype(q.dtype)
-    outputs = tuple(cuda.device_array((batch, heads, nq), dtype=dtype, stream=stream) for _ in range(4))
+    outputs = tuple(cuda.device_array((batch, heads, rows), dtype=dtype, stream=stream) for _ in range(4))
     kernel, sp = row_analyzers_kernel(dtype, head_dim)
-    grid = (math.ceil(nq / sp.BM), heads, batch)
+    grid = (math.ceil(rows / sp.BM), heads, batch)
+    # a strided view, no copy: the kernel's Q tile loads read the sampled rows in place
     launch_with_shared_memory(kernel, grid, sp.THREADS, sp.SHARED_BYTES, stream,
-                              q, k, key_lengths, *outputs, dtype.type(scale), bool(causal), heads // k.shape[1])
+                              q[:, :, ::row_stride], k, key_lengths, *outputs, dtype.type(scale), bool(causal),
+                              heads // k.shape[1], np.int64(row_stride), np.int64(nq))
     return outputs
 
 
