@@ -256,8 +256,8 @@ def _entropy_kernel(sp, jit_options):
     TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
     NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
     visible_keys, load_q_tile, load_kv_tile = sp.visible_keys, sp.load_q_tile, sp.load_kv_tile
-    tile_scores, online_softmax_update, entropy_update, accumulate_pv = (
-        sp.tile_scores, sp.online_softmax_update, sp.entropy_update, sp.accumulate_pv
+    tile_scores, online_softmax_entropy_update, accumulate_pv = (
+        sp.tile_scores, sp.online_softmax_entropy_update, sp.accumulate_pv
     )
     store_rows, store_entropy_rows = sp.store_rows, sp.store_entropy_rows
 
@@ -301,12 +301,8 @@ def _entropy_kernel(sp, jit_options):
             load_kv_tile(k, v, b, kvh, tile_start, nk_b, smem, tid)
             cuda.syncthreads()  # the whole K/V tile is in shared memory
             tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)
-            for i in range(TM):
-                m_prev[i] = m_i[i]
-                l_prev[i] = l_i[i]
-            online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)
-            # reads only this thread's own P entries: no barrier before it
-            entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid)
+            online_softmax_entropy_update(s, m_i, l_i, t_i, m_prev, l_prev, acc, kv_end, tile_start, qk_scale, smem,
+                                          ty, tx, tid)
             cuda.syncthreads()  # every thread's P block is written
             accumulate_pv(smem, ty, tx, acc, q_frag, v_frag)
 

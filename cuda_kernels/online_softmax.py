@@ -230,9 +230,9 @@ def streaming_primitives(
     ``tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)``  the thread's TM x TN block of q·k
     ``online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
         mask and scale the scores, update running max and sum, rescale acc, write Pᵀ
-    ``entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid)``
-        after `online_softmax_update`, given the running max and sum it started from:
-        the running entropy sum t (`nkattn.reference.exact.StreamingOrder`)
+    ``online_softmax_entropy_update(s, m_i, l_i, t_i, m_prev, l_prev, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)``
+        `online_softmax_update`, then the running entropy sum t from the max and sum it
+        started from (kept in m_prev, l_prev: the caller's scratch; `nkattn.reference.exact.StreamingOrder`)
     ``accumulate_pv(smem, ty, tx, acc, p_frag, v_frag)``  acc += P·V over the tile
     ``store_p(smem, ty, tx, i, j, p)``               the thread's p[i, j] into Pᵀ
     ``store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)``
@@ -543,6 +543,16 @@ def streaming_primitives(
             t_i[i] = add(mul(t, exp(shift)), row_sum(t_row, smem, tid))
 
     @cuda.jit(device=True, inline="always")
+    def online_softmax_entropy_update(s, m_i, l_i, t_i, m_prev, l_prev, acc, kv_end, tile_start, qk_scale, smem,
+                                      ty, tx, tid):
+        for i in range(TM):
+            m_prev[i] = m_i[i]
+            l_prev[i] = l_i[i]
+        online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)
+        # reads only this thread's own P entries: no barrier before it
+        entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid)
+
+    @cuda.jit(device=True, inline="always")
     def accumulate_pv(smem, ty, tx, acc, p_frag, v_frag):
         p_col = uint32(P_OFFSET + ty * TM)
         v_row = uint32(V_OFFSET + tx * TD)
@@ -599,7 +609,7 @@ def streaming_primitives(
         gather_kv_tile=gather_kv_tile,
         tile_scores=tile_scores,
         online_softmax_update=online_softmax_update,
-        entropy_update=entropy_update,
+        online_softmax_entropy_update=online_softmax_entropy_update,
         accumulate_pv=accumulate_pv,
         store_p=store_p,
         mul=mul, add=add, exp=exp, log=log,

@@ -49,7 +49,7 @@ def row_analyzers_kernel(dtype, head_dim: int):
     NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
     POS_INF = -NEG_INF
     visible_keys, load_q_tile, load_k_tile, tile_scores = sp.visible_keys, sp.load_q_tile, sp.load_k_tile, sp.tile_scores
-    online_softmax_update, entropy_update, row_max = sp.online_softmax_update, sp.entropy_update, sp.row_max
+    online_softmax_entropy_update, row_max = sp.online_softmax_entropy_update, sp.row_max
     add, log, store_entropy_rows = sp.add, sp.log, sp.store_entropy_rows
 
     @cuda.jit
@@ -95,12 +95,8 @@ def row_analyzers_kernel(dtype, head_dim: int):
             load_k_tile(k, b, kvh, tile_start, nk_b, smem, tid)
             cuda.syncthreads()  # the whole K tile is in shared memory
             tile_scores(smem, ty, tx, s, partial, q_frag, k_frag)
-            for i in range(TM):
-                m_prev[i] = m_i[i]
-                l_prev[i] = l_i[i]
-            online_softmax_update(s, m_i, l_i, acc, kv_end, tile_start, qk_scale, smem, ty, tx, tid)
-            # reads only this thread's own P entries: no barrier before it
-            entropy_update(s, m_prev, l_prev, m_i, t_i, smem, ty, tx, tid)
+            online_softmax_entropy_update(s, m_i, l_i, t_i, m_prev, l_prev, acc, kv_end, tile_start, qk_scale, smem,
+                                          ty, tx, tid)
             key0 = tile_start + tx * TN
             for i in range(TM):
                 # masked scores are -inf in s: the minimum takes the visible ones only, as
