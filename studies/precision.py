@@ -272,11 +272,16 @@ def one_minus_cosine(a, b) -> np.ndarray:
     return 0.5 * ((np.asarray(a) - np.asarray(b)) ** 2).sum(axis=-1)
 
 
-def nearest_neighbours(embeddings, k: int) -> np.ndarray:
-    """(P, k) indices of each row's k most cosine-similar other rows (unit vectors), most similar first."""
+def _cosines_to_others(embeddings) -> np.ndarray:
+    """(P, P) cosines of unit-vector rows, -inf on the diagonal so that no row is its own neighbour."""
     sims = embeddings @ embeddings.T
     np.fill_diagonal(sims, -np.inf)
-    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return sims
+
+
+def nearest_neighbours(embeddings, k: int) -> np.ndarray:
+    """(P, k) indices of each row's k most cosine-similar other rows (unit vectors), most similar first."""
+    return np.argsort(-_cosines_to_others(embeddings), axis=1, kind="stable")[:, :k]
 
 
 def neighbour_agreement(embeddings, reference, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
@@ -289,9 +294,7 @@ def neighbour_agreement(embeddings, reference, k: int = TOP_K) -> tuple[np.ndarr
 
 def top1_gap(embeddings) -> np.ndarray:
     """Per row, cosine to its nearest other row minus cosine to the second: how far a top-1 is from a tie."""
-    sims = embeddings @ embeddings.T
-    np.fill_diagonal(sims, -np.inf)
-    top2 = -np.sort(-sims, axis=1)[:, :2]
+    top2 = -np.sort(-_cosines_to_others(embeddings), axis=1)[:, :2]
     return top2[:, 0] - top2[:, 1]
 
 
