@@ -77,11 +77,42 @@ def padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+# p = 2^(s·c - m) is computed as ex2(fma(s, c, -m)): one rounding, and m (the row's running max,
+# rounded) is only a shift that l and lse take back exactly. The true maximum of s·c is within
+# half an ulp of m, so the largest p is at most 2^(ulp(m)/2): harmless (< 1.5) while |m| < 2^24,
+# but 2^±2048 for logits ~1e10 (float16 inputs near ±65504), where p becomes inf or 0 and the row
+# NaN. Rows whose running max is that large round s·c on its own first (`ptx.mul_rn`), so the
+# maximum's exponent is exactly 0; the per-score rounding this adds is below the error the
+# float32 scores already carry at that size. The test is on the row's own max, so a row's bits
+# never depend on its neighbours.
+FUSED_EXPONENT_LIMIT = float(2**24)
+
+
 @cache
 def _row_functions(block_n: int):
     """The online softmax of both kernels over one
     tile of accumulator-layout scores (the thread's rows r0 = 16w + g and r0 + 8)."""
     NS = block_n // 2
+    FUSED_LIMIT = np.float32(FUSED_EXPONENT_LIMIT)
+
+    @cuda.jit(device=True, inline="always")
+    def row_exp(acc_s, half, mu, qk_scale_log2):
+        """P = 2^(S·c - mu) over the thread's elements of one row (half 0: r0, 2: r0 + 8), in place;
+        returns their sum (`FUSED_EXPONENT_LIMIT`)."""
+        ps = F32_ZERO
+        if abs(mu) < FUSED_LIMIT:
+            for i in range(NS):
+                if (i & 2) == half:
+                    p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu)
+                    ps += p
+                    acc_s[i] = p
+        else:
+            for i in range(NS):
+                if (i & 2) == half:
+                    p = ptx.ex2(ptx.mul_rn(acc_s[i], qk_scale_log2) - mu)
+                    ps += p
+                    acc_s[i] = p
+        return ps
 
     @cuda.jit(device=True, inline="always")
     def softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2):
@@ -101,22 +132,15 @@ def _row_functions(block_n: int):
                 mt1 = max(mt1, acc_s[i])
         mt0 = ptx.quad_max(mt0, tid)
         mt1 = ptx.quad_max(mt1, tid)
-        # the running max in the scaled log2 domain (scale > 0 commutes with max)
-        mn0 = max(m0, mt0 * qk_scale_log2)
-        mn1 = max(m1, mt1 * qk_scale_log2)
+        # the running max in the scaled log2 domain (scale > 0 and rounding commute with max),
+        # rounded as `row_exp`'s separate multiply rounds every score
+        mn0 = max(m0, ptx.mul_rn(mt0, qk_scale_log2))
+        mn1 = max(m1, ptx.mul_rn(mt1, qk_scale_log2))
         # a row that has seen no key keeps l = 0 and O = 0 (never -inf - -inf)
         mu0 = F32_ZERO if mn0 == NEG_INF else mn0
         mu1 = F32_ZERO if mn1 == NEG_INF else mn1
-        ps0 = F32_ZERO
-        ps1 = F32_ZERO
-        for i in range(NS):
-            if (i & 2) == 0:
-                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu0)
-                ps0 += p
-            else:
-                p = ptx.ex2(acc_s[i] * qk_scale_log2 - mu1)
-                ps1 += p
-            acc_s[i] = p
+        ps0 = row_exp(acc_s, 0, mu0, qk_scale_log2)
+        ps1 = row_exp(acc_s, 2, mu1, qk_scale_log2)
         return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
 
     return softmax

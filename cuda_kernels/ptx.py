@@ -279,6 +279,16 @@ if not SIMULATOR:
         return types.float32(types.float32), codegen
 
     @intrinsic
+    def mul_rn(typingctx, a, b):
+        """a·b rounded to float32 on its own (``mul.rn.f32``): the explicit rounding mode keeps
+        ptxas from fusing it into a following add, as it would fuse a plain multiply."""
+
+        def codegen(context, builder, sig, args):
+            return _call_asm(builder, "mul.rn.f32 $0, $1, $2;", "=f,f,f", _F32, list(args))
+
+        return types.float32(types.float32, types.float32), codegen
+
+    @intrinsic
     def ex2(typingctx, x):
         """2**x, ``ex2.approx.ftz.f32`` (2 ulp; ex2(-inf) = 0, NaN stays NaN)."""
 
@@ -523,6 +533,10 @@ else:  # ------------------------------------------------------------- simulator
         if (bits & 0x7F800000) != 0x7F800000:
             bits = (bits + 0x1000) & 0xFFFFE000
         return float(np.array(bits, dtype=np.uint32).view(np.float32))
+
+    @cuda.jit(device=True)
+    def mul_rn(a, b):
+        return float(np.float32(a) * np.float32(b))
 
     @cuda.jit(device=True)
     def ex2(x):
