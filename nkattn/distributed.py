@@ -324,10 +324,24 @@ def _sequence(call: dict, rank: int, world: int, group):
     return dev.result(out), dev.result(lse)
 
 
+def _all_to_all(sent: list, group) -> list:
+    """``received[r]`` is what rank r sent to this rank, for equal-shaped tensors: `all_to_all_single`
+    over them stacked. gloo has no list ``all_to_all`` before torch 2.12 and exchanges host tensors
+    only, so device tensors travel through the host there."""
+    import torch
+    import torch.distributed as dist
+
+    stacked = torch.stack(sent)
+    through_host = stacked.is_cuda and dist.get_backend(group) == "gloo"
+    outgoing = stacked.cpu() if through_host else stacked
+    incoming = torch.empty_like(outgoing)
+    dist.all_to_all_single(incoming, outgoing, group=group)
+    return list((incoming.to(stacked.device) if through_host else incoming).unbind(0))
+
+
 def _heads(call: dict, rank: int, world: int, group):
     """All-to-all to whole sequences of H/P heads, the one-device kernel, all-to-all back."""
     import torch
-    import torch.distributed as dist
 
     from nkattn.cuda_kernels.exact import exact_attention
 
@@ -337,9 +351,7 @@ def _heads(call: dict, rank: int, world: int, group):
     def gather_sequence(x, heads):
         """(B, heads/P, N, ·): this rank's heads at every position, in global order."""
         per = heads // world
-        sent = [x[:, r * per : (r + 1) * per].contiguous() for r in range(world)]
-        got = [torch.empty_like(sent[0]) for _ in range(world)]
-        dist.all_to_all(got, sent, group=group)
+        got = _all_to_all([x[:, r * per : (r + 1) * per] for r in range(world)], group)
         pieces = {}
         for r, part in enumerate(got):
             mine = chunks_of(r, world, zigzag)
@@ -351,9 +363,7 @@ def _heads(call: dict, rank: int, world: int, group):
         per_chunk = x.shape[2] // n_chunks
         sent = [torch.cat([x[:, :, c * per_chunk : (c + 1) * per_chunk] for c in chunks_of(r, world, zigzag)], dim=2)
                 for r in range(world)]
-        got = [torch.empty_like(sent[rank]) for _ in range(world)]
-        dist.all_to_all(got, sent, group=group)
-        return torch.cat(got, dim=1)
+        return torch.cat(_all_to_all(sent, group), dim=1)
 
     q_full, k_full, v_full = gather_sequence(q, call["heads"]), gather_sequence(k, call["kv_heads"]), gather_sequence(v, call["kv_heads"])
     dev = _Device(q)

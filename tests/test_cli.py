@@ -103,8 +103,11 @@ def test_run_says_what_the_simulator_cuts_and_what_the_columns_mean(monkeypatch,
     expected = [(m, dt) for m in METHODS for dt in ((*halves, "float32", "float64") if m == "exact" else ("float32", "float64"))]
     assert [(r[0], r[2]) for r in rows] == expected
     bounds = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-6, "float64": 1e-14}
+    # float32 rounding in the products turns lowrank's singular vectors by ~eps32 / spectral gap
+    # (1.9e-6 on the H100, 2026-11-27; the simulator computes float32 in float64)
+    bounds_of = {("lowrank", "float32"): 1e-5}
     for method, backend, dtype, own, vs_exact, bits, deterministic, ms in rows:
-        assert float(own) < bounds[dtype], (method, dtype)
+        assert float(own) < bounds_of.get((method, dtype), bounds[dtype]), (method, dtype)
         assert vs_exact.endswith(" *") == METHODS[method].approximate
         assert deterministic == "yes"
         assert bits == ("yes" if (method, dtype) == ("exact", "float64") else "n/a")

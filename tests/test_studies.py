@@ -25,8 +25,8 @@ from nkattn.studies import STUDIES, StudyInfo
 from nkattn.studies._common import relative_frobenius_error
 
 needs_model = pytest.mark.skipif(not bert.model_available(), reason=f"MiniLM weights not installed: {bert.INSTALL_HINT}")
-# rank-entropy and precision need MiniLM; distance runs without it but then has no attention figures to draw
-NEEDS_MODEL = {"rank-entropy", "precision", "distance"}
+# rank-entropy, lowrank and precision need MiniLM; distance runs without it but then has no attention figures to draw
+NEEDS_MODEL = {"rank-entropy", "lowrank", "precision", "distance"}
 # distance writes MiniLM's weights through gguf (the `studies` extra; not on the GPU machine's image)
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
 NEEDS_GGUF = {"distance"}
