@@ -1,4 +1,5 @@
-"""Small workloads of the tensor-core and low-rank kernels for compute-sanitizer: results/sanitizer/ came from
+"""Small workloads of the tensor-core, low-rank, resume, entropy and analyzer kernels for compute-sanitizer:
+results/sanitizer/ came from
 
     for tool in memcheck racecheck synccheck; do compute-sanitizer --tool $tool --print-limit 20 \
         python3 .ci/sanitize_workload.py > results/sanitizer/$tool-<device>.txt; done
@@ -7,8 +8,10 @@ import numpy as np
 from numba import cuda
 
 import nkattn  # noqa: F401
+from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
 from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
 from nkattn.cuda_kernels.lowrank import attention_times, attention_transpose_times
+from nkattn.cuda_kernels.precision import block_absmax, row_analyzers
 
 rng = np.random.default_rng(0)
 
@@ -41,3 +44,21 @@ for dt in (np.float32, np.float64):
     attention_transpose_times(q, k, y, lse, lengths, causal=True, scale=0.125)
     cuda.synchronize()
     print("ran lowrank ops", dt)
+for dt in (np.float32, np.float64):
+    q = cuda.to_device(rng.normal(size=(2, 2, 150, 32)).astype(dt))
+    k = cuda.to_device(rng.normal(size=(2, 1, 170, 32)).astype(dt))
+    v = cuda.to_device(rng.normal(size=(2, 1, 170, 24)).astype(dt))
+    lengths = cuda.to_device(np.array([170, 77], np.int32))
+    exact_attention(q, k, v, lengths, causal=True, scale=0.2, return_entropy=True)
+    row_analyzers(q, k, lengths, causal=False, scale=0.2, row_stride=3)
+    block_absmax(k, lengths, 64)
+    # the resume entry: two key chunks of 64 (a multiple of every key tile) folded in order
+    out = cuda.device_array((2, 2, 150, 24), dtype=dt)
+    lse = cuda.device_array((2, 2, 150), dtype=dt)
+    l_state = cuda.device_array((2, 2, 150), dtype=dt)
+    for start, stop in ((0, 128), (128, 170)):
+        exact_attention_fold(q, k[:, :, start:stop], v[:, :, start:stop], lengths, out, lse, l_state, causal=True,
+                             scale=0.2, row_offset=20, nq_total=170, key_offset=start, first=start == 0,
+                             last=stop == 170)
+    cuda.synchronize()
+    print("ran entropy, analyzers, absmax, resume", dt)
