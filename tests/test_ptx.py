@@ -270,6 +270,31 @@ def test_conversions_match_numpy():
 
 
 @cuda.jit
+def _mul_rn_kernel(a, b, product, residual):
+    i = cuda.grid(1)
+    if i < a.size:
+        p = ptx.mul_rn(a[i], b[i])
+        product[i] = p
+        residual[i] = ptx.mul_rn(a[i], b[i]) - p
+
+
+def test_mul_rn_rounds_the_product_on_its_own():
+    """mul_rn(a, b) is float32's rounded product, and mul_rn(a, b) - p is exactly 0 where
+    p = mul_rn(a, b): a multiply fused into the subtraction would give the product's rounding
+    error instead (up to 2^11 for products ~5e10, the case `exact_tc.FUSED_EXPONENT_LIMIT` is for)."""
+    rng = np.random.default_rng(2)
+    a = (rng.normal(size=300) * 10.0 ** rng.integers(-3, 6, size=300)).astype(np.float32)
+    b = (rng.normal(size=300) * 10.0 ** rng.integers(-3, 6, size=300)).astype(np.float32)
+    a[:3], b[:3] = [65504.0 * 64, 3.0e5, 1.0 + 2.0**-23], [12345.67, 1.1e5, 1.0 - 2.0**-23]
+    product, residual = (cuda.device_array(a.size, dtype=np.float32) for _ in range(2))
+    _mul_rn_kernel[(a.size + 63) // 64, 64](cuda.to_device(a), cuda.to_device(b), product, residual)
+    np.testing.assert_array_equal(product.copy_to_host(), a * b)  # NumPy rounds each float32 product once
+    np.testing.assert_array_equal(residual.copy_to_host(), np.zeros_like(a))
+    exact = a.astype(np.float64) * b.astype(np.float64)
+    assert np.abs(exact - (a * b))[:2].min() > 1.0  # the fused form would have been off by more than 1 there
+
+
+@cuda.jit
 def _quad_kernel(x, mx, sm, packed):
     t = cuda.threadIdx.x
     mx[t] = ptx.quad_max(x[t], t)
