@@ -40,6 +40,15 @@ N x K (8 x 16, 2 x b32): register ``r`` holds ``B[g, 2tq + 8r + {0, 1}]``
 8j + 7 give the row addresses of 8 x 8 matrix j, and lane ``L`` receives in
 register j the elements ``(L // 4, 2(L % 4) + {0, 1})`` of matrix j, or with
 ``.trans`` the elements ``(2(L % 4) + {0, 1}, L // 4)`` (`ldmatrix_coords`).
+
+Synchronization finer than ``cuda.syncthreads()``, for warp-specialized kernels (a producer
+filling shared-memory slots while consumer warpgroups compute; FlashAttention-3's structure):
+*mbarriers* (`mbarrier_init`, `mbarrier_arrive`, `mbarrier_wait` by phase parity, and
+`cp_async_mbarrier_arrive`, which arrives when the thread's cp.async copies land) hand a slot
+from its writers to its readers and back; *named barriers* (`named_barrier_sync`,
+`named_barrier_arrive`, hardware barriers 1-15 over a given number of threads) order two
+warpgroups' turns without stopping the rest of the block. The stand-ins are Python condition
+variables with the same counting; the simulator's cp.async has landed when it returns.
 """
 
 from __future__ import annotations
@@ -249,6 +258,71 @@ if not SIMULATOR:
     def wgmma_wait(pending: int):
         """Wait until at most ``pending`` of the warpgroup's wgmma groups are in flight."""
         return _statement(f"wgmma.wait_group.sync.aligned {pending};")
+
+    def _on_mbarrier(context, builder, sig, args, asm):
+        """Emit ``asm`` with $0 the shared::cta address of the mbarrier at ``args[0][args[1]]``
+        and $1... the remaining arguments as 32-bit values; memory is clobbered, since the
+        barrier orders the shared-memory accesses around it."""
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+        operands = [_shared_u32(builder, ptr)] + [context.cast(builder, v, t, types.uint32)
+                                                  for v, t in zip(args[2:], sig.args[2:])]
+        _call_asm(builder, asm, ",".join(["r"] * len(operands)) + ",~{memory}", ir.VoidType(), operands)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def mbarrier_init(typingctx, smem, idx, count):
+        """Set the 8-byte mbarrier at ``smem[idx]`` to expect ``count`` arrivals per phase (one
+        thread, then a ``cuda.syncthreads()`` before anyone else uses it)."""
+        return types.void(smem, idx, count), lambda c, b, sig, args: _on_mbarrier(
+            c, b, sig, args, "mbarrier.init.shared::cta.b64 [$0], $1;")
+
+    @intrinsic
+    def mbarrier_arrive(typingctx, smem, idx):
+        """One arrival at the mbarrier (release: this thread's earlier shared-memory writes are
+        seen by the threads that wait for the phase)."""
+        return types.void(smem, idx), lambda c, b, sig, args: _on_mbarrier(
+            c, b, sig, args, "mbarrier.arrive.shared::cta.b64 _, [$0];")
+
+    @intrinsic
+    def mbarrier_wait(typingctx, smem, idx, parity):
+        """Wait until the mbarrier's phase of parity ``parity`` has completed (acquire). Phases
+        alternate parity 0, 1, 0, ...: a consumer of round r waits for parity (r // slots) & 1."""
+        # PTX labels are local to their { } block, so inlined copies of the loop do not collide
+        return types.void(smem, idx, parity), lambda c, b, sig, args: _on_mbarrier(
+            c, b, sig, args, "{\n.reg .pred P1;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1;\n"
+                             "@!P1 bra LAB_WAIT;\n}")
+
+    @intrinsic
+    def cp_async_mbarrier_arrive(typingctx, smem, idx):
+        """One arrival at the mbarrier once every cp.async this thread issued before it has landed
+        (``.noinc``: it is one of the ``count`` arrivals given to `mbarrier_init`)."""
+        return types.void(smem, idx), lambda c, b, sig, args: _on_mbarrier(
+            c, b, sig, args, "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];")
+
+    @intrinsic
+    def named_barrier_sync(typingctx, barrier, count):
+        """``bar.sync``: wait at hardware barrier ``barrier`` (1-15; 0 is ``cuda.syncthreads()``)
+        until ``count`` threads (a multiple of 32) have arrived or synced there; orders the
+        shared-memory accesses of the threads involved."""
+
+        def codegen(context, builder, sig, args):
+            ops = [context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args)]
+            _call_asm(builder, "bar.sync $0, $1;", "r,r,~{memory}", ir.VoidType(), ops)
+            return context.get_dummy_value()
+
+        return types.void(barrier, count), codegen
+
+    @intrinsic
+    def named_barrier_arrive(typingctx, barrier, count):
+        """``bar.arrive``: count this thread at ``barrier`` without waiting (the producer side of
+        `named_barrier_sync`; its earlier shared-memory writes are seen by the threads that sync)."""
+
+        def codegen(context, builder, sig, args):
+            ops = [context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args)]
+            _call_asm(builder, "bar.arrive $0, $1;", "r,r,~{memory}", ir.VoidType(), ops)
+            return context.get_dummy_value()
+
+        return types.void(barrier, count), codegen
 
     @intrinsic
     def pack_f16x2(typingctx, lo, hi):
@@ -509,6 +583,80 @@ else:  # ------------------------------------------------------------- simulator
     @cache
     def wgmma_wait(pending: int):
         return cuda.jit(device=True)(_no_op)
+
+    class _MBarrier:
+        """A phase counter: each phase completes when ``count`` arrivals have come."""
+
+        def __init__(self, count):
+            self.cond = threading.Condition()
+            self.count = self.pending = int(count)
+            self.phase = 0
+
+        def arrive(self):
+            with self.cond:
+                self.pending -= 1
+                if self.pending == 0:
+                    self.phase += 1
+                    self.pending = self.count
+                    self.cond.notify_all()
+
+        def wait(self, parity):
+            with self.cond:
+                self.cond.wait_for(lambda: (self.phase & 1) != int(parity))
+
+    class _NamedBarrier:
+        """``bar.sync`` / ``bar.arrive``: a generation completes when ``count`` threads came."""
+
+        def __init__(self):
+            self.cond = threading.Condition()
+            self.arrived = 0
+            self.generation = 0
+
+        def arrive(self, count, wait):
+            with self.cond:
+                generation = self.generation
+                self.arrived += 1
+                if self.arrived == int(count):
+                    self.arrived = 0
+                    self.generation += 1
+                    self.cond.notify_all()
+                elif wait:
+                    self.cond.wait_for(lambda: self.generation != generation)
+
+    _barriers: dict = {}
+
+    def _mbarrier(smem, idx):
+        with _scratch_lock:
+            return _barriers[(tuple(cuda.blockIdx), "mbarrier", id(smem), int(idx))]
+
+    @cuda.jit(device=True)
+    def mbarrier_init(smem, idx, count):
+        with _scratch_lock:
+            _barriers[(tuple(cuda.blockIdx), "mbarrier", id(smem), int(idx))] = _MBarrier(count)
+
+    @cuda.jit(device=True)
+    def mbarrier_arrive(smem, idx):
+        _mbarrier(smem, idx).arrive()
+
+    @cuda.jit(device=True)
+    def mbarrier_wait(smem, idx, parity):
+        _mbarrier(smem, idx).wait(parity)
+
+    # the simulator's cp.async has landed when it returns
+    cp_async_mbarrier_arrive = mbarrier_arrive
+
+    def _named_barrier(barrier):
+        key = (tuple(cuda.blockIdx), "named", int(barrier))
+        with _scratch_lock:
+            return _barriers.setdefault(key, _NamedBarrier())
+
+    @cuda.jit(device=True)
+    def named_barrier_sync(barrier, count):
+        _named_barrier(barrier).arrive(count, True)
+
+    @cuda.jit(device=True)
+    def named_barrier_arrive(barrier, count):
+        _named_barrier(barrier).arrive(count, False)
 
     def _f16_bits(x) -> int:
         return int(np.array(x, dtype=np.float16).view(np.uint16))

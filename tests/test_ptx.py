@@ -294,6 +294,105 @@ def test_mul_rn_rounds_the_product_on_its_own():
     assert np.abs(exact - (a * b))[:2].min() > 1.0  # the fused form would have been off by more than 1 there
 
 
+PIPELINE_ROUNDS = 5  # odd: each slot's barriers complete phases of both parities, and waits span them
+
+
+@cuda.jit
+def _mbarrier_pipeline_kernel(src, out):
+    t = cuda.threadIdx.x
+    data = cuda.shared.array(64, np.float32)  # two slots of 32
+    bars = cuda.shared.array(4, np.uint64)  # full[0], full[1], empty[0], empty[1]
+    if t == 0:
+        for slot in range(2):
+            ptx.mbarrier_init(bars, slot, 32)
+            ptx.mbarrier_init(bars, 2 + slot, 96)
+    cuda.syncthreads()  # the barriers are set before anyone arrives or waits
+    lane = t % 32
+    for r in range(PIPELINE_ROUNDS):
+        slot = r % 2
+        if t < 32:
+            if r >= 2:
+                ptx.mbarrier_wait(bars, 2 + slot, (r // 2 - 1) & 1)  # the consumers are done with round r - 2
+            data[32 * slot + lane] = src[r, lane]
+            ptx.mbarrier_arrive(bars, slot)
+        else:
+            ptx.mbarrier_wait(bars, slot, (r // 2) & 1)
+            out[r, t - 32] = data[32 * slot + lane]
+            ptx.mbarrier_arrive(bars, 2 + slot)
+
+
+def test_mbarriers_hand_slots_from_a_producer_warp_to_consumer_warps():
+    """Warp 0 writes PIPELINE_ROUNDS rows through two shared slots, warps 1-3 read them: the full and
+    empty barriers of each slot, waited on by phase parity, keep every read after its write and
+    every overwrite after the reads (a missed wait shows as a row of the wrong round)."""
+    src = np.arange(PIPELINE_ROUNDS * 32, dtype=np.float32).reshape(PIPELINE_ROUNDS, 32)
+    out = cuda.device_array((PIPELINE_ROUNDS, 96), dtype=np.float32)
+    _mbarrier_pipeline_kernel[1, 128](cuda.to_device(src), out)
+    np.testing.assert_array_equal(out.copy_to_host(), np.tile(src, (1, 3)))
+
+
+@cuda.jit
+def _cp_async_mbarrier_kernel(src, out):
+    t = cuda.threadIdx.x
+    data = cuda.shared.array(260, np.float32)  # 256 and room to align to 16 bytes (cp.async)
+    bars = cuda.shared.array(1, np.uint64)
+    base = ((16 - ptx.shared_address(data, 0) % 16) % 16) // 4
+    if t == 0:
+        ptx.mbarrier_init(bars, 0, 64)
+    cuda.syncthreads()  # the barrier is set before anyone arrives
+    ptx.cp_async16(data, base + 4 * t, src, 0, 0, t // 8, 4 * (t % 8), 16)
+    ptx.cp_async_commit()
+    ptx.cp_async_mbarrier_arrive(bars, 0)
+    ptx.mbarrier_wait(bars, 0, 0)
+    for e in range(4):
+        out[4 * t + e] = data[base + (4 * t + e + 128) % 256]
+
+
+def test_cp_async_arrives_at_an_mbarrier_when_its_copies_land():
+    """64 threads each copy 16 bytes by cp.async and arrive (.noinc) when they land; after the
+    phase every thread reads another thread's bytes, half the buffer away."""
+    src = np.arange(256, dtype=np.float32).reshape(1, 1, 8, 32)
+    out = cuda.device_array(256, dtype=np.float32)
+    _cp_async_mbarrier_kernel[1, 64](cuda.to_device(src), out)
+    np.testing.assert_array_equal(out.copy_to_host(), np.roll(src.ravel(), -128))
+
+
+PINGPONG_ROUNDS = 4
+PINGPONG_LOG = 2 * PINGPONG_ROUNDS + 1  # a constant: numba sizes shared arrays from literals only
+
+
+@cuda.jit
+def _named_barrier_pingpong_kernel(log):
+    t = cuda.threadIdx.x
+    wg = t // 128
+    shared_log = cuda.shared.array(PINGPONG_LOG, np.int32)  # [0] is the length
+    if t == 0:
+        shared_log[0] = 0
+    cuda.syncthreads()  # the log is empty before either warpgroup's turn
+    if wg == 1:
+        ptx.named_barrier_arrive(1, 256)  # warpgroup 0 takes the first turn
+    for r in range(PINGPONG_ROUNDS):
+        ptx.named_barrier_sync(1 + wg, 256)  # this warpgroup's turn
+        if t % 128 == 0:
+            n = shared_log[0]
+            shared_log[1 + n] = wg
+            shared_log[0] = n + 1
+        if wg == 0 or r + 1 < PINGPONG_ROUNDS:  # every arrival is matched by a sync
+            ptx.named_barrier_arrive(2 - wg, 256)  # the other warpgroup's turn
+    cuda.syncthreads()  # both warpgroups' last turns are logged
+    if t < PINGPONG_LOG:
+        log[t] = shared_log[t]
+
+
+def test_named_barriers_make_two_warpgroups_take_turns():
+    """FlashAttention-3's ping-pong: each warpgroup syncs on its own barrier and arrives on the
+    other's, so their turns alternate whatever the warps' speed; each turn appends to a shared
+    log, which must read 0, 1, 0, 1, ..."""
+    log = cuda.device_array(PINGPONG_LOG, dtype=np.int32)
+    _named_barrier_pingpong_kernel[1, 256](log)
+    np.testing.assert_array_equal(log.copy_to_host(), [2 * PINGPONG_ROUNDS] + [0, 1] * PINGPONG_ROUNDS)
+
+
 @cuda.jit
 def _quad_kernel(x, mx, sm, packed):
     t = cuda.threadIdx.x
