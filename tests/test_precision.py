@@ -841,6 +841,51 @@ def test_sampled_device_head_stats_are_the_analysis_of_those_rows(b, h, hkv, nq,
             (name, _feature_differences(got, {n: expected[n] for n in got}))
 
 
+SPLIT_GRID = [
+    # Nq < Nk: row 0 of batch 0 sees 14 keys, none of range 2 of 3; batch 1's rows 0-2 see no key
+    # and the others keys of range 0 only
+    pytest.param(2, 2, 1, 8, 21, [21, 5], True, 1, id="B2-H2-Hkv1-Nq8-Nk21-causal-lengths21,5"),
+    # Nq > Nk, rows 0, 3, ..., 18: row 0 sees no key, none sees key 16 (range 2 of 3 holds only it)
+    pytest.param(1, 2, 2, 20, 17, None, True, 3, id="B1-H2-Nq20-Nk17-causal-stride3"),
+    pytest.param(1, 1, 1, 6, 23, [19], False, 2, id="B1-H1-Nq6-Nk23-lengths19-stride2"),
+]
+
+
+def _dense_rows(q, k, *, causal, scale, key_lengths, row_stride):
+    """lse, entropy, max s and min s of rows ::row_stride from the float64 oracle's dense scores."""
+    v = np.zeros(k.shape[:3] + (1,))
+    _, lse, entropy = attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths,
+                                    return_entropy=True)
+    _, _, s_max, s_min = _plain_rows(q, k, np.float64, causal=causal, scale=scale, key_lengths=key_lengths)
+    return tuple(x[..., ::row_stride] for x in (lse, entropy, s_max, s_min))
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal", "stride"), SPLIT_GRID)
+def test_row_analyzers_ref_is_the_dense_analysis_for_every_split(b, h, hkv, nq, nk, lengths, causal, stride):
+    """The split mirror within float64 rounding of the oracle for any number of key ranges (one
+    per tile included, and more ranges asked for than tiles); one range is the streaming mirror
+    bit for bit. Rows with no key: lse -inf, entropy 0, max -inf, min +inf."""
+    q, k, v = _inputs(27, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
+    lengths = np.full(b, nk) if lengths is None else np.array(lengths)
+    scale = 0.3
+    order = kernel_order(np.float64, 16)
+    dense = _dense_rows(q, k, causal=causal, scale=scale, key_lengths=lengths, row_stride=stride)
+    empty = visible_key_counts(b, nq, nk, causal, lengths)[:, None, ::stride] == 0
+    for splits in (1, 2, 3, 4, 7):
+        got = pr.row_analyzers_ref(q, k, causal=causal, scale=scale, key_lengths=lengths, order=order,
+                                   row_stride=stride, key_splits=splits)
+        for name, g, r, none in zip(("lse", "entropy", "max", "min"), got, dense, (-np.inf, 0.0, -np.inf, np.inf)):
+            g, r = np.broadcast_arrays(g, r)
+            sees = ~np.broadcast_to(empty, g.shape)
+            assert (g[~sees] == none).all(), (name, splits)
+            assert (np.abs(g[sees] - r[sees]) <= 1e-12 * np.abs(r[sees]) + 1e-15).all(), (name, splits)
+    _, lse_ref, entropy_ref = streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=lengths,
+                                                      order=order, return_entropy=True)
+    one = pr.row_analyzers_ref(q, k, causal=causal, scale=scale, key_lengths=lengths, order=order, row_stride=stride)
+    np.testing.assert_array_equal(one[0], lse_ref[..., ::stride])
+    np.testing.assert_array_equal(one[1], entropy_ref[..., ::stride])
+
+
 def test_default_row_stride_caps_the_analyzed_rows():
     from nkattn import precision as npr
 
