@@ -612,7 +612,7 @@ def streaming_primitives(
         online_softmax_entropy_update=online_softmax_entropy_update,
         accumulate_pv=accumulate_pv,
         store_p=store_p,
-        mul=mul, add=add, exp=exp, log=log,
+        mul=mul, add=add, div=div, exp=exp, log=log,
         store_row=store_row,
         store_rows=store_rows,
         store_entropy_rows=store_entropy_rows,

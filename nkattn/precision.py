@@ -54,9 +54,11 @@ def device_head_stats(q, k, v, key_lengths=None, *, causal: bool, scale: float, 
 
     The row analyzers see query rows ``0, s, 2s, ...`` with s = `row_stride`, by default
     `default_row_stride(Nq)`: that bounds the row pass at ~ `MAX_ANALYZED_ROWS` x Nk scores per
-    head (how it compares with an attention's time has not been measured on a GPU). Each sampled
-    row sees the keys it sees in the full attention; the statistics are those of `head_stats`
-    on the sampled rows (``max_abs_score`` and ``max_p`` their maxima).
+    head. So few rows make few blocks; the pass splits their keys over more blocks by
+    `row_analyzers`' default (`nkattn.cuda_kernels.precision.default_key_splits`), which sets
+    the rounding of the statistics, not what they are. Each sampled row sees the keys it sees in
+    the full attention; the statistics are those of `head_stats` on the sampled rows
+    (``max_abs_score`` and ``max_p`` their maxima).
 
     q, k, v: float32 or float64 device arrays of any framework (read in place) or NumPy arrays
     (copied to the device), shaped as for `nkattn.attention`, d a kernel head dim

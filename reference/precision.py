@@ -48,7 +48,9 @@ the output rounding ``u_out`` of what is left. It is rigorous up to float64 roun
 
 Analyzers (`analyze`) are float64: per row the entropy ``H = lse - Σ p·s``, the logit
 spread ``max s - lse`` (``= ln max p``), the largest |s|; per block of rows (q) or keys
-(k, v) the absmax. Policies (`choose`) turn them into one format per (batch, head).
+(k, v) the absmax; `row_analyzers_ref` mirrors the GPU's streaming row analyzers
+(`nkattn.cuda_kernels.precision`), keys split into ranges as there. Policies (`choose`)
+turn them into one format per (batch, head).
 
 Equivalent NumPy of the bf16 format for one (b, h), one tile, no mask::
 
@@ -71,8 +73,12 @@ from nkattn.arrays import round_to
 from nkattn.reference.exact import (
     _expand_kv_heads,
     _read_keys,
+    _thread_then_butterfly_sum,
     attention_ref,
     default_scale,
+    exp_nonpositive,
+    log_positive,
+    streaming_order,
     visible_key_counts,
 )
 
@@ -474,6 +480,103 @@ def analyze(q, k, v, *, causal=False, scale=None, key_lengths=None, block_m: int
     return Analysis(entropy, spread, max_abs, min_abs, counts, _absmax_blocks(q, block_m),
                     _absmax_blocks(k_read, block_n), _absmax_blocks(v_read, block_n), scale, head_dim,
                     block_m, block_n)
+
+
+def key_split_chunk(nk: int, block_n: int, key_splits) -> int:
+    """Keys per range when `key_splits` ranges share Nk keys: whole key tiles of `block_n`, so that
+    each range streams tiles of the unsplit loop and no tile straddles two ranges, as even as the
+    tiles allow. ``ceil(Nk / chunk)`` ranges result, fewer than `key_splits` where the tiles do not
+    divide evenly (the ranges left out would hold no key)."""
+    if isinstance(key_splits, bool) or not isinstance(key_splits, (int, np.integer)) or key_splits < 1:
+        raise ValueError(f"key_splits must be an integer >= 1, got {key_splits!r}")
+    tiles = max(1, -(-nk // block_n))
+    return block_n * -(-tiles // int(key_splits))
+
+
+def _range_partials(q, k, ends, key_lo, key_hi, scale, order):
+    """(m, l, t, n) of rows that see keys ``[key_lo, ends)``, ``ends <= key_hi``, streamed as
+    `nkattn.reference.exact.streaming_attention_ref` streams all keys, with n the running minimum."""
+    batch, heads, rows, head_dim = q.shape
+    nk, bn = k.shape[2], order.block_n
+    m = np.full((batch, heads, rows), -np.inf)
+    l = np.zeros_like(m)
+    t = np.zeros_like(m)
+    n = np.full_like(m, np.inf)
+    for tile_start in range(key_lo, min(key_hi, nk), bn):
+        k_tile = np.zeros((batch, heads, bn, head_dim))
+        tile_end = min(tile_start + bn, nk)
+        k_tile[:, :, : tile_end - tile_start] = k[:, :, tile_start:tile_end]
+        dot = None
+        for c0 in range(0, head_dim, order.dot_chunk):
+            part = q[..., None, c0] * k_tile[:, :, None, :, c0]
+            for c in range(c0 + 1, c0 + order.dot_chunk):
+                part = part + q[..., None, c] * k_tile[:, :, None, :, c]
+            dot = part if dot is None else dot + part
+        visible = (tile_start + np.arange(bn)) < ends
+        s = np.where(visible, dot * scale, -np.inf)
+        m_new = np.maximum(m, np.fmax.reduce(s, axis=-1, initial=-np.inf))
+        m_use = np.where(m_new == -np.inf, 0.0, m_new)
+        shift = m - m_use
+        alpha = exp_nonpositive(shift)
+        x = s - m_use[..., None]
+        p = exp_nonpositive(x)
+        t = np.where(l != 0, t + shift * l, t) * alpha + _thread_then_butterfly_sum(np.where(p != 0, p * x, 0.0), order)
+        l = l * alpha + _thread_then_butterfly_sum(p, order)
+        m = m_new
+        n = np.fmin(n, np.fmin.reduce(np.where(visible, s, np.inf), axis=-1))
+    return m, l, t, n
+
+
+def row_analyzers_ref(q, k, *, causal=False, scale=None, key_lengths=None, order=None, row_stride: int = 1,
+                      key_splits: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mirror of `nkattn.cuda_kernels.precision.row_analyzers`: (lse, entropy, max s, min s) of query
+    rows ``0, r, 2r, ...`` (r = `row_stride`; each with its mask in the full Nq), float64 in the
+    float64 kernel's order, (B, H, ceil(Nq / r)).
+
+    The keys fall into ranges of `key_split_chunk` keys. Each range is streamed on its own (tiles
+    of ``order.block_n``, default ``streaming_order(float64, d)``): running max m, sum l, entropy
+    sum t = Σ p·(s - m) relative to m, and the smallest score n. The ranges then merge per row in
+    range order::
+
+        M = max_j m_j,   L = Σ_j e^(m_j - M)·l_j,   T = Σ_j e^(m_j - M)·(t_j + (m_j - M)·l_j)
+
+    T moves each t_j to the common max as a tile's update moves t to a new max: ``p·(s - M) =
+    p·(s - m_j) + p·(m_j - M)``, and the weights p sum to l_j. A range with l_j = 0 (none of the
+    row's keys) is left out, so its m_j = -inf never meets another -inf; one with m_j = M adds its
+    l_j and t_j as they are, so a single range gives the unsplit bits. Then lse = M + log L,
+    entropy = log L - T / L, max = M, min = min_j n_j; a row with no key gets -inf, 0, -inf, +inf.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    batch, heads, nq, head_dim = q.shape
+    k = _expand_kv_heads(np.asarray(k, dtype=np.float64), heads)
+    nk = k.shape[2]
+    scale = default_scale(head_dim) if scale is None else float(scale)
+    order = streaming_order(np.float64, head_dim) if order is None else order
+    chunk = key_split_chunk(nk, order.block_n, key_splits)
+    # keys past key_lengths are zeros, as in the kernel's shared-memory copy
+    k = np.where(_read_keys(batch, nk, key_lengths)[:, None, :, None], k, 0.0)
+    counts = visible_key_counts(batch, nq, nk, causal, key_lengths)[:, None, ::row_stride, None]
+    q = q[:, :, ::row_stride]
+    with np.errstate(invalid="ignore", over="ignore"):
+        parts = [_range_partials(q, k, np.minimum(counts, lo + chunk), lo, lo + chunk, scale, order)
+                 for lo in range(0, max(nk, 1), chunk)]
+        big_m = np.fmax.reduce([m for m, _, _, _ in parts])
+        big_n = np.fmin.reduce([n for _, _, _, n in parts])
+        big_l = np.zeros_like(big_m)
+        big_t = np.zeros_like(big_m)
+        for m, l, t, _ in parts:
+            live = l != 0
+            moved = m != big_m
+            shift = m - big_m
+            e = exp_nonpositive(np.where(moved, shift, 0.0))
+            big_l = np.where(live, big_l + np.where(moved, l * e, l), big_l)
+            big_t = np.where(live, big_t + np.where(moved, (t + shift * l) * e, t), big_t)
+        has_keys = big_l != 0
+        l_div = np.where(has_keys, big_l, 1.0)
+        log_l = log_positive(l_div)
+        lse = np.where(has_keys, big_m + log_l, -np.inf)
+        entropy = np.where(has_keys, log_l - big_t / l_div, 0.0)
+    return lse, entropy, big_m, big_n
 
 
 def _nan_reduce(fn, x, axis):

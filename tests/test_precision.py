@@ -620,9 +620,9 @@ def _kernel_order_scores(q, k, scale, chunk):
     return dot * scale
 
 
-def _run_row_analyzers(q, k, lengths, *, causal, scale):
+def _run_row_analyzers(q, k, lengths, *, causal, scale, row_stride=1, key_splits=None):
     out = kp.row_analyzers(cuda.to_device(q), cuda.to_device(k), cuda.to_device(np.asarray(lengths, np.int32)),
-                           causal=causal, scale=scale)
+                           causal=causal, scale=scale, row_stride=row_stride, key_splits=key_splits)
     return tuple(x.copy_to_host() for x in out)
 
 
@@ -635,13 +635,13 @@ ROW_GRID = [
 
 @pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal"), ROW_GRID)
 def test_row_analyzers_are_the_mirror_bit_for_bit(b, h, hkv, nq, nk, lengths, causal):
-    """float64 in the simulator: lse and entropy are the mirror's bits; max and min are those of the
-    scores summed in the kernel's order; rows with no key (batch 1 of the first case, rows 0-5 of
+    """float64 in the simulator, one key range: lse and entropy are the mirror's bits; max and min are
+    those of the scores summed in the kernel's order; rows with no key (batch 1 of the first case, rows 0-5 of
     the second) have lse -inf, entropy 0, max -inf, min +inf."""
     q, k, v = _inputs(20, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
     lengths = np.full(b, nk) if lengths is None else np.array(lengths)
     scale = 0.3
-    lse, entropy, s_max, s_min = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale)
+    lse, entropy, s_max, s_min = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale, key_splits=1)
     order = kernel_order(np.float64, 16)
     _, lse_ref, entropy_ref = streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=lengths,
                                                       order=order, return_entropy=True)
@@ -790,12 +790,12 @@ SAMPLED_GRID = [
 
 @pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal"), SAMPLED_GRID)
 def test_sampled_row_analyzers_are_the_full_rows_bit_for_bit(b, h, hkv, nq, nk, lengths, causal):
-    """row_stride r: rows 0, r, 2r, ... with the masks of the full Nq, each the bits of that row at
-    stride 1, which are the mirror's (lse, entropy) and the kernel-order scores' (max, min)."""
+    """row_stride r, one key range: rows 0, r, 2r, ... with the masks of the full Nq, each the bits of
+    that row at stride 1, which are the mirror's (lse, entropy) and the kernel-order scores' (max, min)."""
     q, k, v = _inputs(24, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
     lengths = np.array(lengths)
     scale = 0.3
-    full = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale)
+    full = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale, key_splits=1)
     order = kernel_order(np.float64, 16)
     _, lse_ref, entropy_ref = streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=lengths,
                                                       order=order, return_entropy=True)
@@ -806,11 +806,10 @@ def test_sampled_row_analyzers_are_the_full_rows_bit_for_bit(b, h, hkv, nq, nk, 
     for name, got, ref in zip(("lse", "entropy", "max", "min"), full, expected):
         np.testing.assert_array_equal(got, ref, err_msg=name)
     for stride in (2, 5):
-        out = kp.row_analyzers(cuda.to_device(q), cuda.to_device(k), cuda.to_device(lengths.astype(np.int32)),
-                               causal=causal, scale=scale, row_stride=stride)
+        out = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale, row_stride=stride, key_splits=1)
         for name, got, ref in zip(("lse", "entropy", "max", "min"), out, full):
             assert got.shape == (b, h, -(-nq // stride))
-            np.testing.assert_array_equal(got.copy_to_host(), ref[..., ::stride], err_msg=f"{name}, stride {stride}")
+            np.testing.assert_array_equal(got, ref[..., ::stride], err_msg=f"{name}, stride {stride}")
 
 
 def _sampled(a: pr.Analysis, stride: int) -> pr.Analysis:
@@ -839,6 +838,116 @@ def test_sampled_device_head_stats_are_the_analysis_of_those_rows(b, h, hkv, nq,
         both = ~np.isnan(expected[name])
         assert (np.abs(got[name] - expected[name]) <= 1e-13 * np.abs(expected[name]) + atol)[both].all(), \
             (name, _feature_differences(got, {n: expected[n] for n in got}))
+
+
+SPLIT_GRID = [
+    # Nq < Nk: row 0 of batch 0 sees 14 keys, none of range 2 of 3; batch 1's rows 0-2 see no key
+    # and the others keys of range 0 only
+    pytest.param(2, 2, 1, 8, 21, [21, 5], True, 1, id="B2-H2-Hkv1-Nq8-Nk21-causal-lengths21,5"),
+    # Nq > Nk, rows 0, 3, ..., 18: row 0 sees no key, none sees key 16 (range 2 of 3 holds only it)
+    pytest.param(1, 2, 2, 20, 17, None, True, 3, id="B1-H2-Nq20-Nk17-causal-stride3"),
+    pytest.param(1, 1, 1, 6, 23, [19], False, 2, id="B1-H1-Nq6-Nk23-lengths19-stride2"),
+]
+
+
+def _dense_rows(q, k, *, causal, scale, key_lengths, row_stride):
+    """lse, entropy, max s and min s of rows ::row_stride from the float64 oracle's dense scores."""
+    v = np.zeros(k.shape[:3] + (1,))
+    _, lse, entropy = attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths,
+                                    return_entropy=True)
+    _, _, s_max, s_min = _plain_rows(q, k, np.float64, causal=causal, scale=scale, key_lengths=key_lengths)
+    return tuple(x[..., ::row_stride] for x in (lse, entropy, s_max, s_min))
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal", "stride"), SPLIT_GRID)
+def test_row_analyzers_ref_is_the_dense_analysis_for_every_split(b, h, hkv, nq, nk, lengths, causal, stride):
+    """The split mirror within float64 rounding of the oracle for any number of key ranges (one
+    per tile included, and more ranges asked for than tiles); one range is the streaming mirror
+    bit for bit. Rows with no key: lse -inf, entropy 0, max -inf, min +inf."""
+    q, k, v = _inputs(27, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
+    lengths = np.full(b, nk) if lengths is None else np.array(lengths)
+    scale = 0.3
+    order = kernel_order(np.float64, 16)
+    dense = _dense_rows(q, k, causal=causal, scale=scale, key_lengths=lengths, row_stride=stride)
+    empty = visible_key_counts(b, nq, nk, causal, lengths)[:, None, ::stride] == 0
+    for splits in (1, 2, 3, 4, 7):
+        got = pr.row_analyzers_ref(q, k, causal=causal, scale=scale, key_lengths=lengths, order=order,
+                                   row_stride=stride, key_splits=splits)
+        for name, g, r, none in zip(("lse", "entropy", "max", "min"), got, dense, (-np.inf, 0.0, -np.inf, np.inf)):
+            g, r = np.broadcast_arrays(g, r)
+            sees = ~np.broadcast_to(empty, g.shape)
+            assert (g[~sees] == none).all(), (name, splits)
+            assert (np.abs(g[sees] - r[sees]) <= 1e-12 * np.abs(r[sees]) + 1e-15).all(), (name, splits)
+    _, lse_ref, entropy_ref = streaming_attention_ref(q, k, v, causal=causal, scale=scale, key_lengths=lengths,
+                                                      order=order, return_entropy=True)
+    one = pr.row_analyzers_ref(q, k, causal=causal, scale=scale, key_lengths=lengths, order=order, row_stride=stride)
+    np.testing.assert_array_equal(one[0], lse_ref[..., ::stride])
+    np.testing.assert_array_equal(one[1], entropy_ref[..., ::stride])
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "lengths", "causal", "stride"), SPLIT_GRID)
+def test_split_row_analyzers_are_the_mirror_bit_for_bit(b, h, hkv, nq, nk, lengths, causal, stride):
+    """float64 in the simulator: 1, 2 and 3 key ranges of whole 8-key tiles (three tiles here, so
+    three distinct splits), each the split mirror's bits, including ranges that hold none of a
+    row's keys and rows that see no key at all."""
+    q, k, _ = _inputs(27, b, h, hkv, nq, nk, 16, 16, temperature=2.0)
+    lengths = np.full(b, nk) if lengths is None else np.array(lengths)
+    scale = 0.3
+    order = kernel_order(np.float64, 16)
+    assert [pr.key_split_chunk(nk, order.block_n, splits) for splits in (1, 2, 3)] == [24, 16, 8]
+    for splits in (1, 2, 3):
+        got = _run_row_analyzers(q, k, lengths, causal=causal, scale=scale, row_stride=stride, key_splits=splits)
+        expected = pr.row_analyzers_ref(q, k, causal=causal, scale=scale, key_lengths=lengths, order=order,
+                                        row_stride=stride, key_splits=splits)
+        for name, g, r in zip(("lse", "entropy", "max", "min"), got, expected):
+            np.testing.assert_array_equal(g, r, err_msg=f"{name}, {splits} key ranges")
+
+
+@pytest.mark.parametrize("key_splits", [0, -2, 1.5, 2.0, True, "3"])
+def test_bad_key_splits_are_named(key_splits):
+    q, k = _inputs(28, 1, 1, 1, 4, 5, 16, 16)[:2]
+    with pytest.raises(ValueError, match="key_splits"):
+        _run_row_analyzers(q, k, [5], causal=False, scale=0.25, key_splits=key_splits)
+    with pytest.raises(ValueError, match="key_splits"):
+        pr.row_analyzers_ref(q, k, key_splits=key_splits)
+
+
+def test_default_key_splits_fill_the_device():
+    """At least SPLIT_BLOCKS_PER_SM blocks per SM where the key tiles allow it, and no split where
+    the rows alone give that many blocks; e.g. B = 1, H = 8, 1,024 sampled float32 rows (8 blocks
+    of 128 rows per head) and 16K keys (256 tiles) on 132 SMs: 9 ranges of 29 tiles, 576 blocks."""
+    per_sm = kp.SPLIT_BLOCKS_PER_SM
+    assert kp.default_key_splits(64, 256, sms=132) == -(-per_sm * 132 // 64) == 9
+    assert kp.default_key_splits(1024, 256, sms=132) == 1
+    assert kp.default_key_splits(3, 2, sms=132) == 2
+    assert kp.default_key_splits(per_sm * 132 - 1, 256, sms=132) == 2
+    # the simulator's few SMs split the small shapes of these tests: B2-H2, 8 rows, 21 keys
+    assert kp.default_key_splits(4, 3) == min(3, -(-per_sm * kp.SIMULATOR_SMS // 4)) > 1
+
+
+@gpu
+@pytest.mark.parametrize("key_splits", [2, 3, 9])
+def test_split_row_analyzers_float32_within_budget(key_splits):
+    """float32 on the GPU with the keys in 2, 3 and 9 ranges (9: one 64-key tile each): every row's
+    lse, entropy, max and min within 2x the naive float32 error of the float64 oracle, as with the
+    default split, and the same bits on a second run."""
+    b, h, hkv, nq, nk, d = 2, 8, 4, 300, 517, 64
+    q, k, _ = _inputs(29, b, h, hkv, nq, nk, d, d)
+    q *= np.geomspace(0.05, 8, h)[None, :, None, None]
+    lengths = np.array([517, 200])
+    scale = 1 / np.sqrt(d)
+    q32, k32 = _as((q, k), np.float32)
+    q, k = _as((q32, k32), np.float64)
+    got = _run_row_analyzers(q32, k32, lengths, causal=True, scale=scale, key_splits=key_splits)
+    naive = _plain_rows(q32, k32, np.float32, causal=True, scale=scale, key_lengths=lengths)
+    ref = _dense_rows(q, k, causal=True, scale=scale, key_lengths=lengths, row_stride=1)
+    sees = visible_key_counts(b, nq, nk, True, lengths)[:, None, :] > 0
+    for name, g, n, r in zip(("lse", "entropy", "max", "min"), got, naive, ref):
+        sel = np.broadcast_to(sees, g.shape)
+        assert_within_budget(name, g[sel], r[sel], n[sel], floor=float32_floor(r[sel]))
+    again = _run_row_analyzers(q32, k32, lengths, causal=True, scale=scale, key_splits=key_splits)
+    for name, g, g2 in zip(("lse", "entropy", "max", "min"), got, again):
+        np.testing.assert_array_equal(g, g2, err_msg=name)
 
 
 def test_default_row_stride_caps_the_analyzed_rows():
