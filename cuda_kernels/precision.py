@@ -174,22 +174,21 @@ def row_analyzers_kernel(dtype, head_dim: int):
 
 # The row pass has B·H·ceil(R / BM) blocks each walking every key its rows see; sampled
 # (R <= 1024 rows per head) that is 64 blocks at B = 1, H = 8 for 132 SMs on the H100 and
-# the pass is latency-bound (README). Key ranges multiply the blocks up to this many per SM:
-# shared memory holds at most 2 float32 blocks per SM at d <= 64 (1 at d = 128), so 2 waves or
-# more, in which blocks that end early (ranges past a causal row's keys) leave room to others.
-# Not tuned on a GPU.
-SPLIT_BLOCKS_PER_SM = 4
-# the simulator has no SMs: few, so that small test shapes are split by default
-SIMULATOR_SMS = 2
+# the pass is latency-bound (README). Ranges of a fixed number of key tiles multiply the blocks
+# by Nk / (SPLIT_TILES · BN): 8 at Nk = 16K with 64-key tiles, 512 blocks there. The number of
+# ranges, which sets the rounding, follows from the head's own shape (Nk, and the rows
+# analyzed), never from B·H or the GPU, so a head's statistics have the same bits in any batch.
+# Not tuned on a GPU. The simulator splits at every tile so that tiny test shapes cross ranges.
+SPLIT_TILES = 1 if SIMULATOR else 32
+# partials are 4 arrays of (B, H, ranges, rows): at most this many (range, row) pairs per head
+MAX_SPLIT_PARTIALS = 16384
 
 
-def default_key_splits(blocks: int, tiles: int, sms: int | None = None) -> int:
-    """Key ranges for a pass of `blocks` blocks over `tiles` key tiles: the fewest that give
-    `SPLIT_BLOCKS_PER_SM` blocks per SM, at most one per tile. `sms` defaults to the current
-    device's multiprocessor count."""
-    if sms is None:
-        sms = SIMULATOR_SMS if SIMULATOR else cuda.get_current_device().MULTIPROCESSOR_COUNT
-    return max(1, min(tiles, -(-SPLIT_BLOCKS_PER_SM * sms // max(blocks, 1))))
+def default_key_splits(tiles: int, rows: int) -> int:
+    """Key ranges of `SPLIT_TILES` tiles each for a head of `rows` analyzed rows and `tiles` key
+    tiles, fewer where the partials would pass `MAX_SPLIT_PARTIALS` (many rows make enough blocks
+    unsplit)."""
+    return max(1, min(-(-tiles // SPLIT_TILES), MAX_SPLIT_PARTIALS // max(rows, 1)))
 
 
 def row_analyzers(q, k, key_lengths, *, causal: bool, scale: float, row_stride: int = 1, key_splits: int | None = None,
@@ -202,10 +201,11 @@ def row_analyzers(q, k, key_lengths, *, causal: bool, scale: float, row_stride: 
     a row with no key has lse = -inf, entropy 0, max -inf and min +inf. The keys are cut into
     `key_splits` ranges of whole key tiles (`nkattn.reference.precision.key_split_chunk`), each
     streamed by its own blocks, and the ranges merged per row; by default
-    (`default_key_splits`) enough of them to fill the GPU when few rows are analyzed. The bits
-    depend on the ranges: deterministic for given shapes and device, a single range the unsplit
-    loop's; in float64 those of `nkattn.reference.precision.row_analyzers_ref`. Inputs are
-    assumed validated (`nkattn.attention`).
+    (`default_key_splits`) ranges of a fixed number of tiles, which fill the GPU when few rows
+    are analyzed. The bits depend on the ranges, so on the head's shape only (not on B·H or the
+    GPU); a single range gives the unsplit loop's bits; in float64 those of
+    `nkattn.reference.precision.row_analyzers_ref`. Inputs are assumed validated
+    (`nkattn.attention`).
     """
     if isinstance(row_stride, bool) or not isinstance(row_stride, (int, np.integer)) or row_stride < 1:
         raise ValueError(f"row_stride must be an integer >= 1, got {row_stride!r}")
@@ -216,7 +216,7 @@ def row_analyzers(q, k, key_lengths, *, causal: bool, scale: float, row_stride: 
     kernel, merge, sp = row_analyzers_kernel(dtype, head_dim)
     row_blocks = math.ceil(rows / sp.BM)
     if key_splits is None:
-        key_splits = default_key_splits(batch * heads * row_blocks, max(1, math.ceil(nk / sp.BN)))
+        key_splits = default_key_splits(max(1, math.ceil(nk / sp.BN)), rows)
     chunk = key_split_chunk(nk, sp.BN, key_splits)
     splits = math.ceil(max(nk, 1) / chunk)
     partials = tuple(cuda.device_array((batch, heads, splits, rows), dtype=dtype, stream=stream) for _ in range(4))
