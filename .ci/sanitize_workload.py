@@ -51,6 +51,7 @@ for dt in (np.float32, np.float64):
     lengths = cuda.to_device(np.array([170, 77], np.int32))
     exact_attention(q, k, v, lengths, causal=True, scale=0.2, return_entropy=True)
     row_analyzers(q, k, lengths, causal=False, scale=0.2, row_stride=3)
+    row_analyzers(q, k, lengths, causal=True, scale=0.2, row_stride=2, key_splits=3)  # the merge kernel too
     block_absmax(k, lengths, 64)
     # the resume entry: two key chunks of 64 (a multiple of every key tile) folded in order
     out = cuda.device_array((2, 2, 150, 24), dtype=dt)
