@@ -299,30 +299,26 @@ if not SIMULATOR:
         return types.void(smem, idx), lambda c, b, sig, args: _on_mbarrier(
             c, b, sig, args, "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];")
 
+    def _on_named_barrier(context, builder, sig, args, asm):
+        """Emit ``asm`` with $0 the barrier number and $1 the thread count, as 32-bit values."""
+        ops = [context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args)]
+        _call_asm(builder, asm, "r,r,~{memory}", ir.VoidType(), ops)
+        return context.get_dummy_value()
+
     @intrinsic
     def named_barrier_sync(typingctx, barrier, count):
         """``bar.sync``: wait at hardware barrier ``barrier`` (1-15; 0 is ``cuda.syncthreads()``)
         until ``count`` threads (a multiple of 32) have arrived or synced there; orders the
         shared-memory accesses of the threads involved."""
-
-        def codegen(context, builder, sig, args):
-            ops = [context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args)]
-            _call_asm(builder, "bar.sync $0, $1;", "r,r,~{memory}", ir.VoidType(), ops)
-            return context.get_dummy_value()
-
-        return types.void(barrier, count), codegen
+        return types.void(barrier, count), lambda c, b, sig, args: _on_named_barrier(
+            c, b, sig, args, "bar.sync $0, $1;")
 
     @intrinsic
     def named_barrier_arrive(typingctx, barrier, count):
         """``bar.arrive``: count this thread at ``barrier`` without waiting (the producer side of
         `named_barrier_sync`; its earlier shared-memory writes are seen by the threads that sync)."""
-
-        def codegen(context, builder, sig, args):
-            ops = [context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args)]
-            _call_asm(builder, "bar.arrive $0, $1;", "r,r,~{memory}", ir.VoidType(), ops)
-            return context.get_dummy_value()
-
-        return types.void(barrier, count), codegen
+        return types.void(barrier, count), lambda c, b, sig, args: _on_named_barrier(
+            c, b, sig, args, "bar.arrive $0, $1;")
 
     @intrinsic
     def pack_f16x2(typingctx, lo, hi):

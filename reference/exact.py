@@ -262,6 +262,36 @@ def _thread_then_butterfly_sum(x, order: StreamingOrder):
     return _butterfly_sum(partial)
 
 
+def tile_scores_ref(q, k_tile, scale: float, order):
+    """Scores of one key tile as the kernel forms them: the dot over d summed in chunks of
+    ``order.dot_chunk`` (a thread's running sum per chunk), then the scale."""
+    dot = None
+    for c0 in range(0, q.shape[-1], order.dot_chunk):
+        part = q[..., None, c0] * k_tile[:, :, None, :, c0]
+        for c in range(c0 + 1, c0 + order.dot_chunk):
+            part = part + q[..., None, c] * k_tile[:, :, None, :, c]
+        dot = part if dot is None else dot + part
+    return dot * scale
+
+
+def online_update_ref(m, l, t, s, order, *, entropy: bool):
+    """One tile's online-softmax update of the running max m, sum l and (with `entropy`) the
+    entropy sum t = Σ p·(s - m), as the kernel's `online_softmax_entropy_update` does it; returns
+    (m, l, t, p, alpha), p the tile's weights and alpha the factor that moved the old state.
+    The kernel's max skips NaN (a comparison with NaN is false)."""
+    m_new = np.maximum(m, np.fmax.reduce(s, axis=-1, initial=-np.inf))
+    m_use = np.where(m_new == -np.inf, 0.0, m_new)
+    shift = m - m_use
+    alpha = exp_nonpositive(shift)
+    x = s - m_use[..., None]
+    p = exp_nonpositive(x)
+    if entropy:
+        terms = np.where(p != 0, p * x, 0.0)
+        t = np.where(l != 0, t + shift * l, t) * alpha + _thread_then_butterfly_sum(terms, order)
+    l = l * alpha + _thread_then_butterfly_sum(p, order)
+    return m_new, l, t, p, alpha
+
+
 def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=None, order=None, return_entropy=False):
     """Mirror: float64 attention in the kernel's exact operation order.
 
@@ -296,32 +326,12 @@ def streaming_attention_ref(q, k, v, *, causal=False, scale=None, key_lengths=No
             k_tile[:, :, : tile_end - tile_start] = np.where(tile_read, k[:, :, tile_start:tile_end], 0.0)
             v_tile[:, :, : tile_end - tile_start] = np.where(tile_read, v[:, :, tile_start:tile_end], 0.0)
 
-            # scores: chunked dot over d, then the scale
-            dot = None
-            for c0 in range(0, head_dim, order.dot_chunk):
-                part = q[..., None, c0] * k_tile[:, :, None, :, c0]
-                for c in range(c0 + 1, c0 + order.dot_chunk):
-                    part = part + q[..., None, c] * k_tile[:, :, None, :, c]
-                dot = part if dot is None else dot + part
-            s = dot * scale
             visible = (tile_start + np.arange(bn)) < counts
-            s = np.where(visible, s, -np.inf)
-
-            # online-softmax update; the kernel's max skips NaN (a comparison with NaN is false)
-            m_new = np.maximum(m, np.fmax.reduce(s, axis=-1, initial=-np.inf))
-            m_use = np.where(m_new == -np.inf, 0.0, m_new)
-            shift = m - m_use
-            alpha = exp_nonpositive(shift)
-            x = s - m_use[..., None]
-            p = exp_nonpositive(x)
-            if return_entropy:
-                terms = np.where(p != 0, p * x, 0.0)
-                t = np.where(l != 0, t + shift * l, t) * alpha + _thread_then_butterfly_sum(terms, order)
-            l = l * alpha + _thread_then_butterfly_sum(p, order)
+            s = np.where(visible, tile_scores_ref(q, k_tile, scale, order), -np.inf)
+            m, l, t, p, alpha = online_update_ref(m, l, t, s, order, entropy=return_entropy)
             acc = acc * alpha[..., None]
             for j in range(bn):
                 acc = acc + p[..., j, None] * v_tile[:, :, None, j, :]
-            m = m_new
 
         has_keys = l != 0  # l = 0: no key; l = NaN: a NaN or +inf score, stored as NaN
         l_div = np.where(has_keys, l, 1.0)

@@ -73,12 +73,13 @@ from nkattn.arrays import round_to
 from nkattn.reference.exact import (
     _expand_kv_heads,
     _read_keys,
-    _thread_then_butterfly_sum,
     attention_ref,
     default_scale,
     exp_nonpositive,
     log_positive,
+    online_update_ref,
     streaming_order,
+    tile_scores_ref,
     visible_key_counts,
 )
 
@@ -506,23 +507,9 @@ def _range_partials(q, k, ends, key_lo, key_hi, scale, order):
         k_tile = np.zeros((batch, heads, bn, head_dim))
         tile_end = min(tile_start + bn, nk)
         k_tile[:, :, : tile_end - tile_start] = k[:, :, tile_start:tile_end]
-        dot = None
-        for c0 in range(0, head_dim, order.dot_chunk):
-            part = q[..., None, c0] * k_tile[:, :, None, :, c0]
-            for c in range(c0 + 1, c0 + order.dot_chunk):
-                part = part + q[..., None, c] * k_tile[:, :, None, :, c]
-            dot = part if dot is None else dot + part
         visible = (tile_start + np.arange(bn)) < ends
-        s = np.where(visible, dot * scale, -np.inf)
-        m_new = np.maximum(m, np.fmax.reduce(s, axis=-1, initial=-np.inf))
-        m_use = np.where(m_new == -np.inf, 0.0, m_new)
-        shift = m - m_use
-        alpha = exp_nonpositive(shift)
-        x = s - m_use[..., None]
-        p = exp_nonpositive(x)
-        t = np.where(l != 0, t + shift * l, t) * alpha + _thread_then_butterfly_sum(np.where(p != 0, p * x, 0.0), order)
-        l = l * alpha + _thread_then_butterfly_sum(p, order)
-        m = m_new
+        s = np.where(visible, tile_scores_ref(q, k_tile, scale, order), -np.inf)
+        m, l, t, _, _ = online_update_ref(m, l, t, s, order, entropy=True)
         n = np.fmin(n, np.fmin.reduce(np.where(visible, s, np.inf), axis=-1))
     return m, l, t, n
 
