@@ -64,9 +64,11 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 WARPGROUP = 128
 SWIZZLE_MODES = {128: 1, 64: 2, 32: 3}  # descriptor bits 62-63 for each swizzle width in bytes
-KINDS = ("f16", "bf16", "tf32")
-K_STEP = {"f16": 16, "bf16": 16, "tf32": 8}  # K of one wgmma instruction
-ELEMENT_BYTES = {"f16": 2, "bf16": 2, "tf32": 4}
+KINDS = ("f16", "bf16", "tf32", "e4m3")
+K_STEP = {"f16": 16, "bf16": 16, "tf32": 8, "e4m3": 32}  # K of one wgmma instruction
+ELEMENT_BYTES = {"f16": 2, "bf16": 2, "tf32": 4, "e4m3": 1}
+# tf32 and the 8-bit formats have no transpose immediates: wgmma reads both operands K-major
+K_MAJOR_ONLY = ("tf32", "e4m3")
 
 if not SIMULATOR:
     from llvmlite import ir
@@ -164,8 +166,13 @@ def mn_major_offset(desc: int, n: int, k: int, element_bytes: int) -> int:
 
 
 def _half_values(bits, kind: str) -> np.ndarray:
-    """float64 values of 16-bit patterns (f16 or bf16) or of tf32 read from float32 containers."""
+    """float64 values of 16-bit patterns (f16 or bf16), of 8-bit e4m3 patterns, or of tf32 read from
+    float32 containers."""
     bits = np.asarray(bits)
+    if kind == "e4m3":
+        import ml_dtypes
+
+        return bits.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
     if kind == "f16":
         return bits.astype(np.uint16).view(np.float16).astype(np.float64)
     if kind == "bf16":
@@ -380,13 +387,13 @@ if not SIMULATOR:
 
     def _wgmma_asm(kind, n, a_operand, transpose_b, first_input):
         nacc = n // 2
-        dtypes = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "tf32": "f32.tf32.tf32"}[kind]
+        dtypes = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "tf32": "f32.tf32.tf32", "e4m3": "f32.e4m3.e4m3"}[kind]
         acc = ",".join(f"${i}" for i in range(nacc))
         scale = f"${first_input + (1 if a_operand == 'desc' else 4) + 1}"
         a = f"${first_input}" if a_operand == "desc" else "{" + ",".join(f"${first_input + r}" for r in range(4)) + "}"
         b = f"${first_input + (1 if a_operand == 'desc' else 4)}"
-        if kind == "tf32":
-            tail = ""  # tf32 has no transpose immediates: both operands must be K-major
+        if kind in K_MAJOR_ONLY:
+            tail = ""
         elif a_operand == "desc":
             tail = f", 0, {int(transpose_b)}"
         else:
@@ -399,13 +406,13 @@ if not SIMULATOR:
 
     @cache
     def wgmma(kind: str, n: int, a_operand: str, transpose_b: bool = False, acc_offset: int = 0):
-        """``D (+)= A·Bᵀ`` of one warpgroup, m64 n``n`` k16 (f16/bf16) or k8 (tf32), float32 D.
+        """``D (+)= A·Bᵀ`` of one warpgroup, m64 n``n`` k16 (f16/bf16), k8 (tf32) or k32 (e4m3), float32 D.
 
         Returns an intrinsic ``f(acc, a, desc_b, scale_d, smem)`` updating the local float32
         array ``acc[acc_offset:acc_offset + n/2]`` in place (D in the accumulator layout). ``a`` is a shared-memory
         descriptor (``a_operand="desc"``, K-major) or, with ``a_operand="regs"``, a local
         uint32 array followed by an offset: ``f(acc, a_regs, a_offset, desc_b, scale_d, smem)``
-        reads ``a_regs[a_offset:a_offset + 4]``. ``smem`` is the block's dynamic shared
+        reads ``a_regs[a_offset:a_offset + 4]`` (not e4m3). ``smem`` is the block's dynamic shared
         array the descriptors point into (the GPU ignores it; the simulator reads it). B is K-major, or MN-major with
         ``transpose_b`` (f16/bf16 only). ``scale_d = 0`` ignores acc (D = A·Bᵀ).
         Asynchronous: fence before, commit and wait after (`wgmma_fence`, `wgmma_commit`,
@@ -413,8 +420,10 @@ if not SIMULATOR:
         """
         if kind not in KINDS or n % 8 or not 8 <= n <= 256:
             raise ValueError(f"no wgmma for kind={kind!r} n={n}")
-        if transpose_b and kind == "tf32":
-            raise ValueError("tf32 wgmma reads both operands K-major (no transpose)")
+        if transpose_b and kind in K_MAJOR_ONLY:
+            raise ValueError(f"{kind} wgmma reads both operands K-major (no transpose)")
+        if a_operand == "regs" and kind == "e4m3":
+            raise ValueError("e4m3 wgmma takes A from shared memory only here (its register layout is not built)")
         nacc = n // 2
         if a_operand == "desc":
             asm = _wgmma_asm(kind, n, "desc", transpose_b, nacc)
@@ -549,7 +558,7 @@ else:  # ------------------------------------------------------------- simulator
             return _scratch[key]
 
     def _smem_kind(smem, kind):
-        return kind if smem.dtype == np.uint16 else "tf32"
+        return {np.dtype(np.uint16): kind, np.dtype(np.uint8): "e4m3"}.get(smem.dtype, "tf32")
 
     @cuda.jit(device=True)
     def shared_address(arr, idx):
@@ -770,8 +779,10 @@ else:  # ------------------------------------------------------------- simulator
     def wgmma(kind: str, n: int, a_operand: str, transpose_b: bool = False, acc_offset: int = 0):
         if kind not in KINDS or n % 8 or not 8 <= n <= 256:
             raise ValueError(f"no wgmma for kind={kind!r} n={n}")
-        if transpose_b and kind == "tf32":
-            raise ValueError("tf32 wgmma reads both operands K-major (no transpose)")
+        if transpose_b and kind in K_MAJOR_ONLY:
+            raise ValueError(f"{kind} wgmma reads both operands K-major (no transpose)")
+        if a_operand == "regs" and kind == "e4m3":
+            raise ValueError("e4m3 wgmma takes A from shared memory only here (its register layout is not built)")
         k_step = K_STEP[kind]
 
         def accumulate(acc, a_matrix, b_matrix, scale_d, t):

@@ -23,11 +23,16 @@ HALF_DTYPES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
 def _exact_values(rng, shape, kind):
-    """Multiples of 1/4 in [-2, 2]: exact in f16, bf16 and tf32, and their products and sums in float32."""
+    """Multiples of 1/4 in [-2, 2]: exact in f16, bf16, tf32 and e4m3, and their products and sums in float32."""
     x = rng.integers(-8, 9, size=shape) / 4.0
     if kind == "tf32":
         return x.astype(np.float32), x
+    if kind == "e4m3":
+        return x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), x
     return x.astype(HALF_DTYPES[kind]).view(np.uint16), x
+
+
+SMEM_TYPES = {"tf32": np.float32, "e4m3": np.uint8}  # the others: uint16
 
 
 @cache
@@ -35,8 +40,9 @@ def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: boo
     """One warpgroup: A (64 x K) and B (N x K, or K x N when transposed) staged by cp.async into
     swizzled tiles, D = A·Bᵀ by K/k wgmma steps, each thread's accumulators written out raw."""
     esize = ptx.ELEMENT_BYTES[kind]
-    smem_type = from_dtype(np.dtype(np.float32 if kind == "tf32" else np.uint16))
-    itemsize = 4 if kind == "tf32" else 2
+    smem_dtype = np.dtype(SMEM_TYPES.get(kind, np.uint16))
+    smem_type = from_dtype(smem_dtype)
+    itemsize = smem_dtype.itemsize
     k_step = ptx.K_STEP[kind]
     a_tile = TileLayout(64, k_total, esize, 0)
     # an MN-major tile's rows are padded to whole 32-byte swizzle rows (zero-filled, never multiplied)
@@ -120,12 +126,14 @@ MMA_CASES = [
     _mma_case("f16", 16, 32, "desc", False, gpu=False),
     _mma_case("bf16", 16, 32, "regs", True, gpu=False),
     _mma_case("tf32", 16, 16, "regs", False, gpu=False),
+    _mma_case("e4m3", 16, 64, "desc", False, gpu=False),
     *(_mma_case("f16", n, k, op, tb) for n, k in ((64, 64), (128, 128), (80, 96)) for op in ("desc", "regs") for tb in (False, True)),
     _mma_case("f16", 24, 16, "desc", True),
     _mma_case("f16", 256, 64, "desc", False),
     *(_mma_case("bf16", n, k, "regs", True) for n, k in ((64, 64), (112, 112), (256, 32))),
     _mma_case("bf16", 96, 32, "desc", False),
     *(_mma_case("tf32", n, k, op, False) for n, k in ((64, 32), (128, 64), (96, 24)) for op in ("desc", "regs")),
+    *(_mma_case("e4m3", n, k, "desc", False) for n, k in ((64, 64), (128, 128), (80, 32), (256, 256))),
 ]
 
 
@@ -457,3 +465,7 @@ def test_descriptor_fields():
         ptx.wgmma("f16", 12, "desc")
     with pytest.raises(ValueError, match="transpose"):
         ptx.wgmma("tf32", 16, "desc", transpose_b=True)
+    with pytest.raises(ValueError, match="transpose"):
+        ptx.wgmma("e4m3", 16, "desc", transpose_b=True)
+    with pytest.raises(ValueError, match="shared memory only"):
+        ptx.wgmma("e4m3", 16, "regs")
