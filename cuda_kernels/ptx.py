@@ -545,8 +545,10 @@ if not SIMULATOR:
 
 else:  # ------------------------------------------------------------- simulator stand-ins
     # Cross-lane exchanges (shuffles, wgmma's register operand) go through a per-block
-    # scratch dictionary: the simulator runs the threads of one block as Python threads
-    # and `cuda.syncthreads()` orders them.
+    # scratch dictionary: the simulator runs the threads of one block as Python threads,
+    # and `_group_sync` orders the threads of one warp or warpgroup, as the hardware's
+    # lockstep does, while the block's other warps run on (a warp-specialized kernel's
+    # warpgroups reach their products at different times).
     _scratch: dict = {}
     _scratch_lock = threading.Lock()
 
@@ -630,14 +632,18 @@ else:  # ------------------------------------------------------------- simulator
 
     _barriers: dict = {}
 
+    def _mbarrier_key(smem, idx):
+        # by address: the simulator may hand each thread its own view of the block's shared memory
+        return tuple(cuda.blockIdx), "mbarrier", smem.__array_interface__["data"][0] + int(idx) * smem.dtype.itemsize
+
     def _mbarrier(smem, idx):
         with _scratch_lock:
-            return _barriers[(tuple(cuda.blockIdx), "mbarrier", id(smem), int(idx))]
+            return _barriers[_mbarrier_key(smem, idx)]
 
     @cuda.jit(device=True)
     def mbarrier_init(smem, idx, count):
         with _scratch_lock:
-            _barriers[(tuple(cuda.blockIdx), "mbarrier", id(smem), int(idx))] = _MBarrier(count)
+            _barriers[_mbarrier_key(smem, idx)] = _MBarrier(count)
 
     @cuda.jit(device=True)
     def mbarrier_arrive(smem, idx):
@@ -662,6 +668,15 @@ else:  # ------------------------------------------------------------- simulator
     @cuda.jit(device=True)
     def named_barrier_arrive(barrier, count):
         _named_barrier(barrier).arrive(count, False)
+
+    def _group_sync(size):
+        """Wait for the other threads of this thread's group of `size` consecutive threads."""
+        tid = cuda.threadIdx.x
+        group = tid // size
+        members = min(size, cuda.blockDim.x - group * size)
+        with _scratch_lock:
+            barrier = _barriers.setdefault((tuple(cuda.blockIdx), "group", size, group), _NamedBarrier())
+        barrier.arrive(members, True)
 
     def _f16_bits(x) -> int:
         return int(np.array(x, dtype=np.float16).view(np.uint16))
@@ -704,9 +719,9 @@ else:  # ------------------------------------------------------------- simulator
     def _quad_exchange(x, tid, step, name):
         lanes = _block_scratch(name, (cuda.blockDim.x,))
         lanes[tid] = x
-        cuda.syncthreads()
+        _group_sync(32)
         other = lanes[tid ^ step]
-        cuda.syncthreads()
+        _group_sync(32)
         return other
 
     @cache
@@ -723,7 +738,7 @@ else:  # ------------------------------------------------------------- simulator
                 words[lane, r] = a_regs[a_offset + r]
             for r in range(2):
                 words[lane, 4 + r] = b_regs[b_offset + r]
-            cuda.syncthreads()  # every lane's fragments are in the scratch
+            _group_sync(32)  # every lane's fragments are in the scratch
             a_matrix, b_matrix = np.zeros((16, 16)), np.zeros((8, 16))
             for t in range(32):
                 for r in range(4):
@@ -733,7 +748,7 @@ else:  # ------------------------------------------------------------- simulator
                     (n, k0), (_, k1) = mma_b_coords(t, r)
                     b_matrix[n, k0], b_matrix[n, k1] = _half_values([words[t, 4 + r] & 0xFFFF, words[t, 4 + r] >> 16],
                                                                     kind)
-            cuda.syncthreads()  # every lane has read the scratch before the next call overwrites it
+            _group_sync(32)  # every lane has read the scratch before the next call overwrites it
             for i in range(4):
                 row, col = accumulator_coords(lane, i)
                 acc[acc_offset + i] = acc[acc_offset + i] + float(np.dot(a_matrix[row], b_matrix[col]))
@@ -748,13 +763,13 @@ else:  # ------------------------------------------------------------- simulator
             lane = tid % 32
             rows = _block_scratch(("ldmatrix", tid // 32), (32,), np.int64)
             rows[lane] = smem_idx
-            cuda.syncthreads()  # every lane's row address is in the scratch
+            _group_sync(32)  # every lane's row address is in the scratch
             for j in range(4):
                 (r0, c0), (r1, c1) = ldmatrix_coords(lane, transpose)
                 lo = int(smem[rows[8 * j + r0] + c0])
                 hi = int(smem[rows[8 * j + r1] + c1])
                 regs[offset + j] = lo | (hi << 16)
-            cuda.syncthreads()  # every lane has read the addresses before the next call overwrites them
+            _group_sync(32)  # every lane has read the addresses before the next call overwrites them
 
         return load
 
@@ -768,11 +783,15 @@ else:  # ------------------------------------------------------------- simulator
         x = x + _quad_exchange(x, tid, 1, "quad")
         return x + _quad_exchange(x, tid, 2, "quad")
 
+    @cache
+    def _operand_index(desc: int, element_bytes: int, itemsize: int, rows: int, k_step: int, mn_major: bool):
+        # every thread of a warpgroup reads the same operand: the index arithmetic is done once
+        offset = mn_major_offset if mn_major else k_major_offset
+        return np.array([[offset(desc, r, k, element_bytes) // itemsize for k in range(k_step)] for r in range(rows)])
+
     def _operand(smem, kind, desc, rows, k_step, mn_major):
         """The (rows x K) operand a descriptor points at, as float64 values."""
-        esize = ELEMENT_BYTES[kind]
-        offset = mn_major_offset if mn_major else k_major_offset
-        idx = np.array([[offset(int(desc), r, k, esize) // smem.dtype.itemsize for k in range(k_step)] for r in range(rows)])
+        idx = _operand_index(int(desc), ELEMENT_BYTES[kind], smem.dtype.itemsize, rows, k_step, bool(mn_major))
         return _half_values(smem[idx.ravel()].reshape(idx.shape), _smem_kind(smem, kind))
 
     @cache
@@ -815,10 +834,10 @@ else:  # ------------------------------------------------------------- simulator
                 else:
                     word = int(a_regs[a_offset + r])
                     a_matrix[coords[0]], a_matrix[coords[1]] = _half_values([word & 0xFFFF, word >> 16], kind)
-            cuda.syncthreads()  # every lane's A fragment is in the scratch matrix
+            _group_sync(WARPGROUP)  # every lane's A fragment is in the scratch matrix
             b_matrix = _operand(smem, kind, desc_b, n, k_step, transpose_b)
             accumulate(acc, a_matrix, b_matrix, scale_d, t)
-            cuda.syncthreads()  # every lane has read A before the next call overwrites it
+            _group_sync(WARPGROUP)  # every lane has read A before the next call overwrites it
 
         return mma_rs
 
