@@ -27,7 +27,8 @@ def dev(shape, kind):
 
 
 for kind, d, dv, causal, cfg in [("f16", 64, 64, True, None), ("bf16", 128, 128, False, None), ("f16", 80, 48, True, None),
-                                 ("f16", 64, 64, True, TileConfig(64, 128)), ("tf32x3", 64, 64, True, None),
+                                 ("f16", 64, 64, True, TileConfig(64, 128)), ("f16", 64, 48, True, TileConfig(128, 64, pingpong=True)),
+                                 ("bf16", 128, 128, False, TileConfig(128, 128, pingpong=True)), ("tf32x3", 64, 64, True, None),
                                  ("tf32", 96, 96, False, None)]:
     q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
     lengths = cuda.to_device(np.array([300], np.int32))

@@ -2,7 +2,8 @@
 
 results/bench/exact-tc-tune-h100.json is this script's output, unchanged, from
 `PROBE=sweep2 python3 .ci/tc_probe.py` on an H100 80GB HBM3 (2026-11-27, numba 0.68,
-numba-cuda 0.30.4, torch 2.11): one record per (kind, d, N, causal, [BM, BN, overlap]),
+numba-cuda 0.30.4, torch 2.11): one record per (kind, d, N, causal, [BM, BN, overlap]; a fourth
+entry 1 marks the ping-pong schedule, `PROBE=pingpong`, not yet run),
 TFLOP/s from CUDA-event medians of 20 runs and the max relative error of 6 sampled
 rows against float64. It chose `exact_tc.default_config` (BM = 128, BN = 128 up to
 d = 128: 366.7 TFLOP/s at d = 128, and at d = 64 within this run's spread of the best,
@@ -54,7 +55,11 @@ B, H = 1, 8
 SWEEP = {64: [(128, 128), (192, 128), (128, 64), (64, 128), (192, 64)], 128: [(128, 128), (128, 64), (192, 64), (64, 128)],
          256: [(128, 32), (64, 64), (128, 64)]}
 MODE = os.environ.get("PROBE", "full")
-if MODE == "sweep2":
+if MODE == "pingpong":  # the ping-pong schedule against the same tiles without it (TileConfig.pingpong)
+    plan = [("f16", d, n, causal, config) for d in (64, 128) for n in (16384, 131072) for causal in (False, True)
+            for config in (None, TileConfig(128, 128, pingpong=True))]
+    plan += [("bf16", d, 16384, causal, TileConfig(128, 128, pingpong=True)) for d in (64, 128) for causal in (False, True)]
+elif MODE == "sweep2":
     grid = {64: [(64, 128, 0), (64, 64, 0), (128, 128, 0), (128, 64, 0), (192, 128, 0)],
             128: [(64, 64, 0), (64, 128, 0), (128, 128, 0), (128, 64, 0), (192, 64, 0)]}
     plan = [("f16", d, 16384, causal, None) for d in (64, 128) for causal in (False, True)]
@@ -81,7 +86,8 @@ for kind, d, n, causal, config in plan:
                 torch.manual_seed(0)
                 q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=tdt) for _ in range(3))
                 flops = attention_flops(B, H, n, n, d, causal)
-                rec = {"kind": kind, "d": d, "N": n, "causal": causal, "config": None if config is None else [config.block_m, config.block_n, int(config.overlap)]}
+                rec = {"kind": kind, "d": d, "N": n, "causal": causal, "config": None if config is None else [config.block_m, config.block_n, int(config.overlap)]
+                       + ([1] if config.pingpong else [])}
                 try:
                     bits = (lambda x: x) if tdt == torch.float32 else (lambda x: x.view(torch.int16))
                     qd, kd, vd = (cuda.as_cuda_array(bits(x)) for x in (q, k, v))

@@ -53,11 +53,18 @@ class TileConfig:
     group's accumulators and serializes every wgmma of the kernel (its C7514 "wgmma.mma_async
     instructions are serialized" report); measured on the H100 it is 10 % slower (322 against
     357 TFLOP/s at N = 16K, d = 128, fp16).
+
+    ``pingpong`` (half kinds, two warpgroups): the warpgroups take turns on the tensor cores
+    (FlashAttention-3's inter-warpgroup schedule, through two named barriers), so one's softmax
+    runs while the other's products do, and the K/V ring hands slots over by mbarriers instead
+    of a block-wide barrier per tile, so neither waits for the other's softmax. Not yet run on
+    a GPU: off by default until it is measured.
     """
 
     block_m: int
     block_n: int
     overlap: bool = False
+    pingpong: bool = False
 
 
 def default_config(kind: str, head_dim: int, value_dim: int) -> TileConfig:
@@ -189,6 +196,8 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
         raise ValueError(f"head dims must be multiples of 8 up to {MAX_HEAD_DIM}, got d={head_dim}, dv={value_dim}")
     if config.block_m % 64 or config.block_n % 16 or not 16 <= config.block_n <= 256:
         raise ValueError(f"bad tile config {config}")
+    if config.pingpong and (kind not in HALF_KINDS or config.block_m != 128 or config.overlap):
+        raise ValueError(f"pingpong takes a half kind, two warpgroups (block_m=128) and no overlap, got {kind!r}, {config}")
     build = _half_kernel if kind in HALF_KINDS else _float32_kernel
     return build(kind, head_dim, value_dim, config)
 
@@ -305,8 +314,11 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
                 e = 8 * s + 4 * (r >> 1) + 2 * (r & 1)
                 p_regs[4 * s + r] = pack(acc_s[e], acc_s[e + 1])
 
-    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
-    def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+    @cuda.jit(device=True, inline="always")
+    def block_start(q, key_lengths, causal, group):
+        """Where this thread's block and rows are, the block's shared buffer (aligned at ``base``)
+        and the operand descriptors, and how many key tiles the block visits: both half kernels
+        start so."""
         tid = cuda.threadIdx.x
         wg = tid // 128
         t = tid % 128
@@ -334,6 +346,13 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
         block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)  # causal: the last row sees most
         block_kv_min = visible_keys(row0, nq, nk_b, causal)  # tiles below it need no mask
         n_tiles = (block_kv_end + BN - 1) // BN
+        return (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
+                block_kv_min, n_tiles)
+
+    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
+    def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+        (tid, _wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
+         block_kv_min, n_tiles) = block_start(q, key_lengths, causal, group)
 
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
@@ -399,7 +418,113 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
 
         store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
 
-    return tc_attention_fwd, SHARED_BYTES
+    if not config.pingpong:
+        return tc_attention_fwd, SHARED_BYTES
+
+    # mbarriers after the ring, 8 bytes each: full[s] (the slot's tile has landed) and empty[s]
+    # (both warpgroups are done with it), every thread arriving at each once per tile
+    BAR_OFFSET = padded(k_tile.offset + STAGES * SLOT, 8)
+    PINGPONG_SHARED_BYTES = BAR_OFFSET + 2 * STAGES * 8 + TILE_ALIGN
+    FULL0, EMPTY0, BAR_STRIDE = BAR_OFFSET // ESIZE, BAR_OFFSET // ESIZE + STAGES * 8 // ESIZE, 8 // ESIZE
+    TURN = 1  # named barriers TURN (warpgroup 0's turn) and TURN + 1 (warpgroup 1's); 0 is syncthreads
+
+    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
+    def tc_attention_pingpong(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+        """The same tiles and arithmetic as `tc_attention_fwd`, so the same bits; only the order
+        in which the two warpgroups reach the tensor cores, and how slots are handed over, differ.
+
+        Per tile j, warpgroup wg refills the slot of tile j - 1 with tile j + 2 once both
+        warpgroups have released it (empty mbarrier), waits for tile j + 1 (full mbarrier) and for
+        its turn (named barrier TURN + wg), issues S_{j+1} and P_j V_j, passes the turn on
+        (TURN + 1 - wg), waits for its products, releases tile j's slot and computes the softmax
+        of tile j + 1 while the other warpgroup's products run. Each warpgroup arrives once after
+        every turn, so the turns alternate and every arrival is consumed. A slot's full mbarrier
+        completes when every thread's copies into it have landed (cp.async arrivals); tile t is
+        the (t // 3)-th fill of slot t % 3, so phases are waited by the parity of t // 3.
+        """
+        (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
+         block_kv_min, n_tiles) = block_start(q, key_lengths, causal, group)
+        full0 = base + FULL0
+        empty0 = base + EMPTY0
+
+        acc_s = cuda.local.array(NS, np.float32)
+        acc_o = cuda.local.array(NO, np.float32)
+        p_regs = cuda.local.array(NP, np.uint32)
+        for i in range(NO):
+            acc_o[i] = F32_ZERO
+        m0 = NEG_INF
+        m1 = NEG_INF
+        l0 = F32_ZERO
+        l1 = F32_ZERO
+
+        if n_tiles > 0:
+            if tid == 0:
+                for slot in range(STAGES):
+                    ptx.mbarrier_init(smem, full0 + slot * BAR_STRIDE, THREADS)
+                    ptx.mbarrier_init(smem, empty0 + slot * BAR_STRIDE, THREADS)
+            cuda.syncthreads()  # the mbarriers are set before anyone arrives at them
+            # Q rides with tile 0: a thread's arrival covers all its earlier copies
+            load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
+            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
+            ptx.cp_async_mbarrier_arrive(smem, full0)
+            if n_tiles > 1:
+                load_tile(smem, base, k, v, b, kvh, 1, nk_b, tid)
+                ptx.cp_async_mbarrier_arrive(smem, full0 + BAR_STRIDE)
+            if wg == 1:
+                ptx.named_barrier_arrive(TURN, THREADS)  # warpgroup 0 takes the first turn
+
+            ptx.mbarrier_wait(smem, full0, 0)
+            ptx.fence_proxy_async()  # the tensor cores read what the other threads' cp.async wrote
+            ptx.named_barrier_sync(TURN + wg, THREADS)
+            ptx.wgmma_fence()
+            issue_qk(smem, acc_s, q_desc, k_desc, 0)
+            ptx.wgmma_commit()
+            ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)
+            wait_mma_all()
+            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
+                                                       qk_scale_log2)
+            l0 = ps0
+            l1 = ps1
+            pack_p(acc_s, p_regs)
+
+            for j in range(n_tiles):
+                more = j + 1 < n_tiles
+                # refill the slot of tile j - 1 with tile j + 2 once both warpgroups released it;
+                # here, not while products are in flight, where a wait loop would make ptxas
+                # serialize every wgmma (C7520)
+                if j + 2 < n_tiles:
+                    if j >= 1:
+                        ptx.mbarrier_wait(smem, empty0 + ((j - 1) % STAGES) * BAR_STRIDE, ((j - 1) // STAGES) & 1)
+                    load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
+                    ptx.cp_async_mbarrier_arrive(smem, full0 + ((j + 2) % STAGES) * BAR_STRIDE)
+                if more:
+                    ptx.mbarrier_wait(smem, full0 + ((j + 1) % STAGES) * BAR_STRIDE, ((j + 1) // STAGES) & 1)
+                    ptx.fence_proxy_async()
+                ptx.named_barrier_sync(TURN + wg, THREADS)  # this warpgroup's turn on the tensor cores
+                ptx.wgmma_fence()  # acc_o was rescaled and p_regs packed by ordinary instructions
+                if more:
+                    issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
+                    ptx.wgmma_commit()
+                issue_pv(smem, acc_o, p_regs, v_desc, j)
+                ptx.wgmma_commit()
+                ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)  # the other warpgroup's turn
+                wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
+                ptx.mbarrier_arrive(smem, empty0 + (j % STAGES) * BAR_STRIDE)
+                if more:
+                    tile_start = (j + 1) * BN
+                    m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2)
+                    l0 = l0 * alpha0 + ps0
+                    l1 = l1 * alpha1 + ps1
+                    for i in range(NO):
+                        acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                    pack_p(acc_s, p_regs)
+            if wg == 0:
+                ptx.named_barrier_sync(TURN, THREADS)  # warpgroup 1's arrival after its last turn
+
+        store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
+
+    return tc_attention_pingpong, PINGPONG_SHARED_BYTES
 
 
 def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):

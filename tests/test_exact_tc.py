@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
+from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention, tc_attention_kernel
 from nkattn.reference.exact import attention_ref, default_scale, visible_key_counts
 from nkattn.testing import (
     assert_bit_identical,
@@ -309,6 +309,32 @@ def test_every_tile_config_matches(config):
     rng = np.random.default_rng(7)
     q, k, v = half_inputs(rng, 1, 2, 1, 300, 300, 64, 64, "f16")
     check_against_float64(q, k, v, "f16", causal=True, config=config)
+
+
+@pytest.mark.parametrize("kind, nq, nk, causal", [
+    pytest.param("f16", 100, 100, True, id="f16-causal-7-tiles"),
+    pytest.param("f16", 70, 37, False, id="f16-3-tiles", marks=pytest.mark.gpu),
+    pytest.param("bf16", 300, 517, True, id="bf16-causal", marks=pytest.mark.gpu),
+    pytest.param("f16", 1000, 1000, False, id="f16-1000", marks=pytest.mark.gpu),
+])
+def test_pingpong_gives_the_default_bits(kind, nq, nk, causal):
+    """The ping-pong schedule changes when each warpgroup reaches the tensor cores and how slots are
+    handed over, not the arithmetic: O and lse equal the default two-warpgroup kernel's bit for bit,
+    across slot reuse and both mbarrier parities (7 tiles of 16 keys in the simulator), a batch
+    whose keys are all masked (no tile at all) and rows that see no key; GQA on the GPU."""
+    rng = np.random.default_rng(7)
+    heads = (2, 1) if REAL_GPU else (1, 1)  # the simulator runs 256 threads a block in Python: one head
+    q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
+    block_n = 128 if REAL_GPU else 16
+    lengths = [nk - 3, 0]
+    plain = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=TileConfig(128, block_n))
+    pingpong = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=TileConfig(128, block_n, pingpong=True))
+    assert_bit_identical("O", pingpong[0], plain[0])
+    assert_bit_identical("lse", pingpong[1], plain[1])
+    with pytest.raises(ValueError, match="pingpong"):
+        tc_attention_kernel("tf32", 64, 64, TileConfig(128, 64, pingpong=True))
+    with pytest.raises(ValueError, match="pingpong"):
+        tc_attention_kernel(kind, 64, 64, TileConfig(64, 64, pingpong=True))
 
 
 @pytest.mark.gpu
