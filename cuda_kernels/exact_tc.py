@@ -57,8 +57,10 @@ class TileConfig:
     ``pingpong`` (half kinds, two warpgroups): the warpgroups take turns on the tensor cores
     (FlashAttention-3's inter-warpgroup schedule, through two named barriers), so one's softmax
     runs while the other's products do, and the K/V ring hands slots over by mbarriers instead
-    of a block-wide barrier per tile, so neither waits for the other's softmax. Not yet run on
-    a GPU: off by default until it is measured.
+    of a block-wide barrier per tile, so neither waits for the other's softmax. Measured on
+    the H100 at the default tiles (128, 128), fp16: 1.01-1.24x the default kernel at N = 16K,
+    1.07-1.16x at 128K (438 TFLOP/s at d = 128), bits equal to the default's. Off by default
+    until the GPU test grid and compute-sanitizer have run over it.
     """
 
     block_m: int
