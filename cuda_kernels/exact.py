@@ -99,8 +99,8 @@ def exact_attention_kernel(
     sp = streaming_primitives(
         np.dtype(dtype), head_dim, order=order, contract=contract, portable_math=portable_math, value_dim=value_dim
     )
-    TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
-    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
+    TM, TN, TD, BM, BN = sp.TM, sp.TN, sp.TD, sp.BM, sp.BN
+    NB_DTYPE, NEG_INF, ZERO, block_place = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.block_place
     PREFETCH = prefetch
     KV_BUF = sp.KV_PER_THREAD if prefetch else 1  # staging registers only when prefetching
     visible_keys, load_q_tile, fetch_kv_tile, store_kv_tile, load_kv_tile = (
@@ -118,16 +118,7 @@ def exact_attention_kernel(
 
     @cuda.jit(**jit_options)
     def exact_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale, causal, group):
-        tid = cuda.threadIdx.x
-        ty = tid // TX
-        tx = tid - ty * TX
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        row0 = cuda.blockIdx.x * BM
-        nq = q.shape[2]
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+        tid, ty, tx, b, h, row0, nq, kvh, nk_b, smem = block_place(q, key_lengths, group)
 
         kv_end = cuda.local.array(TM, np.int32)
         m_i = cuda.local.array(TM, NB_DTYPE)
@@ -173,8 +164,8 @@ def exact_attention_kernel(
 
 def _resume_kernel(sp, jit_options):
     """The chunked entry of `exact_attention_kernel` (``resume=True``): grid as the one-launch kernel's."""
-    TM, TN, TD, TX, BM, BN, DV, LV = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN, sp.DV, sp.LV
-    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
+    TM, TN, TD, BM, BN, DV, LV = sp.TM, sp.TN, sp.TD, sp.BM, sp.BN, sp.DV, sp.LV
+    NB_DTYPE, NEG_INF, ZERO, block_place = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.block_place
     PADDED_V = LV != DV
     visible_keys, load_q_tile, load_kv_tile = sp.visible_keys, sp.load_q_tile, sp.load_kv_tile
     tile_scores, online_softmax_update, accumulate_pv, store_rows = (
@@ -185,16 +176,7 @@ def _resume_kernel(sp, jit_options):
     def exact_attention_resume(
         q, k, v, key_lengths, o, lse, l_state, qk_scale, causal, group, row_offset, nq_total, key_offset, first, last
     ):
-        tid = cuda.threadIdx.x
-        ty = tid // TX
-        tx = tid - ty * TX
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        row0 = cuda.blockIdx.x * BM
-        nq = q.shape[2]
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+        tid, ty, tx, b, h, row0, nq, kvh, nk_b, smem = block_place(q, key_lengths, group)
 
         kv_end = cuda.local.array(TM, np.int32)
         m_i = cuda.local.array(TM, NB_DTYPE)
@@ -253,8 +235,8 @@ def _resume_kernel(sp, jit_options):
 
 def _entropy_kernel(sp, jit_options):
     """The one-launch kernel of `exact_attention_kernel` with the row entropy (``entropy=True``)."""
-    TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
-    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
+    TM, TN, TD, BM, BN = sp.TM, sp.TN, sp.TD, sp.BM, sp.BN
+    NB_DTYPE, NEG_INF, ZERO, block_place = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.block_place
     visible_keys, load_q_tile, load_kv_tile = sp.visible_keys, sp.load_q_tile, sp.load_kv_tile
     tile_scores, online_softmax_entropy_update, accumulate_pv = (
         sp.tile_scores, sp.online_softmax_entropy_update, sp.accumulate_pv
@@ -263,16 +245,7 @@ def _entropy_kernel(sp, jit_options):
 
     @cuda.jit(**jit_options)
     def exact_attention_entropy(q, k, v, key_lengths, o, lse, entropy, qk_scale, causal, group):
-        tid = cuda.threadIdx.x
-        ty = tid // TX
-        tx = tid - ty * TX
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        row0 = cuda.blockIdx.x * BM
-        nq = q.shape[2]
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+        tid, ty, tx, b, h, row0, nq, kvh, nk_b, smem = block_place(q, key_lengths, group)
 
         kv_end = cuda.local.array(TM, np.int32)
         m_i = cuda.local.array(TM, NB_DTYPE)

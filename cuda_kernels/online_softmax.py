@@ -586,6 +586,25 @@ def streaming_primitives(
             if q_idx < nq:
                 store_row(o, lse, b, h, q_idx, i, tx, acc, m_i, l_i)
 
+    SHARED_ALIGN = None if SIMULATOR else 16
+
+    @cuda.jit(device=True, inline="always")
+    def block_place(q, key_lengths, group):
+        """Where a thread of the one-launch kernels stands: (tid, ty, tx, b, h, row0, nq, kvh, nk_b,
+        smem), the block owning rows ``row0 ..`` of head h (key head kvh) of batch b, which sees
+        ``nk_b`` keys, and the block's dynamic shared buffer."""
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        row0 = cuda.blockIdx.x * BM
+        nq = q.shape[2]
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+        return tid, ty, tx, b, h, row0, nq, kvh, nk_b, smem
+
     @cuda.jit(device=True, inline="always")
     def store_entropy_rows(entropy, b, h, row0, nq, ty, tx, l_i, t_i):
         for i in range(TM):
@@ -595,9 +614,10 @@ def streaming_primitives(
                 entropy[b, h, q_idx] = add(log(l_i[i]), -div(t_i[i], l_i[i])) if l_i[i] != ZERO else ZERO
 
     return SimpleNamespace(
-        TX=TX, TM=TM, TN=TN, TD=TD, DV=DV, LV=LV, BM=BM, VEC=VEC, SHARED_ALIGN=None if SIMULATOR else 16, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
+        TX=TX, TM=TM, TN=TN, TD=TD, DV=DV, LV=LV, BM=BM, VEC=VEC, SHARED_ALIGN=SHARED_ALIGN, BN=BN, THREADS=THREADS, SHARED_BYTES=SHARED_BYTES,
         NB_DTYPE=NB_DTYPE, NEG_INF=NEG_INF, ZERO=ZERO,
         visible_keys=visible_keys,
+        block_place=block_place,
         load_q_tile=load_q_tile,
         KV_PER_THREAD=KV_PER_THREAD,
         fetch_kv_tile=fetch_kv_tile,
