@@ -109,23 +109,14 @@ def table_attention_kernel(dtype, head_dim: int, *, order=None):
     sp, shared_bytes, copy_table, load_row_codes, load_key_codes, lookup_tile_scores = lookup_device_code(
         dtype, head_dim, order
     )
-    TM, TN, TD, TX, BM, BN = sp.TM, sp.TN, sp.TD, sp.TX, sp.BM, sp.BN
-    NB_DTYPE, NEG_INF, ZERO, SHARED_ALIGN = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.SHARED_ALIGN
+    TM, TN, TD, BM, BN = sp.TM, sp.TN, sp.TD, sp.BM, sp.BN
+    NB_DTYPE, NEG_INF, ZERO, block_place = sp.NB_DTYPE, sp.NEG_INF, sp.ZERO, sp.block_place
     visible_keys, load_v_tile = sp.visible_keys, sp.load_v_tile
     online_softmax_update, accumulate_pv, store_row = sp.online_softmax_update, sp.accumulate_pv, sp.store_row
 
     @cuda.jit
     def table_attention_fwd(q_codes, k_codes, table_words, v, key_lengths, o, lse, score_scale, score_offset, causal, group):
-        tid = cuda.threadIdx.x
-        ty = tid // TX
-        tx = tid - ty * TX
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        row0 = cuda.blockIdx.x * BM
-        nq = q_codes.shape[2]
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, NB_DTYPE, alignment=SHARED_ALIGN)
+        tid, ty, tx, b, h, row0, nq, kvh, nk_b, smem = block_place(q_codes, key_lengths, group)
         # the same dynamic buffer seen as uint32 words (to copy) and uint16 entries (to read)
         words = cuda.shared.array(0, uint32)
         entries = cuda.shared.array(0, uint16)
