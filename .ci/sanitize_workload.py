@@ -27,9 +27,9 @@ def dev(shape, kind):
 
 
 for kind, d, dv, causal, cfg in [("f16", 64, 64, True, None), ("bf16", 128, 128, False, None), ("f16", 80, 48, True, None),
-                                 ("f16", 64, 64, True, TileConfig(64, 128)), ("f16", 64, 48, True, TileConfig(128, 64, pingpong=True)),
+                                 ("f16", 64, 64, True, TileConfig(64, 128)), ("f16", 64, 64, True, TileConfig(128, 128)), ("f16", 64, 48, True, TileConfig(128, 64, pingpong=True)),
                                  ("bf16", 128, 128, False, TileConfig(128, 128, pingpong=True)), ("tf32x3", 64, 64, True, None),
-                                 ("tf32", 96, 96, False, None)]:
+                                 ("tf32", 96, 96, False, None), ("bf16", 256, 256, True, None)]:
     q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
     lengths = cuda.to_device(np.array([300], np.int32))
     tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
