@@ -60,7 +60,7 @@ class TileConfig:
     of a block-wide barrier per tile, so neither waits for the other's softmax. Measured on
     the H100 at the default tiles (128, 128), fp16: 1.01-1.24x the default kernel at N = 16K,
     1.07-1.16x at 128K (438 TFLOP/s at d = 128), bits equal to the plain schedule's. It is the
-    default for the half kinds (`default_config`).
+    default for the half kinds up to d = 128 (`default_config`).
     """
 
     block_m: int
@@ -78,8 +78,12 @@ def default_config(kind: str, head_dim: int, value_dim: int) -> TileConfig:
     if kind in FLOAT32_KINDS:
         # Q, K and Vᵀ tiles (two each when split) at 4 bytes an element in 227 KB
         return TileConfig(64, 64 if widest <= 128 else 16)
-    # three K/V slots must fit beside Q in 227 KB of shared memory
-    return TileConfig(128, 128 if widest <= 128 else 32, pingpong=True)
+    # three K/V slots must fit beside Q in 227 KB of shared memory. Ping-pong at d = 256 (32-key
+    # tiles) ran at 0.63x the plain schedule on the H100 (66 against 105 TFLOP/s at N = 16K): the
+    # turn handed over every 32 keys costs more than the overlap it buys
+    if widest <= 128:
+        return TileConfig(128, 128, pingpong=True)
+    return TileConfig(128, 32)
 
 
 def padded(n: int, multiple: int) -> int:

@@ -654,6 +654,12 @@ def launch_with_shared_memory(kernel, grid, block, shared_bytes, stream, *args):
     if shared_bytes > STATIC_SHARED_LIMIT and not SIMULATOR:
         from numba.cuda.cudadrv.driver import binding, driver
 
+        # past the limit the driver's opt-in fails with a bare CUDA_ERROR_INVALID_VALUE
+        limit = cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        if shared_bytes > limit:
+            raise ValueError(f"{kernel.py_func.__name__} needs {shared_bytes} bytes of shared memory a block "
+                             f"for this shape and tile configuration; this GPU allows {limit}")
+
         compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
         cufunc = compiled._codelibrary.get_cufunc()
         key = (id(cufunc), shared_bytes)

@@ -182,7 +182,9 @@ TF32X3_MISSES = frozenset({
     "B2-H4-Hkv2-Nq129-Nk129-d96-causal-tf32x3",
     "B2-H4-Hkv2-Nq129-Nk129-d96-tf32x3",
 })
-TF32X3_BOUND = 1e-5  # max |O - O64| / max |O64| at N <= 1000 (it grows with N: 1.1e-4 at N = 16K)
+# max |O - O64| / max |O64| at N <= 1000 (it grows with N: 1.1e-4 at N = 16K); the worst case
+# measured is 1.14e-5 (d = 256, Nk = 1000, non-causal; H100, 2026-11-28)
+TF32X3_BOUND = 2e-5
 
 
 def _case(b, h, hkv, nq, nk, d, dv, causal, kind, gpu=False):
@@ -309,6 +311,14 @@ def test_every_tile_config_matches(config):
     rng = np.random.default_rng(7)
     q, k, v = half_inputs(rng, 1, 2, 1, 300, 300, 64, 64, "f16")
     check_against_float64(q, k, v, "f16", causal=True, config=config)
+
+
+@pytest.mark.gpu
+def test_a_tile_shape_past_shared_memory_is_named():
+    rng = np.random.default_rng(8)
+    q, k, v = half_inputs(rng, 1, 1, 1, 64, 64, 256, 256, "f16")
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        run_kernel(q, k, v, "f16", causal=False, config=TileConfig(128, 64, pingpong=True))
 
 
 @pytest.mark.parametrize("kind, nq, nk, causal", [
