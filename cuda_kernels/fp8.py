@@ -367,6 +367,26 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
     return fp8_attention_fwd, SHARED_BYTES
 
 
+def fp8_attention_quantized(ops: Fp8Operands, key_lengths, *, causal: bool, scale: float, value_dim: int, out=None,
+                            lse=None, out_kind: str = "bf16", stream=0, config: TileConfig | None = None):
+    """The FP8 kernel on operands `quantize` made (the attention alone, as a benchmark times it); returns (O, lse)."""
+    batch, heads, nq, dp = ops.q.shape
+    head_dim = dp  # the padded columns are zeros: the kernel is the same for every d they pad
+    config = default_config() if config is None else config
+    kernel, shared_bytes = fp8_attention_kernel(head_dim, value_dim, config, out_kind)
+    if out is None:
+        out = cuda.device_array((batch, heads, nq, value_dim), dtype=np.uint16, stream=stream)
+    if lse is None:
+        lse = cuda.device_array((batch, heads, nq), dtype=np.float32, stream=stream)
+    grid, block = launch_config(config, batch, heads, nq)
+    launch_with_shared_memory(
+        kernel, grid, block, shared_bytes, stream,
+        ops.q, ops.k, ops.vt, ops.q_scale, ops.k_scale, ops.v_scale, key_lengths, out, lse,
+        np.float32(scale * LOG2E), bool(causal), heads // ops.k.shape[1],
+    )
+    return out, lse
+
+
 def fp8_attention(q, k, v, key_lengths, *, causal: bool, scale: float, out=None, lse=None, out_kind: str = "bf16",
                   stream=0, config: TileConfig | None = None):
     """`quantize`, then the FP8 kernel on device arrays; returns (O, lse).
@@ -376,19 +396,7 @@ def fp8_attention(q, k, v, key_lengths, *, causal: bool, scale: float, out=None,
     FlashAttention-3's FP8 returns it, or f16), lse (B, H, Nq) float32. `key_lengths` is an int32
     device array of B lengths. Inputs are assumed finite (`nkattn.attention` checks them).
     """
-    batch, heads, nq, head_dim = q.shape
-    value_dim = v.shape[3]
-    config = default_config() if config is None else config
-    kernel, shared_bytes = fp8_attention_kernel(head_dim, value_dim, config, out_kind)
-    if out is None:
-        out = cuda.device_array((batch, heads, nq, value_dim), dtype=np.uint16, stream=stream)
-    if lse is None:
-        lse = cuda.device_array((batch, heads, nq), dtype=np.float32, stream=stream)
+    check_head_dims(q.shape[3], v.shape[3])
     ops = quantize(q, k, v, key_lengths, stream=stream)
-    grid, block = launch_config(config, batch, heads, nq)
-    launch_with_shared_memory(
-        kernel, grid, block, shared_bytes, stream,
-        ops.q, ops.k, ops.vt, ops.q_scale, ops.k_scale, ops.v_scale, key_lengths, out, lse,
-        np.float32(scale * LOG2E), bool(causal), heads // k.shape[1],
-    )
-    return out, lse
+    return fp8_attention_quantized(ops, key_lengths, causal=causal, scale=scale, value_dim=v.shape[3], out=out, lse=lse,
+                                   out_kind=out_kind, stream=stream, config=config)
