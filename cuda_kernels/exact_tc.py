@@ -194,6 +194,55 @@ def _row_store(value_width: int, store_pair):
 
 
 @cache
+def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q_start: int, k_start: int,
+                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int):
+    """`block_start` of a tensor-core kernel of two-byte (half) or one-byte (fp8) operands: BM rows a
+    block in warpgroups of 64, BN keys a tile, Q/K/V operand descriptors starting at byte offsets
+    ``q_start``, ``k_start``, ``v_start`` of the aligned shared buffer (with their descriptor bits),
+    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further."""
+    BM, BN, ESIZE, SMEM_TYPE = block_m, block_n, element_bytes, smem_type
+    Q_START, K_START, V_START, Q_BITS, K_BITS, V_BITS = q_start, k_start, v_start, q_bits, k_bits, v_bits
+    WG_ROWS_BYTES = wg_rows_bytes
+
+    @cuda.jit(device=True, inline="always")
+    def block_start(q, key_lengths, causal, group):
+        """Where this thread's block and rows are, the block's shared buffer (aligned at ``base``)
+        and the operand descriptors, and how many key tiles the block visits: the half kernels
+        and the fp8 kernel start so."""
+        tid = cuda.threadIdx.x
+        wg = tid // 128
+        t = tid % 128
+        g = (t % 32) // 4
+        tq = t % 4
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        nq = q.shape[2]
+        # causal: the heaviest row blocks (most keys) start first, so the last wave is short
+        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
+        row0 = block * BM
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, SMEM_TYPE)
+        addr0 = ptx.shared_address(smem, 0)
+        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        aligned = addr0 + base * ESIZE
+        q_desc = ptx.smem_descriptor(aligned + Q_START + wg * WG_ROWS_BYTES, Q_BITS)
+        k_desc = ptx.smem_descriptor(aligned + K_START, K_BITS)
+        v_desc = ptx.smem_descriptor(aligned + V_START, V_BITS)
+
+        r0 = row0 + 64 * wg + 16 * (t // 32) + g  # this thread's two rows: r0 and r0 + 8
+        kv_end0 = visible_keys(r0, nq, nk_b, causal)
+        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
+        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)  # causal: the last row sees most
+        block_kv_min = visible_keys(row0, nq, nk_b, causal)  # tiles below it need no mask
+        n_tiles = (block_kv_end + BN - 1) // BN
+        return (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
+                block_kv_min, n_tiles)
+
+    return block_start
+
+
+@cache
 def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     """Build the fused forward kernel for one (kind, d, dv, tile shape): (kernel, shared bytes)."""
     if kind not in KINDS:
@@ -282,6 +331,8 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
     softmax = _row_functions(BN)
+    block_start = block_functions(BM, BN, ESIZE, SMEM_TYPE, Q_STARTS[0], K_STARTS[0], V_STARTS[0], Q_BITS, K_BITS,
+                                  V_BITS, WG_ROWS_BYTES)
 
     @cuda.jit(device=True, inline="always")
     def store_pair(o, b, h, row, col, x, y):
@@ -319,41 +370,6 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
             for r in range(4):
                 e = 8 * s + 4 * (r >> 1) + 2 * (r & 1)
                 p_regs[4 * s + r] = pack(acc_s[e], acc_s[e + 1])
-
-    @cuda.jit(device=True, inline="always")
-    def block_start(q, key_lengths, causal, group):
-        """Where this thread's block and rows are, the block's shared buffer (aligned at ``base``)
-        and the operand descriptors, and how many key tiles the block visits: both half kernels
-        start so."""
-        tid = cuda.threadIdx.x
-        wg = tid // 128
-        t = tid % 128
-        g = (t % 32) // 4
-        tq = t % 4
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        nq = q.shape[2]
-        # causal: the heaviest row blocks (most keys) start first, so the last wave is short
-        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
-        row0 = block * BM
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, SMEM_TYPE)
-        addr0 = ptx.shared_address(smem, 0)
-        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
-        aligned = addr0 + base * ESIZE
-        q_desc = ptx.smem_descriptor(aligned + Q_STARTS[0] + wg * WG_ROWS_BYTES, Q_BITS)
-        k_desc = ptx.smem_descriptor(aligned + K_STARTS[0], K_BITS)
-        v_desc = ptx.smem_descriptor(aligned + V_STARTS[0], V_BITS)
-
-        r0 = row0 + 64 * wg + 16 * (t // 32) + g  # this thread's two rows: r0 and r0 + 8
-        kv_end0 = visible_keys(r0, nq, nk_b, causal)
-        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
-        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)  # causal: the last row sees most
-        block_kv_min = visible_keys(row0, nq, nk_b, causal)  # tiles below it need no mask
-        n_tiles = (block_kv_end + BN - 1) // BN
-        return (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
-                block_kv_min, n_tiles)
 
     @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
     def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):

@@ -21,6 +21,11 @@ them against NumPy on the GPU). A warpgroup is 128 consecutive threads; thread
   becomes the A operand of P·V without leaving registers.
 * **A from registers, tf32 m64k8** (4 x b32): register ``r`` holds
   ``A[16w + g + 8(r & 1), tq + 4(r >> 1)]``.
+* **A from registers, e4m3 m64k32** (4 x b32, four bytes each, lowest byte first): register
+  ``r`` holds ``A[16w + g + 8(r & 1), 4tq + 16(r >> 1) + {0, 1, 2, 3}]`` (CUTLASS's
+  ``ALayout_64x32``; the PTX ISA gives it as a figure). The accumulator holds columns
+  ``2tq + {0, 1}`` of every 8, so a kernel that feeds P from registers permutes its B
+  operand's keys to match (`nkattn.cuda_kernels.fp8`).
 * **Shared-memory operands** are described by a 64-bit matrix descriptor
   (`descriptor_bits`, `smem_descriptor`): start address, leading and stride byte offsets (all
   >> 4) and the swizzle mode. A *K-major* operand (K contiguous: Q, K) is stored
@@ -69,6 +74,7 @@ K_STEP = {"f16": 16, "bf16": 16, "tf32": 8, "e4m3": 32}  # K of one wgmma instru
 ELEMENT_BYTES = {"f16": 2, "bf16": 2, "tf32": 4, "e4m3": 1}
 # tf32 and the 8-bit formats have no transpose immediates: wgmma reads both operands K-major
 K_MAJOR_ONLY = ("tf32", "e4m3")
+E4M3_MAX = 448.0  # the largest finite e4m3 (e4m3fn: no infinities), where .satfinite saturates
 
 if not SIMULATOR:
     from llvmlite import ir
@@ -89,12 +95,14 @@ def accumulator_coords(t: int, i: int) -> tuple[int, int]:
 
 
 def a_fragment_coords(kind: str, t: int, r: int) -> list[tuple[int, int]]:
-    """(row, k) of the elements in A register ``r`` of thread ``t`` (low half first for f16/bf16)."""
+    """(row, k) of the elements in A register ``r`` of thread ``t`` (low half, or lowest byte, first)."""
     w, lane = divmod(t, 32)
     g, tq = divmod(lane, 4)
     row = 16 * w + g + 8 * (r & 1)
     if kind == "tf32":
         return [(row, tq + 4 * (r >> 1))]
+    if kind == "e4m3":
+        return [(row, 4 * tq + 16 * (r >> 1) + e) for e in range(4)]
     k0 = 2 * tq + 8 * (r >> 1)
     return [(row, k0), (row, k0 + 1)]
 
@@ -346,6 +354,38 @@ if not SIMULATOR:
         return types.uint32(types.float32, types.float32), codegen
 
     @intrinsic
+    def pack_e4m3x2(typingctx, lo, hi):
+        """Two float32 rounded to e4m3 (nearest even, saturated to ±448: ``.satfinite``) in the low
+        16 bits of a uint32, ``lo`` in the lowest byte."""
+
+        def codegen(context, builder, sig, args):
+            asm = "{\n.reg .b16 t;\ncvt.rn.satfinite.e4m3x2.f32 t, $2, $1;\ncvt.u32.u16 $0, t;\n}"
+            return _call_asm(builder, asm, "=r,f,f", _I32, list(args))
+
+        return types.uint32(types.float32, types.float32), codegen
+
+    @intrinsic
+    def pack_e4m3x4(typingctx, x0, x1, x2, x3):
+        """Four float32 rounded to e4m3 as `pack_e4m3x2` in one uint32, ``x0`` in the lowest byte."""
+
+        def codegen(context, builder, sig, args):
+            asm = ("{\n.reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+                   "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\nmov.b32 $0, {lo, hi};\n}")
+            return _call_asm(builder, asm, "=r,f,f,f,f", _I32, list(args))
+
+        return types.uint32(types.float32, types.float32, types.float32, types.float32), codegen
+
+    @intrinsic
+    def bf16_value(typingctx, bits):
+        """The float32 value of a bfloat16 bit pattern (its 16 bits are float32's top half: exact)."""
+
+        def codegen(context, builder, sig, args):
+            wide = builder.zext(context.cast(builder, args[0], sig.args[0], types.uint16), _I32)
+            return builder.bitcast(builder.shl(wide, ir.Constant(_I32, 16)), _F32)
+
+        return types.float32(bits), codegen
+
+    @intrinsic
     def round_tf32(typingctx, x):
         """float32 rounded to tf32 (10 mantissa bits, nearest, ties away), low 13 bits zero."""
 
@@ -412,7 +452,7 @@ if not SIMULATOR:
         array ``acc[acc_offset:acc_offset + n/2]`` in place (D in the accumulator layout). ``a`` is a shared-memory
         descriptor (``a_operand="desc"``, K-major) or, with ``a_operand="regs"``, a local
         uint32 array followed by an offset: ``f(acc, a_regs, a_offset, desc_b, scale_d, smem)``
-        reads ``a_regs[a_offset:a_offset + 4]`` (not e4m3). ``smem`` is the block's dynamic shared
+        reads ``a_regs[a_offset:a_offset + 4]`` (`a_fragment_coords`). ``smem`` is the block's dynamic shared
         array the descriptors point into (the GPU ignores it; the simulator reads it). B is K-major, or MN-major with
         ``transpose_b`` (f16/bf16 only). ``scale_d = 0`` ignores acc (D = A·Bᵀ).
         Asynchronous: fence before, commit and wait after (`wgmma_fence`, `wgmma_commit`,
@@ -422,8 +462,6 @@ if not SIMULATOR:
             raise ValueError(f"no wgmma for kind={kind!r} n={n}")
         if transpose_b and kind in K_MAJOR_ONLY:
             raise ValueError(f"{kind} wgmma reads both operands K-major (no transpose)")
-        if a_operand == "regs" and kind == "e4m3":
-            raise ValueError("e4m3 wgmma takes A from shared memory only here (its register layout is not built)")
         nacc = n // 2
         if a_operand == "desc":
             asm = _wgmma_asm(kind, n, "desc", transpose_b, nacc)
@@ -694,6 +732,25 @@ else:  # ------------------------------------------------------------- simulator
     def pack_bf16x2(lo, hi):
         return _bf16_bits(lo) | (_bf16_bits(hi) << 16)
 
+    def _e4m3_bits(x) -> int:
+        import ml_dtypes
+
+        # .satfinite: beyond ±448 (inf included) saturates, NaN stays NaN
+        x = np.clip(np.float32(x), -E4M3_MAX, E4M3_MAX)
+        return int(np.array(x, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+
+    @cuda.jit(device=True)
+    def pack_e4m3x2(lo, hi):
+        return _e4m3_bits(lo) | (_e4m3_bits(hi) << 8)
+
+    @cuda.jit(device=True)
+    def pack_e4m3x4(x0, x1, x2, x3):
+        return _e4m3_bits(x0) | (_e4m3_bits(x1) << 8) | (_e4m3_bits(x2) << 16) | (_e4m3_bits(x3) << 24)
+
+    @cuda.jit(device=True)
+    def bf16_value(bits):
+        return float(_half_values(int(bits), "bf16"))
+
     @cuda.jit(device=True)
     def round_tf32(x):
         # cvt.rna: nearest, ties away from zero, on the float32 bit pattern (NaN and inf kept)
@@ -800,8 +857,6 @@ else:  # ------------------------------------------------------------- simulator
             raise ValueError(f"no wgmma for kind={kind!r} n={n}")
         if transpose_b and kind in K_MAJOR_ONLY:
             raise ValueError(f"{kind} wgmma reads both operands K-major (no transpose)")
-        if a_operand == "regs" and kind == "e4m3":
-            raise ValueError("e4m3 wgmma takes A from shared memory only here (its register layout is not built)")
         k_step = K_STEP[kind]
 
         def accumulate(acc, a_matrix, b_matrix, scale_d, t):
@@ -831,6 +886,10 @@ else:  # ------------------------------------------------------------- simulator
                 coords = a_fragment_coords(kind, t, r)
                 if kind == "tf32":
                     a_matrix[coords[0]] = _half_values(np.float32(a_regs[a_offset + r]), "tf32")
+                elif kind == "e4m3":
+                    word = int(a_regs[a_offset + r])
+                    for e, value in enumerate(_half_values([(word >> (8 * e)) & 0xFF for e in range(4)], kind)):
+                        a_matrix[coords[e]] = value
                 else:
                     word = int(a_regs[a_offset + r])
                     a_matrix[coords[0]], a_matrix[coords[1]] = _half_values([word & 0xFFFF, word >> 16], kind)

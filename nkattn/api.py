@@ -105,8 +105,9 @@ def attention(
     in float64, from the dense scores. Each head runs in its format, rounded once from the
     input: on the reference, that format's float64 emulation (`nkattn.reference.precision.emulate`);
     on "cuda", the kernel a call in the format's dtype takes (fp32: FFMA; fp16, bf16: tensor
-    cores), and a reason naming the format and the heads for fp8 and int8, which have no kernel
-    yet. O and lse come back in the input dtype. The choice is logged at INFO (logger
+    cores), fp8 heads the FP8 kernel (`nkattn.cuda_kernels.fp8`, Hopper only: bf16-rounded heads
+    quantized to e4m3 on the GPU), and a reason naming the format and the heads for int8, which
+    has no kernel yet. O and lse come back in the input dtype. The choice is logged at INFO (logger
     "nkattn.api", one line per call) and returned with ``return_decisions=True``: a
     `nkattn.reference.precision.Decisions`, with ``formats`` (B, H) and ``predicted``
     (B, H, len(FORMATS)), the predicted error of every format.

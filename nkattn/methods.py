@@ -422,15 +422,64 @@ def _exact_tc_run(call: Call):
     return out.copy_to_host().view(req.dtype), lse.copy_to_host()
 
 
+def compute_capability() -> tuple[int, int] | None:
+    """The current GPU's compute capability; None in the simulator (which runs every kernel)."""
+    from numba import cuda
+
+    from nkattn.cuda_kernels.online_softmax import SIMULATOR
+
+    return None if SIMULATOR else tuple(cuda.get_current_device().compute_capability)
+
+
+def _fp8_reasons(req: Request) -> list[str]:
+    from nkattn.cuda_kernels.fp8 import MAX_HEAD_DIM
+
+    reasons = _no_device()
+    if reasons:
+        return reasons
+    cc = compute_capability()
+    if cc is not None and cc[0] != 9:
+        reasons.append(f"the FP8 kernel uses Hopper's e4m3 wgmma (compute capability 9.x), this GPU is {cc[0]}.{cc[1]} "
+                       "(backend='reference' emulates fp8)")
+    for label, dim in (("d", req.head_dim), ("dv", req.value_dim)):
+        if dim % 16 or dim > MAX_HEAD_DIM:
+            reasons.append(f"the FP8 kernel supports {label} a multiple of 16 up to {MAX_HEAD_DIM}, got {dim}")
+    return reasons
+
+
+def _fp8_run(call: Call):
+    """bf16 heads (rounded on the host) through the GPU quantizer and the FP8 kernel: bf16 O, float32 lse."""
+    from numba import cuda
+
+    from nkattn.cuda_kernels.fp8 import fp8_attention
+
+    req = call.request
+    lengths = np.full(req.batch, req.nk, np.int32) if call.key_lengths is None else call.key_lengths
+    q, k, v = (cuda.to_device(arrays.kernel_host(x, arrays.BFLOAT16)) for x in (call.q, call.k, call.v))
+    out, lse = fp8_attention(q, k, v, cuda.to_device(lengths), causal=req.causal, scale=call.scale)
+    return out.copy_to_host().view(arrays.BFLOAT16), lse.copy_to_host()
+
+
+# computes the fp8 format only, for precision="auto" (a plain call in bf16 means the bf16 format)
+FP8_BACKEND = Backend(
+    "cuda", "cuda (FP8 kernel)", _fp8_reasons, _fp8_run,
+    arithmetic="fp8 format: e4m3 Q, K, V with per-128 block scales quantized on the GPU, P·2^8 in e4m3, float32 "
+               "accumulation and softmax, bf16 O (nkattn.cuda_kernels.fp8)",
+)
+
+
 # --------------------------------------------------------------------------------------
 # exact with precision="auto": a format per head
 # --------------------------------------------------------------------------------------
 
-# the formats whose operands are the inputs themselves (no block scales, no smoothing), so a call
-# of that dtype computes them: fp32 on the FFMA kernel, fp16 and bf16 on the tensor-core kernel;
-# fp8 and int8 have no CUDA kernel yet (issue 12, item 2)
+# the formats a CUDA kernel computes, and the dtype their heads are rounded to first: fp32, fp16 and
+# bf16 use the inputs as operands, so a plain call of that dtype computes them (fp32 on the FFMA
+# kernel, fp16 and bf16 on the tensor-core kernel); fp8 quantizes bf16 inputs on the FP8 kernel
+# (`FORMAT_BACKENDS`); int8 has no CUDA kernel yet (issue 12, item 2)
 KERNEL_FORMATS = {name: dtype for name, dtype in (("fp32", np.dtype(np.float32)), ("fp16", np.dtype(np.float16)),
-                                                  ("bf16", arrays.BFLOAT16)) if dtype is not None}
+                                                  ("bf16", arrays.BFLOAT16), ("fp8", arrays.BFLOAT16))
+                  if dtype is not None}
+FORMAT_BACKENDS = {"fp8": FP8_BACKEND}  # formats with a kernel of their own
 AUTO_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # each head is rounded down from these to its format
 
 
@@ -504,8 +553,15 @@ def _single_format_request(req: Request, fmt: str, heads: int) -> Request:
                    on_device=False, precision=None, options={**req.options, "tolerance": None}, head_formats=None)
 
 
-def _single_format_kernels() -> list[Backend]:
+def _single_format_kernels(fmt: str) -> list[Backend]:
+    """The CUDA backends that may compute `fmt`'s heads: its own kernel, or those of a plain call in its dtype."""
+    if fmt in FORMAT_BACKENDS:
+        return [FORMAT_BACKENDS[fmt]]
     return [b for b in EXACT.backends if b.name == "cuda" and b.run is not _auto_cuda_run]
+
+
+def _kernel_input(fmt: str) -> str:
+    return fmt if fmt in FORMAT_BACKENDS else str(KERNEL_FORMATS[fmt])
 
 
 def _policy_only(req: Request) -> list[str]:
@@ -528,21 +584,22 @@ def _auto_cuda_reasons(req: Request) -> list[str]:
             reasons.append(f"{chose}: no CUDA kernel computes {fmt} yet (backend='reference' emulates it)")
             continue
         sub = _single_format_request(req, fmt, bs.size)
-        refusals = [(b, b.supports(sub)) for b in _single_format_kernels()]
+        refusals = [(b, b.supports(sub)) for b in _single_format_kernels(fmt)]
         if all(r for _, r in refusals):
-            reasons.append(f"{chose}, and no kernel takes {KERNEL_FORMATS[fmt]} here: "
+            reasons.append(f"{chose}, and no kernel takes {_kernel_input(fmt)} here: "
                            + "; ".join(f"{b.label}: {'; '.join(r)}" for b, r in refusals))
     return reasons
 
 
 def _auto_cuda_run(call: Call):
     """Every format's heads rounded once from the caller's data to its dtype, on the host, and run
-    by the kernel a plain call of that dtype takes (batch invariance: the bits of the full call)."""
+    by the kernel a plain call of that dtype takes, or the format's own (fp8) (batch invariance:
+    the bits of the full call)."""
 
     def launch(fmt, q, k, v, key_lengths):
         dtype = KERNEL_FORMATS[fmt]
         req = _single_format_request(call.request, fmt, q.shape[0])
-        backend = next(b for b in _single_format_kernels() if not b.supports(req))
+        backend = next(b for b in _single_format_kernels(fmt) if not b.supports(req))
         sub = Call(req, *(arrays.round_to(x, dtype) for x in (q, k, v)), key_lengths, call.scale)
         return backend.run(sub)
 
@@ -571,8 +628,8 @@ EXACT = Method(
         Backend(
             "cuda", "cuda (format per head)", lambda req: _auto_cuda_reasons(req) + no_entropy(req), _auto_cuda_run,
             arithmetic="precision='auto': each head on the kernel a call in its format's dtype takes (fp32: FFMA, "
-                       "fp16/bf16: tensor cores), heads rounded on the host, analyzers on the GPU (nkattn.precision); no "
-                       "kernel for fp8 and int8 yet",
+                       "fp16/bf16: tensor cores) or on the FP8 kernel (fp8), heads rounded on the host, analyzers on "
+                       "the GPU (nkattn.precision); no kernel for int8 yet",
         ),
         Backend(
             "cuda", "cuda (tensor-core kernel)", _exact_tc_reasons, _exact_tc_run,

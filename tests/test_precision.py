@@ -31,7 +31,8 @@ from nkattn.reference.exact import (
     visible_key_counts,
 )
 from nkattn.studies import precision as ps
-from nkattn.testing import assert_within_budget, float32_floor
+from nkattn.testing import assert_bit_identical, assert_within_budget, float32_floor
+from tests.conftest import REAL_GPU
 
 from .conftest import SIMULATOR
 
@@ -470,18 +471,18 @@ def test_auto_is_deterministic_and_logs_one_line_per_call(small_predictor, caplo
 
 def test_formats_without_a_kernel_are_cuda_reasons_naming_format_and_heads(monkeypatch):
     q, k, v = _as(_inputs(13, 1, 3, 3, 8, 8, 16, 16), np.float32)
-    _force(monkeypatch, [["fp16", "fp8", "int8-fp16"]])
+    _force(monkeypatch, [["fp16", "int8-fp8", "int8-fp16"]])
     with pytest.raises(ValueError) as info:
         nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="cuda")
     message = str(info.value)
-    assert ("cuda (format per head): precision='auto' chose fp8 for 1 of 3 heads, (b, h) = (0, 1): no CUDA kernel "
-            "computes fp8 yet (backend='reference' emulates it)") in message
+    assert ("cuda (format per head): precision='auto' chose int8-fp8 for 1 of 3 heads, (b, h) = (0, 1): no CUDA "
+            "kernel computes int8-fp8 yet (backend='reference' emulates it)") in message
     assert "chose int8-fp16 for 1 of 3 heads, (b, h) = (0, 2): no CUDA kernel computes int8-fp16 yet" in message
     assert "chose fp16" not in message  # fp16 has its kernel
     # backend="auto" takes the emulation: host inputs quietly, device inputs with a warning
     assert plan(q, k, v, precision="auto", tolerance=1e-2)[1].label == "reference (format per head)"
     expected = nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="reference")
-    with pytest.warns(nkattn.FallbackWarning, match="no CUDA kernel computes fp8 yet"):
+    with pytest.warns(nkattn.FallbackWarning, match="no CUDA kernel computes int8-fp8 yet"):
         out = nkattn.attention(*(cuda.to_device(x) for x in (q, k, v)), precision="auto", tolerance=1e-2)
     np.testing.assert_array_equal(out.copy_to_host(), expected)
 
@@ -993,3 +994,209 @@ def test_sampled_decisions_are_the_full_analysis_away_from_the_tolerance(monkeyp
         np.testing.assert_array_equal(mine[clear], theirs[clear], err_msg=f"tolerance {tolerance}")
     print("formats at 1e-1, 1e-3:", pr.auto_decisions(full, 1e-1, predictor).formats,
           pr.auto_decisions(full, 1e-3, predictor).formats)
+
+
+# --------------------------------------------------------------------------------------
+# the FP8 kernel (nkattn.cuda_kernels.fp8) against its mirror, emulate(..., "fp8")
+# --------------------------------------------------------------------------------------
+
+
+def _bf16_inputs(seed, b, h, hkv, nq, nk, d, dv):
+    """Gaussian q, k, v rounded to bf16 (the fp8 format's input), as float64; one k outlier gives
+    its block a scale of its own."""
+    q, k, v = (pr.round_input(x, "bf16") for x in _inputs(seed, b, h, hkv, nq, nk, d, dv))
+    k[0, 0, min(3, nk - 1), 0] = 40.0
+    return q, k, v
+
+
+def _bf16_device(x):
+    return cuda.to_device(np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).view(np.uint16))
+
+
+def _lengths(b, nk, lengths):
+    return np.full(b, nk, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+
+
+def _fp8_run(q, k, v, *, causal, key_lengths=None, config=None, out_kind="bf16", out=None):
+    """The FP8 kernel on float64 arrays of bf16 values: (O, lse) as float64 on the host."""
+    from nkattn.cuda_kernels.fp8 import fp8_attention
+
+    lengths = _lengths(q.shape[0], k.shape[2], key_lengths)
+    o, lse = fp8_attention(*(_bf16_device(x) for x in (q, k, v)), cuda.to_device(lengths), causal=causal,
+                           scale=1 / np.sqrt(q.shape[-1]), config=config, out_kind=out_kind, out=out)
+    out_dtype = ml_dtypes.bfloat16 if out_kind == "bf16" else np.float16
+    return o.copy_to_host().view(out_dtype).astype(np.float64), lse.copy_to_host().astype(np.float64)
+
+
+def _assert_within_bound(name, got, expected, bound):
+    """|got - expected| <= bound elementwise; the message names the worst element and the failing share."""
+    err = np.abs(got - expected)
+    bad = ~(err <= bound)
+    if bad.any():
+        worst = tuple(int(i) for i in np.unravel_index(np.argmax(np.where(bad, err / bound, 0)), err.shape))
+        raise AssertionError(f"{name}: {bad.mean():.2%} of elements beyond the bound; worst at {worst}: "
+                             f"{got[worst]!r} vs {expected[worst]!r} (bound {bound[worst]:.3g})")
+
+
+FP8_QUANTIZE_CASES = [
+    pytest.param(2, 2, 1, 70, 150, 32, 16, [150, 0], id="B2-H2-Hkv1-Nq70-Nk150-d32-dv16-lengths150,0"),
+    pytest.param(2, 4, 2, 300, 517, 128, 64, [517, 200], id="B2-H4-Hkv2-Nq300-Nk517-d128-dv64-lengths", marks=gpu),
+    pytest.param(1, 2, 2, 129, 128, 80, 48, None, id="B1-H2-Hkv2-Nq129-Nk128-d80-dv48", marks=gpu),
+]
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "d", "dv", "lengths"), FP8_QUANTIZE_CASES)
+def test_fp8_quantize_gives_the_mirrors_bits(b, h, hkv, nq, nk, d, dv, lengths):
+    """e4m3 Q, K and Vᵀ (keys permuted, zero past key_lengths and past Nk) and their float32 block
+    scales are `quantize_e4m3`'s, bit for bit; a block with no key (batch 1 of the first case) has
+    scale 1 and zeros. Q and K are padded with zero columns to a multiple of 32."""
+    from nkattn.cuda_kernels.fp8 import permuted_key, quantize
+
+    q, k, v = _bf16_inputs(30, b, h, hkv, nq, nk, d, dv)
+    lengths = _lengths(b, nk, lengths)
+    ops = quantize(*(_bf16_device(x) for x in (q, k, v)), cuda.to_device(lengths))
+    read = (np.arange(nk) < lengths[:, None])[:, None, :, None]
+    expected = {"q": pr.quantize_e4m3(q, 128), "k": pr.quantize_e4m3(np.where(read, k, 0.0), 128),
+                "v": pr.quantize_e4m3(np.where(read, v, 0.0), 128)}
+
+    def e4m3_bits(values):  # the mirror's values are e4m3 numbers, exactly
+        return values.astype(np.float32).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+    tiles = -(-nk // 128)
+    vt = ops.vt.copy_to_host().reshape(b, hkv, tiles, dv, 128)
+    keys = np.zeros((b, hkv, tiles, 128, dv), np.uint8)
+    keys[:, :, :, [permuted_key(p) for p in range(128)], :] = np.swapaxes(vt, -1, -2)
+    got = {"q": ops.q.copy_to_host(), "k": ops.k.copy_to_host(), "v": keys.reshape(b, hkv, tiles * 128, dv)}
+    for name, width in (("q", d), ("k", d), ("v", dv)):
+        assert_bit_identical(f"{name} e4m3", got[name][..., : expected[name].values.shape[2], :width],
+                             e4m3_bits(expected[name].values))
+        assert not got[name][..., width:].any() and not got[name][..., expected[name].values.shape[2]:, :].any(), name
+        scales = getattr(ops, f"{name}_scale").copy_to_host()
+        assert_bit_identical(f"{name} scales", scales, expected[name].descale[..., ::128, 0].astype(np.float32))
+    if lengths.min() == 0:
+        assert (ops.k_scale.copy_to_host()[lengths == 0] == 1).all()
+
+
+def _fp8_case(b, h, hkv, nq, nk, d, dv, causal, lengths=None, config=None, out_kind="bf16", gpu=False):
+    ident = (f"B{b}-H{h}-Hkv{hkv}-Nq{nq}-Nk{nk}-d{d}" + (f"-dv{dv}" if dv != d else "") + ("-causal" if causal else "")
+             + (f"-lengths{','.join(map(str, lengths))}" if lengths is not None else "")
+             + (f"-BM{config.block_m}" if config is not None else "") + (f"-{out_kind}" if out_kind != "bf16" else ""))
+    return pytest.param(b, h, hkv, nq, nk, d, dv, causal, lengths, config, out_kind, id=ident,
+                        marks=[pytest.mark.gpu] if gpu else [])
+
+
+def _fp8_gpu_grid():
+    from nkattn.cuda_kernels.exact_tc import TileConfig
+
+    shapes = ((1, 2, 1, 1, 1, None), (2, 4, 2, 129, 129, [129, 0]), (1, 2, 2, 203, 127, None),
+              (1, 1, 1, 127, 1000, None), (2, 2, 1, 300, 517, [517, 200]))
+    return [_fp8_case(b, h, hkv, nq, nk, d, d, causal, lengths, gpu=True)
+            for d in (64, 128) for (b, h, hkv, nq, nk, lengths) in shapes for causal in (False, True)] + [
+        _fp8_case(1, 2, 1, 200, 300, d, dv, True, None, gpu=True) for d, dv in ((32, 128), (128, 64), (80, 48))] + [
+        _fp8_case(1, 2, 1, 333, 400, 64, 64, True, None, TileConfig(64, 128), gpu=True),
+        _fp8_case(1, 2, 1, 333, 400, 64, 64, True, None, TileConfig(192, 128), gpu=True),
+        _fp8_case(1, 2, 1, 333, 400, 128, 128, False, None, out_kind="f16", gpu=True)]
+
+
+def _fp8_sim_grid():
+    from nkattn.cuda_kernels.exact_tc import TileConfig
+
+    # two key tiles, tails of both, GQA, a partial and a short batch (causal: its first 20 rows see
+    # no key, beside rows that do); then two warpgroups and a second Q scale block
+    return [_fp8_case(2, 2, 1, 40, 150, 32, 16, True, [150, 20]),
+            _fp8_case(1, 1, 1, 140, 130, 64, 64, False, None, TileConfig(128, 128))]
+
+
+def _fp8_lse_bound(q, k, v, *, causal, lengths):
+    """A bound on |lse - lse64| of the fp8 format: lse moves by at most the largest score error of its
+    row (log-sum-exp is 1-Lipschitz in the max norm), here that of the e4m3 operands (`Operand.err`),
+    plus 8 float32 roundings of lse. The fp32 sums of S are left out: the e4m3 term is ~2^9 larger
+    even with the 14-bit fp8 adder DeepSeek-V3 reports for Hopper (module docstring of the mirror)."""
+    ops = pr.operands(q, k, v, "fp8", key_lengths=lengths)
+    read = (np.arange(k.shape[2]) < _lengths(q.shape[0], k.shape[2], lengths)[:, None])[:, None, :, None]
+    ak = _expand_kv_heads(np.abs(np.where(read, k, 0.0)), q.shape[1])
+    eq, ek = ops.q.err, ops.k.err
+    delta = (eq @ np.swapaxes(ak, -1, -2) + np.abs(q) @ np.swapaxes(ek, -1, -2) + eq @ np.swapaxes(ek, -1, -2))
+    counts = visible_key_counts(q.shape[0], q.shape[2], k.shape[2], causal, lengths)[:, None, :, None]
+    row_delta = np.where(np.arange(k.shape[2]) < counts, delta, 0.0).max(axis=-1, initial=0.0) / np.sqrt(q.shape[-1])
+    return row_delta + 8 * pr.U32 * np.maximum(1.0, np.abs(attention_ref(q, k, v, causal=causal, key_lengths=lengths)[1]))
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "d", "dv", "causal", "lengths", "config", "out_kind"),
+                         _fp8_sim_grid() + _fp8_gpu_grid())
+def test_fp8_kernel_within_the_written_bound(b, h, hkv, nq, nk, d, dv, causal, lengths, config, out_kind):
+    """O within `error_bound` of the float64 oracle, and of the mirror (they differ by the GPU's FMA,
+    ex2.approx, row-sum order and fp8 adder, each far inside the bound's allowance for e4m3); lse within
+    `_fp8_lse_bound` of the oracle's, -inf where a row sees no key (whose O is 0)."""
+    q, k, v = _bf16_inputs(31 + nq + nk + d, b, h, hkv, nq, nk, d, dv)
+    o, lse = _fp8_run(q, k, v, causal=causal, key_lengths=lengths, config=config, out_kind=out_kind)
+    mirror_o, _ = pr.emulate(q, k, v, "fp8", causal=causal, key_lengths=lengths)
+    oracle_o, oracle_lse = attention_ref(q, k, v, causal=causal, key_lengths=lengths)
+    bound = pr.error_bound(q, k, v, "fp8", causal=causal, key_lengths=lengths)
+    _assert_within_bound("O - float64", o, oracle_o, bound)
+    _assert_within_bound("O - emulate", o, mirror_o, bound)
+    if not REAL_GPU:
+        # the stand-ins do the mirror's operations in its order (each wgmma k-step summed, then rounded to
+        # float32), but for the row sum's: O is the mirror's to within a bf16 step, and a misplaced P or V
+        # element, which the loose bound can miss, shows
+        _assert_within_bound("O - emulate (simulator)", o, mirror_o, 2 * pr.UNIT_ROUNDOFF["bf16"] * np.abs(mirror_o))
+    empty = oracle_lse == -np.inf
+    np.testing.assert_array_equal(lse == -np.inf, empty)
+    assert (o[empty] == 0).all()
+    lse_bound = _fp8_lse_bound(q, k, v, causal=causal, lengths=lengths)
+    _assert_within_bound("lse - float64", lse[~empty], oracle_lse[~empty], lse_bound[~empty])
+
+
+@gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_fp8_kernel_writes_every_output_and_repeats_its_bits(d):
+    """O preallocated as bf16 NaN is all written (no NaN left); 50 more runs give the same bits."""
+    q, k, v = _bf16_inputs(32, 2, 4, 2, 700, 900, d, d)
+    poisoned = cuda.to_device(np.full((2, 4, 700, d), 0x7FC0, np.uint16))
+    first = _fp8_run(q, k, v, causal=True, out=poisoned)
+    assert not np.isnan(first[0]).any()
+    for _ in range(50):
+        again = _fp8_run(q, k, v, causal=True)
+        assert_bit_identical("O", again[0], first[0])
+        assert_bit_identical("lse", again[1], first[1])
+
+
+def test_fp8_kernel_refuses_what_it_cannot_run():
+    from nkattn.cuda_kernels.exact_tc import TileConfig
+    from nkattn.cuda_kernels.fp8 import fp8_attention_kernel
+
+    for d, dv in ((24, 16), (16, 8), (144, 64), (0, 16)):
+        with pytest.raises(ValueError, match=r"the fp8 kernel takes d?v? ?a multiple of 16 from 16 to 128"):
+            fp8_attention_kernel(d, dv, TileConfig(128, 128))
+    with pytest.raises(ValueError, match="tiles of 128 keys"):
+        fp8_attention_kernel(64, 64, TileConfig(128, 64))
+    with pytest.raises(ValueError, match="plain schedule only"):
+        fp8_attention_kernel(64, 64, TileConfig(128, 128, pingpong=True))
+    with pytest.raises(ValueError, match="out_kind must be one of"):
+        fp8_attention_kernel(64, 64, TileConfig(128, 128), "e4m3")
+
+
+def test_auto_on_cuda_runs_fp8_heads_on_the_fp8_kernel(monkeypatch):
+    """An fp8 head of precision='auto' is the FP8 kernel's output on the head rounded to bf16, bit for bit."""
+    from nkattn.cuda_kernels.fp8 import fp8_attention
+
+    q, k, v = _as(_inputs(33, 1, 2, 2, 20, 24, 16, 16), np.float32)
+    _force(monkeypatch, [["fp8", "fp16"]])
+    out, lse = nkattn.attention(q, k, v, causal=True, precision="auto", tolerance=1e-2, return_lse=True, backend="cuda")
+    qb, kb, vb = (pr.round_input(x[:, :1], "bf16") for x in (q, k, v))
+    alone, alone_lse = fp8_attention(*(_bf16_device(x) for x in (qb, kb, vb)), cuda.to_device(np.array([24], np.int32)),
+                                     causal=True, scale=0.25)
+    np.testing.assert_array_equal(out[0, 0], alone.copy_to_host()[0, 0].view(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(lse[0, 0], alone_lse.copy_to_host()[0, 0])
+
+
+def test_fp8_heads_on_a_gpu_without_fp8_are_a_reason(monkeypatch):
+    from nkattn import methods
+
+    q, k, v = _as(_inputs(34, 1, 2, 2, 8, 8, 16, 16), np.float32)
+    _force(monkeypatch, [["fp8", "fp16"]])
+    monkeypatch.setattr(methods, "compute_capability", lambda: (8, 0))
+    with pytest.raises(ValueError, match=r"chose fp8 for 1 of 2 heads, \(b, h\) = \(0, 0\), and no kernel takes fp8 "
+                                         r"here: cuda \(FP8 kernel\): the FP8 kernel uses Hopper's e4m3 wgmma "
+                                         r"\(compute capability 9.x\), this GPU is 8.0"):
+        nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="cuda")

@@ -57,7 +57,7 @@ def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: boo
     a_starts = tuple(a_tile.k_major_start(0, s * k_step) for s in range(steps))
     b_starts = tuple(b_tile.mn_major_start(s * k_step) if transpose_b else b_tile.k_major_start(0, s * k_step)
                      for s in range(steps))
-    a_in_regs, is_tf32 = a_operand == "regs", kind == "tf32"
+    a_in_regs, is_tf32, is_e4m3 = a_operand == "regs", kind == "tf32", kind == "e4m3"
     reg_type = np.float32 if is_tf32 else np.uint32
     n_regs = 4 * steps
     shared_bytes = b_tile.end + TILE_ALIGN
@@ -87,6 +87,11 @@ def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: boo
                     row = 16 * w + g + 8 * (r & 1)
                     if is_tf32:
                         a_regs[s * 4 + r] = a[0, 0, row, s * k_step + tq + 4 * (r >> 1)]
+                    elif is_e4m3:
+                        k0 = s * k_step + 4 * tq + 16 * (r >> 1)
+                        a_regs[s * 4 + r] = (uint32(a[0, 0, row, k0]) | (uint32(a[0, 0, row, k0 + 1]) << 8)
+                                             | (uint32(a[0, 0, row, k0 + 2]) << 16)
+                                             | (uint32(a[0, 0, row, k0 + 3]) << 24))
                     else:
                         k0 = s * k_step + 2 * tq + 8 * (r >> 1)
                         a_regs[s * 4 + r] = uint32(a[0, 0, row, k0]) | (uint32(a[0, 0, row, k0 + 1]) << 16)
@@ -127,6 +132,7 @@ MMA_CASES = [
     _mma_case("bf16", 16, 32, "regs", True, gpu=False),
     _mma_case("tf32", 16, 16, "regs", False, gpu=False),
     _mma_case("e4m3", 16, 64, "desc", False, gpu=False),
+    _mma_case("e4m3", 16, 64, "regs", False, gpu=False),
     *(_mma_case("f16", n, k, op, tb) for n, k in ((64, 64), (128, 128), (80, 96)) for op in ("desc", "regs") for tb in (False, True)),
     _mma_case("f16", 24, 16, "desc", True),
     _mma_case("f16", 256, 64, "desc", False),
@@ -134,6 +140,7 @@ MMA_CASES = [
     _mma_case("bf16", 96, 32, "desc", False),
     *(_mma_case("tf32", n, k, op, False) for n, k in ((64, 32), (128, 64), (96, 24)) for op in ("desc", "regs")),
     *(_mma_case("e4m3", n, k, "desc", False) for n, k in ((64, 64), (128, 128), (80, 32), (256, 256))),
+    *(_mma_case("e4m3", n, k, "regs", False) for n, k in ((64, 64), (128, 128), (80, 32), (256, 96))),
 ]
 
 
@@ -275,6 +282,41 @@ def test_conversions_match_numpy():
     else:
         np.testing.assert_allclose(got[normal], expected[normal], rtol=1e-6)
     assert got[x == -np.inf][0] == 0.0 and np.isnan(got[np.isnan(x)][0])
+
+
+@cuda.jit
+def _e4m3_kernel(x, pairs, quads, bits, values):
+    i = cuda.grid(1)
+    if 2 * i + 1 < x.size:
+        pairs[i] = ptx.pack_e4m3x2(x[2 * i], x[2 * i + 1])
+    if 4 * i + 3 < x.size:
+        quads[i] = ptx.pack_e4m3x4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3])
+    if i < bits.size:
+        values[i] = ptx.bf16_value(bits[i])
+
+
+def test_e4m3_packing_is_ml_dtypes_saturated_and_bf16_values_are_exact():
+    """cvt.rn.satfinite.e4m3x2.f32 rounds as ml_dtypes' cast from float32 (nearest even) where that is
+    finite, and saturates to ±448 beyond it (inf included); bytes in argument order, lowest first.
+    A bf16 pattern's value is its float32 with the low half zero."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=240) * 10.0 ** rng.integers(-4, 3, size=240),
+                        [0.0, -0.0, 448.0, 464.0, 470.0, -1e6, np.inf, -np.inf, 2.0**-10, 3 * 2.0**-10, 2.0**-9 * 1.5,
+                         1 + 2.0**-4, 1 + 3 * 2.0**-4, 2.0**-6, -(2.0**-7)]]).astype(np.float32)
+    x = x[: x.size // 4 * 4]
+    pairs = cuda.device_array(x.size // 2, dtype=np.uint32)
+    quads = cuda.device_array(x.size // 4, dtype=np.uint32)
+    bits = (rng.normal(size=64) * 10.0 ** rng.integers(-30, 30, size=64)).astype(ml_dtypes.bfloat16).view(np.uint16)
+    values = cuda.device_array(bits.size, dtype=np.float32)
+    _e4m3_kernel[(x.size + 63) // 64, 64](cuda.to_device(x), pairs, quads, cuda.to_device(bits), values)
+    expected = np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).view(np.uint8).astype(np.uint32)
+    got_pairs = pairs.copy_to_host()
+    np.testing.assert_array_equal(got_pairs & 0xFF, expected[0::2])
+    np.testing.assert_array_equal(got_pairs >> 8, expected[1::2])
+    got_quads = quads.copy_to_host()
+    for e in range(4):
+        np.testing.assert_array_equal((got_quads >> (8 * e)) & 0xFF, expected[e::4])
+    np.testing.assert_array_equal(values.copy_to_host(), bits.view(ml_dtypes.bfloat16).astype(np.float32))
 
 
 @cuda.jit
@@ -467,5 +509,3 @@ def test_descriptor_fields():
         ptx.wgmma("tf32", 16, "desc", transpose_b=True)
     with pytest.raises(ValueError, match="transpose"):
         ptx.wgmma("e4m3", 16, "desc", transpose_b=True)
-    with pytest.raises(ValueError, match="shared memory only"):
-        ptx.wgmma("e4m3", 16, "regs")
