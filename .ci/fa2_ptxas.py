@@ -11,9 +11,9 @@ import tempfile
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"  # compile_ptx needs the real target
 
-from numba import cuda, types  # noqa: E402
+from numba import cuda, types
 
-from nkattn.cuda_kernels.exact_tc import mma_sync_config, tc_attention_kernel  # noqa: E402
+from nkattn.cuda_kernels.exact_tc import mma_sync_config, tc_attention_kernel
 
 CCS = [int(c) for c in os.environ.get("FA2_CC", "80").split(",")]
 DIMS = [int(d) for d in os.environ.get("FA2_D", "64,128,256").split(",")]

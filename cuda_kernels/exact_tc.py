@@ -1,4 +1,5 @@
-"""Exact attention on Hopper tensor cores (wgmma): float16/bfloat16, and float32 as 3xTF32 or TF32.
+"""Exact attention on tensor cores: float16/bfloat16 (wgmma on Hopper, mma.sync from sm_80), and float32
+as 3xTF32 or TF32 (wgmma).
 
 One launch, online softmax, O(N) memory, FlashAttention-3's structure without its
 warp specialization: each warpgroup owns 64 query rows; S = Q·Kᵀ and O += P·V are
@@ -13,6 +14,11 @@ wgmma products with P kept in registers. Semantics are `nkattn.reference.exact`'
   like torch's ``allow_tf32`` (about 1e-3 relative error).
   tf32 wgmma reads both operands K-major, so V is stored transposed (Vᵀ, keys
   contiguous), split while it is loaded; tiles are single-buffered.
+* ``TileConfig(..., mma_sync=True)`` (f16/bf16): the same algorithm in FlashAttention-2's form
+  on warp-level ``mma.sync`` m16n8k16 (`_mma_sync_kernel`), the kernel of GPUs without wgmma
+  (sm_80-sm_89, and 10.x on); `default_config` picks it there, `device_reasons` says what a
+  GPU cannot run. It lives here, not in a module of its own, because it is this algorithm
+  with this module's softmax, epilogue, tile layouts and dispatch.
 
 `tc_attention(q, k, v, ...)` takes numba device arrays (uint16 bit patterns for the half
 kinds, float32 for the tf32 kinds) and returns (O in the input's type, lse float32);
