@@ -615,7 +615,8 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
     neither on the block's other rows, nor on BM, the batch or how many rows are launched. The
     products and the softmax are the wgmma kernels' per element (k16 steps in order, the
     same code), so the simulator, whose products are exact float64 dot products, gives the
-    wgmma kernel's bits; on a GPU the two differ by the tensor cores' float32 accumulation.
+    wgmma kernel's bits at the same BN; on a GPU the two instructions accumulate in float32
+    each their own way, and no bit agreement is claimed (both are held to the float64 budget).
     No atomics; the row sum is kept per thread and reduced over the quad once, at the end.
     """
     BM, BN = config.block_m, config.block_n
