@@ -1,4 +1,5 @@
-"""Exact attention on Hopper tensor cores (wgmma): float16/bfloat16, and float32 as 3xTF32 or TF32.
+"""Exact attention on tensor cores: float16/bfloat16 (wgmma on Hopper, mma.sync from sm_80), and float32
+as 3xTF32 or TF32 (wgmma).
 
 One launch, online softmax, O(N) memory, FlashAttention-3's structure without its
 warp specialization: each warpgroup owns 64 query rows; S = Q·Kᵀ and O += P·V are
@@ -13,6 +14,11 @@ wgmma products with P kept in registers. Semantics are `nkattn.reference.exact`'
   like torch's ``allow_tf32`` (about 1e-3 relative error).
   tf32 wgmma reads both operands K-major, so V is stored transposed (Vᵀ, keys
   contiguous), split while it is loaded; tiles are single-buffered.
+* ``TileConfig(..., mma_sync=True)`` (f16/bf16): the same algorithm in FlashAttention-2's form
+  on warp-level ``mma.sync`` m16n8k16 (`_mma_sync_kernel`), the kernel of GPUs without wgmma
+  (sm_80-sm_89, and 10.x on); `default_config` picks it there, `device_reasons` says what a
+  GPU cannot run. It lives here, not in a module of its own, because it is this algorithm
+  with this module's softmax, epilogue, tile layouts and dispatch.
 
 `tc_attention(q, k, v, ...)` takes numba device arrays (uint16 bit patterns for the half
 kinds, float32 for the tf32 kinds) and returns (O in the input's type, lse float32);
@@ -61,19 +67,28 @@ class TileConfig:
     the H100 at the default tiles (128, 128), fp16: 1.01-1.24x the default kernel at N = 16K,
     1.07-1.16x at 128K (438 TFLOP/s at d = 128), bits equal to the plain schedule's. It is the
     default for the half kinds up to d = 128 (`default_config`).
+
+    ``mma_sync`` (half kinds): FlashAttention-2's kernel on warp-level ``mma.sync`` instead of
+    wgmma (`_mma_sync_kernel`), the only one for GPUs without wgmma (compute capability 8.x,
+    and 10.x and up); on Hopper it runs when asked for. One warp per 16 rows: ``block_m`` is a
+    multiple of 16, and ``overlap``/``pingpong`` (wgmma schedules) do not apply.
     """
 
     block_m: int
     block_n: int
     overlap: bool = False
     pingpong: bool = False
+    mma_sync: bool = False
 
 
-def default_config(kind: str, head_dim: int, value_dim: int) -> TileConfig:
-    """The tile shape for a (kind, d, dv); the simulator runs one 64-row warpgroup and 16-key tiles
-    so that tiny inputs cross many tile edges."""
+def default_config(kind: str, head_dim: int, value_dim: int, compute_capability=(9, 0)) -> TileConfig:
+    """The tile shape for a (kind, d, dv) on a GPU of ``compute_capability``: wgmma on Hopper,
+    mma.sync elsewhere; the simulator runs one 64-row warpgroup and 16-key tiles so that tiny
+    inputs cross many tile edges."""
     if SIMULATOR:
         return TileConfig(64, 16)
+    if compute_capability[0] != 9:
+        return mma_sync_config(head_dim, value_dim)
     widest = max(head_dim, value_dim)
     if kind in FLOAT32_KINDS:
         # Q, K and Vᵀ tiles (two each when split) at 4 bytes an element in 227 KB
@@ -84,6 +99,38 @@ def default_config(kind: str, head_dim: int, value_dim: int) -> TileConfig:
     if widest <= 128:
         return TileConfig(128, 128, pingpong=True)
     return TileConfig(128, 32)
+
+
+def mma_sync_config(head_dim: int, value_dim: int) -> TileConfig:
+    """The mma.sync kernel's tiles: 8 warps (BM = 128) where Q and two K/V slots fit in 99 KB
+    (the most a block of sm_86/sm_89 may take), and 4 (BM = 64) at d > 128. Registers bound
+    occupancy to about 8 warps an SM at d = 128 either way (Q fragments, S, P and O of 16
+    rows: ~150 a thread), so the 8-warp block, whose K/V tiles serve twice the rows, halves
+    the L2 traffic and cp.async issue per row; BN as FlashAttention-2 on sm_80 (128 keys at
+    d <= 64, 64 at d <= 128)."""
+    widest = max(head_dim, value_dim)
+    if widest <= 64:
+        return TileConfig(128, 128, mma_sync=True)
+    if widest <= 128:
+        return TileConfig(128, 64, mma_sync=True)
+    return TileConfig(64, 32, mma_sync=True)
+
+
+def device_reasons(kind: str, compute_capability, config: TileConfig | None = None) -> list[str]:
+    """Why a GPU of ``compute_capability`` cannot run ``kind`` (with ``config``, when given);
+    empty when it can. wgmma is Hopper's alone (sm_90a); mma.sync m16n8k16 with bf16 and
+    cp.async need sm_80."""
+    major, minor = compute_capability
+    found = f"found compute capability {major}.{minor}"
+    if (major, minor) < (8, 0):
+        return [f"the tensor-core kernels need compute capability 8.0 or newer (mma.sync, cp.async), {found}"]
+    if major == 9:
+        return []
+    if kind in FLOAT32_KINDS:
+        return [f"kind {kind!r} runs on Hopper's wgmma only (compute capability 9.x), {found}"]
+    if config is not None and not config.mma_sync:
+        return [f"{config} is a wgmma schedule (compute capability 9.x), {found}: use mma_sync=True"]
+    return []
 
 
 def padded(n: int, multiple: int) -> int:
@@ -242,6 +289,28 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
     return block_start
 
 
+def _half_fragments(kind: str, block_n: int, value_width: int):
+    """What both float16/bfloat16 kernels do with their accumulators: ``pack_p(acc_s, p_regs)``
+    packs P (the accumulator layout of S) into the A fragments of P·V, and ``store_rows``
+    (`_row_store`) writes O in ``kind``."""
+    pack = ptx.pack_f16x2 if kind == "f16" else ptx.pack_bf16x2
+    pv_steps = block_n // 16
+
+    @cuda.jit(device=True, inline="always")
+    def pack_p(acc_s, p_regs):
+        # register r of K step s holds S chunk 2s + (r >> 1), row g + 8 (r & 1)
+        for s in range(pv_steps):
+            for r in range(4):
+                e = 8 * s + 4 * (r >> 1) + 2 * (r & 1)
+                p_regs[4 * s + r] = pack(acc_s[e], acc_s[e + 1])
+
+    @cuda.jit(device=True, inline="always")
+    def store_pair(o, b, h, row, col, x, y):
+        ptx.store_b32(o, b, h, row, col, pack(x, y))
+
+    return pack_p, _row_store(value_width, store_pair)
+
+
 @cache
 def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     """Build the fused forward kernel for one (kind, d, dv, tile shape): (kernel, shared bytes)."""
@@ -249,10 +318,16 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if head_dim % 8 or value_dim % 8 or not 8 <= max(head_dim, value_dim) <= MAX_HEAD_DIM:
         raise ValueError(f"head dims must be multiples of 8 up to {MAX_HEAD_DIM}, got d={head_dim}, dv={value_dim}")
-    if config.block_m % 64 or config.block_n % 16 or not 16 <= config.block_n <= 256:
+    rows_per_group = 16 if config.mma_sync else 64  # a warp's rows, or a warpgroup's
+    if (config.block_m % rows_per_group or not 0 < config.block_m <= 512 or config.block_n % 16
+            or not 16 <= config.block_n <= 256):
         raise ValueError(f"bad tile config {config}")
     if config.pingpong and (kind not in HALF_KINDS or config.block_m != 128 or config.overlap):
         raise ValueError(f"pingpong takes a half kind, two warpgroups (block_m=128) and no overlap, got {kind!r}, {config}")
+    if config.mma_sync:
+        if kind not in HALF_KINDS or config.overlap or config.pingpong:
+            raise ValueError(f"mma_sync takes a half kind and no wgmma schedule (overlap, pingpong), got {kind!r}, {config}")
+        return _mma_sync_kernel(kind, head_dim, value_dim, config)
     build = _half_kernel if kind in HALF_KINDS else _float32_kernel
     return build(kind, head_dim, value_dim, config)
 
@@ -311,7 +386,6 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     SPLIT_O = DVP > N_O1
     mma_o1 = ptx.wgmma(kind, N_O1, "regs", transpose_b=True)
     mma_o2 = ptx.wgmma(kind, DVP - N_O1, "regs", transpose_b=True, acc_offset=N_O1 // 2) if SPLIT_O else mma_o1
-    pack = ptx.pack_f16x2 if kind == "f16" else ptx.pack_bf16x2
     wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
     wait_mma_all, wait_mma_but_one = ptx.wgmma_wait(0), ptx.wgmma_wait(1)
     Q_BITS, K_BITS, V_BITS = q_tile.k_major_bits(), k_tile.k_major_bits(), v_tile.mn_major_bits()
@@ -334,11 +408,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     block_start = block_functions(BM, BN, ESIZE, SMEM_TYPE, Q_STARTS[0], K_STARTS[0], V_STARTS[0], Q_BITS, K_BITS,
                                   V_BITS, WG_ROWS_BYTES)
 
-    @cuda.jit(device=True, inline="always")
-    def store_pair(o, b, h, row, col, x, y):
-        ptx.store_b32(o, b, h, row, col, pack(x, y))
-
-    store_rows = _row_store(DVP, store_pair)
+    pack_p, store_rows = _half_fragments(kind, BN, DVP)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
@@ -362,14 +432,6 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
             mma_o1(acc_o, p_regs, 4 * s, desc, 1, smem)
             if SPLIT_O:
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
-
-    @cuda.jit(device=True, inline="always")
-    def pack_p(acc_s, p_regs):
-        # register r of K step s holds S chunk 2s + (r >> 1), row g + 8 (r & 1)
-        for s in range(PV_STEPS):
-            for r in range(4):
-                e = 8 * s + 4 * (r >> 1) + 2 * (r & 1)
-                p_regs[4 * s + r] = pack(acc_s[e], acc_s[e + 1])
 
     @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
     def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
@@ -547,6 +609,171 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
         store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
 
     return tc_attention_pingpong, PINGPONG_SHARED_BYTES
+
+
+def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
+    """The float16/bfloat16 kernel on warp-level mma.sync m16n8k16: FlashAttention-2's structure,
+    for GPUs without wgmma.
+
+    Grid ``(ceil(Nq / BM), H, B)`` as the wgmma kernels; a block of BM / 16 warps, warp ``w``
+    owning rows ``16 w .. 16 w + 15``. Two shared-memory slots take turns holding a K/V tile
+    (the wgmma kernels' swizzled layouts, filled by cp.async): tile j + 1 lands while tile j is
+    computed, and one block-wide barrier per tile both publishes it and frees the other slot::
+
+        Q (BM x d) --ldmatrix, once--> Q fragments (16 x d per warp, registers)
+        K_j (BN x d) --ldmatrix--> S = Q K_jᵀ (16 x BN per warp, registers)
+                                   | mask, running max m, P = 2^(S·c - m), running sum l
+                                   v (`_row_functions`, as the wgmma kernels)
+        V_j (BN x dv) --ldmatrix.trans--> O += P V_j (16 x dv per warp, registers)
+
+    The accumulators of two adjacent n8 chunks of S are the A fragment of one k16 step of P·V
+    (`ptx` module docstring), so P is packed in place, never exchanged between lanes.
+
+    A warp skips the tiles none of its rows sees (causal, key_lengths), which is exact: such a
+    tile leaves a row's state bit for bit unchanged (p = 0, alpha = 1), so a row's bits depend
+    neither on the block's other rows, nor on BM, the batch or how many rows are launched. The
+    products and the softmax are the wgmma kernels' per element (k16 steps in order, the
+    same code), so the simulator, whose products are exact float64 dot products, gives the
+    wgmma kernel's bits at the same BN; on a GPU the two instructions accumulate in float32
+    each their own way, and no bit agreement is claimed (both are held to the float64 budget).
+    No atomics; the row sum is kept per thread and reduced over the quad once, at the end.
+    """
+    BM, BN = config.block_m, config.block_n
+    THREADS = 2 * BM  # a warp per 16 rows
+    ESIZE = 2
+    DP = padded(head_dim, 16)   # Q/K columns in shared memory (zero-filled past d)
+    DVP = padded(value_dim, 16)  # V columns: whole k16 steps of ldmatrix.trans
+    q_tile = TileLayout(BM, DP, ESIZE, 0)
+    k_tile = TileLayout(BN, DP, ESIZE, q_tile.end)
+    v_tile = TileLayout(BN, DVP, ESIZE, k_tile.end)
+    SLOT = v_tile.end - k_tile.offset  # one slot: a K and a V tile
+    SHARED_BYTES = k_tile.offset + 2 * SLOT + TILE_ALIGN  # + slack to align the buffer at run time
+    SLOT_ELEMS = SLOT // ESIZE
+    q_chunk, load_q = tile_functions(q_tile, ESIZE, THREADS)
+    k_chunk, load_k = tile_functions(k_tile, ESIZE, THREADS)
+    v_chunk, load_v = tile_functions(v_tile, ESIZE, THREADS)
+    # 16 rows further down a tile is 16 rows of bytes further: the swizzle repeats every 8 rows
+    K_ROWS16 = 16 * k_tile.width // ESIZE
+    V_ROWS16 = 16 * v_tile.width // ESIZE
+    QK_STEPS, KEY_PAIRS, DV_PAIRS = DP // 16, BN // 16, DVP // 16
+    # Q's fragments stay in registers up to d = 128; at d = 256 they would take 64 registers beside
+    # O's 128 and spill (ptxas, sm_80), so there each K step reads its fragment from shared memory
+    Q_IN_REGISTERS = DP <= 128
+    NS, NO, NQ, NP = BN // 2, DVP // 2, DP // 4 if Q_IN_REGISTERS else 4, BN // 4
+    MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
+    SMEM_TYPE = from_dtype(np.dtype(np.uint16))
+    mma = ptx.mma_sync(kind)
+    ldmatrix, ldmatrix_trans = ptx.ldmatrix_x4(False), ptx.ldmatrix_x4(True)
+    wait_copies_all = ptx.cp_async_wait(0)
+    softmax = _row_functions(BN)
+    pack_p, store_rows = _half_fragments(kind, BN, DVP)
+
+    @cuda.jit(device=True, inline="always")
+    def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
+        slot = base + (j % 2) * SLOT_ELEMS
+        load_k(smem, slot, k, b, kvh, j * BN, nk_b, k.shape[3], tid)
+        load_v(smem, slot, v, b, kvh, j * BN, nk_b, v.shape[3], tid)
+
+    @cuda.jit(device=True, inline="always")
+    def load_q_step(smem, base, q_regs, at, s, w, mat, mrow):
+        # warp w's A fragment of K step s: matrix `mat` is rows 8 (mat & 1), columns 16 s + 8 (mat >> 1)
+        ldmatrix(q_regs, at, smem, base + q_chunk(16 * w + 8 * (mat & 1) + mrow, 2 * s + (mat >> 1)))
+
+    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
+    def tc_attention_mma_sync(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+        tid = cuda.threadIdx.x
+        w = tid // 32
+        lane = tid % 32
+        g = lane // 4
+        tq = lane % 4
+        # ldmatrix.x4: this lane addresses row `mrow` of 8 x 8 matrix `mat` (its register `mat`)
+        mat = lane // 8
+        mrow = lane % 8
+        b = cuda.blockIdx.z
+        h = cuda.blockIdx.y
+        nq = q.shape[2]
+        # causal: the heaviest row blocks (most keys) start first, so the last wave is short
+        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
+        row0 = block * BM
+        kvh = h // group
+        nk_b = key_lengths[b]
+        smem = cuda.shared.array(0, SMEM_TYPE)
+        addr0 = ptx.shared_address(smem, 0)
+        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+
+        warp_row0 = row0 + 16 * w
+        r0 = warp_row0 + g  # this thread's two rows: r0 and r0 + 8
+        kv_end0 = visible_keys(r0, nq, nk_b, causal)
+        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
+        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)  # causal: the last row sees most
+        n_tiles = (block_kv_end + BN - 1) // BN
+        warp_kv_end = visible_keys(min(warp_row0 + 15, nq - 1), nq, nk_b, causal) if warp_row0 < nq else 0
+        warp_tiles = (warp_kv_end + BN - 1) // BN
+        warp_kv_min = visible_keys(warp_row0, nq, nk_b, causal)  # tiles below it need no mask
+
+        acc_s = cuda.local.array(NS, np.float32)
+        acc_o = cuda.local.array(NO, np.float32)
+        q_regs = cuda.local.array(NQ, np.uint32)
+        p_regs = cuda.local.array(NP, np.uint32)
+        b_regs = cuda.local.array(4, np.uint32)
+        for i in range(NO):
+            acc_o[i] = F32_ZERO
+        m0 = NEG_INF
+        m1 = NEG_INF
+        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
+        l1 = F32_ZERO
+
+        if n_tiles > 0:
+            load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
+            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
+            ptx.cp_async_commit()
+            wait_copies_all()
+            cuda.syncthreads()  # Q and tile 0 are in shared memory
+            if Q_IN_REGISTERS:
+                for s in range(QK_STEPS):
+                    load_q_step(smem, base, q_regs, 4 * s, s, w, mat, mrow)
+
+        for j in range(n_tiles):
+            slot = base + (j % 2) * SLOT_ELEMS
+            if j + 1 < n_tiles:
+                # into the other slot, which every warp left at the end of iteration j - 1
+                load_tile(smem, base, k, v, b, kvh, j + 1, nk_b, tid)
+                ptx.cp_async_commit()
+            if j < warp_tiles:  # the same for the whole warp, as mma.sync needs
+                for i in range(NS):
+                    acc_s[i] = F32_ZERO
+                # S = Q K_jᵀ, K step s, keys 16 n ...: matrix `mat` is keys 8 (mat >> 1), columns
+                # 16 s + 8 (mat & 1); registers (0, 1) are the B fragment of keys 16 n .. 16 n + 7, (2, 3) of the next 8
+                for s in range(QK_STEPS):
+                    if not Q_IN_REGISTERS:
+                        load_q_step(smem, base, q_regs, 0, s, w, mat, mrow)
+                    q_at = 4 * s if Q_IN_REGISTERS else 0
+                    for n in range(KEY_PAIRS):
+                        ldmatrix(b_regs, 0, smem, slot + k_chunk(8 * (mat >> 1) + mrow, 2 * s + (mat & 1)) + n * K_ROWS16)
+                        mma(acc_s, 8 * n, q_regs, q_at, b_regs, 0)
+                        mma(acc_s, 8 * n + 4, q_regs, q_at, b_regs, 2)
+                tile_start = j * BN
+                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > warp_kv_min, kv_end0,
+                                                           kv_end1, m0, m1, tq, tid, qk_scale_log2)
+                l0 = l0 * alpha0 + ps0
+                l1 = l1 * alpha1 + ps1
+                for i in range(NO):
+                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                pack_p(acc_s, p_regs)
+                # O += P V_j, keys 16 s ...: V is stored keys x dv, so ldmatrix.trans; matrix `mat` is
+                # keys 8 (mat & 1), columns 16 n + 8 (mat >> 1)
+                for s in range(KEY_PAIRS):
+                    for n in range(DV_PAIRS):
+                        ldmatrix_trans(b_regs, 0, smem,
+                                       slot + v_chunk(8 * (mat & 1) + mrow, 2 * n + (mat >> 1)) + s * V_ROWS16)
+                        mma(acc_o, 8 * n, p_regs, 4 * s, b_regs, 0)
+                        mma(acc_o, 8 * n + 4, p_regs, 4 * s, b_regs, 2)
+            wait_copies_all()
+            cuda.syncthreads()  # tile j + 1 has landed for every thread; every warp is done with tile j's slot
+
+        store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
+
+    return tc_attention_mma_sync, SHARED_BYTES
 
 
 def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
@@ -754,13 +981,23 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
 
 
 def launch_config(config: TileConfig, batch: int, heads: int, nq: int):
-    """(grid, block): one block per BM query rows of one (b, h); 128 threads per 64 rows."""
-    return (math.ceil(nq / config.block_m), heads, batch), 128 * (config.block_m // 64)
+    """(grid, block): one block per BM query rows of one (b, h); a warp per 16 rows (a
+    warpgroup per 64 for wgmma)."""
+    return (math.ceil(nq / config.block_m), heads, batch), 2 * config.block_m
+
+
+def compute_capability() -> tuple[int, int]:
+    """The current GPU's; the simulator runs every kernel, so it passes for a Hopper."""
+    return (9, 0) if SIMULATOR else tuple(cuda.get_current_device().compute_capability)
 
 
 def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str, out=None, lse=None, stream=0,
                  config: TileConfig | None = None):
-    """Run the wgmma kernel on device arrays; returns (O, lse).
+    """Run the tensor-core kernel on device arrays; returns (O, lse).
+
+    ``config=None`` takes `default_config` for this GPU: wgmma on Hopper, mma.sync on the other
+    GPUs from sm_80 on (which take the half kinds only); ``TileConfig(..., mma_sync=True)``
+    (`mma_sync_config`) forces the mma.sync kernel on Hopper too.
 
     q (B, H, Nq, d), k (B, Hkv, Nk, d), v (B, Hkv, Nk, dv): uint16 arrays of f16/bf16 patterns
     for the half kinds (their last dim contiguous, rows 16-byte aligned: cp.async), float32
@@ -769,7 +1006,11 @@ def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str,
     """
     batch, heads, nq, head_dim = q.shape
     value_dim = v.shape[3]
-    config = default_config(kind, head_dim, value_dim) if config is None else config
+    capability = compute_capability()
+    config = default_config(kind, head_dim, value_dim, capability) if config is None else config
+    reasons = device_reasons(kind, capability, config)
+    if reasons:
+        raise RuntimeError("; ".join(reasons))
     if out is None:
         out_dtype = np.uint16 if kind in HALF_KINDS else np.float32
         out = cuda.device_array((batch, heads, nq, value_dim), dtype=out_dtype, stream=stream)

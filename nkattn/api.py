@@ -87,7 +87,8 @@ def attention(
     backend: "cuda" (a GPU, or the CUDA simulator when NUMBA_ENABLE_CUDASIM=1),
     "reference" (NumPy float64 on the host), or "auto": the first of the method's
     backends that can run the call. For "exact", float16 and bfloat16 (and float32
-    with a TF32 ``precision``) run on the Hopper tensor-core kernel (any d and dv that
+    with a TF32 ``precision``, Hopper only) run on the tensor-core kernel (wgmma on Hopper,
+    FlashAttention-2's mma.sync on the other GPUs from sm_80; any d and dv that
     are multiples of 8 up to 256); float32 and float64 on the FFMA kernel (d in
     (16, 32, 64, 128, 256), dv == d). Other calls run on the reference (device inputs
     then warn with `FallbackWarning`; pass backend="cuda" to get an error).

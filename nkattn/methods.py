@@ -369,26 +369,23 @@ def tensor_core_kind(req: Request) -> str | None:
     return None
 
 
-def hopper_reasons() -> list[str]:
+def tensor_core_reasons(kind: str = "f16") -> list[str]:
+    """Why this machine cannot run the tensor-core kernel of ``kind``: wgmma on Hopper, mma.sync
+    (float16/bfloat16 only) on the other GPUs from compute capability 8.0 on."""
     reasons = _no_device()
     if reasons:
         return reasons
-    from numba import cuda
+    from nkattn.cuda_kernels.exact_tc import compute_capability, device_reasons
 
-    from nkattn.cuda_kernels.online_softmax import SIMULATOR
-
-    if not SIMULATOR:
-        cc = cuda.get_current_device().compute_capability
-        if cc[0] != 9:
-            return [f"the tensor-core kernel uses Hopper's wgmma (compute capability 9.x), found {cc[0]}.{cc[1]}"]
-    return []
+    return device_reasons(kind, compute_capability())
 
 
 def _exact_tc_reasons(req: Request) -> list[str]:
     from nkattn.cuda_kernels.exact_tc import MAX_HEAD_DIM
 
-    reasons = hopper_reasons() + no_entropy(req)
-    if tensor_core_kind(req) is None:
+    kind = tensor_core_kind(req)
+    reasons = tensor_core_reasons(kind or "f16") + no_entropy(req)
+    if kind is None:
         if req.dtype == np.float32:
             reasons.append(f"float32 takes the tensor-core kernel with precision in {TENSOR_CORE_PRECISIONS}, "
                            f"got precision={req.precision!r}")
@@ -401,7 +398,8 @@ def _exact_tc_reasons(req: Request) -> list[str]:
 
 
 def _exact_tc_run(call: Call):
-    """Run the wgmma kernel: half inputs as their 16-bit patterns, lse in float32 (as FlashAttention)."""
+    """Run the tensor-core kernel (wgmma on Hopper, mma.sync elsewhere): half inputs as their 16-bit
+    patterns, lse in float32 (as FlashAttention)."""
     from numba import cuda
 
     from nkattn.cuda_kernels.exact_tc import tc_attention
@@ -633,7 +631,8 @@ EXACT = Method(
         ),
         Backend(
             "cuda", "cuda (tensor-core kernel)", _exact_tc_reasons, _exact_tc_run,
-            arithmetic="wgmma with float32 accumulation and softmax: float16/bfloat16 operands; float32 as "
+            arithmetic="wgmma (Hopper; mma.sync on other GPUs from sm_80, float16/bfloat16 only) with float32 "
+                       "accumulation and softmax: float16/bfloat16 operands; float32 as "
                        "3xTF32 (precision='tf32x3') or TF32 (precision='tf32')",
         ),
         Backend(

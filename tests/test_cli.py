@@ -9,7 +9,7 @@ import pytest
 
 from nkattn import cli, runner
 from nkattn.cli import main
-from nkattn.methods import METHODS, hopper_reasons
+from nkattn.methods import METHODS, tensor_core_reasons
 from nkattn.studies import BENCHES, STUDIES
 
 from .conftest import SIMULATOR
@@ -98,8 +98,8 @@ def test_run_says_what_the_simulator_cuts_and_what_the_columns_mean(monkeypatch,
     assert (cut in out) == SIMULATOR
     assert ("shape q (1, 1, 8, 32)" if SIMULATOR else "shape q (1, 4, 128, 32)") in out
     rows = [re.split(r"\s{2,}", line) for line in out.splitlines() if line.split()[:1] and line.split()[0] in METHODS]
-    # half rows where a kernel takes half inputs: the tensor-core kernel of "exact" (simulator or Hopper)
-    halves = ("float16", "bfloat16") if not hopper_reasons() else ()
+    # half rows where a kernel takes half inputs: the tensor-core kernel of "exact" (simulator, sm_80 and up)
+    halves = ("float16", "bfloat16") if not tensor_core_reasons() else ()
     expected = [(m, dt) for m in METHODS for dt in ((*halves, "float32", "float64") if m == "exact" else ("float32", "float64"))]
     assert [(r[0], r[2]) for r in rows] == expected
     bounds = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-6, "float64": 1e-14}

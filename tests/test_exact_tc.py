@@ -1,4 +1,5 @@
-"""The wgmma exact-attention kernels (float16, bfloat16, 3xTF32, TF32) against float64, FlashAttention's rule.
+"""The tensor-core exact-attention kernels (wgmma: float16, bfloat16, 3xTF32, TF32; mma.sync: float16,
+bfloat16) against float64, FlashAttention's rule.
 
 The reference is `attention_ref` in float64 on the inputs (exactly representable);
 the budget is twice the error of the same formula computed in the kernel's format:
@@ -7,7 +8,9 @@ O rounded to the half type), plus one ulp of the largest output in that type (st
 the exact answer already costs half of it); for 3xTF32 the plain float32 formula (it
 must be float32-accurate); for TF32 the formula with q, k, P and v rounded to tf32. The simulator runs a 64-row, 16-key tiling on tiny
 shapes (it checks indexing, masks and layouts, not float32 rounding); the GPU runs
-the production tiling on the full grid.
+the production tiling on the full grid. The mma.sync kernel runs two warps and 16-key tiles in
+the simulator, where its products are the wgmma kernel's exactly, so there it must give the
+wgmma kernel's bits; on the GPU, `mma_sync_config`'s tiles (sm_8x's default), forced on Hopper.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention, tc_attention_kernel
+from nkattn.cuda_kernels.exact_tc import (
+    TileConfig,
+    device_reasons,
+    mma_sync_config,
+    tc_attention,
+    tc_attention_kernel,
+)
 from nkattn.reference.exact import attention_ref, default_scale, visible_key_counts
 from nkattn.testing import (
     assert_bit_identical,
@@ -89,6 +98,17 @@ def naive_half(q, k, v, kind, *, causal=False, key_lengths=None, scale=None):
     denom = p.sum(-1, keepdims=True)
     o = (rnd(p) @ v.astype(np.float32)) / np.where(denom > 0, denom, 1)
     return rnd(o)
+
+
+def mma_sync_tiles(d, dv):
+    """The mma.sync kernel's tiles: sm_8x's default on a GPU; two warps and 16-key tiles in the
+    simulator, so that tiny inputs cross many tile and warp edges."""
+    return mma_sync_config(d, dv) if REAL_GPU else TileConfig(32, 16, mma_sync=True)
+
+
+def schedule(mma_sync, d, dv):
+    """The config of a test run: this machine's default kernel, or the mma.sync kernel forced."""
+    return mma_sync_tiles(d, dv) if mma_sync else None
 
 
 def run_kernel(q, k, v, kind, *, causal, key_lengths=None, config=None, scale=None):
@@ -226,75 +246,96 @@ def test_matches_float64(b, h, hkv, nq, nk, d, dv, causal, kind):
     check_against_float64(q, k, v, kind, causal=causal)
 
 
-@pytest.mark.parametrize("kind", ["f16", pytest.param("bf16", marks=pytest.mark.gpu),
-                                  pytest.param("tf32x3", marks=[pytest.mark.gpu, TF32X3_RULE]),
-                                  pytest.param("tf32", marks=pytest.mark.gpu)])
-def test_key_lengths_and_empty_rows(kind):
+@pytest.mark.parametrize("kind, mma_sync", [
+    pytest.param("f16", False, id="f16"),
+    pytest.param("bf16", False, id="bf16", marks=pytest.mark.gpu),
+    pytest.param("tf32x3", False, id="tf32x3", marks=[pytest.mark.gpu, TF32X3_RULE]),
+    pytest.param("tf32", False, id="tf32", marks=pytest.mark.gpu),
+    pytest.param("f16", True, id="f16-mma_sync", marks=pytest.mark.gpu),
+    pytest.param("bf16", True, id="bf16-mma_sync", marks=pytest.mark.gpu),
+])
+def test_key_lengths_and_empty_rows(kind, mma_sync):
     rng = np.random.default_rng(3)
     n = 40 if not REAL_GPU else 300
     q, k, v = half_inputs(rng, 3, 2, 1, n, n, 16, 16, kind)
     lengths = np.array([0, 5, n], dtype=np.int32)
-    check_against_float64(q, k, v, kind, causal=True, key_lengths=lengths)
-    out, lse = run_kernel(q, k, v, kind, causal=False, key_lengths=lengths)
+    config = schedule(mma_sync, 16, 16)
+    check_against_float64(q, k, v, kind, causal=True, key_lengths=lengths, config=config)
+    out, lse = run_kernel(q, k, v, kind, causal=False, key_lengths=lengths, config=config)
     assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["f16", "bf16", "tf32x3", "tf32"])
+@pytest.mark.parametrize("kind, mma_sync", [("f16", False), ("bf16", False), ("tf32x3", False), ("tf32", False),
+                                            ("f16", True), ("bf16", True)],
+                         ids=["f16", "bf16", "tf32x3", "tf32", "f16-mma_sync", "bf16-mma_sync"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_repeats_are_bit_identical(kind, d):
+def test_repeats_are_bit_identical(kind, mma_sync, d):
     rng = np.random.default_rng(4)
     q, k, v = half_inputs(rng, 2, 4, 2, 700, 900, d, d, kind)
     devs = [cuda.to_device(to_bits(x, kind)) for x in (q, k, v)]
-    first = run_kernel(*devs, kind, causal=True)
+    config = schedule(mma_sync, d, d)
+    first = run_kernel(*devs, kind, causal=True, config=config)
     for _ in range(100):
-        again = run_kernel(*devs, kind, causal=True)
+        again = run_kernel(*devs, kind, causal=True, config=config)
         assert_bit_identical("O", again[0], first[0])
         assert_bit_identical("lse", again[1], first[1])
 
 
 # the simulator checks the float16 structure (a 3xTF32 run of it takes a minute there)
-@pytest.mark.parametrize("kind", ["f16", *(pytest.param(k, marks=pytest.mark.gpu) for k in ("bf16", "tf32x3", "tf32"))])
-def test_batch_invariance(kind):
+@pytest.mark.parametrize("kind, mma_sync", [
+    pytest.param("f16", False, id="f16"),
+    *(pytest.param(k, False, id=k, marks=pytest.mark.gpu) for k in ("bf16", "tf32x3", "tf32")),
+    pytest.param("f16", True, id="f16-mma_sync"),
+    pytest.param("bf16", True, id="bf16-mma_sync", marks=pytest.mark.gpu),
+])
+def test_batch_invariance(kind, mma_sync):
     """A row's bits do not depend on the batch it is in or on how many rows are launched."""
     rng = np.random.default_rng(5)
     n, d = (24, 16) if not REAL_GPU else (333, 64)
     q, k, v = half_inputs(rng, 3, 2, 2, n, n, d, d, kind)
-    full = run_kernel(q, k, v, kind, causal=True)
-    alone = run_kernel(q[1:2], k[1:2], v[1:2], kind, causal=True)
+    config = schedule(mma_sync, d, d)
+    full = run_kernel(q, k, v, kind, causal=True, config=config)
+    alone = run_kernel(q[1:2], k[1:2], v[1:2], kind, causal=True, config=config)
     assert_bit_identical("O", alone[0], full[0][1:2])
     assert_bit_identical("lse", alone[1], full[1][1:2])
     # the first rows alone (bottom-right causal alignment keeps them seeing the same keys)
     rows = n // 3
-    short = run_kernel(q[:, :, :rows], k[:, :, : n - (n - rows)], v[:, :, :rows], kind, causal=True)
+    short = run_kernel(q[:, :, :rows], k[:, :, : n - (n - rows)], v[:, :, :rows], kind, causal=True, config=config)
     assert_bit_identical("O", short[0], full[0][:, :, :rows])
 
 
+HALF_SCHEDULES = pytest.mark.parametrize("kind, mma_sync", [("f16", False), ("bf16", False), ("f16", True),
+                                                             ("bf16", True)],
+                                         ids=["f16", "bf16", "f16-mma_sync", "bf16-mma_sync"])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["f16", "bf16"])
-def test_nan_padded_views_and_logits_near_1e4(kind):
+@HALF_SCHEDULES
+def test_nan_padded_views_and_logits_near_1e4(kind, mma_sync):
     rng = np.random.default_rng(6)
     q, k, v = half_inputs(rng, 1, 2, 1, 257, 257, 64, 64, kind)
-    plain = run_kernel(q, k, v, kind, causal=True)
+    config = schedule(mma_sync, 64, 64)
+    plain = run_kernel(q, k, v, kind, causal=True, config=config)
     views = [nan_padded_device_view(to_bits(x, kind)) for x in (q, k, v)]
-    padded_run = run_kernel(*views, kind, causal=True)
+    padded_run = run_kernel(*views, kind, causal=True, config=config)
     assert_bit_identical("O", padded_run[0], plain[0])
     assert_bit_identical("lse", padded_run[1], plain[1])
     # logits near ±1e4 (one-hot rows), in exactly representable inputs
     q2, k2 = (from_bits(to_bits(x / np.abs(x).max() * 40.0, kind), kind) for x in (q, k))
-    check_against_float64(q2, k2, v, kind, causal=False)
+    check_against_float64(q2, k2, v, kind, causal=False, config=config)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["f16", "bf16"])
-def test_inputs_near_the_float16_maximum(kind):
+@HALF_SCHEDULES
+def test_inputs_near_the_float16_maximum(kind, mma_sync):
     rng = np.random.default_rng(6)
     q, k, v = half_inputs(rng, 1, 2, 1, 257, 257, 64, 64, kind)
     # inputs near ±65504 (the float16 maximum): logits ~1e10, so every row is one-hot on its
     # largest score wherever the runner-up is clearly behind; O must be that key's value, exactly
     qb, kb, vb = (from_bits(to_bits(np.sign(x) * 65504.0 * rng.uniform(0.5, 1.0, size=x.shape), kind), kind)
                   for x in (q, k, v))
-    out, lse = run_kernel(qb, kb, vb, kind, causal=False)
+    out, lse = run_kernel(qb, kb, vb, kind, causal=False, config=schedule(mma_sync, 64, 64))
     scores = np.einsum("bhqd,bhkd->bhqk", qb, np.repeat(kb, 2, axis=1)) / 8.0
     top2 = np.sort(scores, axis=-1)[..., -2:]
     clear = (top2[..., 1] - top2[..., 0]) > 1e-4 * np.abs(top2[..., 1])
@@ -365,3 +406,67 @@ def test_tf32x3_within_its_documented_bound(nq, nk, d, causal):
     q, k, v = half_inputs(rng, 2, 4, 2, nq, nk, d, d, "tf32x3")
     got = from_bits(run_kernel(q, k, v, "tf32x3", causal=causal)[0], "tf32x3")
     assert relative_error(got, attention_ref(q, k, v, causal=causal)[0]) <= TF32X3_BOUND
+
+
+# the mma.sync kernel: the simulator covers both layouts of Q (registers up to d = 128, shared memory
+# past it), dv != d, d not a multiple of 16, GQA, masks; the GPU its sm_8x tiles on the layouts' grid
+MMA_SYNC_SIM_GRID = [
+    _case(1, 2, 1, 17, 17, 16, 16, True, "f16"),
+    _case(1, 1, 1, 33, 20, 24, 40, False, "bf16"),
+    _case(1, 1, 1, 9, 20, 136, 8, True, "f16"),
+]
+# N = tile ± 1 for BM = 128 (Nq 127, 129) and BN = 64 / 128 (Nk 63, 65, 127, 129)
+MMA_SYNC_SHAPES = SHAPES + ((1, 2, 1, 65, 63),)
+MMA_SYNC_GPU_GRID = [
+    _case(b, h, hkv, nq, nk, d, d, causal, kind, gpu=True)
+    for kind, dims in (("f16", (8, 64, 80, 128, 256)), ("bf16", (40, 96, 128, 256)))
+    for d in dims
+    for (b, h, hkv, nq, nk) in MMA_SYNC_SHAPES
+    for causal in (False, True)
+] + [
+    _case(1, 2, 1, 200, 300, d, dv, causal, kind, gpu=True)
+    for kind, d, dv in (("f16", 64, 32), ("f16", 32, 128), ("bf16", 128, 64), ("f16", 256, 64))
+    for causal in (False, True)
+]
+
+
+@pytest.mark.parametrize("b, h, hkv, nq, nk, d, dv, causal, kind", MMA_SYNC_SIM_GRID + MMA_SYNC_GPU_GRID)
+def test_mma_sync_matches_float64(b, h, hkv, nq, nk, d, dv, causal, kind):
+    rng = np.random.default_rng(nq * 7 + nk + d)
+    q, k, v = half_inputs(rng, b, h, hkv, nq, nk, d, dv, kind)
+    check_against_float64(q, k, v, kind, causal=causal, config=mma_sync_tiles(d, dv))
+
+
+@pytest.mark.skipif(REAL_GPU, reason="the simulator's products are exact, the GPU's are not: there both kernels "
+                                     "are held to the float64 budget instead")
+def test_mma_sync_gives_the_wgmma_bits_in_the_simulator():
+    """The mma.sync kernel does the wgmma kernel's arithmetic per element (k16 steps in order, the
+    same softmax), so where products are exact dot products the bits agree, whatever the warps per
+    block: across key_lengths (a batch with no key), causal with Nq > Nk (rows that see nothing),
+    GQA and tiles a warp skips."""
+    rng = np.random.default_rng(9)
+    # batch 0: row i sees i keys (row 0 none); with BM = 64, warp 0 visits one 16-key tile, warp 1
+    # two, warps 2 and 3 (rows past Nq) none
+    q, k, v = half_inputs(rng, 2, 2, 1, 20, 21, 16, 24, "f16")
+    lengths = [19, 0]
+    wgmma = run_kernel(q, k, v, "f16", causal=True, key_lengths=lengths, config=TileConfig(64, 16))
+    for block_m in (16, 64):
+        got = run_kernel(q, k, v, "f16", causal=True, key_lengths=lengths, config=TileConfig(block_m, 16, mma_sync=True))
+        assert_bit_identical("O", got[0], wgmma[0])
+        assert_bit_identical("lse", got[1], wgmma[1])
+
+
+def test_which_gpus_take_which_kernel():
+    assert device_reasons("f16", (9, 0)) == [] and device_reasons("tf32x3", (9, 0)) == []
+    for capability in ((8, 0), (8, 6), (8, 9), (12, 0)):
+        assert device_reasons("bf16", capability) == []
+        assert device_reasons("bf16", capability, mma_sync_config(128, 128)) == []
+        assert "mma_sync=True" in device_reasons("f16", capability, TileConfig(128, 128))[0]
+        assert "Hopper" in device_reasons("tf32", capability)[0]
+    assert "8.0 or newer" in device_reasons("f16", (7, 5))[0]
+    for d in (8, 64, 128, 256):
+        assert mma_sync_config(d, d).mma_sync
+    for kind, config in (("tf32", TileConfig(64, 64, mma_sync=True)), ("f16", TileConfig(24, 64, mma_sync=True)),
+                         ("f16", TileConfig(128, 64, pingpong=True, mma_sync=True))):
+        with pytest.raises(ValueError):
+            tc_attention_kernel(kind, 64, 64, config)
