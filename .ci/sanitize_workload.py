@@ -3,6 +3,10 @@ results/sanitizer/ came from
 
     for tool in memcheck racecheck synccheck; do compute-sanitizer --tool $tool --print-limit 20 \
         python3 .ci/sanitize_workload.py > results/sanitizer/$tool-<device>.txt; done
+
+The stored -h100 files are this workload on the tree of 22ea4e6 (an H100 80GB HBM3, 2026-11-28,
+numba-cuda 0.30.4), where the default half schedule was ping-pong at every d, d = 256 included;
+0 errors and 0 hazards. The FP8 and mma.sync kernels were merged later and are not in it.
 """
 import numpy as np
 from numba import cuda
