@@ -10,6 +10,10 @@ all written, and whether a repeat run gives the same bits. The mma.sync kernel r
 (`bits=BM128` in the table). A short table on stdout; records and metadata in $OUT/fa2_check.json.
 
     python3 .ci/fa2_check.py
+
+results/bench/fa2-check-h100-partial.txt is this script's stdout with FA2_N=16384 on an H100 80GB
+HBM3, 2026-11-28 (numba 0.68, numba-cuda 0.30.4, torch 2.11), run on the tree of e2511a0 and cut by
+the session's device limit after the d = 128 non-causal mma.sync rows (so no json).
     FA2_N=4096 FA2_D=64 FA2_REPEATS=5 python3 .ci/fa2_check.py
 """
 import json
