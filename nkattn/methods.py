@@ -420,23 +420,15 @@ def _exact_tc_run(call: Call):
     return out.copy_to_host().view(req.dtype), lse.copy_to_host()
 
 
-def compute_capability() -> tuple[int, int] | None:
-    """The current GPU's compute capability; None in the simulator (which runs every kernel)."""
-    from numba import cuda
-
-    from nkattn.cuda_kernels.online_softmax import SIMULATOR
-
-    return None if SIMULATOR else tuple(cuda.get_current_device().compute_capability)
-
-
 def _fp8_reasons(req: Request) -> list[str]:
+    from nkattn.cuda_kernels.exact_tc import compute_capability
     from nkattn.cuda_kernels.fp8 import MAX_HEAD_DIM
 
     reasons = _no_device()
     if reasons:
         return reasons
     cc = compute_capability()
-    if cc is not None and cc[0] != 9:
+    if cc[0] != 9:
         reasons.append(f"the FP8 kernel uses Hopper's e4m3 wgmma (compute capability 9.x), this GPU is {cc[0]}.{cc[1]} "
                        "(backend='reference' emulates fp8)")
     for label, dim in (("d", req.head_dim), ("dv", req.value_dim)):

@@ -1191,11 +1191,11 @@ def test_auto_on_cuda_runs_fp8_heads_on_the_fp8_kernel(monkeypatch):
 
 
 def test_fp8_heads_on_a_gpu_without_fp8_are_a_reason(monkeypatch):
-    from nkattn import methods
+    from nkattn.cuda_kernels import exact_tc
 
     q, k, v = _as(_inputs(34, 1, 2, 2, 8, 8, 16, 16), np.float32)
     _force(monkeypatch, [["fp8", "fp16"]])
-    monkeypatch.setattr(methods, "compute_capability", lambda: (8, 0))
+    monkeypatch.setattr(exact_tc, "compute_capability", lambda: (8, 0))
     with pytest.raises(ValueError, match=r"chose fp8 for 1 of 2 heads, \(b, h\) = \(0, 0\), and no kernel takes fp8 "
                                          r"here: cuda \(FP8 kernel\): the FP8 kernel uses Hopper's e4m3 wgmma "
                                          r"\(compute capability 9.x\), this GPU is 8.0"):
