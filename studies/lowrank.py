@@ -846,7 +846,8 @@ def run_long_context(*, results_dir: Path = RESULTS_DIR, data=LONG_DATA, lengths
     default_lengths = QUICK_LONG_LENGTHS if quick else None
     cases = []
     if "planted" in data:
-        cases += [("planted", n, dtype) for n, dtype in planted_cases(tuple(lengths or default_lengths or LONG_LENGTHS))]
+        planted_lengths = tuple(lengths or default_lengths or LONG_LENGTHS)
+        cases += [("planted", n, dtype) for n, dtype in planted_cases(planted_lengths)]
     if "minilm" in data:
         if minilm_vectors is not None:
             vectors, provenance["minilm"] = load_minilm_vectors(minilm_vectors)
@@ -950,11 +951,11 @@ def main(argv=None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     long = parser.add_argument_group("the long-context part (needs a CUDA GPU; records merge into one file per device)")
     long.add_argument("--long-context", action="store_true", help="run it")
-    long.add_argument("--data", nargs="+", choices=LONG_DATA, default=list(LONG_DATA))
+    long.add_argument("--data", nargs="+", choices=LONG_DATA, help=f"default: {' '.join(LONG_DATA)}")
     long.add_argument("--lengths", nargs="+", type=int, metavar="N",
                       help=f"planted N (default {LONG_LENGTHS}); MiniLM takes those up to its pool "
                            f"(default {LONG_MINILM_LENGTHS})")
-    long.add_argument("--kinds", nargs="+", choices=LONG_KINDS, default=list(LONG_KINDS))
+    long.add_argument("--kinds", nargs="+", choices=LONG_KINDS, help=f"default: {' '.join(LONG_KINDS)}")
     long.add_argument("--repeats", type=int, help="timed calls per case (default: 20 at 16K down to 2 at 1M)")
     long.add_argument("--minilm-vectors", type=Path, metavar="PATH",
                       help="pooled MiniLM Q and K from a file (--save-minilm-vectors) instead of running MiniLM")
@@ -965,8 +966,8 @@ def main(argv=None) -> int:
                       help="keep these heads, each with its first ROWS rows (default: all 12, every row)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    long_options = [f"--{a.replace('_', '-')}" for a in ("lengths", "kinds", "repeats", "minilm_vectors")
-                    if getattr(args, a) is not None] + (["--data"] if args.data != list(LONG_DATA) else [])
+    long_options = [f"--{a.replace('_', '-')}" for a in ("data", "lengths", "kinds", "repeats", "minilm_vectors")
+                    if getattr(args, a) is not None]
     if long_options and not args.long_context:
         parser.error(f"{', '.join(long_options)} only apply with --long-context")
     if args.heads and not args.save_minilm_vectors:
@@ -974,8 +975,9 @@ def main(argv=None) -> int:
     if args.save_minilm_vectors:
         paths = [save_vectors_command(args.save_minilm_vectors, args.heads)]
     elif args.long_context:
-        paths = run_long_context(results_dir=args.results_dir, data=args.data, lengths=args.lengths,
-                                 kinds=args.kinds, repeats=args.repeats, minilm_vectors=args.minilm_vectors,
+        paths = run_long_context(results_dir=args.results_dir, data=args.data or LONG_DATA, lengths=args.lengths,
+                                 kinds=args.kinds or LONG_KINDS, repeats=args.repeats,
+                                 minilm_vectors=args.minilm_vectors,
                                  command=" ".join(["python -m nkattn.studies.lowrank", *argv]))
     else:
         paths = run(quick=args.quick, results_dir=args.results_dir)

@@ -235,7 +235,8 @@ def _long_save(fig, figures_dir, name, loaded):
 
 
 def _factors(records, data=None, dtype="float32"):
-    return [r for r in records if r["kind"] == "factors" and r["dtype"] == dtype and (data is None or r["data"] == data)]
+    return [r for r in records
+            if r["kind"] == "factors" and r["dtype"] == dtype and (data is None or r["data"] == data)]
 
 
 def _by_n(records) -> dict[int, list[dict]]:

@@ -1052,14 +1052,21 @@ def test_long_context_reads_minilm_from_a_file_and_calls_extend_one_results_file
         study.run_long_context(results_dir=results, data=("lsh",), bench=study.HostBench())
 
 
-def test_long_context_command_line(tmp_path):
-    with pytest.raises(SystemExit):  # a long-context option without --long-context
-        study.main(["--lengths", "16384"])
-    with pytest.raises(SystemExit):
-        study.main(["--heads", "5.0:65536"])
-    if not REAL_GPU:
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-            study.main(["--long-context", "--data", "planted", "--lengths", "64", "--results-dir", str(tmp_path)])
+def test_long_context_command_line(tmp_path, monkeypatch):
+    for misplaced in (["--lengths", "16384"], ["--kinds", "factors"], ["--heads", "5.0:65536"]):
+        with pytest.raises(SystemExit):  # an option of one mode in another
+            study.main(misplaced)
+    saved = []
+    monkeypatch.setattr(study, "save_vectors_command", lambda path, heads: saved.append((path, heads)) or path)
+    assert study.main(["--save-minilm-vectors", str(tmp_path / "v.npz"), "--heads", "5.0:65536", "1.6:16384"]) == 0
+    assert saved == [(tmp_path / "v.npz", ["5.0:65536", "1.6:16384"])]
+    calls = []
+    monkeypatch.setattr(study, "run_long_context", lambda **kw: calls.append(kw) or [])
+    study.main(["--long-context", "--lengths", "1048576", "--kinds", "attention", "--minilm-vectors", "v.npz"])
+    assert calls[0]["data"] == study.LONG_DATA and calls[0]["kinds"] == ["attention"]
+    assert calls[0]["lengths"] == [1048576] and str(calls[0]["minilm_vectors"]) == "v.npz"
+    assert calls[0]["command"] == ("python -m nkattn.studies.lowrank --long-context --lengths 1048576 --kinds "
+                                   "attention --minilm-vectors v.npz")
 
 
 def _gpu_like_long_results(results_dir, tmp_path):
