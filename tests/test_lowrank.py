@@ -1069,23 +1069,49 @@ def test_long_context_command_line(tmp_path, monkeypatch):
                                    "attention --minilm-vectors v.npz")
 
 
+class FakeGpuBench(study.HostBench):
+    """The CPU bench with what only the GPU bench measures made up: single-pass times (a fixed
+    share of the call) and device memory (1 MiB a call). Logs the passes it was asked for."""
+
+    device = "NVIDIA H100 80GB HBM3"
+
+    def __init__(self):
+        self.pass_calls = []
+
+    def timed_runs(self, fn, repeats):
+        timing, kept, _ = super().timed_runs(fn, repeats)
+        self.last_ms = timing["median_ms"]
+        return timing, kept, 1 << 20
+
+    def pass_ms(self, q, k, width, repeats, small, exact=True):
+        self.pass_calls.append((q.shape[2], width, repeats, exact))
+        names = ("times", "transpose_times") + (("exact_attention_d",) if exact else ())
+        return {name: {"median_ms": self.last_ms / 6, "repeats": repeats} for name in names}
+
+
+def test_long_context_times_each_pass_once_per_case_and_the_exact_pass_once(tmp_path):
+    bench = FakeGpuBench()
+    study.run_long_context(results_dir=tmp_path, data=("planted",), lengths=(64,), repeats=3, progress=False,
+                           bench=bench)
+    # factors at l = 64 (capped at N), attention at l = 42 reusing the factors' exact pass; float32, then float64
+    assert bench.pass_calls == [(64, 64, 3, True), (64, 42, 3, False)] * 2
+    assert study.pass_repeats(1048576, 2) == 1 and study.pass_repeats(262144, 3) == 3
+    records = read_results(tmp_path / "lowrank" / "long-context-h100.json")["records"]
+    for dtype in ("float32", "float64"):
+        factors, attention = (next(r for r in records if r["kind"] == kind and r["dtype"] == dtype)
+                              for kind in ("factors", "attention"))
+        assert attention["passes"]["exact_attention_d"] == factors["passes"]["exact_attention_d"]
+        assert attention["time_over_exact"] > 0 and attention["peak_over_budget"] > 0
+
+
 def _gpu_like_long_results(results_dir, tmp_path):
-    """CPU-bench results dressed as a GPU run's (passes, device memory), as long-context-h100.json."""
+    """Long-context results with GPU-only fields (`FakeGpuBench`), MiniLM from a file of two heads."""
     vectors = _pooled_vectors({(1, 6): 64, (5, 0): 128})
     path = study.save_minilm_vectors(tmp_path / "v.npz", vectors, {"pool": 128})
     (written,) = study.run_long_context(results_dir=results_dir, lengths=(64, 128), repeats=2, minilm_vectors=path,
-                                        progress=False, bench=study.HostBench())
-    data = read_results(written)
-    for r in data["records"]:
-        ms = r["rsvd"]["median_ms"]
-        r["passes"] = {name: {"median_ms": ms / f} for name, f in
-                       (("times", 6.5), ("transpose_times", 5.5), ("exact_attention_d", 7.0))}
-        r["allocated_bytes"] = 3 * r["resident_bytes"]
-    data["meta"]["device"] = "NVIDIA H100 80GB HBM3"
-    target = written.with_name("long-context-h100.json")
-    target.write_text(__import__("json").dumps(data))
-    written.unlink()
-    return target
+                                        progress=False, bench=FakeGpuBench())
+    assert written.name == "long-context-h100.json"
+    return written
 
 
 def test_long_context_figures_draw_from_the_gpu_results_only(tmp_path, monkeypatch):
