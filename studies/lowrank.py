@@ -48,11 +48,23 @@ k in RANKS; 4 significant digits)
     picks on the exact SVD (energy on sigma; the smallest k with svd_out <= tolerance).
     Aggregates for the README are in each file's ``meta.summary``.
 
+Long context (GPU; results/lowrank/long-context-<device>.json, `run_long_context`)
+    The matrix-free randomized SVD at N = 16K-1M on planted inputs of known spectrum
+    (d = 64) and on MiniLM Q and K of 12 heads pooled across passages (d = 32, N = 16K and
+    64K): the top-64 singular values, effective rank / N, time against 2(q + 1) single
+    passes of width l and one exact pass, device memory against the issue's budget, and
+    bit identity across runs. The GPU machine cannot run MiniLM: its pooled vectors
+    travel in a file (`--save-minilm-vectors` here, `--minilm-vectors` there). Calls
+    split by ``--data``, ``--lengths`` and ``--kinds`` merge into one file per device.
+
 Plots (figures/lowrank/, `nkattn.studies.lowrank_plots`)
     spectra (exact vs matrix-free sigma_i / sigma_1 per layer), rsvd_accuracy (spectral
     ratio per k, principal angle vs gap), frontier (output error vs k for every method),
     auto_rank (chosen k / N and achieved output error per rule), auto_heatmap (mean
-    rank per layer x head), estimator (estimate and bound against the true error).
+    rank per layer x head), estimator (estimate and bound against the true error);
+    from the long-context part: long_spectra (sigma_i / sigma_1 per N and head),
+    long_rank (effective and stable rank / N against N), long_cost (time against the
+    passes, memory against the budget).
 
 Results (full run: 75 min on 2 shared CPU cores, 2026-11-27; 720 heads at N = 512)
     * Randomized SVD against the exact SVD (p = 10, q = 2): ``rsvd_spec_ratio`` median
@@ -108,7 +120,13 @@ Conclusion
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
+import json
+import lzma
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -405,15 +423,41 @@ def summarize_auto(records: list[dict]) -> dict:
 
 LONG_LENGTHS = (16384, 65536, 262144, 1048576)
 LONG_MINILM_LENGTHS = (16384, 65536)  # the corpus holds ~128K MiniLM tokens in passages of >= 128
+# tokens pooled for every MiniLM case: the pool's size decides which tokens are drawn, so the case
+# at N takes the first N rows of one pool and a smaller N is a subset of a larger one
+MINILM_POOL = max(LONG_MINILM_LENGTHS)
+# float64 runs at the smallest planted N, and only up to this N: its exactly rounded kernels are
+# slower than float32's (by how much at long N is not measured), and one float32 rSVD at 1M
+# already takes ~1.5 min
+LONG_FLOAT64_MAX = 16384
+QUICK_LONG_LENGTHS = (64, 128)  # the quick run: the same pipeline on the CPU bench
 LONG_RANK = 64  # the top-64 singular values
 TARGET_RANK = 32  # the issue's time and memory target: N = 1M, d = 64, k = 32
 PLANTED_DIM, PLANTED_CLASSES, PLANTED_LAMBDA = 64, 32, 0.5
 LONG_TAUS = (0.9, 0.95, 0.99)
+SEED_RANK_BAND = (0.1, 0.3)  # seed 001: "effective rank often 10-30% of N"
+LONG_DATA, LONG_KINDS = ("planted", "minilm"), ("factors", "attention")
+LONG_COMMAND = "python -m nkattn.studies.lowrank --long-context"
+LONG_RESULTS, QUICK_LONG_RESULT = "long-context-*.json", "quick-long-context.json"  # * = the device's slug
 
 
 def long_repeats(n: int) -> int:
     """Timed calls per case: >= 20 where a call takes well under a second; one rSVD at 1M takes ~1.5 min."""
     return 20 if n <= 16384 else (10 if n <= 65536 else (3 if n <= 262144 else 2))
+
+
+def pass_repeats(n: int, repeats: int) -> int:
+    """Timed single passes per kernel: as many as calls, but one at 1M, where a pass takes ~14 s
+    and three exact passes spread by 0.02% (results/bench/exact-h100.json)."""
+    return 1 if n >= 1048576 else repeats
+
+
+def planted_cases(lengths) -> list[tuple[int, np.dtype]]:
+    """(N, dtype) of the planted cases: float32 at every N, float64 at the smallest if <= LONG_FLOAT64_MAX."""
+    cases = [(n, np.dtype(np.float32)) for n in lengths]
+    if min(lengths) <= LONG_FLOAT64_MAX:
+        cases.append((min(lengths), np.dtype(np.float64)))
+    return cases
 
 
 def planted_inputs(n: int, *, classes=PLANTED_CLASSES, lam=PLANTED_LAMBDA, head_dim=PLANTED_DIM, dtype=np.float32):
@@ -433,19 +477,89 @@ def planted_inputs(n: int, *, classes=PLANTED_CLASSES, lam=PLANTED_LAMBDA, head_
     return x, x.copy(), v, exact
 
 
-def minilm_long_inputs(n_max: int, *, progress=True):
-    """MiniLM Q and K of 12 heads pooled over passages (`nkattn.studies.lsh_recall.minilm_vectors`).
+def minilm_long_inputs(pool: int = MINILM_POOL):
+    """MiniLM Q and K of the 12 heads `MINILM_HEADS` of the LSH study, pooled over passages
+    (`nkattn.studies.lsh_data.minilm_vectors`, seed 0, passages of >= 128 tokens).
 
-    Returns (q, k (1, 12, n_max, 32) float32, provenance); queries and keys are two random
-    subsets of the pooled tokens (their first N rows are random subsets of any size N).
+    Returns ({(layer, head): (q, k)}, provenance), q and k (pool, 32) float32: the Q and the K
+    rows of the same `pool` tokens in two random orders, so the first N rows of each are random
+    subsets of the pool of any size N. MiniLM's CPU forward of 64K tokens takes ~3.5 min on 2 cores.
     """
-    from nkattn.studies.lsh_recall import MINILM_HEADS, minilm_vectors
+    from nkattn.studies.lsh_data import minilm_vectors
+    from nkattn.studies.lsh_recall import MINILM_HEADS, MINILM_MIN_TOKENS
 
-    vectors, prov = minilm_vectors(n_max, n_max, MINILM_HEADS, seed=SEED, progress=progress)
-    q = np.stack([vectors[h][0] for h in MINILM_HEADS])[None]
-    k = np.stack([vectors[h][1] for h in MINILM_HEADS])[None]
-    prov["heads"] = [list(h) for h in MINILM_HEADS]
-    return q, k, prov
+    vectors, prov = minilm_vectors(pool, pool, MINILM_HEADS, seed=SEED, min_tokens=MINILM_MIN_TOKENS)
+    prov.update(pool=pool, heads=[[layer, head, pool] for layer, head in MINILM_HEADS])
+    return vectors, prov
+
+
+# The vectors file: the device machine has neither MiniLM's weights nor its tokenizer, so the
+# pooled Q and K are computed on a CPU and carried there. Per array, the float32 bytes are split
+# into four planes (sign and exponent apart from the mantissa) and xz-compressed: the exponent
+# plane shrinks to a third and layer 0's repeated (token, position) rows to a half, while
+# the low mantissa bytes are noise (83% of the raw size on layers 1-5; zlib on raw floats: 92%).
+VECTORS_CODEC = "float32 little-endian, split into 4 byte planes, xz (lzma preset 9e)"
+
+
+def _pack(x) -> np.ndarray:
+    planes = np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1, 4).T
+    return np.frombuffer(lzma.compress(planes.tobytes(), preset=9 | lzma.PRESET_EXTREME), dtype=np.uint8)
+
+
+def _unpack(blob, shape) -> np.ndarray:
+    planes = np.frombuffer(lzma.decompress(blob.tobytes()), dtype=np.uint8).reshape(4, -1)
+    return np.ascontiguousarray(planes.T).view("<f4").reshape(shape)
+
+
+def save_minilm_vectors(path, vectors: dict, provenance: dict, rows: dict | None = None, *,
+                        command: str | None = None) -> Path:
+    """Write pooled MiniLM vectors ({(layer, head): (q, k)}, as `minilm_long_inputs` returns) to one .npz.
+
+    ``rows`` {(layer, head): R} keeps only those heads and their first R rows (default: every
+    head, every row); the first R rows are exactly what a case at N <= R takes from the full
+    pool. The file holds ``provenance`` (JSON: the corpus passages, the pool, the heads kept and
+    how the file was made) and one compressed blob per array (`VECTORS_CODEC`).
+    """
+    rows = rows or {h: len(q) for h, (q, _) in vectors.items()}
+    arrays = {}
+    for (layer, head), r in sorted(rows.items()):
+        q, k = vectors[(layer, head)]
+        if not 1 <= r <= len(q):
+            raise ValueError(f"head {layer}.{head} has {len(q)} pooled rows, asked for {r}")
+        arrays[f"q_{layer}_{head}"], arrays[f"k_{layer}_{head}"] = _pack(q[:r]), _pack(k[:r])
+    made = make_meta(config={}, command=command)
+    prov = {**provenance, "heads": [[layer, head, r] for (layer, head), r in sorted(rows.items())],
+            "head_dim": int(next(iter(vectors.values()))[0].shape[1]), "codec": VECTORS_CODEC,
+            "made": {key: made[key] for key in ("date", "host", "git", "command", "versions")}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to another name
+        np.savez(fh, provenance=np.array(json.dumps(prov)), **arrays)
+    return path
+
+
+def load_minilm_vectors(path) -> tuple[dict, dict]:
+    """The vectors and provenance `save_minilm_vectors` wrote; the provenance gains the file's
+    name, size and sha256 (``vectors_file``), which the results then carry."""
+    path = Path(path)
+    blob = path.read_bytes()
+    with np.load(io.BytesIO(blob)) as f:
+        prov = json.loads(str(f["provenance"]))
+        d = prov["head_dim"]
+        vectors = {(layer, head): (_unpack(f[f"q_{layer}_{head}"], (r, d)), _unpack(f[f"k_{layer}_{head}"], (r, d)))
+                   for layer, head, r in prov["heads"]}
+    prov["vectors_file"] = {"name": path.name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return vectors, prov
+
+
+def parse_head_rows(spec: str) -> tuple[tuple[int, int], int | None]:
+    """"5.0:65536" -> ((5, 0), 65536); "5.0" -> ((5, 0), None) (every pooled row)."""
+    head, _, rows = spec.partition(":")
+    try:
+        layer, index = (int(x) for x in head.split("."))
+        return (layer, index), int(rows) if rows else None
+    except ValueError:
+        raise ValueError(f"a head is LAYER.HEAD[:ROWS], e.g. 5.0:65536, got {spec!r}") from None
 
 
 def spectrum_summary(sigma, total_energy) -> dict:
@@ -477,7 +591,7 @@ class HostBench:
             kept = (kept + [result])[:2]
         return _timing(times), kept, None
 
-    def pass_ms(self, q, k, width, repeats):
+    def pass_ms(self, q, k, width, repeats, small, exact=True):
         return {}
 
 
@@ -485,6 +599,16 @@ def _timing(times_ms) -> dict:
     times_ms = np.asarray(times_ms)
     return {"median_ms": _sig(np.median(times_ms)), "min_ms": _sig(times_ms.min()),
             "max_ms": _sig(times_ms.max()), "repeats": int(times_ms.size)}
+
+
+def _release_cupy_pool():
+    """Hand CuPy's cached blocks back to the device. Blocks an earlier, larger case left in its
+    pool would serve the next call's allocations and hide them from the device's free memory."""
+    try:
+        import cupy
+    except ImportError:
+        return
+    cupy.get_default_memory_pool().free_all_blocks()
 
 
 class GpuBench:
@@ -517,12 +641,13 @@ class GpuBench:
         """(timing, the first two results, bytes the first run allocated) for `repeats` warm runs.
 
         Events on the default stream bracket the whole call, host QR/SVD and transfers
-        included. Memory: every byte the first run allocates, nothing freed meanwhile
-        (an upper bound on its peak), its result included.
+        included. Memory: every byte the first run allocates, numba's and CuPy's, nothing
+        freed meanwhile (an upper bound on its peak), its result included.
         """
         cuda = self.cuda
         times = []
         cuda.synchronize()
+        _release_cupy_pool()
         with cuda.defer_cleanup():
             free_before, _ = cuda.current_context().get_memory_info()
             kept = [self._timed(fn, times)]
@@ -532,8 +657,8 @@ class GpuBench:
             kept = (kept + [result])[:2]
         return _timing(times), kept, int(free_before - free_after)
 
-    def pass_ms(self, q, k, width, repeats):
-        """One A·X and one Aᵀ·Y pass of width `width` (GPU operators), one exact attention pass (width d)."""
+    def _passes(self, q, k, width):
+        """The three single passes on (q, k), each writing into its own preallocated output."""
         from nkattn.cuda_kernels.exact import exact_attention
         from nkattn.cuda_kernels.lowrank import (
             attention_times,
@@ -549,16 +674,27 @@ class GpuBench:
         out = cuda.device_array((batch, heads, n, width), dtype=dtype)
         lse = cuda.device_array((batch, heads, n), dtype=dtype)
         o = cuda.device_array(q.shape, dtype=dtype)
-        calls = {
+        return {  # in this order: the A·X pass writes the lse the Aᵀ·Y pass reads
             "times": lambda: attention_times(q, k, x, lengths, causal=False, scale=scale, out=out, lse=lse),
             "transpose_times": lambda: attention_transpose_times(q, k, x, lse, lengths, causal=False, scale=scale,
                                                                  out=out),
             "exact_attention_d": lambda: exact_attention(q, k, k, lengths, causal=False, scale=scale, out=o, lse=lse),
         }
+
+    def pass_ms(self, q, k, width, repeats, small, exact=True):
+        """One A·X and one Aᵀ·Y pass of width `width` (GPU operators), and (``exact``) one exact
+        attention pass (width d).
+
+        Each kernel is first compiled on ``small`` (q and k cut to a few rows: the same kernels),
+        since a warm-up at full N would cost a whole pass, ~15 s at 1M.
+        """
+        warm, timed = self._passes(*small, width), self._passes(q, k, width)
         result = {}
-        for name, call in calls.items():  # in this order: the first A·X pass also writes the lse
-            call()  # warm-up (compilation)
-            cuda.synchronize()
+        for name, call in timed.items():
+            if name == "exact_attention_d" and not exact:
+                continue
+            warm[name]()
+            self.cuda.synchronize()
             result[name] = self.timed_runs(call, repeats)[0]
         return result
 
@@ -569,40 +705,39 @@ def _np(x):
 
 
 def _bits(x) -> str:
-    import hashlib
-
     if hasattr(x, "copy_to_host"):
         x = x.copy_to_host()
     return hashlib.sha256(np.ascontiguousarray(_np(x)).tobytes()).hexdigest()[:16]
 
 
-def long_context_case(data: str, q, k, v, *, bench, exact_sigma=None, rank=LONG_RANK, target_rank=TARGET_RANK,
-                      repeats=None, kinds=("factors", "attention")) -> list[dict]:
+def long_context_case(data: str, q, k, v, *, bench, exact_sigma=None, heads=None, rank=LONG_RANK,
+                      target_rank=TARGET_RANK, repeats=None, kinds=LONG_KINDS) -> list[dict]:
     """Records of one input (q, k (1, H, N, d) host arrays; v or None).
 
     "factors": spectrum, effective rank, time, memory and bit identity of `lowrank_factors`
-    at `rank`. "attention" (needs v): time and memory of `lowrank_attention` at
-    `target_rank` against the issue's budget. Kernels are compiled by a warm-up call on the
-    first 1,024 rows, so every timed call at full N is warm.
+    at `rank`, one record per head (``heads``: the MiniLM (layer, head) of each, stored with
+    it). "attention" (needs v): time and memory of `lowrank_attention` at `target_rank`
+    against the issue's budget. Kernels are compiled by a warm-up call on the first 1,024
+    rows, so every timed call at full N is warm.
     """
     from nkattn.lowrank import lowrank_attention
 
-    _, heads, n, head_dim = q.shape
+    _, n_heads, n, head_dim = q.shape
     repeats = repeats or long_repeats(n)
     dtype = np.dtype(q.dtype)
     small = min(n, 1024)
     qd, kd = bench.to_device(q), bench.to_device(k)
     q_small, k_small = bench.to_device(q[:, :, :small]), bench.to_device(k[:, :, :small])
     kw = {"oversample": OVERSAMPLE, "power_iters": POWER_ITERS, "seed": SEED, "backend": bench.backend}
-    base = {"data": data, "n": n, "heads": heads, "head_dim": head_dim, "dtype": dtype.name, "oversample": OVERSAMPLE,
-            "power_iters": POWER_ITERS, "device": bench.device}
-    records, exact_pass = [], None
+    base = {"data": data, "n": n, "heads": n_heads, "head_dim": head_dim, "dtype": dtype.name,
+            "oversample": OVERSAMPLE, "power_iters": POWER_ITERS, "device": bench.device}
+    records, exact_timing = [], None
     if "factors" in kinds:
         lowrank_factors(q_small, k_small, rank=min(rank, small), **kw)
         timing, (first, *again), allocated = bench.timed_runs(lambda: lowrank_factors(qd, kd, rank=rank, **kw),
                                                              repeats)
         width = min(rank + OVERSAMPLE, n)
-        passes = bench.pass_ms(qd, kd, width, repeats)
+        passes = bench.pass_ms(qd, kd, width, pass_repeats(n, repeats), (q_small, k_small))
         row = {**base, "kind": "factors", "rank": rank, "rsvd": timing, "passes": passes, "allocated_bytes": allocated,
                "resident_bytes": q.nbytes + k.nbytes, "sigma_sha256": _bits(first.sigma)}
         if again:
@@ -610,15 +745,17 @@ def long_context_case(data: str, q, k, v, *, bench, exact_sigma=None, rank=LONG_
                 again[0].U)
         if passes:
             one_pass = 0.5 * (passes["times"]["median_ms"] + passes["transpose_times"]["median_ms"])
-            exact_pass = passes["exact_attention_d"]["median_ms"]
+            exact_timing = passes["exact_attention_d"]
             row["time_over_passes"] = _sig(timing["median_ms"] / (2 * (POWER_ITERS + 1) * one_pass))
-            row["time_over_exact"] = _sig(timing["median_ms"] / exact_pass)
+            row["time_over_exact"] = _sig(timing["median_ms"] / exact_timing["median_ms"])
         sigmas, estimates = _np(first.sigma)[0], _np(first.error_estimate)[0]
-        for h in range(heads):
+        for h in range(n_heads):
             sigma, estimate = sigmas[h], float(estimates[h])
             total = float((sigma**2).sum() + estimate**2)  # ‖A‖_F², Pythagoras for a projection
             head = {**row, "head_index": h, "sigma": [_sig(x) for x in sigma], "error_estimate": _sig(estimate),
                     **spectrum_summary(sigma, total)}
+            if heads is not None:
+                head["layer"], head["head"] = heads[h]
             if exact_sigma is not None:
                 m = min(sigma.size, exact_sigma.size)
                 nonzero = exact_sigma[:m] > 0
@@ -635,15 +772,18 @@ def long_context_case(data: str, q, k, v, *, bench, exact_sigma=None, rank=LONG_
         width = min(target_rank + OVERSAMPLE, n)
         resident = q.nbytes + k.nbytes + v.nbytes
         # the issue's budget: Q, K, V, lse and the N x l factors (U and V), in the input dtype
-        budget = resident + q.nbytes // head_dim + 2 * n * heads * width * dtype.itemsize
+        budget = resident + q.nbytes // head_dim + 2 * n * n_heads * width * dtype.itemsize
         row = {**base, "kind": "attention", "rank": target_rank, "rsvd": timing, "allocated_bytes": allocated,
                "resident_bytes": resident, "budget_bytes": budget, "output_sha256": _bits(first[0])}
         if again:
             row["bits_identical"] = _bits(first[0]) == _bits(again[0][0])
         if allocated is not None:
             row["peak_over_budget"] = _sig((allocated + resident) / budget)
-        passes = bench.pass_ms(qd, kd, width, repeats)
+        # the exact pass is the same as the factors' (same q, k): timed once per case
+        passes = bench.pass_ms(qd, kd, width, pass_repeats(n, repeats), (q_small, k_small),
+                               exact=exact_timing is None)
         if passes:
+            passes.setdefault("exact_attention_d", exact_timing)
             one_pass = 0.5 * (passes["times"]["median_ms"] + passes["transpose_times"]["median_ms"])
             row["passes"] = passes
             row["time_over_passes"] = _sig(timing["median_ms"] / (2 * (POWER_ITERS + 1) * one_pass))
@@ -660,64 +800,92 @@ def _require_gpu():
         raise RuntimeError("run_long_context needs a CUDA GPU (none found, or the CUDA simulator is on)")
 
 
-def run_long_context(*, results_dir: Path = RESULTS_DIR, data=("planted", "minilm"), lengths=None,
-                     kinds=("factors", "attention"), repeats=None, progress: bool = True, bench=None) -> list[Path]:
+def long_result_path(results_dir: Path, device: str, *, quick: bool = False) -> Path:
+    """results_dir/lowrank/long-context-<device slug>.json (quick: quick-long-context.json)."""
+    from nkattn.timing import device_slug
+
+    name = QUICK_LONG_RESULT if quick else LONG_RESULTS.replace("*", device_slug(device))
+    return Path(results_dir) / STUDY / name
+
+
+def run_long_context(*, results_dir: Path = RESULTS_DIR, data=LONG_DATA, lengths=None, kinds=LONG_KINDS,
+                     repeats=None, minilm_vectors: Path | None = None, quick: bool = False,
+                     command: str = LONG_COMMAND, progress: bool = True, bench=None) -> list[Path]:
     """The long-context part on the GPU; writes results_dir/lowrank/long-context-<device>.json.
 
     ``data``: "planted" (d = 64, exact spectrum 1, λ x 31, 0 ...; float32 at every N in
-    ``lengths`` (default LONG_LENGTHS), float64 too at the smallest) and/or "minilm"
-    (12 heads, d = 32, N in LONG_MINILM_LENGTHS). Records are merged into the file after
-    every case, replacing earlier records of the same (data, n, dtype, kind), so the parts
-    can run in separate calls. Estimated on one H100 from the exact kernel's 13.9 s per
-    pass at 1M (not measured): planted at 16K-256K about 3 min; planted at 1M about 6 min
-    with ``kinds=("factors",)`` and 4 min with ``kinds=("attention",)``; minilm about
-    6 min, the CPU forward of ~64K tokens included.
-    ``kinds``: "factors" (rank 64: spectrum, time, memory) and/or "attention" (planted
-    only: `lowrank_attention` at rank 32 against the issue's time and memory targets).
+    ``lengths`` (default LONG_LENGTHS), float64 too at the smallest if <= 16K) and/or
+    "minilm" (12 heads, d = 32, N in LONG_MINILM_LENGTHS, or the ``lengths`` up to the pool).
+    ``minilm_vectors``: read the pooled MiniLM Q and K from a file `save_minilm_vectors`
+    wrote (its heads and rows; a case at N takes the heads that hold N rows) instead of
+    running MiniLM, which the GPU machine cannot; its name, size and sha256 join the
+    provenance. ``kinds``: "factors" (rank 64: spectrum, time, memory) and/or "attention"
+    (planted only: `lowrank_attention` at rank 32 against the issue's time and memory targets).
+
+    Records are merged into the file after every case, replacing earlier records of the same
+    (data, n, dtype, kind), so the parts can run in separate calls; ``meta.calls`` lists every
+    call (command, date, git revision, the cases it wrote). Estimated times per case on one
+    H100: README, low-rank section, "The GPU part". ``quick``: N in QUICK_LONG_LENGTHS, a MiniLM pool of 128
+    tokens, written to quick-long-context.json (the quick run does this with `HostBench`).
     ``bench`` defaults to `GpuBench`; `HostBench` runs the same code on the CPU.
     """
+    from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
-    from nkattn.timing import device_slug
-
+    unknown = sorted(set(data) - set(LONG_DATA)) + sorted(set(kinds) - set(LONG_KINDS))
+    if unknown:
+        raise ValueError(f"unknown data or kinds {unknown}; data: {LONG_DATA}, kinds: {LONG_KINDS}")
     if bench is None:
         _require_gpu()
         bench = GpuBench()
-    path = Path(results_dir) / STUDY / f"long-context-{device_slug(bench.device)}.json"
+    path = long_result_path(results_dir, bench.device, quick=quick)
     started = time.time()
     config = {"rank": LONG_RANK, "target_rank": TARGET_RANK, "oversample": OVERSAMPLE, "power_iters": POWER_ITERS,
-              "seed": SEED, "planted": {"head_dim": PLANTED_DIM, "classes": PLANTED_CLASSES, "lambda": PLANTED_LAMBDA},
+              "seed": SEED, "taus": list(LONG_TAUS), "seed_rank_band": list(SEED_RANK_BAND),
+              "planted": {"head_dim": PLANTED_DIM, "classes": PLANTED_CLASSES, "lambda": PLANTED_LAMBDA},
               "timing": "CUDA events around the whole call (host QR/SVD and transfers included), median of repeats "
                         "after one warm-up", "memory": "device bytes allocated by a call, deallocation deferred (an "
-                        "upper bound), plus the resident inputs"}
-    meta = make_meta(config=config, device=bench.device, command="python -m nkattn.studies.lowrank --long-context")
-    records, provenance = [], {}
+                        "upper bound), plus the resident inputs", "quick": quick}
+    meta = make_meta(config=config, device=bench.device, command=command)
+    records, provenance, calls = [], {}, []
     if path.exists():
         from nkattn.results import read_results
 
         stored = read_results(path)
         records, provenance = stored["records"], stored["meta"].get("provenance", {})
+        calls = stored["meta"].get("calls", [])
+    call = {key: meta[key] for key in ("command", "date", "git")} | {"cases": []}
+    default_lengths = QUICK_LONG_LENGTHS if quick else None
     cases = []
     if "planted" in data:
-        planted_lengths = tuple(lengths or LONG_LENGTHS)
-        cases += [("planted", n, np.float32) for n in planted_lengths]
-        cases.append(("planted", min(planted_lengths), np.float64))
+        planted_lengths = tuple(lengths or default_lengths or LONG_LENGTHS)
+        cases += [("planted", n, dtype) for n, dtype in planted_cases(planted_lengths)]
     if "minilm" in data:
-        minilm_lengths = tuple(n for n in (lengths or LONG_MINILM_LENGTHS) if n <= max(LONG_MINILM_LENGTHS))
-        if minilm_lengths:
-            q_all, k_all, provenance["minilm"] = minilm_long_inputs(max(minilm_lengths), progress=progress)
-            cases += [("minilm", n, np.float32) for n in minilm_lengths]
-    written = []
-    for name, n, dtype in tqdm(cases, desc="lowrank long context", disable=not progress):
-        if name == "planted":
-            q, k, v, exact = planted_inputs(n, dtype=dtype)
-            new = long_context_case(name, q, k, v, bench=bench, exact_sigma=exact, repeats=repeats, kinds=kinds)
+        if minilm_vectors is not None:
+            vectors, provenance["minilm"] = load_minilm_vectors(minilm_vectors)
         else:
-            q, k = (np.ascontiguousarray(x[:, :, :n]) for x in (q_all, k_all))
-            new = long_context_case(name, q, k, None, bench=bench, repeats=repeats, kinds=kinds)
+            vectors, provenance["minilm"] = minilm_long_inputs(max(QUICK_LONG_LENGTHS) if quick else MINILM_POOL)
+        pooled = max(len(q) for q, _ in vectors.values())
+        # lengths beyond the pool are the planted cases' (one --lengths list serves both)
+        cases += [("minilm", n, np.dtype(np.float32))
+                  for n in (lengths or default_lengths or LONG_MINILM_LENGTHS) if n <= pooled]
+    written = []
+    # the CPU bench makes many small LAPACK calls, where BLAS threads only contend for the cores (as in `sweep`)
+    blas = threadpool_limits(1, user_api="blas") if isinstance(bench, HostBench) else contextlib.nullcontext()
+    for name, n, dtype in tqdm(cases, desc="lowrank long context", disable=not progress):
+        with blas:
+            if name == "planted":
+                q, k, v, exact = planted_inputs(n, dtype=dtype)
+                new = long_context_case(name, q, k, v, bench=bench, exact_sigma=exact, repeats=repeats, kinds=kinds)
+            else:
+                heads = [h for h, (q, _) in sorted(vectors.items()) if len(q) >= n]
+                q, k = (np.stack([vectors[h][i][:n] for h in heads])[None] for i in (0, 1))
+                new = long_context_case(name, q, k, None, bench=bench, heads=heads, repeats=repeats, kinds=kinds)
         replaced = {(r["data"], r["n"], r["dtype"], r["kind"]) for r in new}
         records = [r for r in records if (r["data"], r["n"], r["dtype"], r["kind"]) not in replaced] + new
-        meta.update(provenance=provenance, runtime_s=round(time.time() - started, 1))
+        call["cases"] += [list(case) for case in sorted(replaced)]
+        call["runtime_s"] = round(time.time() - started, 1)
+        meta.update(provenance=provenance, runtime_s=call["runtime_s"], calls=calls + [call])
         written = [write_results(path, meta, records)]
     return written
 
@@ -730,7 +898,8 @@ def run_long_context(*, results_dir: Path = RESULTS_DIR, data=("planted", "minil
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, progress: bool = True) -> list[Path]:
     """The MiniLM sweep; writes results_dir/lowrank/{minilm,minilm-auto}.json (quick: {quick,quick-auto}.json).
 
-    ``quick``: one passage at N = 128, layers 0 and 5, ranks 8-32 (a smoke test, < 30 s on 2 cores).
+    ``quick``: one passage at N = 128, layers 0 and 5, ranks 8-32, and the long-context
+    pipeline on the CPU at N = 64 and 128 (quick-long-context.json; a smoke test, < 30 s on 2 cores).
     """
     started = time.time()
     length = QUICK_LENGTH if quick else LENGTH
@@ -764,20 +933,66 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, progress: bool 
     auto_meta.update(provenance=prov, runtime_s=runtime)
     auto_meta["summary"] = {"by_rule": summarize_auto(collector.auto)}
     folder = Path(results_dir) / STUDY
-    return [
+    paths = [
         write_results(folder / (QUICK_RESULT if quick else FULL_RESULT), meta, collector.fixed),
         write_results(folder / (QUICK_AUTO if quick else FULL_AUTO), auto_meta, collector.auto),
     ]
+    if quick:  # the GPU part's code path, on the CPU: its figures have a file to draw
+        paths += run_long_context(results_dir=results_dir, quick=True, repeats=2, command=command,
+                                  progress=progress, bench=HostBench())
+    return paths
+
+
+def save_vectors_command(path: Path, heads: list[str] | None) -> Path:
+    """`--save-minilm-vectors PATH [--heads L.H[:ROWS] ...]`: pool MiniLM (CPU) and write the file."""
+    rows = dict(parse_head_rows(spec) for spec in heads) if heads else None
+    vectors, prov = minilm_long_inputs()
+    if rows is not None:
+        missing = sorted(set(rows) - set(vectors))
+        if missing:
+            raise ValueError(f"heads {missing} are not pooled; pooled: {sorted(vectors)}")
+        rows = {h: r or MINILM_POOL for h, r in rows.items()}
+    command = " ".join(["python -m nkattn.studies.lowrank", "--save-minilm-vectors", str(path)]
+                       + (["--heads", *heads] if heads else []))
+    return save_minilm_vectors(path, vectors, prov, rows, command=command)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nkattn.studies.lowrank", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one passage at N = 128 (< 30 s)")
-    parser.add_argument("--long-context", action="store_true", help="the GPU part (needs a CUDA GPU)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    long = parser.add_argument_group("the long-context part (needs a CUDA GPU; records merge into one file per device)")
+    long.add_argument("--long-context", action="store_true", help="run it")
+    long.add_argument("--data", nargs="+", choices=LONG_DATA, help=f"default: {' '.join(LONG_DATA)}")
+    long.add_argument("--lengths", nargs="+", type=int, metavar="N",
+                      help=f"planted N (default {LONG_LENGTHS}); MiniLM takes those up to its pool "
+                           f"(default {LONG_MINILM_LENGTHS})")
+    long.add_argument("--kinds", nargs="+", choices=LONG_KINDS, help=f"default: {' '.join(LONG_KINDS)}")
+    long.add_argument("--repeats", type=int, help="timed calls per case (default: 20 at 16K down to 2 at 1M)")
+    long.add_argument("--minilm-vectors", type=Path, metavar="PATH",
+                      help="pooled MiniLM Q and K from a file (--save-minilm-vectors) instead of running MiniLM")
+    save = parser.add_argument_group("the MiniLM vectors file (CPU, needs MiniLM)")
+    save.add_argument("--save-minilm-vectors", type=Path, metavar="PATH",
+                      help=f"pool the {MINILM_POOL} tokens of the long-context part and write their Q and K")
+    save.add_argument("--heads", nargs="+", metavar="L.H[:ROWS]",
+                      help="keep these heads, each with its first ROWS rows (default: all 12, every row)")
     args = parser.parse_args(argv)
-    paths = (run_long_context(results_dir=args.results_dir) if args.long_context
-             else run(quick=args.quick, results_dir=args.results_dir))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    long_options = [f"--{a.replace('_', '-')}" for a in ("data", "lengths", "kinds", "repeats", "minilm_vectors")
+                    if getattr(args, a) is not None]
+    if long_options and not args.long_context:
+        parser.error(f"{', '.join(long_options)} only apply with --long-context")
+    if args.heads and not args.save_minilm_vectors:
+        parser.error("--heads only applies with --save-minilm-vectors")
+    if args.save_minilm_vectors:
+        paths = [save_vectors_command(args.save_minilm_vectors, args.heads)]
+    elif args.long_context:
+        paths = run_long_context(results_dir=args.results_dir, data=args.data or LONG_DATA, lengths=args.lengths,
+                                 kinds=args.kinds or LONG_KINDS, repeats=args.repeats,
+                                 minilm_vectors=args.minilm_vectors,
+                                 command=" ".join(["python -m nkattn.studies.lowrank", *argv]))
+    else:
+        paths = run(quick=args.quick, results_dir=args.results_dir)
     for path in paths:
         print(f"wrote {path}")
     return 0

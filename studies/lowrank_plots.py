@@ -1,6 +1,9 @@
-"""Figures of the `lowrank` study, from results/lowrank/minilm.json and minilm-auto.json only.
+"""Figures of the `lowrank` study, from results/lowrank/minilm.json, minilm-auto.json and
+long-context-<device>.json (the GPU part) only.
 
 One function per figure, each inside `nkattn.figures.style()`; PDF and PNG in figures/lowrank/.
+The long-context figures (long_spectra, long_rank, long_cost) draw every device's file, or the
+quick run's quick-long-context.json (the same pipeline on the CPU) when there is none.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from nkattn.figures import COLUMN_WIDTH, PAGE_WIDTH, load_result, save_figure, style
+from nkattn.results import read_results
 from nkattn.studies import lowrank as study
 
 METHODS = (  # (column, label, style) of the output-error frontier
@@ -202,4 +206,187 @@ def fig_estimator(results_dir: Path, figures_dir: Path) -> list[Path]:
         return _save(fig, figures_dir, "estimator", data)
 
 
-FIGURES = [fig_spectra, fig_rsvd_accuracy, fig_frontier, fig_auto_rank, fig_auto_heatmap, fig_estimator]
+# --------------------------------------------------------------------------------------
+# The long-context part (results/lowrank/long-context-<device>.json, from the GPU)
+# --------------------------------------------------------------------------------------
+
+LONG_DATA_LABEL = {"planted": "planted (d = 64)", "minilm": "MiniLM, pooled (d = 32)"}
+TAU_COLOR = {0.9: "C0", 0.95: "C1", 0.99: "C2"}
+
+
+def _load_long(results_dir):
+    """Every device's long-context results, or the quick run's: (loaded files, their records pooled).
+
+    Spectra and effective ranks are properties of the data (devices agree to rounding), so
+    they pool the records; times and memory are drawn per device.
+    """
+    folder = Path(results_dir) / study.STUDY
+    found = sorted(folder.glob(study.LONG_RESULTS))
+    if found:
+        loaded = [{**read_results(path), "path": path, "quick_run": False} for path in found]
+    else:
+        loaded = [load_result(results_dir, study.STUDY, study.LONG_RESULTS.replace("*", "<device>"),
+                              command=f"{study.LONG_COMMAND} (on a GPU)", quick=study.QUICK_LONG_RESULT)]
+    return loaded, [r for data in loaded for r in data["records"]]
+
+
+def _long_save(fig, figures_dir, name, loaded):
+    return save_figure(fig, Path(figures_dir) / study.STUDY, name, results=loaded)
+
+
+def _factors(records, data=None, dtype="float32"):
+    return [r for r in records
+            if r["kind"] == "factors" and r["dtype"] == dtype and (data is None or r["data"] == data)]
+
+
+def _by_n(records) -> dict[int, list[dict]]:
+    out = {}
+    for r in sorted(records, key=lambda r: r["n"]):
+        out.setdefault(r["n"], []).append(r)
+    return out
+
+
+def _n_label(n: int) -> str:
+    return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _length_axis(ax, lengths):
+    ns = sorted(set(lengths))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [_n_label(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("sequence length N")
+
+
+def fig_long_spectra(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """σ_i / σ_1 of the top singular values at every N, one line per head: planted (with its exact
+    spectrum) and MiniLM (whose heads may differ between N: those the vectors file holds at N rows)."""
+    loaded, records = _load_long(results_dir)
+    config = loaded[0]["meta"]["config"]
+    present = [d for d in study.LONG_DATA if _factors(records, d)]
+    with style():
+        fig, axes = plt.subplots(1, max(len(present), 1), figsize=(PAGE_WIDTH, 2.6), constrained_layout=True,
+                                 squeeze=False)
+        for ax, data in zip(axes[0], present):
+            groups = _by_n(_factors(records, data))
+            colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(groups)))
+            for color, (n, rows) in zip(colors, groups.items()):
+                heads = sorted({(r.get("layer"), r.get("head"), r["head_index"]) for r in rows})
+                label = f"N = {_n_label(n)}" + (f", {len(heads)} heads" if len(heads) > 1 else "")
+                if data == "minilm" and len(heads) <= 4:
+                    label += ": " + ", ".join(f"L{layer}H{head}" for layer, head, _ in heads)
+                for i, r in enumerate(rows):
+                    sv = np.array(r["sigma"], dtype=float)
+                    ax.plot(np.arange(1, sv.size + 1), sv / sv[0], color=color, lw=1.0, alpha=0.8,
+                            label=label if i == 0 else None)
+            if data == "planted":
+                planted = config["planted"]
+                exact = np.r_[1.0, np.full(planted["classes"] - 1, planted["lambda"])]
+                ax.plot(np.arange(1, exact.size + 1), exact, "k:", label="exact (then 0)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("singular value index i")
+            ax.set_title(LONG_DATA_LABEL[data])
+            ax.legend(fontsize=6)
+        axes[0, 0].set_ylabel(f"σ_i / σ_1 of A (randomized SVD, k = {config['rank']})")
+        return _long_save(fig, figures_dir, "long_spectra", loaded)
+
+
+def fig_long_rank(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Effective rank / N against N: the smallest k holding τ of ‖A‖_F² (τ = 0.9, 0.95, 0.99), and the
+    stable rank; a head whose rank exceeds the computed k is drawn as an open triangle at (k + 1) / N."""
+    loaded, records = _load_long(results_dir)
+    config = loaded[0]["meta"]["config"]
+    rank = config["rank"]
+    markers = {"planted": "o", "minilm": "x"}
+    with style():
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8))
+        low, high = config["seed_rank_band"]
+        ax.axhspan(low, high, color="0.88", zorder=0, label=f"seed 001: {low:.0%}–{high:.0%} of N")
+        for data in study.LONG_DATA:
+            rows = _factors(records, data)
+            if not rows:
+                continue
+            n = np.array([r["n"] for r in rows], dtype=float)
+            for tau in config["taus"]:
+                key = f"erank_{round(tau * 100)}"
+                above = np.array([r[key] is None for r in rows])
+                k = np.array([rank + 1 if r[key] is None else r[key] for r in rows], dtype=float)
+                color = TAU_COLOR.get(tau, "0.3")
+                ax.scatter(n[~above], k[~above] / n[~above], marker=markers[data], s=14, color=color, lw=1,
+                           label=f"{data}, τ = {tau}")
+                ax.scatter(n[above], k[above] / n[above], marker="^", s=14, facecolors="none", edgecolors=color,
+                           lw=0.8)
+            stable = np.array([r["stable_rank"] for r in rows], dtype=float)
+            ax.scatter(n, stable / n, marker=markers[data], s=14, color="0.4", lw=1, label=f"{data}, stable rank")
+        ax.plot([], [], ls="", marker="^", mfc="none", color="0.3", label=f"above k = {rank} (drawn at {rank + 1})")
+        _length_axis(ax, [r["n"] for r in records])
+        ax.set_yscale("log")
+        ax.set_ylabel("effective rank / N")
+        ax.legend(fontsize=5.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        return _long_save(fig, figures_dir, "long_rank", loaded)
+
+
+def fig_long_cost(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """Time of one randomized SVD against 2(q + 1) single passes of width l and one exact pass; device
+    memory of one call (allocated, upper bound, plus the resident inputs) against the issue's budget.
+    Colour: the case (data, dtype, kind, rank, device); line style: what was measured."""
+    loaded, _ = _load_long(results_dir)
+    power_iters = loaded[0]["meta"]["config"]["power_iters"]
+    passes = 2 * (power_iters + 1)
+    with style():
+        fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.2), constrained_layout=True)
+        cases = {}  # (case label) -> {n: record}: the timings are the whole call's, shared by its heads
+        for data in loaded:
+            suffix = f", {data['meta']['device']}" if len(loaded) > 1 else ""
+            for r in data["records"]:
+                label = f"{r['data']} {r['dtype']}, {r['kind']} k = {r['rank']}{suffix}"
+                cases.setdefault(label, {}).setdefault(r["n"], r)
+        measured_memory = False
+        for i, (label, by_n) in enumerate(sorted(cases.items())):
+            color = f"C{i % 7}"
+            ns = sorted(by_n)
+            rows = [by_n[n] for n in ns]
+            ax_time.plot(ns, [r["rsvd"]["median_ms"] for r in rows], marker="o", color=color, label=label)
+            timed = [(n, r["passes"]) for n, r in zip(ns, rows) if r.get("passes")]
+            if timed:
+                ax_time.plot([n for n, _ in timed], [passes * 0.5 * (p["times"]["median_ms"]
+                                                                     + p["transpose_times"]["median_ms"])
+                                                     for _, p in timed], ls="--", color=color)
+                ax_time.plot([n for n, _ in timed], [p["exact_attention_d"]["median_ms"] for _, p in timed],
+                             ls=":", color=color)
+            if rows[0]["allocated_bytes"] is not None:
+                measured_memory = True
+                ax_mem.plot(ns, [(r["allocated_bytes"] + r["resident_bytes"]) / 2**30 for r in rows], marker="o",
+                            color=color)
+                if "budget_bytes" in rows[0]:
+                    ax_mem.plot(ns, [r["budget_bytes"] / 2**30 for r in rows], ls="--", color=color)
+        ax_time.plot([], [], marker="o", color="0.3", label="randomized SVD, whole call")
+        ax_time.plot([], [], ls="--", color="0.3", label=f"{passes} single passes of width l = k + p")
+        ax_time.plot([], [], ls=":", color="0.3", label="one exact attention pass (width d)")
+        ax_time.set_ylabel("time per call (ms, median)")
+        ax_mem.set_ylabel("device memory per call (GiB)")
+        lengths = [n for by_n in cases.values() for n in by_n]
+        _length_axis(ax_time, lengths)
+        ax_time.set_yscale("log")
+        if measured_memory:
+            _length_axis(ax_mem, lengths)
+            ax_mem.plot([], [], marker="o", color="0.3", label="allocated (upper bound) + resident inputs")
+            ax_mem.plot([], [], ls="--", color="0.3", label="budget: Q, K, V, lse, N × l factors")
+            ax_mem.set_yscale("log")
+            ax_mem.legend(fontsize=6)
+        else:
+            ax_mem.text(0.5, 0.5, "no device memory in these results\n(CPU bench)", ha="center", va="center",
+                        transform=ax_mem.transAxes, color="0.4")
+            ax_mem.set_xticks([])
+            ax_mem.set_yticks([])
+        # the cases (colours) under both panels; the line styles in the time panel
+        handles, labels = ax_time.get_legend_handles_labels()
+        fig.legend(handles[: len(cases)], labels[: len(cases)], loc="outside lower center", ncol=3, fontsize=6)
+        ax_time.legend(handles[len(cases):], labels[len(cases):], fontsize=6)
+        ax_time.set_title(", ".join(dict.fromkeys(d["meta"]["device"] for d in loaded)), fontsize=7)
+        return _long_save(fig, figures_dir, "long_cost", loaded)
+
+
+FIGURES = [fig_spectra, fig_rsvd_accuracy, fig_frontier, fig_auto_rank, fig_auto_heatmap, fig_estimator,
+           fig_long_spectra, fig_long_rank, fig_long_cost]

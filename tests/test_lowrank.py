@@ -931,7 +931,8 @@ def quick_results(tmp_path_factory):
         pytest.skip(f"MiniLM weights not installed: {bert.INSTALL_HINT}")
     results_dir = tmp_path_factory.mktemp("results")
     paths = study.run(quick=True, results_dir=results_dir, progress=False)
-    assert paths == [results_dir / "lowrank" / "quick.json", results_dir / "lowrank" / "quick-auto.json"]
+    assert paths == [results_dir / "lowrank" / name for name in ("quick.json", "quick-auto.json",
+                                                                 "quick-long-context.json")]
     return results_dir
 
 
@@ -944,6 +945,13 @@ def test_quick_run_writes_tidy_records_with_metadata(quick_results):
     assert fixed["meta"]["summary"]["by_rank"]["32"]["mf_spec_ratio"]["max"] <= study.SPEC_TARGET
     assert auto["meta"]["summary"]["by_rule"]["tolerance=0.01"]["share_over_budget"] == 0
     assert fixed["meta"]["provenance"]["passages"]
+    long = read_results(quick_results / "lowrank" / "quick-long-context.json")
+    assert long["meta"]["config"]["quick"] and long["meta"]["command"] == "nkattn study lowrank --quick"
+    minilm = [r for r in long["records"] if r["data"] == "minilm"]
+    # MiniLM pooled over the corpus: the 12 heads at both quick lengths, each record naming its head
+    assert {(r["n"], r["layer"], r["head"]) for r in minilm} == {
+        (n, layer, head) for n in study.QUICK_LONG_LENGTHS for layer in range(6) for head in (0, 6)}
+    assert long["meta"]["provenance"]["minilm"]["pool"] == max(study.QUICK_LONG_LENGTHS)
 
 
 def test_figures_come_from_results_only_and_are_byte_reproducible(quick_results, tmp_path, monkeypatch):
@@ -983,3 +991,144 @@ def test_long_context_pipeline_on_the_cpu(tmp_path):
         assert r["bits_identical"]
     attention = [r for r in records if r["kind"] == "attention"]
     assert len(attention) == 2 and all(r["bits_identical"] and r["budget_bytes"] > 0 for r in attention)
+
+
+def test_float64_runs_only_at_the_smallest_planted_length_up_to_16k():
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert study.planted_cases((16384, 65536)) == [(16384, f32), (65536, f32), (16384, f64)]
+    # a call for 1M alone must not run the (much slower) float64 kernels at 1M
+    assert study.planted_cases((1048576,)) == [(1048576, f32)]
+
+
+def _pooled_vectors(rows_by_head, seed=0):
+    """Random {(layer, head): (q, k)} standing in for `minilm_long_inputs` (no MiniLM needed)."""
+    rng = np.random.default_rng(seed)
+    return {h: tuple(rng.standard_normal((rows, 32)).astype(np.float32) for _ in range(2))
+            for h, rows in rows_by_head.items()}
+
+
+def test_minilm_vectors_file_round_trips_bit_for_bit(tmp_path):
+    import hashlib
+
+    vectors = _pooled_vectors({(0, 0): 96, (5, 6): 64})
+    path = study.save_minilm_vectors(tmp_path / "v.npz", vectors, {"pool": 96}, {(0, 0): 96, (5, 6): 32},
+                                     command="pytest")
+    loaded, prov = study.load_minilm_vectors(path)
+    assert sorted(loaded) == [(0, 0), (5, 6)]
+    assert loaded[(0, 0)][0].tobytes() == vectors[(0, 0)][0].tobytes()
+    assert loaded[(5, 6)][1].tobytes() == vectors[(5, 6)][1][:32].tobytes()  # the first rows, as a case takes them
+    assert prov["heads"] == [[0, 0, 96], [5, 6, 32]] and prov["pool"] == 96 and prov["made"]["command"] == "pytest"
+    assert prov["vectors_file"] == {"name": "v.npz", "bytes": path.stat().st_size,
+                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    with pytest.raises(ValueError, match="head 5.6 has 64 pooled rows, asked for 65"):
+        study.save_minilm_vectors(tmp_path / "w.npz", vectors, {}, {(5, 6): 65})
+    assert study.parse_head_rows("5.0:65536") == ((5, 0), 65536) and study.parse_head_rows("1.6") == ((1, 6), None)
+    with pytest.raises(ValueError, match=r"LAYER.HEAD\[:ROWS\]"):
+        study.parse_head_rows("5:0")
+
+
+def test_long_context_reads_minilm_from_a_file_and_calls_extend_one_results_file(tmp_path):
+    """Each case at N takes the heads the file holds at N rows; a second call adds its cases."""
+    vectors = _pooled_vectors({(0, 0): 128, (5, 0): 64})
+    path = study.save_minilm_vectors(tmp_path / "v.npz", vectors, {"pool": 128})
+    results = tmp_path / "results"
+    study.run_long_context(results_dir=results, data=("minilm",), lengths=(64, 128, 256), repeats=2,
+                           minilm_vectors=path, command="first", progress=False, bench=study.HostBench())
+    (written,) = study.run_long_context(results_dir=results, data=("planted",), lengths=(64,), kinds=("factors",),
+                                        repeats=2, command="second", progress=False, bench=study.HostBench())
+    assert written == results / "lowrank" / "long-context-cpu.json"
+    data = read_results(written)
+    minilm = [r for r in data["records"] if r["data"] == "minilm"]
+    assert sorted((r["n"], r["layer"], r["head"]) for r in minilm) == [(64, 0, 0), (64, 5, 0), (128, 0, 0)]
+    assert all(r["heads"] == (2 if r["n"] == 64 else 1) and r["bits_identical"] for r in minilm)
+    assert {(r["data"], r["dtype"]) for r in data["records"] if r["data"] == "planted"} == {
+        ("planted", "float32"), ("planted", "float64")}
+    calls = data["meta"]["calls"]
+    assert [c["command"] for c in calls] == ["first", "second"]
+    assert calls[0]["cases"] == [["minilm", 64, "float32", "factors"], ["minilm", 128, "float32", "factors"]]
+    assert data["meta"]["provenance"]["minilm"]["vectors_file"]["sha256"] == study.load_minilm_vectors(path)[1][
+        "vectors_file"]["sha256"]
+    with pytest.raises(ValueError, match=r"unknown data or kinds \['lsh'\]"):
+        study.run_long_context(results_dir=results, data=("lsh",), bench=study.HostBench())
+
+
+def test_long_context_command_line(tmp_path, monkeypatch):
+    for misplaced in (["--lengths", "16384"], ["--kinds", "factors"], ["--heads", "5.0:65536"]):
+        with pytest.raises(SystemExit):  # an option of one mode in another
+            study.main(misplaced)
+    saved = []
+    monkeypatch.setattr(study, "save_vectors_command", lambda path, heads: saved.append((path, heads)) or path)
+    assert study.main(["--save-minilm-vectors", str(tmp_path / "v.npz"), "--heads", "5.0:65536", "1.6:16384"]) == 0
+    assert saved == [(tmp_path / "v.npz", ["5.0:65536", "1.6:16384"])]
+    calls = []
+    monkeypatch.setattr(study, "run_long_context", lambda **kw: calls.append(kw) or [])
+    study.main(["--long-context", "--lengths", "1048576", "--kinds", "attention", "--minilm-vectors", "v.npz"])
+    assert calls[0]["data"] == study.LONG_DATA and calls[0]["kinds"] == ["attention"]
+    assert calls[0]["lengths"] == [1048576] and str(calls[0]["minilm_vectors"]) == "v.npz"
+    assert calls[0]["command"] == ("python -m nkattn.studies.lowrank --long-context --lengths 1048576 --kinds "
+                                   "attention --minilm-vectors v.npz")
+
+
+class FakeGpuBench(study.HostBench):
+    """The CPU bench with what only the GPU bench measures made up: single-pass times (a fixed
+    share of the call) and device memory (1 MiB a call). Logs the passes it was asked for."""
+
+    device = "NVIDIA H100 80GB HBM3"
+
+    def __init__(self):
+        self.pass_calls = []
+
+    def timed_runs(self, fn, repeats):
+        timing, kept, _ = super().timed_runs(fn, repeats)
+        self.last_ms = timing["median_ms"]
+        return timing, kept, 1 << 20
+
+    def pass_ms(self, q, k, width, repeats, small, exact=True):
+        self.pass_calls.append((q.shape[2], width, repeats, exact))
+        names = ("times", "transpose_times") + (("exact_attention_d",) if exact else ())
+        return {name: {"median_ms": self.last_ms / 6, "repeats": repeats} for name in names}
+
+
+def test_long_context_times_each_pass_once_per_case_and_the_exact_pass_once(tmp_path):
+    bench = FakeGpuBench()
+    study.run_long_context(results_dir=tmp_path, data=("planted",), lengths=(64,), repeats=3, progress=False,
+                           bench=bench)
+    # factors at l = 64 (capped at N), attention at l = 42 reusing the factors' exact pass; float32, then float64
+    assert bench.pass_calls == [(64, 64, 3, True), (64, 42, 3, False)] * 2
+    assert study.pass_repeats(1048576, 2) == 1 and study.pass_repeats(262144, 3) == 3
+    records = read_results(tmp_path / "lowrank" / "long-context-h100.json")["records"]
+    for dtype in ("float32", "float64"):
+        factors, attention = (next(r for r in records if r["kind"] == kind and r["dtype"] == dtype)
+                              for kind in ("factors", "attention"))
+        assert attention["passes"]["exact_attention_d"] == factors["passes"]["exact_attention_d"]
+        assert attention["time_over_exact"] > 0 and attention["peak_over_budget"] > 0
+
+
+def _gpu_like_long_results(results_dir, tmp_path):
+    """Long-context results with GPU-only fields (`FakeGpuBench`), MiniLM from a file of two heads."""
+    vectors = _pooled_vectors({(1, 6): 64, (5, 0): 128})
+    path = study.save_minilm_vectors(tmp_path / "v.npz", vectors, {"pool": 128})
+    (written,) = study.run_long_context(results_dir=results_dir, lengths=(64, 128), repeats=2, minilm_vectors=path,
+                                        progress=False, bench=FakeGpuBench())
+    assert written.name == "long-context-h100.json"
+    return written
+
+
+def test_long_context_figures_draw_from_the_gpu_results_only(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    _gpu_like_long_results(results, tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a figure ran the study")
+
+    monkeypatch.setattr(study, "long_context_case", forbidden)
+    long_figures = [plots.fig_long_spectra, plots.fig_long_rank, plots.fig_long_cost]
+    assert all(make in plots.FIGURES for make in long_figures)
+    paths = [p for make in long_figures for p in make(results, tmp_path / "figures")]
+    assert [p.name for p in paths] == [f"{name}.{ext}" for name in ("long_spectra", "long_rank", "long_cost")
+                                       for ext in ("pdf", "png")]
+    again = plots.fig_long_cost(results, tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths[4:]]
+    with pytest.raises(figures.MissingResultError, match=r"long-context-<device>\.json is missing: make it with "
+                                                          r"`python -m nkattn.studies.lowrank --long-context"):
+        plots.fig_long_rank(tmp_path / "empty", tmp_path / "c")
