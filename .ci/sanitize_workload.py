@@ -6,14 +6,16 @@ results/sanitizer/ came from
 
 The stored -h100 files are this workload on the tree of 22ea4e6 (an H100 80GB HBM3, 2026-11-28,
 numba-cuda 0.30.4), where the default half schedule was ping-pong at every d, d = 256 included;
-0 errors and 0 hazards. The FP8 and mma.sync kernels were merged later and are not in it.
+0 errors and 0 hazards. The FP8 kernel (with its quantizer) and the mma.sync kernel were merged
+later; their cases are at the end of the workload.
 """
 import numpy as np
 from numba import cuda
 
 import nkattn  # noqa: F401
 from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
-from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
+from nkattn.cuda_kernels.exact_tc import TileConfig, mma_sync_config, tc_attention
+from nkattn.cuda_kernels.fp8 import fp8_attention
 from nkattn.cuda_kernels.lowrank import attention_times, attention_transpose_times
 from nkattn.cuda_kernels.precision import block_absmax, row_analyzers
 
@@ -68,3 +70,17 @@ for dt in (np.float32, np.float64):
                              last=stop == 170)
     cuda.synchronize()
     print("ran entropy, analyzers, absmax, resume", dt)
+for kind, d, dv, causal, cfg in [("f16", 64, 64, True, mma_sync_config(64, 64)), ("bf16", 128, 128, False, mma_sync_config(128, 128)),
+                                 ("f16", 80, 48, True, mma_sync_config(80, 48)), ("bf16", 256, 256, True, mma_sync_config(256, 256)),
+                                 ("f16", 64, 64, True, TileConfig(64, 64, mma_sync=True))]:
+    q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
+    lengths = cuda.to_device(np.array([300], np.int32))
+    tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
+    cuda.synchronize()
+    print("ran mma.sync", kind, d, dv, causal, cfg)
+for d, dv, causal, out_kind in [(64, 64, True, "bf16"), (128, 128, False, "bf16"), (80, 48, True, "f16")]:
+    q, k, v = dev((1, 2, 200, d), "bf16"), dev((1, 1, 333, d), "bf16"), dev((1, 1, 333, dv), "bf16")
+    lengths = cuda.to_device(np.array([300], np.int32))
+    fp8_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, out_kind=out_kind)
+    cuda.synchronize()
+    print("ran fp8 (quantize and attention)", d, dv, causal, out_kind)
