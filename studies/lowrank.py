@@ -881,13 +881,45 @@ def run_long_context(*, results_dir: Path = RESULTS_DIR, data=LONG_DATA, lengths
                 heads = [h for h, (q, _) in sorted(vectors.items()) if len(q) >= n]
                 q, k = (np.stack([vectors[h][i][:n] for h in heads])[None] for i in (0, 1))
                 new = long_context_case(name, q, k, None, bench=bench, heads=heads, repeats=repeats, kinds=kinds)
-        replaced = {(r["data"], r["n"], r["dtype"], r["kind"]) for r in new}
-        records = [r for r in records if (r["data"], r["n"], r["dtype"], r["kind"]) not in replaced] + new
+        replaced = {_case(r) for r in new}
+        records = [r for r in records if _case(r) not in replaced] + new
         call["cases"] += [list(case) for case in sorted(replaced)]
         call["runtime_s"] = round(time.time() - started, 1)
         meta.update(provenance=provenance, runtime_s=call["runtime_s"], calls=calls + [call])
         written = [write_results(path, meta, records)]
     return written
+
+
+def merge_long_context(sources, *, results_dir: Path = RESULTS_DIR) -> Path:
+    """Merge long-context files that calls on several GPUs wrote at once (each to its own
+    results dir, since two calls writing one file would each keep only their own records) into
+    results_dir/lowrank/long-context-<device>.json, with any records already there.
+
+    Every file must come from one device; a case's records (data, n, dtype, kind) are
+    those of the last file in ``sources`` order that holds the case, ``meta.calls`` lists every call of every file,
+    and ``meta.merged`` names the files merged."""
+    from nkattn.results import read_results
+
+    loaded = [read_results(path) for path in sources]
+    devices = {d["meta"]["device"] for d in loaded}
+    if len(devices) != 1:
+        raise ValueError(f"long-context files of one device merge, got {sorted(devices)}")
+    path = long_result_path(results_dir, devices.pop())
+    if path.exists() and Path(path).resolve() not in {Path(s).resolve() for s in sources}:
+        loaded.insert(0, read_results(path))
+    meta = dict(loaded[-1]["meta"], calls=[], provenance={}, merged=[str(s) for s in sources])
+    records = []
+    for data in loaded:
+        meta["calls"] += data["meta"].get("calls", [])
+        meta["provenance"].update(data["meta"].get("provenance", {}))
+        cases = {_case(r) for r in data["records"]}
+        records = [r for r in records if _case(r) not in cases] + data["records"]
+    meta["runtime_s"] = round(sum(c.get("runtime_s", 0) for c in meta["calls"]), 1)
+    return write_results(path, meta, records)
+
+
+def _case(record: dict) -> tuple:
+    return record["data"], record["n"], record["dtype"], record["kind"]
 
 
 # --------------------------------------------------------------------------------------
@@ -971,6 +1003,8 @@ def main(argv=None) -> int:
     long.add_argument("--repeats", type=int, help="timed calls per case (default: 20 at 16K down to 2 at 1M)")
     long.add_argument("--minilm-vectors", type=Path, metavar="PATH",
                       help="pooled MiniLM Q and K from a file (--save-minilm-vectors) instead of running MiniLM")
+    long.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                      help="merge long-context files written by calls on several GPUs at once into --results-dir's")
     save = parser.add_argument_group("the MiniLM vectors file (CPU, needs MiniLM)")
     save.add_argument("--save-minilm-vectors", type=Path, metavar="PATH",
                       help=f"pool the {MINILM_POOL} tokens of the long-context part and write their Q and K")
@@ -984,7 +1018,11 @@ def main(argv=None) -> int:
         parser.error(f"{', '.join(long_options)} only apply with --long-context")
     if args.heads and not args.save_minilm_vectors:
         parser.error("--heads only applies with --save-minilm-vectors")
-    if args.save_minilm_vectors:
+    if args.merge:
+        if long_options or args.long_context:
+            parser.error("--merge runs alone: it reads the files the calls wrote")
+        paths = [merge_long_context(args.merge, results_dir=args.results_dir)]
+    elif args.save_minilm_vectors:
         paths = [save_vectors_command(args.save_minilm_vectors, args.heads)]
     elif args.long_context:
         paths = run_long_context(results_dir=args.results_dir, data=args.data or LONG_DATA, lengths=args.lengths,

@@ -1132,3 +1132,23 @@ def test_long_context_figures_draw_from_the_gpu_results_only(tmp_path, monkeypat
     with pytest.raises(figures.MissingResultError, match=r"long-context-<device>\.json is missing: make it with "
                                                           r"`python -m nkattn.studies.lowrank --long-context"):
         plots.fig_long_rank(tmp_path / "empty", tmp_path / "c")
+
+
+def test_long_context_files_of_parallel_calls_merge_into_one(tmp_path):
+    """Calls on several GPUs at once write separate files; --merge joins them and the stored one."""
+    runs = {}
+    for name, data, kinds in (("a", ("planted",), ("factors",)), ("b", ("planted",), ("attention",))):
+        (runs[name],) = study.run_long_context(results_dir=tmp_path / name, data=data, lengths=(64,), kinds=kinds,
+                                                repeats=2, command=name, progress=False, bench=study.HostBench())
+    stored = tmp_path / "results"
+    study.run_long_context(results_dir=stored, data=("planted",), lengths=(128,), kinds=("factors",), repeats=2,
+                           command="stored", progress=False, bench=study.HostBench())
+    assert study.main(["--results-dir", str(stored), "--merge", str(runs["a"]), str(runs["b"])]) == 0
+    merged = read_results(stored / "lowrank" / "long-context-cpu.json")
+    assert [c["command"] for c in merged["meta"]["calls"]] == ["stored", "a", "b"]
+    assert merged["meta"]["merged"] == [str(runs["a"]), str(runs["b"])]
+    cases = sorted({(r["n"], r["dtype"], r["kind"]) for r in merged["records"]})
+    assert cases == [(64, "float32", "attention"), (64, "float32", "factors"), (64, "float64", "attention"),
+                     (64, "float64", "factors"), (128, "float32", "factors"), (128, "float64", "factors")]
+    with pytest.raises(SystemExit):
+        study.main(["--merge", str(runs["a"]), "--long-context"])
