@@ -21,7 +21,8 @@ does not pay in T₁). Not yet run on a GPU: the numbers come from the first run
 
 Results: results/bench/distributed-<device>.json, one record per (impl, strategy, P, N,
 causal): gpus, strategy, N, d, dtype, causal, median_ms, scaling_efficiency,
-bit_identical, peak_bytes.
+bit_identical, peak_bytes; written after every (N, causal), with ``meta.complete`` false
+until the last, and each record printed as it lands.
 """
 
 from __future__ import annotations
@@ -116,24 +117,38 @@ def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence) -> list[P
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10), device_id=torch.device("cuda", local_rank))
     rank, world = dist.get_rank(), dist.get_world_size()
     counts = [p for p in GPU_COUNTS if p <= world]
     groups = {p: dist.new_group(list(range(p))) for p in counts}  # every rank creates every group
     records = []
-    for n, heads, causal in configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence):
-        reps = 3 if n >= LONG_N else repeats
-        records += _one_config(torch, dist, rank, groups, n, heads, causal, reps)
     name = torch.cuda.get_device_name()
     path = results_path(results_dir, name, quick or seq_lens is not None)
-    if rank == 0:
-        meta = make_meta(device=name, command="nkattn bench distributed" + (" --quick" if quick else ""),
-                         config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": "float32",
-                                 "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS})
-        write_results(path, meta, records)
+    meta = make_meta(device=name, command="nkattn bench distributed" + (" --quick" if quick else ""),
+                     config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": "float32",
+                             "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS})
+    grid = configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence)
+    for i, (n, heads, causal) in enumerate(grid):
+        reps = 3 if n >= LONG_N else repeats
+        new = _one_config(torch, dist, rank, groups, n, heads, causal, reps)
+        records += new
+        if rank == 0:  # after every configuration, so a run cut short keeps what it measured
+            meta["complete"] = i == len(grid) - 1
+            write_results(path, meta, records)
+            for r in new:
+                print(_progress_line(r), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return [path] if rank == 0 else []
+
+
+def _progress_line(record: dict) -> str:
+    """One record as the bench prints it while it runs."""
+    if "skipped" in record:
+        return f"{record['impl']} P={record['gpus']} N={record['N']} causal={record['causal']}: skipped ({record['skipped']})"
+    return (f"{record['impl']} {record['strategy']} P={record['gpus']} N={record['N']} causal={record['causal']}: "
+            f"{record['median_ms']:.1f} ms, efficiency {record['scaling_efficiency']:.3f}"
+            + (f", bit_identical {record['bit_identical']}" if "bit_identical" in record else ""))
 
 
 def _timed(torch, dist, group, fn, repeats) -> float:
