@@ -277,20 +277,22 @@ def _sequence(call: dict, rank: int, world: int, group):
     dev = _Device(q)
     lengths = dev.lengths(call, nk_total)
     batch, heads, dtype = call["batch"], call["heads"], call["dtype"]
-    out = dev.empty((batch, heads, call["nq"], call["value_dim"]), dtype)
-    lse = dev.empty((batch, heads, call["nq"]), dtype)
-    _, l_state = dev.empty((batch, heads, call["nq"]), dtype)
 
     # the key chunks each of this rank's query chunks sees, in key order (at least one, which
-    # writes O = 0 and lse = -inf for rows that see no key)
+    # writes O = 0 and lse = -inf for rows that see no key); each query chunk gets contiguous
+    # q, O, lse and l arrays: views into the shard's would be strided, and the kernel
+    # specialised for strided arrays holds their strides in registers (more spills, ptxas)
     nk_b = np.full(batch, nk_total) if call["key_lengths"] is None else call["key_lengths"].astype(np.int64)
     folds = []
     for i, c in enumerate(mine):
         last_row = (c + 1) * cq - 1  # sees the most keys of the chunk (bottom-right causal, as the kernel)
         seen = int(np.minimum(nk_b, last_row + 1 + nk_b - nq_total).max()) if causal else int(nk_b.max())
         needed = [kc for kc in range(n_chunks) if kc * ck < seen] or [0]
-        rows = slice(i * cq, (i + 1) * cq)
-        folds.append((c, needed, dev.view(q[:, :, rows]), out[1][:, :, rows], lse[1][:, :, rows], l_state[:, :, rows]))
+        q_chunk = q if len(mine) == 1 else q[:, :, i * cq : (i + 1) * cq].contiguous()
+        out = dev.empty((batch, heads, cq, call["value_dim"]), dtype)
+        lse = dev.empty((batch, heads, cq), dtype)
+        _, l_state = dev.empty((batch, heads, cq), dtype)
+        folds.append((c, needed, dev.view(q_chunk), out, lse, l_state))
 
     owners = {c: (r, j) for r in range(world) for j, c in enumerate(chunks_of(r, world, zigzag))}
     kv_shape = (batch, call["kv_heads"], ck, call["head_dim"])
@@ -314,14 +316,15 @@ def _sequence(call: dict, rank: int, world: int, group):
         for work in in_flight.pop(kc):
             work.wait()
         k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % 2])
-        for c, needed, q_view, o_view, lse_view, l_view in folds:
+        for c, needed, q_view, out, lse, l_state in folds:
             if kc in needed:
                 exact_attention_fold(
-                    q_view, k_chunk, v_chunk, lengths, o_view, lse_view, l_view, causal=causal, scale=scale,
+                    q_view, k_chunk, v_chunk, lengths, out[1], lse[1], l_state, causal=causal, scale=scale,
                     row_offset=c * cq, nq_total=nq_total, key_offset=kc * ck, first=kc == needed[0],
                     last=kc == needed[-1], stream=stream,
                 )
-    return dev.result(out), dev.result(lse)
+    outs, lses = ([dev.result(fold[i]) for fold in folds] for i in (3, 4))
+    return (outs[0], lses[0]) if len(folds) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
 
 
 def _all_to_all(sent: list, group) -> list:
