@@ -17,7 +17,7 @@ lse gathered on rank 0 and compared, every element, with the one-GPU result.
 ``peak_bytes``: per GPU, the largest over ranks of torch's allocator peak during a
 call plus the resident shards of q, k, v, O and lse. The inputs are finite, so the
 calls pass check_finite=False (the check is a pass over q, k and v that one GPU
-does not pay in T₁). Not yet run on a GPU: the numbers come from the first run.
+does not pay in T₁). First run: 2 H200s, N = 64K (README, "Several GPUs").
 
 Results: results/bench/distributed-<device>.json, one record per (impl, strategy, P, N,
 causal): gpus, strategy, N, d, dtype, causal, median_ms, scaling_efficiency,
