@@ -240,22 +240,75 @@ def _row_store(value_width: int, store_pair):
     return store_rows
 
 
+def _state_functions(value_width: int):
+    """The resume entry's state between launches, in float32 global memory: the accumulator in
+    ``acc_state`` (B, H, Nq, dv), the running max in ``lse``, and each quad lane's share of the row
+    sum in ``l_state`` (B, H, Nq, 4), unreduced, so that the last launch's quad sum adds the same
+    four numbers as one launch does. ``load_state`` fills ``acc_o`` and returns (m0, m1, l0, l1)."""
+
+    @cuda.jit(device=True, inline="always")
+    def load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o):
+        dv = acc_state.shape[3]
+        m0 = NEG_INF
+        m1 = NEG_INF
+        l0 = F32_ZERO
+        l1 = F32_ZERO
+        for half in range(2):
+            row = r0 + 8 * half
+            if row < nq:
+                for c in range(value_width // 8):
+                    col = 8 * c + 2 * tq
+                    if col < dv:
+                        i = 4 * c + 2 * half
+                        acc_o[i] = acc_state[b, h, row, col]
+                        acc_o[i + 1] = acc_state[b, h, row, col + 1]
+                if half == 0:
+                    m0 = ptx.register_f32(lse[b, h, row])
+                    l0 = l_state[b, h, row, tq]
+                else:
+                    m1 = ptx.register_f32(lse[b, h, row])
+                    l1 = l_state[b, h, row, tq]
+        return m0, m1, l0, l1
+
+    @cuda.jit(device=True, inline="always")
+    def store_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, l0, l1, m0, m1):
+        dv = acc_state.shape[3]
+        for half in range(2):
+            row = r0 + 8 * half
+            if row < nq:
+                for c in range(value_width // 8):
+                    col = 8 * c + 2 * tq
+                    if col < dv:
+                        i = 4 * c + 2 * half
+                        acc_state[b, h, row, col] = acc_o[i]
+                        acc_state[b, h, row, col + 1] = acc_o[i + 1]
+                l_state[b, h, row, tq] = l0 if half == 0 else l1
+                if tq == 0:
+                    lse[b, h, row] = m0 if half == 0 else m1
+
+    return load_state, store_state
+
+
 @cache
 def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q_start: int, k_start: int,
-                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int):
+                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int, resume: bool = False):
     """`block_start` of a tensor-core kernel of two-byte (half) or one-byte (fp8) operands: BM rows a
     block in warpgroups of 64, BN keys a tile, Q/K/V operand descriptors starting at byte offsets
     ``q_start``, ``k_start``, ``v_start`` of the aligned shared buffer (with their descriptor bits),
-    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further."""
+    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further.
+
+    ``resume``: the block start of the resume entry instead, ``block_start(q, key_lengths, causal,
+    group, row_offset, nq_total, key_offset, chunk_len)``, for a launch over one chunk of keys (k
+    holds ``chunk_len`` global keys from ``key_offset``) and of rows (q holds global rows from
+    ``row_offset`` of ``nq_total``):
+    the masks at global positions, the tiles counted within the chunk, and in place of the key
+    length the keys of the chunk that tile loads may read."""
     BM, BN, ESIZE, SMEM_TYPE = block_m, block_n, element_bytes, smem_type
     Q_START, K_START, V_START, Q_BITS, K_BITS, V_BITS = q_start, k_start, v_start, q_bits, k_bits, v_bits
     WG_ROWS_BYTES = wg_rows_bytes
 
     @cuda.jit(device=True, inline="always")
-    def block_start(q, key_lengths, causal, group):
-        """Where this thread's block and rows are, the block's shared buffer (aligned at ``base``)
-        and the operand descriptors, and how many key tiles the block visits: the half kernels
-        and the fp8 kernel start so."""
+    def block_place(q, key_lengths, causal, group):
         tid = cuda.threadIdx.x
         wg = tid // 128
         t = tid % 128
@@ -276,8 +329,16 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
         q_desc = ptx.smem_descriptor(aligned + Q_START + wg * WG_ROWS_BYTES, Q_BITS)
         k_desc = ptx.smem_descriptor(aligned + K_START, K_BITS)
         v_desc = ptx.smem_descriptor(aligned + V_START, V_BITS)
-
         r0 = row0 + 64 * wg + 16 * (t // 32) + g  # this thread's two rows: r0 and r0 + 8
+        return tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0
+
+    @cuda.jit(device=True, inline="always")
+    def block_start(q, key_lengths, causal, group):
+        """Where this thread's block and rows are, the block's shared buffer (aligned at ``base``)
+        and the operand descriptors, and how many key tiles the block visits: the half kernels
+        and the fp8 kernel start so."""
+        tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0 = block_place(
+            q, key_lengths, causal, group)
         kv_end0 = visible_keys(r0, nq, nk_b, causal)
         kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
         block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)  # causal: the last row sees most
@@ -286,7 +347,20 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
         return (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
                 block_kv_min, n_tiles)
 
-    return block_start
+    @cuda.jit(device=True, inline="always")
+    def block_start_resume(q, key_lengths, causal, group, row_offset, nq_total, key_offset, chunk_len):
+        tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0 = block_place(
+            q, key_lengths, causal, group)
+        kv_end0 = visible_keys(row_offset + r0, nq_total, nk_b, causal)
+        kv_end1 = visible_keys(row_offset + r0 + 8, nq_total, nk_b, causal)
+        block_kv_end = visible_keys(row_offset + min(row0 + BM, nq) - 1, nq_total, nk_b, causal)
+        block_kv_min = visible_keys(row_offset + row0, nq_total, nk_b, causal)
+        chunk_keys = max(0, min(nk_b - key_offset, chunk_len))  # the chunk's keys below the key length
+        n_tiles = (max(0, min(block_kv_end, key_offset + chunk_len) - key_offset) + BN - 1) // BN
+        return (tid, wg, tq, b, h, kvh, nq, row0, chunk_keys, smem, base, q_desc, k_desc, v_desc, r0, kv_end0,
+                kv_end1, block_kv_min, n_tiles)
+
+    return block_start_resume if resume else block_start
 
 
 def _half_fragments(kind: str, block_n: int, value_width: int):
@@ -312,8 +386,11 @@ def _half_fragments(kind: str, block_n: int, value_width: int):
 
 
 @cache
-def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
-    """Build the fused forward kernel for one (kind, d, dv, tile shape): (kernel, shared bytes)."""
+def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, resume: bool = False):
+    """Build the fused forward kernel for one (kind, d, dv, tile shape): (kernel, shared bytes).
+
+    ``resume`` builds the resume entry of the wgmma half kernels instead (`tc_attention_fold`):
+    the same body compiled with the carried state, so the one-launch kernel is unchanged."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if head_dim % 8 or value_dim % 8 or not 8 <= max(head_dim, value_dim) <= MAX_HEAD_DIM:
@@ -327,12 +404,17 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
     if config.mma_sync:
         if kind not in HALF_KINDS or config.overlap or config.pingpong:
             raise ValueError(f"mma_sync takes a half kind and no wgmma schedule (overlap, pingpong), got {kind!r}, {config}")
+        if resume:
+            raise ValueError("the resume entry is built for the wgmma kernels only, not mma_sync")
         return _mma_sync_kernel(kind, head_dim, value_dim, config)
-    build = _half_kernel if kind in HALF_KINDS else _float32_kernel
-    return build(kind, head_dim, value_dim, config)
+    if kind in HALF_KINDS:
+        return _half_kernel(kind, head_dim, value_dim, config, resume)
+    if resume:
+        raise ValueError(f"the resume entry is built for the half kinds {HALF_KINDS} only, got {kind!r}")
+    return _float32_kernel(kind, head_dim, value_dim, config)
 
 
-def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
+def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, resume: bool = False):
     """The float16/bfloat16 kernel.
 
     Grid ``(ceil(Nq / BM), H, B)``; a block of BM / 64 warpgroups owns BM query rows,
@@ -406,9 +488,18 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
     softmax = _row_functions(BN)
     block_start = block_functions(BM, BN, ESIZE, SMEM_TYPE, Q_STARTS[0], K_STARTS[0], V_STARTS[0], Q_BITS, K_BITS,
-                                  V_BITS, WG_ROWS_BYTES)
+                                  V_BITS, WG_ROWS_BYTES, resume)
+    RESUME = resume
+    JIT = {} if SIMULATOR else {"max_registers": MAX_REGISTERS}
 
     pack_p, store_rows = _half_fragments(kind, BN, DVP)
+    load_state, store_state = _state_functions(DVP)
+
+    @cuda.jit(device=True, inline="always")
+    def start(q, k, key_lengths, causal, group, row_offset, nq_total, key_offset):
+        if RESUME:
+            return block_start(q, key_lengths, causal, group, row_offset, nq_total, key_offset, k.shape[2])
+        return block_start(q, key_lengths, causal, group)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
@@ -433,10 +524,49 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
             if SPLIT_O:
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
 
-    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
-    def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+    @cuda.jit(device=True, inline="always")
+    def first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1):
+        """The row sums after a launch's first tile: P's alone in one launch; in the resume entry the
+        carried state rescaled as every later tile rescales it (a fresh state gives the same bits:
+        alpha = 2^-inf = 0, l = 0·0 + ps and acc = 0·0)."""
+        if RESUME:
+            for i in range(NO):
+                acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+            return l0 * alpha0 + ps0, l1 * alpha1 + ps1
+        return ps0, ps1
+
+    @cuda.jit(device=True, inline="always")
+    def finish(o, lse, acc_state, l_state, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1, last):
+        if RESUME:
+            if last:
+                store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
+            else:
+                store_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, l0, l1, m0, m1)
+        else:
+            store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
+
+    def kernel_entry(body):
+        """The kernel around a schedule's body: one launch, or (``resume``) the resume entry."""
+        if RESUME:
+            @cuda.jit(**JIT)
+            def tc_attention_resume(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state,
+                                    row_offset, nq_total, key_offset, first, last):
+                body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset,
+                     nq_total, key_offset, first, last)
+
+            return tc_attention_resume
+
+        @cuda.jit(**JIT)
+        def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+            body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, lse, lse, 0, 0, 0, True, True)
+
+        return tc_attention_fwd
+
+    @cuda.jit(device=True, inline="always")
+    def plain(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset, nq_total,
+              key_offset, first, last):
         (tid, _wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
-         block_kv_min, n_tiles) = block_start(q, key_lengths, causal, group)
+         block_kv_min, n_tiles) = start(q, k, key_lengths, causal, group, row_offset, nq_total, key_offset)
 
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
@@ -447,6 +577,9 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
         m1 = NEG_INF
         l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
         l1 = F32_ZERO
+        if RESUME:
+            if not first:
+                m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
         # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
         load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
@@ -464,10 +597,9 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
             issue_qk(smem, acc_s, q_desc, k_desc, 0)
             ptx.wgmma_commit()
             wait_mma_all()
-            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
-                                                       qk_scale_log2)
-            l0 = ps0
-            l1 = ps1
+            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, key_offset, key_offset + BN > block_kv_min, kv_end0,
+                                                       kv_end1, m0, m1, tq, tid, qk_scale_log2)
+            l0, l1 = first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1)
             pack_p(acc_s, p_regs)
 
         for j in range(n_tiles):
@@ -489,7 +621,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
                     wait_mma_but_one()  # S_{j+1} is done; P_j V_j may still run during the softmax
                 else:
                     wait_mma_all()
-                tile_start = (j + 1) * BN
+                tile_start = key_offset + (j + 1) * BN
                 m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
                                                            kv_end1, m0, m1, tq, tid, qk_scale_log2)
                 l0 = l0 * alpha0 + ps0
@@ -500,10 +632,10 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
                     acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
                 pack_p(acc_s, p_regs)
 
-        store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
+        finish(o, lse, acc_state, l_state, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1, last)
 
     if not config.pingpong:
-        return tc_attention_fwd, SHARED_BYTES
+        return kernel_entry(plain), SHARED_BYTES
 
     # mbarriers after the ring, 8 bytes each: full[s] (the slot's tile has landed) and empty[s]
     # (both warpgroups are done with it), every thread arriving at each once per tile
@@ -512,8 +644,9 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
     FULL0, EMPTY0, BAR_STRIDE = BAR_OFFSET // ESIZE, BAR_OFFSET // ESIZE + STAGES * 8 // ESIZE, 8 // ESIZE
     TURN = 1  # named barriers TURN (warpgroup 0's turn) and TURN + 1 (warpgroup 1's); 0 is syncthreads
 
-    @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
-    def tc_attention_pingpong(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
+    @cuda.jit(device=True, inline="always")
+    def pingpong(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset, nq_total,
+                 key_offset, first, last):
         """The same tiles and arithmetic as `tc_attention_fwd`, so the same bits; only the order
         in which the two warpgroups reach the tensor cores, and how slots are handed over, differ.
 
@@ -527,7 +660,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
         the (t // 3)-th fill of slot t % 3, so phases are waited by the parity of t // 3.
         """
         (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
-         block_kv_min, n_tiles) = block_start(q, key_lengths, causal, group)
+         block_kv_min, n_tiles) = start(q, k, key_lengths, causal, group, row_offset, nq_total, key_offset)
         full0 = base + FULL0
         empty0 = base + EMPTY0
 
@@ -540,6 +673,9 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
         m1 = NEG_INF
         l0 = F32_ZERO
         l1 = F32_ZERO
+        if RESUME:
+            if not first:
+                m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
         if n_tiles > 0:
             if tid == 0:
@@ -565,10 +701,9 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
             ptx.wgmma_commit()
             ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)
             wait_mma_all()
-            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
-                                                       qk_scale_log2)
-            l0 = ps0
-            l1 = ps1
+            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, key_offset, key_offset + BN > block_kv_min, kv_end0,
+                                                       kv_end1, m0, m1, tq, tid, qk_scale_log2)
+            l0, l1 = first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1)
             pack_p(acc_s, p_regs)
 
             for j in range(n_tiles):
@@ -595,7 +730,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
                 wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
                 ptx.mbarrier_arrive(smem, empty0 + (j % STAGES) * BAR_STRIDE)
                 if more:
-                    tile_start = (j + 1) * BN
+                    tile_start = key_offset + (j + 1) * BN
                     m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min,
                                                                kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2)
                     l0 = l0 * alpha0 + ps0
@@ -606,9 +741,9 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
             if wg == 0:
                 ptx.named_barrier_sync(TURN, THREADS)  # warpgroup 1's arrival after its last turn
 
-        store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
+        finish(o, lse, acc_state, l_state, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1, last)
 
-    return tc_attention_pingpong, PINGPONG_SHARED_BYTES
+    return kernel_entry(pingpong), PINGPONG_SHARED_BYTES
 
 
 def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig):
@@ -1021,5 +1156,40 @@ def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str,
     launch_with_shared_memory(
         kernel, grid, block, shared_bytes, stream,
         q, k, v, key_lengths, out, lse, np.float32(scale * LOG2E), bool(causal), heads // k.shape[1],
+    )
+    return out, lse
+
+
+def tc_attention_fold(q, k, v, key_lengths, out, lse, acc_state, l_state, *, causal: bool, scale: float, kind: str,
+                      row_offset: int, nq_total: int, key_offset: int, first: bool, last: bool, stream=0,
+                      config: TileConfig | None = None):
+    """Fold one chunk of keys into the carried state of a run of query rows: the resume entry of the
+    wgmma half kernels (`exact_attention_fold`'s counterpart; both schedules).
+
+    q holds global query rows ``[row_offset, row_offset + q.shape[2])`` of ``nq_total``; k and v hold
+    global keys ``[key_offset, key_offset + k.shape[2])``; `key_lengths` (int32, B) counts global
+    keys. Between calls ``acc_state`` (float32, B x H x Nq x dv) holds the unnormalised accumulator,
+    lse the running max and ``l_state`` (float32, B x H x Nq x 4) the row sums by quad lane;
+    ``first`` starts from an empty state, ``last`` writes O (the input's type) and lse as
+    `tc_attention` returns them. Folding every chunk the rows see, in key order, each starting on a
+    multiple of the key tile ``config.block_n``, with the config of the one-launch call, gives
+    `tc_attention`'s bits for these rows. Inputs are assumed validated.
+    """
+    batch, heads, nq, head_dim = q.shape
+    value_dim = v.shape[3]
+    capability = compute_capability()
+    config = default_config(kind, head_dim, value_dim, capability) if config is None else config
+    reasons = device_reasons(kind, capability, config)
+    if reasons:
+        raise RuntimeError("; ".join(reasons))
+    if key_offset % config.block_n:
+        raise ValueError(f"a key chunk must start on a key tile: key_offset {key_offset} is not a multiple of "
+                         f"{config.block_n}")
+    kernel, shared_bytes = tc_attention_kernel(kind, head_dim, value_dim, config, resume=True)
+    grid, block = launch_config(config, batch, heads, nq)
+    launch_with_shared_memory(
+        kernel, grid, block, shared_bytes, stream,
+        q, k, v, key_lengths, out, lse, np.float32(scale * LOG2E), bool(causal), heads // k.shape[1], acc_state,
+        l_state, np.int64(row_offset), np.int64(nq_total), np.int64(key_offset), bool(first), bool(last),
     )
     return out, lse

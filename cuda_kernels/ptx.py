@@ -395,6 +395,13 @@ if not SIMULATOR:
 
         return types.float32(types.float32), codegen
 
+    @cuda.jit(device=True, inline="always")
+    def register_f32(x):
+        """A float32 read from memory, held as a register that arithmetic wrote: itself (its stand-in
+        gives the simulator's form of such a register, so a state carried through memory computes on
+        as the register it was)."""
+        return x
+
     @intrinsic
     def mul_rn(typingctx, a, b):
         """a·b rounded to float32 on its own (``mul.rn.f32``): the explicit rounding mode keeps
@@ -762,6 +769,12 @@ else:  # ------------------------------------------------------------- simulator
     @cuda.jit(device=True)
     def mul_rn(a, b):
         return float(np.float32(a) * np.float32(b))
+
+    @cuda.jit(device=True)
+    def register_f32(x):
+        # a NumPy float32 read from an array promotes weakly (NEP 50), so m - mu would round to
+        # float32 where the same value left by arithmetic (a Python float here) does not
+        return float(x)
 
     @cuda.jit(device=True)
     def ex2(x):

@@ -25,6 +25,7 @@ from nkattn.cuda_kernels.exact_tc import (
     device_reasons,
     mma_sync_config,
     tc_attention,
+    tc_attention_fold,
     tc_attention_kernel,
 )
 from nkattn.reference.exact import attention_ref, default_scale, visible_key_counts
@@ -386,6 +387,72 @@ def test_pingpong_gives_the_default_bits(kind, nq, nk, causal):
         tc_attention_kernel("tf32", 64, 64, TileConfig(128, 64, pingpong=True))
     with pytest.raises(ValueError, match="pingpong"):
         tc_attention_kernel(kind, 64, 64, TileConfig(64, 64, pingpong=True))
+
+
+def run_fold(q, k, v, kind, *, causal, key_lengths, config, row_cuts, key_cuts):
+    """O and lse of every query chunk (rows split at ``row_cuts``) folded over the key chunks (keys
+    split at ``key_cuts``), in key order, by `tc_attention_fold`; stitched back along the rows."""
+    lengths = cuda.to_device(np.asarray(key_lengths, np.int32))
+    nq, nk, dv = q.shape[2], k.shape[2], v.shape[3]
+    rows = list(zip((0, *row_cuts), (*row_cuts, nq)))
+    keys = list(zip((0, *key_cuts), (*key_cuts, nk)))
+    outs, lses = [], []
+    for r0, r1 in rows:
+        q_chunk = cuda.to_device(to_bits(np.ascontiguousarray(q[:, :, r0:r1]), kind))
+        shape = (q.shape[0], q.shape[1], r1 - r0)
+        out = cuda.device_array((*shape, dv), np.uint16)
+        lse, acc = cuda.device_array(shape, np.float32), cuda.device_array((*shape, dv), np.float32)
+        l_state = cuda.device_array((*shape, 4), np.float32)
+        for i, (k0, k1) in enumerate(keys):
+            k_chunk, v_chunk = (cuda.to_device(to_bits(np.ascontiguousarray(x[:, :, k0:k1]), kind)) for x in (k, v))
+            tc_attention_fold(q_chunk, k_chunk, v_chunk, lengths, out, lse, acc, l_state, causal=causal,
+                              scale=default_scale(q.shape[-1]), kind=kind, row_offset=r0, nq_total=nq, key_offset=k0,
+                              first=i == 0, last=i == len(keys) - 1, config=config)
+        outs.append(out.copy_to_host())
+        lses.append(lse.copy_to_host())
+    return np.concatenate(outs, axis=2), np.concatenate(lses, axis=2)
+
+
+@pytest.mark.parametrize("kind, pingpong, causal", [
+    pytest.param("f16", False, True, id="f16-plain-causal"),
+    pytest.param("bf16", True, False, id="bf16-pingpong"),
+    pytest.param("f16", True, True, id="f16-pingpong-causal", marks=pytest.mark.gpu),
+    pytest.param("bf16", False, False, id="bf16-plain", marks=pytest.mark.gpu),
+])
+def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal):
+    """The resume entry (`tc_attention_fold`): query chunks that fold the key chunks in order, each
+    starting on a key tile, end with the one-launch kernel's O and lse bit for bit, with GQA, dv != d,
+    key_lengths (a batch with no key at all), causal masks across chunk edges and chunks some blocks
+    see nothing of."""
+    rng = np.random.default_rng(11)
+    block_n = 128 if REAL_GPU else 16
+    config = TileConfig(128, block_n, pingpong=pingpong) if pingpong or REAL_GPU else TileConfig(64, 16)
+    if REAL_GPU:
+        nq, nk, d, dv, heads, row_cuts, key_cuts = 700, 900, 64, 48, (4, 2), (128, 333), (256, 512, 768)
+    else:  # the simulator runs every thread in Python: two query heads on one key/value head, few tiles
+        nq, nk, d, dv, heads, row_cuts, key_cuts = 37, 48, 32, 16, (2, 1), (20,), (16,)
+    q, k, v = half_inputs(rng, 2, *heads, nq, nk, d, dv, kind)
+    lengths = [nk - 5, 0]
+    whole = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=config)
+    folded = run_fold(q, k, v, kind, causal=causal, key_lengths=lengths, config=config, row_cuts=row_cuts,
+                      key_cuts=key_cuts)
+    assert_bit_identical("O", folded[0], whole[0])
+    assert_bit_identical("lse", folded[1], whole[1])
+
+
+def test_the_resume_entry_refuses_what_it_is_not_built_for():
+    with pytest.raises(ValueError, match="wgmma kernels only"):
+        tc_attention_kernel("f16", 64, 64, TileConfig(64, 16, mma_sync=True), resume=True)
+    with pytest.raises(ValueError, match="half kinds"):
+        tc_attention_kernel("tf32", 64, 64, TileConfig(64, 16), resume=True)
+    rng = np.random.default_rng(1)
+    q, k, v = (cuda.to_device(to_bits(x, "f16")) for x in half_inputs(rng, 1, 1, 1, 8, 32, 16, 16, "f16"))
+    state = [cuda.device_array(s, t) for s, t in (((1, 1, 8, 16), np.uint16), ((1, 1, 8), np.float32),
+                                                  ((1, 1, 8, 16), np.float32), ((1, 1, 8, 4), np.float32))]
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        tc_attention_fold(q, k, v, cuda.to_device(np.array([32], np.int32)), *state, causal=False, scale=0.25,
+                          kind="f16", row_offset=0, nq_total=8, key_offset=8, first=True, last=True,
+                          config=TileConfig(64, 16))
 
 
 @pytest.mark.gpu
