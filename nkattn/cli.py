@@ -49,7 +49,7 @@ def _require_gpu(command: str, simulator: bool) -> None:
 
 # keyword argument of a study's run() -> the command-line option that sets it
 FLAGS = {"quick": "--quick", "repeats": "--repeats", "seq_lens": "--seq-lens", "long_sequence": "--long/--no-long",
-         "results_dir": "--results-dir"}
+         "results_dir": "--results-dir", "dtype": "--dtype"}
 
 
 def _run_study(command: str, name: str, simulator: bool, **kwargs) -> int:
@@ -129,7 +129,7 @@ def bench_studies() -> dict[str, str]:
 
 def cmd_bench(args) -> int:
     simulator = _choose_simulator()
-    given = {"repeats": args.repeats, "seq_lens": args.seq_lens, "long_sequence": args.long}
+    given = {"repeats": args.repeats, "seq_lens": args.seq_lens, "long_sequence": args.long, "dtype": args.dtype}
     kwargs = {"quick": args.quick, **{name: value for name, value in given.items() if value is not None}}
     return _run_study(f"bench {args.name}", bench_studies()[args.name], simulator, **kwargs)
 
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="runs per timing (exact, table; default 20)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="override the sequence lengths (writes a -partial file)")
     p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="exact, distributed: also run N = 1M (default: with the full grid)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="distributed: the inputs' dtype (default float32, the FFMA kernel; the half dtypes run the tensor-core kernel)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -3,7 +3,8 @@
 Every rank of a group of P holds a shard of the sequence of q, k and v (torch
 tensors: CUDA with NCCL, CPU with gloo) and gets back its rows of O and lse,
 bit for bit those of `nkattn.attention` on the whole sequence on one device
-(the FFMA kernel: float32 and float64, d in 16..256, dv = d). Two strategies:
+(the FFMA kernel for float32 and float64, d in 16..256, dv = d; the tensor-core kernel for
+float16 and bfloat16, d and dv multiples of 8 up to 256). Two strategies:
 
 * ``"heads"`` (DeepSpeed-Ulysses): an all-to-all gives each rank all N positions
   of H/P query heads and Hkv/P key/value heads, the unchanged one-device kernel
@@ -13,7 +14,8 @@ bit for bit those of `nkattn.attention` on the whole sequence on one device
 * ``"sequence"``: every key/value chunk is broadcast to every rank in key order
   (the next chunk's broadcast in flight while the current one is computed), and
   each rank folds the chunks its rows see into their running (m, l, acc) with the
-  kernel's resume entry (`nkattn.cuda_kernels.exact.exact_attention_fold`): the
+  kernel's resume entry (`nkattn.cuda_kernels.exact.exact_attention_fold`, or
+  `nkattn.cuda_kernels.exact_tc.tc_attention_fold` for the half kinds, wgmma only): the
   order of the tiles a row sees is the one-device kernel's, so are the bits. A ring
   would deliver chunks out of order, and a rank would have to hold them until their
   turn; a broadcast in key order needs two chunk buffers. Needs every chunk to be a
@@ -53,7 +55,9 @@ import numpy as np
 from nkattn import arrays
 
 STRATEGIES = ("sequence", "heads")
-DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *arrays.HALF_DTYPES)
+# the backend each dtype runs on, as `nkattn.attention` labels it
+KERNELS = {"cuda (FFMA kernel)": "ffma", "cuda (tensor-core kernel)": "tensor-core"}
 # the descriptor every rank gathers: one int64 each, -1 where a field is unknown
 FIELDS = ("error", "strategy", "causal", "zigzag", "dtype", "B", "H", "Hkv", "Nq / P", "Nk / P", "d", "dv",
           "key_lengths", "scale", "device")
@@ -93,22 +97,31 @@ def unshard(shards, *, zigzag: bool = False):
     return torch.cat([pieces[c] for c in range(_chunks(world, zigzag))], dim=2)
 
 
-def chunk_multiple(dtype, head_dim: int) -> int:
-    """The key tile BN of the kernel for this dtype and d: ``"sequence"`` needs every key chunk
-    (Nk / P, or Nk / 2P with zigzag) to be a multiple of it (64 for float32 on a GPU, 8 in the simulator)."""
+def chunk_multiple(dtype, head_dim: int, value_dim: int | None = None) -> int:
+    """The key tile BN of the kernel for this dtype, d and dv: ``"sequence"`` needs every key chunk
+    (Nk / P, or Nk / 2P with zigzag) to be a multiple of it (float32/float64: 64 on a GPU, 8 in the
+    simulator; float16/bfloat16: the tensor-core kernel's `default_config`, 128 up to d = 128 on
+    Hopper, 16 in the simulator)."""
+    dtype = np.dtype(dtype)
+    if dtype in arrays.HALF_DTYPES:
+        from nkattn.cuda_kernels.exact_tc import compute_capability, default_config
+
+        kind = "f16" if dtype == np.float16 else "bf16"
+        return default_config(kind, head_dim, value_dim or head_dim, compute_capability()).block_n
     from nkattn.cuda_kernels.online_softmax import kernel_order
 
-    return kernel_order(np.dtype(dtype), head_dim).block_n
+    return kernel_order(dtype, head_dim).block_n
 
 
 def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool = False, zigzag: bool | None = None,
               key_lengths=None, scale: float | None = None, return_lse: bool = False, check_finite: bool = True):
     """Exact attention of this rank's rows; q, k and v are its shards (see the module docstring).
 
-    q is (B, H, Nq/P, d), k and v (B, Hkv, Nk/P, d) of one dtype (float32 or float64) and
-    device; ``zigzag`` (default: ``causal``) says how the shards were cut. The other
-    arguments are `nkattn.attention`'s, with key_lengths counting global keys. Returns O
-    (B, H, Nq/P, d), or (O, lse) with ``return_lse``, torch tensors on q's device.
+    q is (B, H, Nq/P, d), k (B, Hkv, Nk/P, d) and v (B, Hkv, Nk/P, dv) of one dtype (float32,
+    float64, float16 or bfloat16) and device; ``zigzag`` (default: ``causal``) says how the
+    shards were cut. The other arguments are `nkattn.attention`'s, with key_lengths counting
+    global keys. Returns O (B, H, Nq/P, dv) in q's dtype, or (O, lse) with ``return_lse`` (lse
+    in float32 for the half dtypes, as `nkattn.attention`), torch tensors on q's device.
     Every rank of `group` (default: the world) must call with the same options.
     """
     import torch
@@ -157,19 +170,29 @@ def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale,
         raise ValueError(f"q, k and v must be on one device, got {', '.join(str(x.device) for x in (q, k, v))}")
     dtype = arrays.dtype_of(q, "q")
     if dtype not in DTYPES:
-        raise TypeError(f"context-parallel attention runs the FFMA kernel: float32 or float64, got q of dtype {dtype}")
+        raise TypeError("context-parallel attention takes float32, float64 (FFMA kernel), float16 and bfloat16 "
+                        f"(tensor-core kernel), got q of dtype {dtype}")
     # the local shards through nkattn.attention's checks (key_lengths count global keys: checked below);
     # CPU tensors as NumPy views, which plan() takes for host arrays
-    views = [x if x.is_cuda else x.detach().numpy() for x in (q, k, v)]
+    views = [x if x.is_cuda else _host_view(x) for x in (q, k, v)]
     local, backend = plan(*views, causal=causal, scale=scale, backend="cuda", check_finite=check_finite)
     req = local.request
-    if backend.label != "cuda (FFMA kernel)":
-        raise ValueError(f"context-parallel attention runs the FFMA kernel, and {backend.label} was chosen")
+    if backend.label not in KERNELS:
+        raise ValueError(f"context-parallel attention runs the FFMA or the tensor-core kernel, and {backend.label} "
+                         "was chosen")
+    if strategy == "sequence" and KERNELS[backend.label] == "tensor-core":
+        from nkattn.cuda_kernels.exact_tc import compute_capability
+
+        major, minor = compute_capability()
+        if major != 9:
+            raise ValueError('strategy="sequence" folds key chunks with the resume entry of the wgmma kernel '
+                             f'(Hopper, compute capability 9.x), this GPU is {major}.{minor}: use strategy="heads"')
     lengths = None
     if key_lengths is not None:
         host = key_lengths.cpu().numpy() if isinstance(key_lengths, torch.Tensor) else key_lengths
         lengths = arrays.host_key_lengths(host, req.batch, req.nk * _chunks(world, zigzag))
     return {"q": q, "k": k, "v": v, "strategy": strategy, "causal": causal, "zigzag": zigzag, "dtype": dtype,
+            "kernel": KERNELS[backend.label],
             "batch": req.batch, "heads": req.heads, "kv_heads": req.kv_heads, "nq": req.nq, "nk": req.nk,
             "head_dim": req.head_dim, "value_dim": req.value_dim, "key_lengths": lengths, "scale": local.scale}
 
@@ -215,29 +238,43 @@ def _check_shards(call: dict, world: int) -> None:
             if h % world:
                 raise ValueError(f'strategy="heads" splits the heads over the {world} ranks: {name}={h} is not a multiple')
         return
-    tile = chunk_multiple(call["dtype"], call["head_dim"])
+    tile = chunk_multiple(call["dtype"], call["head_dim"], call["value_dim"])
     chunk = call["nk"] // parts
     if world * parts > 1 and chunk % tile:  # one rank with zigzag still folds 2 chunks
         raise ValueError(f'strategy="sequence" folds whole key tiles: a key chunk of {chunk} positions (Nk/{world * parts}) '
-                         f"is not a multiple of the kernel's key tile {tile} ({call['dtype'].name}, d={call['head_dim']})")
+                         f"is not a multiple of the kernel's key tile {tile} ({call['dtype'].name}, d={call['head_dim']}, "
+                         f"dv={call['value_dim']})")
+
+
+def _host_view(t):
+    """A CPU tensor as NumPy (bfloat16, which torch cannot hand to NumPy, through its bits)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy().view(arrays.BFLOAT16)
+    return t.detach().numpy()
 
 
 class _Device:
     """Kernel arrays for the inputs' device: numba views of CUDA tensors, launched on torch's
-    current stream; copies of CPU tensors on the GPU (or the simulator) otherwise."""
+    current stream; copies of CPU tensors on the GPU (or the simulator) otherwise. Half tensors
+    are seen as the tensor-core kernel reads them, their 16-bit patterns."""
 
-    def __init__(self, tensor):
+    def __init__(self, tensor, dtype: np.dtype):
         import torch
         from numba import cuda
 
         self.torch_device = tensor.device
         self.on_gpu = tensor.is_cuda
+        self.dtype = dtype
         self.stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream) if self.on_gpu else 0
 
     def view(self, t):
         from numba import cuda
 
-        return arrays.numba_view(t) if self.on_gpu else cuda.to_device(np.ascontiguousarray(t.numpy()), stream=self.stream)
+        if self.on_gpu:
+            return arrays.kernel_view(t, self.dtype)
+        return cuda.to_device(arrays.kernel_host(_host_view(t), self.dtype), stream=self.stream)
 
     def empty(self, shape, dtype):
         """(torch tensor or None, kernel array) of `shape`: the tensor is what the caller gets back."""
@@ -246,14 +283,20 @@ class _Device:
 
         if self.on_gpu:
             t = torch.empty(shape, dtype=getattr(torch, dtype.name), device=self.torch_device)
-            return t, arrays.numba_view(t)
-        return None, cuda.device_array(shape, dtype=dtype, stream=self.stream)
+            return t, arrays.kernel_view(t, dtype)
+        return None, cuda.device_array(shape, dtype=np.uint16 if dtype in arrays.HALF_DTYPES else dtype,
+                                       stream=self.stream)
 
-    def result(self, pair):
+    def result(self, pair, dtype):
         import torch
 
         t, view = pair
-        return t if self.on_gpu else torch.from_numpy(view.copy_to_host(stream=self.stream))
+        if self.on_gpu:
+            return t
+        host = view.copy_to_host(stream=self.stream)
+        if dtype in arrays.HALF_DTYPES:
+            return torch.from_numpy(host.view(np.int16)).view(getattr(torch, dtype.name))
+        return torch.from_numpy(host)
 
     def lengths(self, call: dict, nk_total: int):
         from numba import cuda
@@ -262,26 +305,60 @@ class _Device:
         return cuda.to_device(host, stream=self.stream)
 
 
+class _Fold:
+    """One query chunk's output and carried state, and the kernel's resume entry that folds a key
+    chunk into it: the FFMA kernel keeps the accumulator in O and the row sum in one array (the
+    input's dtype); the tensor-core kernel keeps them in float32 (O and lse are in its dtypes:
+    the input's and float32), the row sums by quad lane."""
+
+    def __init__(self, dev: _Device, call: dict, rows: int):
+        batch, heads, dtype, dv = call["batch"], call["heads"], call["dtype"], call["value_dim"]
+        self.kernel, self.dev = call["kernel"], dev
+        self.lse_dtype = dtype if self.kernel == "ffma" else np.dtype(np.float32)
+        self.out = dev.empty((batch, heads, rows, dv), dtype)
+        self.lse = dev.empty((batch, heads, rows), self.lse_dtype)
+        if self.kernel == "ffma":
+            self.state = (dev.empty((batch, heads, rows), dtype)[1],)
+        else:
+            f32 = np.dtype(np.float32)
+            self.state = (dev.empty((batch, heads, rows, dv), f32)[1], dev.empty((batch, heads, rows, 4), f32)[1])
+
+    def __call__(self, q, k, v, lengths, **kw):
+        if self.kernel == "ffma":
+            from nkattn.cuda_kernels.exact import exact_attention_fold
+
+            exact_attention_fold(q, k, v, lengths, self.out[1], self.lse[1], *self.state, **kw)
+            return
+        from nkattn.cuda_kernels.exact_tc import tc_attention_fold
+
+        tc_attention_fold(q, k, v, lengths, self.out[1], self.lse[1], *self.state, kind=_kind(self.dev.dtype), **kw)
+
+    def results(self, call: dict):
+        return self.dev.result(self.out, call["dtype"]), self.dev.result(self.lse, self.lse_dtype)
+
+
+def _kind(dtype: np.dtype) -> str:
+    return "f16" if dtype == np.float16 else "bf16"
+
+
 def _sequence(call: dict, rank: int, world: int, group):
     """Broadcast the key/value chunks in key order; fold each into the rows that see it."""
     import torch
     import torch.distributed as dist
-
-    from nkattn.cuda_kernels.exact import exact_attention_fold
 
     q, k, v = call["q"], call["k"], call["v"]
     zigzag, causal = call["zigzag"], call["causal"]
     n_chunks, mine = _chunks(world, zigzag), chunks_of(rank, world, zigzag)
     cq, ck = call["nq"] // len(mine), call["nk"] // len(mine)
     nq_total, nk_total = cq * n_chunks, ck * n_chunks
-    dev = _Device(q)
+    dev = _Device(q, call["dtype"])
     lengths = dev.lengths(call, nk_total)
-    batch, heads, dtype = call["batch"], call["heads"], call["dtype"]
 
     # the key chunks each of this rank's query chunks sees, in key order (at least one, which
     # writes O = 0 and lse = -inf for rows that see no key); each query chunk gets contiguous
-    # q, O, lse and l arrays: views into the shard's would be strided, and the kernel
+    # q, O, lse and state arrays: views into the shard's would be strided, and the FFMA kernel
     # specialised for strided arrays holds their strides in registers (more spills, ptxas)
+    batch = call["batch"]
     nk_b = np.full(batch, nk_total) if call["key_lengths"] is None else call["key_lengths"].astype(np.int64)
     folds = []
     for i, c in enumerate(mine):
@@ -289,14 +366,12 @@ def _sequence(call: dict, rank: int, world: int, group):
         seen = int(np.minimum(nk_b, last_row + 1 + nk_b - nq_total).max()) if causal else int(nk_b.max())
         needed = [kc for kc in range(n_chunks) if kc * ck < seen] or [0]
         q_chunk = q if len(mine) == 1 else q[:, :, i * cq : (i + 1) * cq].contiguous()
-        out = dev.empty((batch, heads, cq, call["value_dim"]), dtype)
-        lse = dev.empty((batch, heads, cq), dtype)
-        _, l_state = dev.empty((batch, heads, cq), dtype)
-        folds.append((c, needed, dev.view(q_chunk), out, lse, l_state))
+        folds.append((c, needed, dev.view(q_chunk), _Fold(dev, call, cq)))
 
     owners = {c: (r, j) for r in range(world) for j, c in enumerate(chunks_of(r, world, zigzag))}
-    kv_shape = (batch, call["kv_heads"], ck, call["head_dim"])
-    slots = [(torch.empty(kv_shape, dtype=q.dtype, device=q.device), torch.empty(kv_shape, dtype=q.dtype, device=q.device))
+    k_shape = (batch, call["kv_heads"], ck, call["head_dim"])
+    v_shape = (batch, call["kv_heads"], ck, call["value_dim"])
+    slots = [(torch.empty(k_shape, dtype=q.dtype, device=q.device), torch.empty(v_shape, dtype=q.dtype, device=q.device))
              for _ in range(2)]
 
     def send(kc):
@@ -316,14 +391,12 @@ def _sequence(call: dict, rank: int, world: int, group):
         for work in in_flight.pop(kc):
             work.wait()
         k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % 2])
-        for c, needed, q_view, out, lse, l_state in folds:
+        for c, needed, q_view, fold in folds:
             if kc in needed:
-                exact_attention_fold(
-                    q_view, k_chunk, v_chunk, lengths, out[1], lse[1], l_state, causal=causal, scale=scale,
-                    row_offset=c * cq, nq_total=nq_total, key_offset=kc * ck, first=kc == needed[0],
-                    last=kc == needed[-1], stream=stream,
-                )
-    outs, lses = ([dev.result(fold[i]) for fold in folds] for i in (3, 4))
+                fold(q_view, k_chunk, v_chunk, lengths, causal=causal, scale=scale, row_offset=c * cq,
+                     nq_total=nq_total, key_offset=kc * ck, first=kc == needed[0], last=kc == needed[-1],
+                     stream=stream)
+    outs, lses = zip(*(fold.results(call) for *_, fold in folds), strict=True)
     return (outs[0], lses[0]) if len(folds) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
 
 
@@ -346,8 +419,6 @@ def _heads(call: dict, rank: int, world: int, group):
     """All-to-all to whole sequences of H/P heads, the one-device kernel, all-to-all back."""
     import torch
 
-    from nkattn.cuda_kernels.exact import exact_attention
-
     q, k, v = call["q"], call["k"], call["v"]
     zigzag, n_chunks = call["zigzag"], _chunks(world, call["zigzag"])
 
@@ -369,11 +440,21 @@ def _heads(call: dict, rank: int, world: int, group):
         return torch.cat(_all_to_all(sent, group), dim=1)
 
     q_full, k_full, v_full = gather_sequence(q, call["heads"]), gather_sequence(k, call["kv_heads"]), gather_sequence(v, call["kv_heads"])
-    dev = _Device(q)
+    dtype = call["dtype"]
+    dev = _Device(q, dtype)
     nq_total, nk_total = q_full.shape[2], k_full.shape[2]
     heads = call["heads"] // world
-    out = dev.empty((call["batch"], heads, nq_total, call["value_dim"]), call["dtype"])
-    lse = dev.empty((call["batch"], heads, nq_total), call["dtype"])
-    exact_attention(dev.view(q_full), dev.view(k_full), dev.view(v_full), dev.lengths(call, nk_total), causal=call["causal"],
-                    scale=call["scale"], out=out[1], lse=lse[1], stream=dev.stream)
-    return scatter_rows(dev.result(out)), scatter_rows(dev.result(lse)[..., None])[..., 0]
+    lse_dtype = dtype if call["kernel"] == "ffma" else np.dtype(np.float32)
+    out = dev.empty((call["batch"], heads, nq_total, call["value_dim"]), dtype)
+    lse = dev.empty((call["batch"], heads, nq_total), lse_dtype)
+    views = (dev.view(q_full), dev.view(k_full), dev.view(v_full), dev.lengths(call, nk_total))
+    options = {"causal": call["causal"], "scale": call["scale"], "out": out[1], "lse": lse[1], "stream": dev.stream}
+    if call["kernel"] == "ffma":
+        from nkattn.cuda_kernels.exact import exact_attention
+
+        exact_attention(*views, **options)
+    else:
+        from nkattn.cuda_kernels.exact_tc import tc_attention
+
+        tc_attention(*views, kind=_kind(dtype), **options)
+    return scatter_rows(dev.result(out, dtype)), scatter_rows(dev.result(lse, lse_dtype)[..., None])[..., 0]

@@ -4,13 +4,15 @@ Question: how close do the two strategies come to P times the speed of one GPU
 (scaling efficiency T₁ / (P·T_P)), at bits equal to the one-GPU kernel's, and
 beside PyTorch's own context parallelism (`context_parallel` with SDPA)?
 
-Data: random normal q, k, v, B = 1, float32, d = 64, H = 8 (H = 4 at N = 1M, where one
-call on one GPU takes tens of seconds); N in {64K, 256K} (quick: 16K), causal and not;
+Data: random normal q, k, v, B = 1, d = 64, H = 8 (H = 4 at N = 1M, where one float32
+call on one GPU takes tens of seconds), float32 (the FFMA kernel) or, with ``dtype``,
+float16/bfloat16 (the tensor-core kernel); N in {64K, 256K} (quick: 16K), causal and not;
 P in {1, 2, 4} up to the processes launched.
 
 Method: one process per GPU under torchrun (`nkattn bench distributed` launches it
 over min(4, GPUs) when started without it); P ranks take part in a run, the others
-wait at a barrier. T₁ is the one-GPU kernel (`exact_attention`) on rank 0. A call
+wait at a barrier. T₁ is the one-GPU kernel (`exact_attention`, or `tc_attention` for the
+half dtypes) on rank 0. A call
 is timed with CUDA events on every rank after a barrier; its time is the slowest
 rank's; median of >= 20 calls (3 at N = 1M). ``bit_identical``: every rank's O and
 lse gathered on rank 0 and compared, every element, with the one-GPU result.
@@ -19,7 +21,8 @@ call plus the resident shards of q, k, v, O and lse. The inputs are finite, so t
 calls pass check_finite=False (the check is a pass over q, k and v that one GPU
 does not pay in T₁). First run: 2 H200s, N = 64K (README, "Several GPUs").
 
-Results: results/bench/distributed-<device>.json, one record per (impl, strategy, P, N,
+Results: results/bench/distributed-<device>.json (-<dtype> before .json for the half
+dtypes; -partial for a run of chosen lengths or quick), one record per (impl, strategy, P, N,
 causal): gpus, strategy, N, d, dtype, causal, median_ms, scaling_efficiency,
 bit_identical, peak_bytes; written after every (N, causal), with ``meta.complete`` false
 until the last, and each record printed as it lands.
@@ -41,10 +44,12 @@ QUICK_SEQ_LENS = (16384,)
 LONG_N, LONG_HEADS = 1 << 20, 4
 HEADS, HEAD_DIM = 8, 64
 GPU_COUNTS = (1, 2, 4)
+DTYPES = ("float32", "float16", "bfloat16")
 MAX_PROCESSES = 4
 
 
-def torchrun_command(*, gpus: int, quick: bool, results_dir, repeats: int | None, seq_lens, long_sequence) -> list[str]:
+def torchrun_command(*, gpus: int, quick: bool, results_dir, repeats: int | None, seq_lens, long_sequence,
+                     dtype: str = "float32") -> list[str]:
     """The command that reruns this bench under torchrun, one process per GPU (`main` parses it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "nkattn.studies.distributed_bench", "--results-dir", str(results_dir)]
@@ -56,6 +61,8 @@ def torchrun_command(*, gpus: int, quick: bool, results_dir, repeats: int | None
         cmd += ["--seq-lens", *map(str, seq_lens)]
     if long_sequence is not None:
         cmd.append("--long" if long_sequence else "--no-long")
+    if dtype != "float32":
+        cmd += ["--dtype", dtype]
     return cmd
 
 
@@ -69,15 +76,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None)
     parser.add_argument("--long", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
     run(quick=args.quick, results_dir=args.results_dir, repeats=args.repeats, seq_lens=args.seq_lens,
-        long_sequence=args.long)
+        long_sequence=args.long, dtype=args.dtype)
 
 
-def results_path(results_dir, device: str, partial: bool) -> Path:
+def results_path(results_dir, device: str, partial: bool, dtype: str = "float32") -> Path:
     from nkattn.timing import device_slug
 
-    return Path(results_dir) / "bench" / f"distributed-{device_slug(device)}{'-partial' if partial else ''}.json"
+    name = f"distributed-{device_slug(device)}{'' if dtype == 'float32' else '-' + dtype}{'-partial' if partial else ''}"
+    return Path(results_dir) / "bench" / f"{name}.json"
 
 
 def configs(*, quick: bool, seq_lens, long_sequence) -> list[tuple[int, int, bool]]:
@@ -94,22 +103,24 @@ def scaling_efficiency(t1_ms: float, gpus: int, tp_ms: float) -> float:
 
 
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int | None = None, seq_lens=None,
-        long_sequence=None) -> list[Path]:
+        long_sequence=None, dtype: str = "float32") -> list[Path]:
     import torch
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if "RANK" not in os.environ:  # not under torchrun: launch it, rank 0 writes the file
         gpus = min(MAX_PROCESSES, torch.cuda.device_count())
         if gpus < 1:
             raise RuntimeError("the distributed bench needs CUDA GPUs")
         cmd = torchrun_command(gpus=gpus, quick=quick, results_dir=results_dir, repeats=repeats, seq_lens=seq_lens,
-                               long_sequence=long_sequence)
+                               long_sequence=long_sequence, dtype=dtype)
         subprocess.run(cmd, check=True)
-        return [results_path(results_dir, torch.cuda.get_device_name(), quick or seq_lens is not None)]
+        return [results_path(results_dir, torch.cuda.get_device_name(), quick or seq_lens is not None, dtype)]
     return _run_rank(quick=quick, results_dir=results_dir, repeats=20 if repeats is None else repeats,
-                     seq_lens=seq_lens, long_sequence=long_sequence)
+                     seq_lens=seq_lens, long_sequence=long_sequence, dtype=dtype)
 
 
-def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence) -> list[Path]:
+def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence, dtype) -> list[Path]:
     import datetime
 
     import torch
@@ -123,14 +134,14 @@ def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence) -> list[P
     groups = {p: dist.new_group(list(range(p))) for p in counts}  # every rank creates every group
     records = []
     name = torch.cuda.get_device_name()
-    path = results_path(results_dir, name, quick or seq_lens is not None)
+    path = results_path(results_dir, name, quick or seq_lens is not None, dtype)
     meta = make_meta(device=name, command="nkattn bench distributed" + (" --quick" if quick else ""),
-                     config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": "float32",
+                     config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": dtype,
                              "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS})
     grid = configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence)
     for i, (n, heads, causal) in enumerate(grid):
         reps = 3 if n >= LONG_N else repeats
-        new = _one_config(torch, dist, rank, groups, n, heads, causal, reps)
+        new = _one_config(torch, dist, rank, groups, n, heads, causal, reps, dtype)
         records += new
         if rank == 0:  # after every configuration, so a run cut short keeps what it measured
             meta["complete"] = i == len(grid) - 1
@@ -179,25 +190,31 @@ def _peak(torch, dist, group, fn, resident_bytes) -> int:
     return int(peak.item())
 
 
-def _one_config(torch, dist, rank, groups, n, heads, causal, repeats) -> list[dict]:
+def _one_config(torch, dist, rank, groups, n, heads, causal, repeats, dtype) -> list[dict]:
     from numba import cuda
 
-    from nkattn import distributed
+    from nkattn import arrays, distributed
     from nkattn.cuda_kernels.exact import exact_attention
+    from nkattn.cuda_kernels.exact_tc import tc_attention
 
     gen = torch.Generator(device="cuda").manual_seed(n + causal)
     shape = (1, heads, n, HEAD_DIM)
-    full = [torch.randn(shape, device="cuda", generator=gen) for _ in range(3)]
+    full = [torch.randn(shape, device="cuda", generator=gen).to(getattr(torch, dtype)) for _ in range(3)]
     scale = HEAD_DIM ** -0.5
-    base = {"N": n, "H": heads, "d": HEAD_DIM, "dtype": "float32", "causal": causal}
+    base = {"N": n, "H": heads, "d": HEAD_DIM, "dtype": dtype, "causal": causal}
     t1, reference = None, None
     if rank == 0:
         out, lse = torch.empty_like(full[0]), torch.empty(shape[:3], device="cuda")
-        views = [cuda.as_cuda_array(t) for t in (*full, out, lse)]
+        np_dtype = arrays.dtype_of(full[0], "q")
+        views = [arrays.kernel_view(t, np_dtype) for t in (*full, out)] + [cuda.as_cuda_array(lse)]
         lengths = cuda.to_device(np.full(1, n, np.int32))
 
         def one_gpu():
-            exact_attention(*views[:3], lengths, causal=causal, scale=scale, out=views[3], lse=views[4])
+            if dtype == "float32":
+                exact_attention(*views[:3], lengths, causal=causal, scale=scale, out=views[3], lse=views[4])
+            else:
+                tc_attention(*views[:3], lengths, causal=causal, scale=scale, kind="f16" if dtype == "float16" else "bf16",
+                             out=views[3], lse=views[4])
 
         t1 = _timed(torch, dist, groups[1], one_gpu, repeats)
         reference = (out, lse)
@@ -209,7 +226,9 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats) -> list[di
             dist.barrier()
             continue
         shards = [distributed.shard(t, rank, p, zigzag=causal) for t in full]
-        resident = sum(t.numel() * t.element_size() for t in shards) + shards[0].numel() * 4 + shards[0][..., 0].numel() * 4
+        # the shards of q, k, v, and O (the input's dtype) and lse (float32, or float64 with float64)
+        resident = sum(t.numel() * t.element_size() for t in shards) + shards[0].numel() * shards[0].element_size() \
+            + shards[0][..., 0].numel() * 4
         for strategy in distributed.STRATEGIES:
             def call(strategy=strategy, shards=shards, group=group):
                 return distributed.attention(*shards, group=group, strategy=strategy, causal=causal, return_lse=True,
@@ -220,7 +239,7 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats) -> list[di
             records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, **base, "median_ms": tp,
                             "scaling_efficiency": scaling_efficiency(t1, p, tp), "bit_identical": same,
                             "peak_bytes": _peak(torch, dist, group, call, resident)})
-        records.append(_torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base))
+        records.append(_torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base, dtype))
         dist.barrier()
     return records
 
@@ -240,13 +259,15 @@ def _same_bits(torch, dist, group, result, reference, p, causal) -> bool:
         parts = [torch.empty_like(got) for _ in range(p)]
         dist.all_gather(parts, got.contiguous(), group=group)
         if reference is not None:
-            same += float(not torch.equal(distributed.unshard(parts, zigzag=causal).view(torch.int32), ref.view(torch.int32)))
+            same += float(not torch.equal(distributed.unshard(parts, zigzag=causal).contiguous().view(torch.uint8),
+                                          ref.contiguous().view(torch.uint8)))
     dist.broadcast(same, src=0, group=group)
     return bool(same.item() == 0)
 
 
-def _torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base) -> dict:
-    """PyTorch's context parallelism (ring attention over SDPA's fp32 memory-efficient kernel), where it runs."""
+def _torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base, dtype) -> dict:
+    """PyTorch's context parallelism (ring attention over SDPA: the memory-efficient kernel in float32,
+    FlashAttention-2 in the half dtypes), where it runs."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -256,10 +277,11 @@ def _torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, ba
         from torch.distributed.tensor.experimental import context_parallel
 
         mesh = DeviceMesh.from_group(group, "cuda")
+        backend = SDPBackend.EFFICIENT_ATTENTION if dtype == "float32" else SDPBackend.FLASH_ATTENTION
         buffers = [t.clone() for t in full]  # context_parallel shards its buffers in place
 
         def call():
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+            with sdpa_kernel(backend), context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
                 return F.scaled_dot_product_attention(*buffers, is_causal=causal)
 
         tp = _timed(torch, dist, group, call, repeats)

@@ -80,6 +80,8 @@ def test_gpu_commands_without_a_gpu_end_in_one_line(fake_study, monkeypatch, cap
 def test_an_option_a_bench_does_not_take_is_an_error(capsys):
     assert main(["bench", "lsh", "--repeats", "5"]) == 2
     assert capsys.readouterr().err == "error: `nkattn bench lsh` takes no --repeats\n"
+    assert main(["bench", "exact", "--dtype", "float16"]) == 2
+    assert capsys.readouterr().err == "error: `nkattn bench exact` takes no --dtype\n"
 
 
 def test_figures_without_the_studies_extra_says_which_extra(monkeypatch, capsys):

@@ -5,7 +5,8 @@ or on the GPU where there is one) runs every case and the refusals while this
 process computes the one-device results; the tests then read what the ranks wrote.
 A second session of 2 ranks runs the timeout alone, so a peer left behind by it
 cannot touch the bit checks. Sizes are whole key tiles of the kernel
-(`chunk_multiple`: 8 in the simulator), the fewest a strategy needs. The `gpu`
+(`chunk_multiple`: 8 in the simulator, 16 for float16's tensor-core kernel), the fewest a
+strategy needs. The `gpu`
 test repeats the cases on 2 GPUs over NCCL.
 
 Each rank writes its stdout, stderr and, if it dies of a signal, faulthandler's
@@ -49,6 +50,9 @@ CASES = [
     case("sequence", True, np.float32, 1, 1, 4),  # zigzag: 4 chunks over 2 ranks
     case("heads", False, np.float32, 2, 2, 2),
     case("heads", True, np.float64, 4, 2, 2, masked=3),  # GQA, zigzag shards, a mask
+    # float16 on the tensor-core kernel (its resume entry for "sequence"): GQA, zigzag, a mask
+    case("sequence", True, np.float16, 2, 1, 4, masked=7),
+    case("heads", False, np.float16, 2, 2, 2),
 ]
 
 
@@ -252,8 +256,8 @@ def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(bench, "run", lambda **kwargs: calls.append(kwargs))
-    for options in ({"quick": True, "repeats": None, "seq_lens": None, "long_sequence": None},
-                    {"quick": False, "repeats": 5, "seq_lens": [1024, 4096], "long_sequence": False}):
+    for options in ({"quick": True, "repeats": None, "seq_lens": None, "long_sequence": None, "dtype": "float32"},
+                    {"quick": False, "repeats": 5, "seq_lens": [1024, 4096], "long_sequence": False, "dtype": "bfloat16"}):
         cmd = bench.torchrun_command(gpus=2, results_dir=tmp_path, **options)
         assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
         bench.main(cmd[cmd.index("nkattn.studies.distributed_bench") + 1 :])
@@ -261,6 +265,11 @@ def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
     assert [n for n, _, _ in bench.configs(quick=False, seq_lens=None, long_sequence=None)][-1] == bench.LONG_N
     assert bench.configs(quick=False, seq_lens=[512], long_sequence=None) == [(512, bench.HEADS, False), (512, bench.HEADS, True)]
     assert bench.scaling_efficiency(100.0, 4, 25.0) == 1.0
+    assert bench.results_path(tmp_path, "NVIDIA H200", False, "float16").name == "distributed-h200-float16.json"
+    assert bench.results_path(tmp_path, "NVIDIA H200", True).name == "distributed-h200-partial.json"
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bench.run(dtype="float8")
 
 
 @pytest.mark.gpu
