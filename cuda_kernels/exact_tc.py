@@ -577,9 +577,8 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         m1 = NEG_INF
         l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
         l1 = F32_ZERO
-        if RESUME:
-            if not first:
-                m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
+        if RESUME and not first:
+            m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
         # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
         load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
@@ -673,9 +672,8 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         m1 = NEG_INF
         l0 = F32_ZERO
         l1 = F32_ZERO
-        if RESUME:
-            if not first:
-                m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
+        if RESUME and not first:
+            m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
         if n_tiles > 0:
             if tid == 0:
