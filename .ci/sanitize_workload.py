@@ -13,13 +13,14 @@ later; their cases are at the end of the workload. The whole workload ran on an 
     grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^rc|Error' <tool's output>; grep -c '^ran' <tool's output>
 
 printed came back: results/sanitizer/summary-h200.txt (0 errors, 0 hazards, 22 of 22 launches).
+The resume entry of the tensor-core kernel (both schedules) was added after that run.
 """
 import numpy as np
 from numba import cuda
 
 import nkattn  # noqa: F401
 from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
-from nkattn.cuda_kernels.exact_tc import TileConfig, mma_sync_config, tc_attention
+from nkattn.cuda_kernels.exact_tc import TileConfig, mma_sync_config, tc_attention, tc_attention_fold
 from nkattn.cuda_kernels.fp8 import fp8_attention
 from nkattn.cuda_kernels.lowrank import attention_times, attention_transpose_times
 from nkattn.cuda_kernels.precision import block_absmax, row_analyzers
@@ -89,3 +90,17 @@ for d, dv, causal, out_kind in [(64, 64, True, "bf16"), (128, 128, False, "bf16"
     fp8_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, out_kind=out_kind)
     cuda.synchronize()
     print("ran fp8 (quantize and attention)", d, dv, causal, out_kind)
+for kind, cfg in (("f16", TileConfig(128, 128, pingpong=True)), ("bf16", TileConfig(128, 128))):
+    # two row chunks (the second ends mid-block) folding key chunks [0, 256) and [256, 333)
+    q, k, v = dev((1, 2, 200, 64), kind), dev((1, 1, 333, 64), kind), dev((1, 1, 333, 48), kind)
+    lengths = cuda.to_device(np.array([300], np.int32))
+    for r0, r1 in ((0, 128), (128, 200)):
+        shape = (1, 2, r1 - r0)
+        out, lse = cuda.device_array((*shape, 48), np.uint16), cuda.device_array(shape, np.float32)
+        acc, l_state = cuda.device_array((*shape, 48), np.float32), cuda.device_array((*shape, 4), np.float32)
+        for k0, k1 in ((0, 256), (256, 333)):
+            tc_attention_fold(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], lengths, out, lse, acc, l_state,
+                              causal=True, scale=0.125, kind=kind, row_offset=r0, nq_total=200, key_offset=k0,
+                              first=k0 == 0, last=k1 == 333, config=cfg)
+    cuda.synchronize()
+    print("ran tensor-core resume", kind, cfg)
