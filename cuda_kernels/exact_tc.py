@@ -440,6 +440,11 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     unchanged (p = 0, alpha = 1): a row's bits do not depend on its neighbours, the
     batch, or how many rows are launched. No atomics; fixed reduction order (the row
     sum is kept per thread and reduced over the quad once, at the end).
+
+    Each schedule's body is written once (``plain``, ``pingpong``) and compiled as the
+    one-launch kernel or, with ``resume`` (`tc_attention_fold`), over one chunk of keys
+    from a state carried in memory (`_state_functions`): masks at global positions, and
+    the chunk's first tile rescales the carried state as every later tile does.
     """
     BM, BN, OVERLAP = config.block_m, config.block_n, config.overlap
     NWG = BM // 64
