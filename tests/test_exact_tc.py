@@ -440,6 +440,27 @@ def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal):
     assert_bit_identical("lse", folded[1], whole[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, causal", [("f16", True), ("bf16", False)])
+def test_two_blocks_an_sm_give_the_same_bits(kind, causal):
+    """A register cap for two blocks an SM (``blocks_per_sm=2``) changes register allocation, not the
+    arithmetic: the ping-pong kernel's O and lse equal the uncapped one's bit for bit (the simulator
+    ignores register caps, so this runs on the GPU only)."""
+    rng = np.random.default_rng(5)
+    q, k, v = half_inputs(rng, 1, 2, 1, 300, 517, 64, 64, kind)
+    uncapped = run_kernel(q, k, v, kind, causal=causal, config=TileConfig(128, 64, pingpong=True))
+    capped = run_kernel(q, k, v, kind, causal=causal, config=TileConfig(128, 64, pingpong=True, blocks_per_sm=2))
+    assert_bit_identical("O", capped[0], uncapped[0])
+    assert_bit_identical("lse", capped[1], uncapped[1])
+
+
+def test_blocks_per_sm_applies_to_the_wgmma_half_kernels_only():
+    for kind, bad in (("f16", TileConfig(64, 16, blocks_per_sm=0)), ("f16", TileConfig(64, 16, mma_sync=True, blocks_per_sm=2)),
+                      ("tf32", TileConfig(64, 16, blocks_per_sm=2))):
+        with pytest.raises(ValueError, match="blocks_per_sm"):
+            tc_attention_kernel(kind, 64, 64, bad)
+
+
 def test_the_resume_entry_refuses_what_it_is_not_built_for():
     with pytest.raises(ValueError, match="wgmma kernels only"):
         tc_attention_kernel("f16", 64, 64, TileConfig(64, 16, mma_sync=True), resume=True)

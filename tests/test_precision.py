@@ -1170,8 +1170,9 @@ def test_fp8_kernel_refuses_what_it_cannot_run():
             fp8_attention_kernel(d, dv, TileConfig(128, 128))
     with pytest.raises(ValueError, match="tiles of 128 keys"):
         fp8_attention_kernel(64, 64, TileConfig(128, 64))
-    with pytest.raises(ValueError, match="plain schedule only"):
-        fp8_attention_kernel(64, 64, TileConfig(128, 128, pingpong=True))
+    for config in (TileConfig(128, 128, pingpong=True), TileConfig(128, 128, blocks_per_sm=2)):
+        with pytest.raises(ValueError, match="plain wgmma schedule only"):
+            fp8_attention_kernel(64, 64, config)
     with pytest.raises(ValueError, match="out_kind must be one of"):
         fp8_attention_kernel(64, 64, TileConfig(128, 128), "e4m3")
 
