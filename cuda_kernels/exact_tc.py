@@ -1137,6 +1137,16 @@ def compute_capability() -> tuple[int, int]:
     return (9, 0) if SIMULATOR else tuple(cuda.get_current_device().compute_capability)
 
 
+def _runnable_config(kind: str, head_dim: int, value_dim: int, config: TileConfig | None) -> TileConfig:
+    """``config``, or `default_config` for this GPU when None; RuntimeError naming why this GPU cannot run it."""
+    capability = compute_capability()
+    config = default_config(kind, head_dim, value_dim, capability) if config is None else config
+    reasons = device_reasons(kind, capability, config)
+    if reasons:
+        raise RuntimeError("; ".join(reasons))
+    return config
+
+
 def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str, out=None, lse=None, stream=0,
                  config: TileConfig | None = None):
     """Run the tensor-core kernel on device arrays; returns (O, lse).
@@ -1152,11 +1162,7 @@ def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str,
     """
     batch, heads, nq, head_dim = q.shape
     value_dim = v.shape[3]
-    capability = compute_capability()
-    config = default_config(kind, head_dim, value_dim, capability) if config is None else config
-    reasons = device_reasons(kind, capability, config)
-    if reasons:
-        raise RuntimeError("; ".join(reasons))
+    config = _runnable_config(kind, head_dim, value_dim, config)
     if out is None:
         out_dtype = np.uint16 if kind in HALF_KINDS else np.float32
         out = cuda.device_array((batch, heads, nq, value_dim), dtype=out_dtype, stream=stream)
@@ -1187,16 +1193,11 @@ def tc_attention_fold(q, k, v, key_lengths, out, lse, acc_state, l_state, *, cau
     `tc_attention`'s bits for these rows. Inputs are assumed validated.
     """
     batch, heads, nq, head_dim = q.shape
-    value_dim = v.shape[3]
-    capability = compute_capability()
-    config = default_config(kind, head_dim, value_dim, capability) if config is None else config
-    reasons = device_reasons(kind, capability, config)
-    if reasons:
-        raise RuntimeError("; ".join(reasons))
+    config = _runnable_config(kind, head_dim, v.shape[3], config)
     if key_offset % config.block_n:
         raise ValueError(f"a key chunk must start on a key tile: key_offset {key_offset} is not a multiple of "
                          f"{config.block_n}")
-    kernel, shared_bytes = tc_attention_kernel(kind, head_dim, value_dim, config, resume=True)
+    kernel, shared_bytes = tc_attention_kernel(kind, head_dim, v.shape[3], config, resume=True)
     grid, block = launch_config(config, batch, heads, nq)
     launch_with_shared_memory(
         kernel, grid, block, shared_bytes, stream,

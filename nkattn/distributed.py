@@ -106,8 +106,7 @@ def chunk_multiple(dtype, head_dim: int, value_dim: int | None = None) -> int:
     if dtype in arrays.HALF_DTYPES:
         from nkattn.cuda_kernels.exact_tc import compute_capability, default_config
 
-        kind = "f16" if dtype == np.float16 else "bf16"
-        return default_config(kind, head_dim, value_dim or head_dim, compute_capability()).block_n
+        return default_config(_kind(dtype), head_dim, value_dim or head_dim, compute_capability()).block_n
     from nkattn.cuda_kernels.online_softmax import kernel_order
 
     return kernel_order(dtype, head_dim).block_n
@@ -314,7 +313,7 @@ class _Fold:
     def __init__(self, dev: _Device, call: dict, rows: int):
         batch, heads, dtype, dv = call["batch"], call["heads"], call["dtype"], call["value_dim"]
         self.kernel, self.dev = call["kernel"], dev
-        self.lse_dtype = dtype if self.kernel == "ffma" else np.dtype(np.float32)
+        self.lse_dtype = _lse_dtype(call)
         self.out = dev.empty((batch, heads, rows, dv), dtype)
         self.lse = dev.empty((batch, heads, rows), self.lse_dtype)
         if self.kernel == "ffma":
@@ -338,7 +337,13 @@ class _Fold:
 
 
 def _kind(dtype: np.dtype) -> str:
+    """The tensor-core kernel's kind of a half dtype."""
     return "f16" if dtype == np.float16 else "bf16"
+
+
+def _lse_dtype(call: dict) -> np.dtype:
+    """lse in the input's dtype on the FFMA kernel, float32 on the tensor-core kernel (as `nkattn.attention`)."""
+    return call["dtype"] if call["kernel"] == "ffma" else np.dtype(np.float32)
 
 
 def _sequence(call: dict, rank: int, world: int, group):
@@ -444,7 +449,7 @@ def _heads(call: dict, rank: int, world: int, group):
     dev = _Device(q, dtype)
     nq_total, nk_total = q_full.shape[2], k_full.shape[2]
     heads = call["heads"] // world
-    lse_dtype = dtype if call["kernel"] == "ffma" else np.dtype(np.float32)
+    lse_dtype = _lse_dtype(call)
     out = dev.empty((call["batch"], heads, nq_total, call["value_dim"]), dtype)
     lse = dev.empty((call["batch"], heads, nq_total), lse_dtype)
     views = (dev.view(q_full), dev.view(k_full), dev.view(v_full), dev.lengths(call, nk_total))
