@@ -1,0 +1,97 @@
+"""What the compiler says of the tensor-core kernels, without a GPU: numba's PTX for sm_90a, then
+``ptxas -v`` (the CUDA toolkit's, on PATH). The numbers the README and the commits quote for the
+resume entry, the two-blocks-an-SM cap and the FFMA resume kernel's strided arrays come from it.
+
+1. sha256 of each one-launch kernel's PTX with its symbol names masked (f16/bf16 at their default
+   tiles, fp8, tf32): run it on two trees to see whether a change altered a kernel's code.
+   On this tree and on the one before the resume entry (a3cdb1a, where block_functions had no
+   ``resume``) every hash agrees (2026-11-28, numba-cuda 0.30.4, ptxas of the CUDA 13 toolkit).
+2. Registers and spills of the half kernels' resume entry (`tc_attention_fold`).
+3. Registers and spills of the ping-pong kernel at the caps `TileConfig.blocks_per_sm` sets.
+4. Registers and spills of the FFMA resume kernel (float32, d = 64, its 128-register cap) with
+   contiguous ("C") against strided ("A") q, O, lse and l arrays.
+
+    python3 .ci/tc_ptx_report.py        # about 5 minutes on 2 cores
+"""
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"  # compile_ptx needs the real target
+
+import numpy as np
+from numba import cuda, types
+
+from nkattn.cuda_kernels.exact import exact_attention_kernel, tuned_register_cap
+from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention_kernel
+from nkattn.cuda_kernels.fp8 import default_config as fp8_config
+from nkattn.cuda_kernels.fp8 import fp8_attention_kernel
+
+
+def arr(dtype, ndim, layout="A"):
+    return types.Array(dtype, ndim, layout)
+
+
+F32, U16, U8 = types.float32, types.uint16, types.uint8
+LENGTHS = arr(types.int32, 1, "C")
+ONE_LAUNCH = (arr(U16, 4), arr(U16, 4), arr(U16, 4), LENGTHS, arr(U16, 4), arr(F32, 3), F32, types.boolean, types.int64)
+RESUME = ONE_LAUNCH + (arr(F32, 4), arr(F32, 4), types.int64, types.int64, types.int64, types.boolean, types.boolean)
+F32_ONE_LAUNCH = tuple(arr(F32, 4) if a == arr(U16, 4) else a for a in ONE_LAUNCH)
+FP8 = (arr(U8, 4), arr(U8, 4), arr(U8, 4), arr(F32, 3), arr(F32, 3), arr(F32, 3), LENGTHS, arr(U16, 4), arr(F32, 3), F32,
+       types.boolean, types.int64)
+
+
+def ptx_of(kernel, signature, cc=(9, 0, "a")):
+    return cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
+
+
+def masked_hash(ptx):
+    # mangled names and shared-array symbols carry counters that depend on what the process compiled before
+    masked = re.sub(r"_cudapy_smem_\d+", "SMEM", re.sub(r"_ZN[0-9A-Za-z_]+", "SYM", ptx))
+    return hashlib.sha256(masked.encode()).hexdigest()[:16]
+
+
+def ptxas(ptx, cap, arch="sm_90a"):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        run = subprocess.run(["ptxas", f"-arch={arch}", f"--maxrregcount={cap}", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return " ".join(re.findall(r"(Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads)", run.stderr))
+
+
+HALF = [("f16", 64, TileConfig(128, 128, pingpong=True)), ("f16", 128, TileConfig(128, 128, pingpong=True)),
+        ("bf16", 128, TileConfig(128, 128)), ("bf16", 256, TileConfig(128, 32))]
+print("1. one-launch PTX, sha256 with symbols masked")
+for kind, d, config in HALF:
+    print(f"  {kind} d={d} {config}: {masked_hash(ptx_of(tc_attention_kernel(kind, d, d, config)[0], ONE_LAUNCH))}",
+          flush=True)
+for d in (64, 128):
+    print(f"  fp8 d={d}: {masked_hash(ptx_of(fp8_attention_kernel(d, d, fp8_config())[0], FP8))}", flush=True)
+for kind, d, dv in (("tf32x3", 64, 64), ("tf32", 96, 96), ("tf32x3", 128, 64)):
+    kernel = tc_attention_kernel(kind, d, dv, TileConfig(64, 64))[0]
+    print(f"  {kind} d={d} dv={dv}: {masked_hash(ptx_of(kernel, F32_ONE_LAUNCH))}", flush=True)
+
+print("2. the resume entry, at the one-launch kernel's cap (255)")
+for kind, d, config in HALF:
+    print(f"  {kind} d={d} {config}: {ptxas(ptx_of(tc_attention_kernel(kind, d, d, config, resume=True)[0], RESUME), 255)}",
+          flush=True)
+
+print("3. the ping-pong kernel at the caps of blocks_per_sm (65536 registers / (256 threads x blocks))")
+for d, config in ((64, TileConfig(128, 64, pingpong=True)), (128, TileConfig(128, 64, pingpong=True)),
+                  (128, TileConfig(128, 32, pingpong=True))):
+    ptx = ptx_of(tc_attention_kernel("f16", d, d, config)[0], ONE_LAUNCH)
+    for blocks in (1, 2):
+        cap = min(255, 65536 // (256 * blocks) // 8 * 8)
+        print(f"  f16 d={d} {config} blocks_per_sm={blocks} (cap {cap}): {ptxas(ptx, cap)}", flush=True)
+
+print("4. the FFMA resume kernel, float32 d = 64, contiguous (C) or strided (A) q, O, lse, l")
+kernel, _ = exact_attention_kernel(np.dtype(np.float32), 64, resume=True)
+for layout in ("C", "A"):
+    signature = (arr(F32, 4, layout), arr(F32, 4, "C"), arr(F32, 4, "C"), LENGTHS, arr(F32, 4, layout),
+                 arr(F32, 3, layout), arr(F32, 3, layout), F32, types.boolean, types.int64, types.int64, types.int64,
+                 types.int64, types.boolean, types.boolean)
+    cap = tuned_register_cap(np.float32, 64)
+    print(f"  {layout}: {ptxas(ptx_of(kernel, signature, cc=(9, 0)), cap, arch='sm_90')} (cap {cap})", flush=True)
