@@ -49,7 +49,8 @@ def _require_gpu(command: str, simulator: bool) -> None:
 
 # keyword argument of a study's run() -> the command-line option that sets it
 FLAGS = {"quick": "--quick", "repeats": "--repeats", "seq_lens": "--seq-lens", "long_sequence": "--long/--no-long",
-         "results_dir": "--results-dir", "dtype": "--dtype"}
+         "results_dir": "--results-dir", "dtype": "--dtype",
+         "memory_n": "--memory-n"}
 
 
 def _run_study(command: str, name: str, simulator: bool, **kwargs) -> int:
@@ -129,7 +130,8 @@ def bench_studies() -> dict[str, str]:
 
 def cmd_bench(args) -> int:
     simulator = _choose_simulator()
-    given = {"repeats": args.repeats, "seq_lens": args.seq_lens, "long_sequence": args.long, "dtype": args.dtype}
+    given = {"repeats": args.repeats, "seq_lens": args.seq_lens, "long_sequence": args.long, "dtype": args.dtype,
+             "memory_n": args.memory_n}
     kwargs = {"quick": args.quick, **{name: value for name, value in given.items() if value is not None}}
     return _run_study(f"bench {args.name}", bench_studies()[args.name], simulator, **kwargs)
 
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long", action=argparse.BooleanOptionalAction, default=None, help="exact, distributed: also run N = 1M (default: with the full grid)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="distributed: the inputs' dtype (default float32, the FFMA kernel; the half dtypes run the tensor-core kernel)")
+    p.add_argument("--memory-n", type=int, default=None, metavar="N",
+                   help="distributed: after the grid, one call of each strategy at N on every GPU, its peak memory per GPU "
+                        "against its shards and communication buffers (the issue's 4M: 4194304)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

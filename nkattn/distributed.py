@@ -18,8 +18,20 @@ float16 and bfloat16, d and dv multiples of 8 up to 256). Two strategies:
   `nkattn.cuda_kernels.exact_tc.tc_attention_fold` for the half kinds, wgmma only): the
   order of the tiles a row sees is the one-device kernel's, so are the bits. A ring
   would deliver chunks out of order, and a rank would have to hold them until their
-  turn; a broadcast in key order needs two chunk buffers. Needs every chunk to be a
-  whole number of the kernel's key tiles (`chunk_multiple`).
+  turn; a broadcast in key order needs ``kv_slots`` chunk buffers (below). Needs every
+  chunk to be a whole number of the kernel's key tiles (`chunk_multiple`).
+
+  ``kv_slots``: a broadcast completes only when every rank has posted it, and a rank
+  posts chunk j's only once its folds of chunk j - S (the chunk that held the slot
+  before) are done, so no rank runs more than S - 1 chunks ahead of the slowest.
+  Without a mask every rank folds every chunk at the same cost and two slots suffice
+  (the default). With zigzag, ranks see different chunks at different costs (rank
+  P-1's two query chunks see the first chunks, rank 0's long chunk the last ones): two
+  slots cap the efficiency at 0.8 on 4 GPUs in a model where a fold of a whole chunk
+  costs 1 and a diagonal one 1/2, P slots remove the cap, so the causal default is
+  max(2, P) slots, at most the 2P chunks. Measured on 4 H200s, float16, N = 1M: 0.72
+  with two slots, 0.85 with four. Each slot holds a key and a value chunk (Nk / 2P
+  positions with zigzag).
 
 Shard layout (`shard`, `unshard`): the sequence (axis 2) of q and of k/v is cut
 into P equal chunks, rank r holding chunk r; with ``zigzag`` (the default when
@@ -113,14 +125,17 @@ def chunk_multiple(dtype, head_dim: int, value_dim: int | None = None) -> int:
 
 
 def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool = False, zigzag: bool | None = None,
-              key_lengths=None, scale: float | None = None, return_lse: bool = False, check_finite: bool = True):
+              key_lengths=None, scale: float | None = None, return_lse: bool = False, check_finite: bool = True,
+              kv_slots: int | None = None):
     """Exact attention of this rank's rows; q, k and v are its shards (see the module docstring).
 
     q is (B, H, Nq/P, d), k (B, Hkv, Nk/P, d) and v (B, Hkv, Nk/P, dv) of one dtype (float32,
     float64, float16 or bfloat16) and device; ``zigzag`` (default: ``causal``) says how the
-    shards were cut. The other arguments are `nkattn.attention`'s, with key_lengths counting
-    global keys. Returns O (B, H, Nq/P, dv) in q's dtype, or (O, lse) with ``return_lse`` (lse
-    in float32 for the half dtypes, as `nkattn.attention`), torch tensors on q's device.
+    shards were cut; ``kv_slots`` is the number of key/value chunk buffers of ``"sequence"``
+    (default and trade-off: the module docstring). The other arguments are `nkattn.attention`'s,
+    with key_lengths counting global keys. Returns O (B, H, Nq/P, dv) in q's dtype, or (O, lse)
+    with ``return_lse`` (lse in float32 for the half dtypes, as `nkattn.attention`), torch
+    tensors on q's device.
     Every rank of `group` (default: the world) must call with the same options.
     """
     import torch
@@ -132,7 +147,8 @@ def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool =
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     try:
         call = _local_call(q, k, v, world, strategy=strategy, causal=causal, zigzag=zigzag,
-                           key_lengths=key_lengths, scale=scale, return_lse=return_lse, check_finite=check_finite)
+                           key_lengths=key_lengths, scale=scale, return_lse=return_lse, check_finite=check_finite,
+                           kv_slots=kv_slots)
         local_error = None
     except (TypeError, ValueError) as exc:
         call, local_error = None, exc
@@ -149,7 +165,8 @@ def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool =
     return (out, lse) if return_lse else out
 
 
-def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale, return_lse, check_finite) -> dict:
+def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale, return_lse, check_finite,
+                kv_slots=None) -> dict:
     """This rank's inputs checked as `nkattn.attention` checks them, as a dict of what the run needs."""
     import torch
 
@@ -161,6 +178,11 @@ def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale,
     causal = check_flag("causal", causal)
     zigzag = causal if zigzag is None else check_flag("zigzag", zigzag)
     check_flag("return_lse", return_lse)
+    if kv_slots is not None:
+        if strategy != "sequence":
+            raise ValueError(f'kv_slots is an option of strategy="sequence", got it with strategy={strategy!r}')
+        if isinstance(kv_slots, bool) or not isinstance(kv_slots, (int, np.integer)) or kv_slots < 1:
+            raise ValueError(f"kv_slots must be an int >= 1, got {arrays.describe_value(kv_slots)}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor (this rank's shard), got {arrays.describe_value(x)}")
@@ -193,7 +215,8 @@ def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale,
     return {"q": q, "k": k, "v": v, "strategy": strategy, "causal": causal, "zigzag": zigzag, "dtype": dtype,
             "kernel": KERNELS[backend.label],
             "batch": req.batch, "heads": req.heads, "kv_heads": req.kv_heads, "nq": req.nq, "nk": req.nk,
-            "head_dim": req.head_dim, "value_dim": req.value_dim, "key_lengths": lengths, "scale": local.scale}
+            "head_dim": req.head_dim, "value_dim": req.value_dim, "key_lengths": lengths, "scale": local.scale,
+            "kv_slots": kv_slots}
 
 
 def _descriptor(call: dict | None) -> list[int]:
@@ -346,6 +369,15 @@ def _lse_dtype(call: dict) -> np.dtype:
     return call["dtype"] if call["kernel"] == "ffma" else np.dtype(np.float32)
 
 
+def _slot_count(call: dict, world: int) -> int:
+    """The key/value chunk buffers of ``"sequence"``: the caller's, or 2 (max(2, P) with a causal
+    mask), at most one per chunk (module docstring)."""
+    n_chunks = _chunks(world, call["zigzag"])
+    if call["kv_slots"] is not None:
+        return min(int(call["kv_slots"]), n_chunks)
+    return min(max(2, world) if call["causal"] else 2, n_chunks)
+
+
 def _sequence(call: dict, rank: int, world: int, group):
     """Broadcast the key/value chunks in key order; fold each into the rows that see it."""
     import torch
@@ -376,12 +408,13 @@ def _sequence(call: dict, rank: int, world: int, group):
     owners = {c: (r, j) for r in range(world) for j, c in enumerate(chunks_of(r, world, zigzag))}
     k_shape = (batch, call["kv_heads"], ck, call["head_dim"])
     v_shape = (batch, call["kv_heads"], ck, call["value_dim"])
+    depth = _slot_count(call, world)
     slots = [(torch.empty(k_shape, dtype=q.dtype, device=q.device), torch.empty(v_shape, dtype=q.dtype, device=q.device))
-             for _ in range(2)]
+             for _ in range(depth)]
 
     def send(kc):
         owner, j = owners[kc]
-        k_buf, v_buf = slots[kc % 2]
+        k_buf, v_buf = slots[kc % depth]
         if owner == rank:
             k_buf.copy_(k[:, :, j * ck : (j + 1) * ck])
             v_buf.copy_(v[:, :, j * ck : (j + 1) * ck])
@@ -389,13 +422,15 @@ def _sequence(call: dict, rank: int, world: int, group):
         return [dist.broadcast(buf, src=src, group=group, async_op=True) for buf in (k_buf, v_buf)]
 
     scale, stream = call["scale"], dev.stream
-    in_flight = {0: send(0)}
+    in_flight = {}
     for kc in range(n_chunks):
-        if kc + 1 < n_chunks:
-            in_flight[kc + 1] = send(kc + 1)  # the next chunk travels while this one is computed
+        # the chunks up to depth - 1 ahead travel while this one is computed; each slot's
+        # previous chunk had its folds queued on this stream before the broadcast into it
+        for ahead in range(kc + len(in_flight), min(kc + depth, n_chunks)):
+            in_flight[ahead] = send(ahead)
         for work in in_flight.pop(kc):
             work.wait()
-        k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % 2])
+        k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % depth])
         for c, needed, q_view, fold in folds:
             if kc in needed:
                 fold(q_view, k_chunk, v_chunk, lengths, causal=causal, scale=scale, row_offset=c * cq,

@@ -12,20 +12,28 @@ P in {1, 2, 4} up to the processes launched.
 Method: one process per GPU under torchrun (`nkattn bench distributed` launches it
 over min(4, GPUs) when started without it); P ranks take part in a run, the others
 wait at a barrier. T₁ is the one-GPU kernel (`exact_attention`, or `tc_attention` for the
-half dtypes) on rank 0. A call
-is timed with CUDA events on every rank after a barrier; its time is the slowest
-rank's; median of >= 20 calls (3 at N = 1M). ``bit_identical``: every rank's O and
-lse gathered on rank 0 and compared, every element, with the one-GPU result.
-``peak_bytes``: per GPU, the largest over ranks of torch's allocator peak during a
-call plus the resident shards of q, k, v, O and lse. The inputs are finite, so the
-calls pass check_finite=False (the check is a pass over q, k and v that one GPU
-does not pay in T₁). First run: 2 H200s, N = 64K (README, "Several GPUs").
+half dtypes) on rank 0. A call is timed with CUDA events on every rank after a barrier;
+its time is the slowest rank's; median of >= 20 calls (3 at N = 1M). ``bit_identical``:
+every rank's O and lse gathered on rank 0 and compared, every element, with the one-GPU
+result. ``peak_bytes``: per GPU, the largest over ranks of torch's allocator peak during
+a call (O and lse are allocated by it) plus the shards of q, k and v (the first 4-GPU
+run, results/bench/distributed-h200-float16.json, added the O and lse shards a second
+time: README). The inputs are finite, so the calls pass check_finite=False (the check
+is a pass over q, k and v that one GPU does not pay in T₁). Runs: README, "Several GPUs".
 
 Results: results/bench/distributed-<device>.json (-<dtype> before .json for the half
 dtypes; -partial for a run of chosen lengths or quick), one record per (impl, strategy, P, N,
 causal): gpus, strategy, N, d, dtype, causal, median_ms, scaling_efficiency,
 bit_identical, peak_bytes; written after every (N, causal), with ``meta.complete`` false
-until the last, and each record printed as it lands.
+until the last, and each record printed as it lands. Rank 0 prints each stage as it starts
+(kernel compilation on first use takes tens of seconds and would otherwise look like a hang).
+
+Memory (``memory_n``, the issue's N = 4M on 4 GPUs): after the grid, one non-causal call of
+each strategy at that N on every launched GPU, no warm-up beyond the grid's and no one-GPU
+reference (one GPU would take minutes): records with ``peak_bytes`` against ``budget_bytes``,
+the shards of q, k, v, O and lse plus the strategy's communication buffers (`comm_bytes`:
+"sequence" its two K/V slots; "heads" the send and receive buffers of its all-to-all of q, k
+and v, whose receive side is the full-sequence q, k, v of its heads).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +55,11 @@ HEADS, HEAD_DIM = 8, 64
 GPU_COUNTS = (1, 2, 4)
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PROCESSES = 4
+_T0 = time.perf_counter()
 
 
 def torchrun_command(*, gpus: int, quick: bool, results_dir, repeats: int | None, seq_lens, long_sequence,
-                     dtype: str = "float32") -> list[str]:
+                     dtype: str = "float32", memory_n: int | None = None) -> list[str]:
     """The command that reruns this bench under torchrun, one process per GPU (`main` parses it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "nkattn.studies.distributed_bench", "--results-dir", str(results_dir)]
@@ -63,6 +73,8 @@ def torchrun_command(*, gpus: int, quick: bool, results_dir, repeats: int | None
         cmd.append("--long" if long_sequence else "--no-long")
     if dtype != "float32":
         cmd += ["--dtype", dtype]
+    if memory_n is not None:
+        cmd += ["--memory-n", str(memory_n)]
     return cmd
 
 
@@ -77,9 +89,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None)
     parser.add_argument("--long", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--memory-n", type=int, default=None)
     args = parser.parse_args(argv)
     run(quick=args.quick, results_dir=args.results_dir, repeats=args.repeats, seq_lens=args.seq_lens,
-        long_sequence=args.long, dtype=args.dtype)
+        long_sequence=args.long, dtype=args.dtype, memory_n=args.memory_n)
 
 
 def results_path(results_dir, device: str, partial: bool, dtype: str = "float32") -> Path:
@@ -103,24 +116,27 @@ def scaling_efficiency(t1_ms: float, gpus: int, tp_ms: float) -> float:
 
 
 def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int | None = None, seq_lens=None,
-        long_sequence=None, dtype: str = "float32") -> list[Path]:
+        long_sequence=None, dtype: str = "float32", memory_n: int | None = None) -> list[Path]:
     import torch
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if memory_n is not None and (memory_n <= 0 or memory_n % (2 * MAX_PROCESSES * 128)):
+        raise ValueError(f"memory_n must be a positive multiple of {2 * MAX_PROCESSES * 128} (zigzag chunks of whole "
+                         f"key tiles on up to {MAX_PROCESSES} GPUs), got {memory_n}")
     if "RANK" not in os.environ:  # not under torchrun: launch it, rank 0 writes the file
         gpus = min(MAX_PROCESSES, torch.cuda.device_count())
         if gpus < 1:
             raise RuntimeError("the distributed bench needs CUDA GPUs")
         cmd = torchrun_command(gpus=gpus, quick=quick, results_dir=results_dir, repeats=repeats, seq_lens=seq_lens,
-                               long_sequence=long_sequence, dtype=dtype)
+                               long_sequence=long_sequence, dtype=dtype, memory_n=memory_n)
         subprocess.run(cmd, check=True)
         return [results_path(results_dir, torch.cuda.get_device_name(), quick or seq_lens is not None, dtype)]
     return _run_rank(quick=quick, results_dir=results_dir, repeats=20 if repeats is None else repeats,
-                     seq_lens=seq_lens, long_sequence=long_sequence, dtype=dtype)
+                     seq_lens=seq_lens, long_sequence=long_sequence, dtype=dtype, memory_n=memory_n)
 
 
-def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence, dtype) -> list[Path]:
+def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence, dtype, memory_n) -> list[Path]:
     import datetime
 
     import torch
@@ -137,14 +153,18 @@ def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence, dtype) ->
     path = results_path(results_dir, name, quick or seq_lens is not None, dtype)
     meta = make_meta(device=name, command="nkattn bench distributed" + (" --quick" if quick else ""),
                      config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": dtype,
-                             "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS})
+                             "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS,
+                             "memory_N": memory_n, "memory_H": LONG_HEADS})
     grid = configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence)
-    for i, (n, heads, causal) in enumerate(grid):
-        reps = 3 if n >= LONG_N else repeats
-        new = _one_config(torch, dist, rank, groups, n, heads, causal, reps, dtype)
+    stages = [(i, _one_config, (n, heads, causal, 3 if n >= LONG_N else repeats))
+              for i, (n, heads, causal) in enumerate(grid)]
+    if memory_n is not None:
+        stages.append((len(grid), _memory_config, (memory_n, LONG_HEADS)))
+    for i, stage, args in stages:
+        new = stage(torch, dist, rank, groups, *args, dtype)
         records += new
         if rank == 0:  # after every configuration, so a run cut short keeps what it measured
-            meta["complete"] = i == len(grid) - 1
+            meta["complete"] = i == len(stages) - 1
             write_results(path, meta, records)
             for r in new:
                 print(_progress_line(r), flush=True)
@@ -157,9 +177,18 @@ def _progress_line(record: dict) -> str:
     """One record as the bench prints it while it runs."""
     if "skipped" in record:
         return f"{record['impl']} P={record['gpus']} N={record['N']} causal={record['causal']}: skipped ({record['skipped']})"
-    return (f"{record['impl']} {record['strategy']} P={record['gpus']} N={record['N']} causal={record['causal']}: "
-            f"{record['median_ms']:.1f} ms, efficiency {record['scaling_efficiency']:.3f}"
+    head = f"{record['impl']} {record['strategy']} P={record['gpus']} N={record['N']} causal={record['causal']}: "
+    if "budget_bytes" in record:
+        return head + (f"{record['ms']:.1f} ms (one call), peak {record['peak_bytes'] / 2**30:.2f} GiB = "
+                       f"{record['peak_over_budget']:.3f} x budget {record['budget_bytes'] / 2**30:.2f} GiB")
+    return (head + f"{record['median_ms']:.1f} ms, efficiency {record['scaling_efficiency']:.3f}"
             + (f", bit_identical {record['bit_identical']}" if "bit_identical" in record else ""))
+
+
+def _stage(rank: int, what: str) -> None:
+    """Rank 0 says what starts now, with the time since the bench module was loaded."""
+    if rank == 0:
+        print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", flush=True)
 
 
 def _timed(torch, dist, group, fn, repeats) -> float:
@@ -179,13 +208,15 @@ def _timed(torch, dist, group, fn, repeats) -> float:
     return float(np.median(times))
 
 
-def _peak(torch, dist, group, fn, resident_bytes) -> int:
+def _peak(torch, dist, group, fn, input_bytes) -> int:
+    """Per GPU, the largest over ranks: torch's allocator peak during `fn` (O and lse are allocated
+    there) plus the input shards allocated before it."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    peak = torch.tensor([torch.cuda.max_memory_allocated() - base + resident_bytes], device="cuda")
+    peak = torch.tensor([torch.cuda.max_memory_allocated() - base + input_bytes], device="cuda")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     return int(peak.item())
 
@@ -203,6 +234,7 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats, dtype) -> 
     scale = HEAD_DIM ** -0.5
     base = {"N": n, "H": heads, "d": HEAD_DIM, "dtype": dtype, "causal": causal}
     t1, reference = None, None
+    _stage(rank, f"N={n} H={heads} causal={causal}: one GPU")
     if rank == 0:
         out, lse = torch.empty_like(full[0]), torch.empty(shape[:3], device="cuda")
         np_dtype = arrays.dtype_of(full[0], "q")
@@ -226,10 +258,10 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats, dtype) -> 
             dist.barrier()
             continue
         shards = [distributed.shard(t, rank, p, zigzag=causal) for t in full]
-        # the shards of q, k, v, and O (the input's dtype) and lse (float32, or float64 with float64)
-        resident = sum(t.numel() * t.element_size() for t in shards) + shards[0].numel() * shards[0].element_size() \
-            + shards[0][..., 0].numel() * 4
+        inputs = sum(t.numel() * t.element_size() for t in shards)
         for strategy in distributed.STRATEGIES:
+            _stage(rank, f"N={n} H={heads} causal={causal}: {strategy} on {p} GPUs")
+
             def call(strategy=strategy, shards=shards, group=group):
                 return distributed.attention(*shards, group=group, strategy=strategy, causal=causal, return_lse=True,
                                              check_finite=False)
@@ -238,9 +270,46 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats, dtype) -> 
             same = _same_bits(torch, dist, group, call(), reference, p, causal)
             records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, **base, "median_ms": tp,
                             "scaling_efficiency": scaling_efficiency(t1, p, tp), "bit_identical": same,
-                            "peak_bytes": _peak(torch, dist, group, call, resident)})
+                            "peak_bytes": _peak(torch, dist, group, call, inputs)})
+        _stage(rank, f"N={n} H={heads} causal={causal}: torch context_parallel on {p} GPUs")
         records.append(_torch_context_parallel(torch, dist, group, p, full, causal, repeats, t1, base, dtype))
         dist.barrier()
+    return records
+
+
+def _memory_config(torch, dist, rank, groups, n, heads, dtype) -> list[dict]:
+    """One non-causal call of each strategy at N on every launched GPU: time and per-GPU peak
+    memory against the shards plus the strategy's communication buffers (module docstring)."""
+    from nkattn import distributed
+
+    p = max(groups)
+    group = groups[p]
+    if rank >= p:
+        dist.barrier()
+        return []
+    gen = torch.Generator(device="cuda").manual_seed(n + rank)
+    shape = (1, heads, n // p, HEAD_DIM)  # this rank's shard only: the full inputs need not fit one GPU
+    shards = [torch.randn(shape, device="cuda", generator=gen).to(getattr(torch, dtype)) for _ in range(3)]
+    one = shards[0].numel() * shards[0].element_size()
+    lse_bytes = shards[0][..., 0].numel() * 4
+    resident = 4 * one + lse_bytes  # q, k, v and O shards, and lse
+    comm = {"sequence": 4 * one,  # two slots of a K and a V chunk, a chunk being the shard (non-causal)
+            "heads": 2 * 3 * one}  # q, k, v sent (stacked) and received (the full sequence of H/P heads)
+    records = []
+    for strategy in distributed.STRATEGIES:
+        _stage(rank, f"memory: N={n} H={heads} {strategy} on {p} GPUs (one call)")
+        dist.barrier(group)
+        start = time.perf_counter()
+        peak = _peak(torch, dist, group, lambda strategy=strategy: distributed.attention(
+            *shards, group=group, strategy=strategy, return_lse=True, check_finite=False), 3 * one)
+        slowest = torch.tensor([(time.perf_counter() - start) * 1e3], device="cuda")
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        budget = resident + comm[strategy]
+        records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, "N": n, "H": heads, "d": HEAD_DIM,
+                        "dtype": dtype, "causal": False, "ms": slowest.item(), "peak_bytes": peak,
+                        "resident_bytes": resident, "comm_bytes": comm[strategy], "budget_bytes": budget,
+                        "peak_over_budget": peak / budget})
+    dist.barrier()
     return records
 
 

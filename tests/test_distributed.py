@@ -37,21 +37,23 @@ BN = chunk_multiple(np.float32, 16)  # float32 and float64 tile alike at d = 16 
 assert BN == chunk_multiple(np.float64, 16) or REAL_GPU
 
 
-def case(strategy, causal, dtype, h, hkv, chunks, masked=0):
+def case(strategy, causal, dtype, h, hkv, chunks, masked=0, kv_slots=None):
     """`chunks` key tiles of keys and of queries, cut into WORLD (or 2·WORLD, zigzag) shards;
     with `masked`, key_lengths hides the last `masked` keys."""
     n = chunks * chunk_multiple(dtype, 16)
-    cid = f"{strategy}-{'causal' if causal else 'full'}-H{h}-Hkv{hkv}-N{n}{f'-kl{n - masked}' if masked else ''}-f{np.dtype(dtype).itemsize * 8}"
-    return {"id": cid, "strategy": strategy, "causal": causal, "dtype": dtype, "h": h, "hkv": hkv, "n": n, "masked": masked}
+    cid = (f"{strategy}-{'causal' if causal else 'full'}-H{h}-Hkv{hkv}-N{n}{f'-kl{n - masked}' if masked else ''}"
+           f"-f{np.dtype(dtype).itemsize * 8}{f'-slots{kv_slots}' if kv_slots else ''}")
+    return {"id": cid, "strategy": strategy, "causal": causal, "dtype": dtype, "h": h, "hkv": hkv, "n": n, "masked": masked,
+            "kv_slots": kv_slots}
 
 
 CASES = [
     case("sequence", False, np.float64, 2, 1, 2, masked=5),  # GQA; the mask ends inside rank 1's chunk
-    case("sequence", True, np.float32, 1, 1, 4),  # zigzag: 4 chunks over 2 ranks
+    case("sequence", True, np.float32, 1, 1, 4, kv_slots=1),  # zigzag: 4 chunks over 2 ranks, one buffer
     case("heads", False, np.float32, 2, 2, 2),
     case("heads", True, np.float64, 4, 2, 2, masked=3),  # GQA, zigzag shards, a mask
     # float16 on the tensor-core kernel (its resume entry for "sequence"): GQA, zigzag, a mask
-    case("sequence", True, np.float16, 2, 1, 4, masked=7),
+    case("sequence", True, np.float16, 2, 1, 4, masked=7, kv_slots=4),  # every chunk in flight at once
     case("heads", False, np.float16, 2, 2, 2),
 ]
 
@@ -114,7 +116,8 @@ def rank_main(rank, backend, results):
         q, k, v, lengths = (None if x is None else torch.as_tensor(x) for x in inputs(c, seed=i))
         zigzag = c["causal"]
         o, lse = distributed.attention(*(shard(x, rank, WORLD, zigzag=zigzag).to(device) for x in (q, k, v)),
-                                       strategy=c["strategy"], causal=c["causal"], key_lengths=lengths, return_lse=True)
+                                       strategy=c["strategy"], causal=c["causal"], key_lengths=lengths, return_lse=True,
+                                       kv_slots=c["kv_slots"])
         seen[c["id"]] = (o.cpu().numpy(), lse.cpu().numpy())
     for name, (strategy, causal, q, k, v) in refusals(rank).items():
         try:
@@ -251,13 +254,29 @@ def test_without_a_process_group_the_error_says_how_to_make_one():
         distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)))
 
 
+def test_kv_slots_is_checked_before_any_communication():
+    shard_ = torch.ones(1, 1, BN, 16, dtype=torch.float64)
+    for strategy, slots, match in (("sequence", 0, "kv_slots must be an int >= 1"), ("sequence", True, "kv_slots must be"),
+                                   ("sequence", 2.0, "kv_slots must be"), ("heads", 2, 'option of strategy="sequence"')):
+        with pytest.raises(ValueError, match=match):
+            distributed._local_call(shard_, shard_, shard_, WORLD, strategy=strategy, causal=False, zigzag=None,
+                                    key_lengths=None, scale=None, return_lse=False, check_finite=True, kv_slots=slots)
+    call = distributed._local_call(shard_, shard_, shard_, 4, strategy="sequence", causal=True, zigzag=None,
+                                   key_lengths=None, scale=None, return_lse=False, check_finite=True)
+    assert distributed._slot_count(call, 4) == 4  # causal: one per rank
+    assert distributed._slot_count({**call, "causal": False, "zigzag": False}, 4) == 2
+    assert distributed._slot_count({**call, "kv_slots": 99}, 4) == 8  # at most one per chunk
+
+
 def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
     from nkattn.studies import distributed_bench as bench
 
     calls = []
     monkeypatch.setattr(bench, "run", lambda **kwargs: calls.append(kwargs))
-    for options in ({"quick": True, "repeats": None, "seq_lens": None, "long_sequence": None, "dtype": "float32"},
-                    {"quick": False, "repeats": 5, "seq_lens": [1024, 4096], "long_sequence": False, "dtype": "bfloat16"}):
+    for options in ({"quick": True, "repeats": None, "seq_lens": None, "long_sequence": None, "dtype": "float32",
+                     "memory_n": None},
+                    {"quick": False, "repeats": 5, "seq_lens": [1024, 4096], "long_sequence": False, "dtype": "bfloat16",
+                     "memory_n": 1 << 22}):
         cmd = bench.torchrun_command(gpus=2, results_dir=tmp_path, **options)
         assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
         bench.main(cmd[cmd.index("nkattn.studies.distributed_bench") + 1 :])
@@ -270,6 +289,9 @@ def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="dtype must be one of"):
         bench.run(dtype="float8")
+    for bad in (0, 1000):
+        with pytest.raises(ValueError, match="memory_n must be a positive multiple of 1024"):
+            bench.run(memory_n=bad)
 
 
 @pytest.mark.gpu
