@@ -18,7 +18,8 @@ registry. Importing this package imports no study (they pull in SciPy, torch, nu
     exact-tune     exact_tune                                                       GPU
     exact-bench    exact_bench -> exact_bench_plots                                 GPU
     table-bench    table_bench -> table_bench_plots                                 GPU
-    distributed-bench  distributed_bench (under torchrun, 1 to 4 GPUs)               GPU
+    distributed-bench  distributed_bench (under torchrun, 1 to 4 GPUs)
+                     -> distributed_bench_plots                                     GPU
 
 Shared helpers: `nkattn.studies._common` (Frobenius relative error, peak device
 memory, one BLAS thread) and `nkattn.results` (significant digits, selecting records).
@@ -82,7 +83,7 @@ STUDIES = {
     ),
     "distributed-bench": _study(
         "distributed_bench", "Context-parallel exact attention on 1, 2 and 4 GPUs: scaling, bits, memory",
-        needs_gpu=True, plots=False,
+        needs_gpu=True, plots=True,
     ),
 }
 

@@ -26,6 +26,7 @@ import torch
 
 from nkattn import distributed
 from nkattn.distributed import chunk_multiple, chunks_of, shard, unshard
+from nkattn.results import RESULTS_DIR
 from nkattn.testing import assert_bit_identical
 
 from .conftest import REAL_GPU
@@ -302,3 +303,179 @@ def test_two_gpus_over_nccl_give_the_one_gpu_bits(tmp_path):
         check_bits(c, expected, ranks)
     for name, (kind, text) in REFUSED.items():
         assert all(r[name][0] == kind and text in r[name][1] for r in ranks), name
+
+
+# --------------------------------------------------------------------------------------
+# the bench's figure (studies/distributed_bench_plots.py), from stored results only
+# --------------------------------------------------------------------------------------
+
+OLD_RUN, NEW_RUN = "2026-11-28T05:43:28+00:00", "2026-11-28T05:52:50+00:00"  # either side of b765ad5's code
+REFUSAL = "RuntimeError: Load balancing requires `is_causal=True`."
+
+
+def _bench_file(results_dir, name, date, records, *, quick=False):
+    from nkattn.results import make_meta, write_results
+
+    meta = make_meta(device="NVIDIA H200", command="nkattn bench distributed" + " --quick" * quick,
+                     config={"dtype": records[0]["dtype"], "quick": quick})
+    meta["date"] = date
+    return write_results(results_dir / "bench" / name, meta, records)
+
+
+def _bench_rows(n, h, causal, efficiency, *, gpus=(1, 2, 4), dtype="float16", bits=True):
+    """One (N, causal) of the bench: the one-GPU row, then both strategies and torch's ring per P."""
+    base = {"N": n, "H": h, "d": 64, "dtype": dtype, "causal": causal}
+    rows = [{"impl": "nkattn-exact", "gpus": 1, "strategy": "one-gpu", **base, "median_ms": 100.0,
+             "scaling_efficiency": 1.0, "bit_identical": True}]
+    for p in gpus:
+        rows += [{"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, **base,
+                  "median_ms": 100.0 / (p * efficiency), "scaling_efficiency": efficiency, "bit_identical": bits,
+                  "peak_bytes": 1 << 30} for strategy in ("sequence", "heads")]
+        ring = {"impl": "torch-context-parallel", "gpus": p, "strategy": "ring", **base}
+        rows.append({**ring, "median_ms": 100.0 / (p * 1.5), "scaling_efficiency": 1.5} if causal
+                    else {**ring, "skipped": REFUSAL})
+    return rows
+
+
+def _memory_rows(n=4096, h=4, p=4, over=0):
+    """The bench's --memory-n records (float16, d = 64), peak = budget + `over` bytes."""
+    one, lse = h * n // p * 64 * 2, h * n // p * 4
+    rows = []
+    for strategy, comm in (("sequence", 4 * one), ("heads", 6 * one)):
+        budget = 4 * one + lse + comm
+        rows.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, "N": n, "H": h, "d": 64,
+                     "dtype": "float16", "causal": False, "ms": 1.0, "peak_bytes": budget + over,
+                     "resident_bytes": 4 * one + lse, "comm_bytes": comm, "budget_bytes": budget,
+                     "peak_over_budget": (budget + over) / budget})
+    return rows, one + lse
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures `distributed_bench_plots.save_figure` is given, kept for the test to read."""
+    from nkattn.studies import distributed_bench_plots as plots
+
+    figs, save = [], plots.save_figure
+
+    def keep(fig, *args, **kwargs):
+        paths = save(fig, *args, **kwargs)  # which adds the quick-run note
+        figs.append((fig, fig._suptitle.get_text(), [t.get_text() for t in fig.texts]))
+        return paths
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    return figs
+
+
+def test_the_scaling_figure_is_drawn_from_stored_results_only(tmp_path, monkeypatch, drawn):
+    from nkattn import figures
+    from nkattn.studies import STUDIES
+    from nkattn.studies import distributed_bench as bench
+    from nkattn.studies import distributed_bench_plots as plots
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a figure ran the bench")
+
+    monkeypatch.setattr(bench, "run", forbidden)
+    monkeypatch.setattr(bench, "_run_rank", forbidden)
+    results = tmp_path / "results"
+    memory, double_counted = _memory_rows(over=12345)
+    _bench_file(results, "distributed-h200-float16.json", OLD_RUN,
+                _bench_rows(65536, 8, False, 0.8) + _bench_rows(65536, 8, True, 0.7)
+                + _bench_rows(262144, 8, False, 0.8) + _bench_rows(262144, 8, True, 0.7) + memory)
+    _bench_file(results, "distributed-h200-float16-partial.json", NEW_RUN,
+                _bench_rows(262144, 8, False, 0.9) + _bench_rows(262144, 8, True, 0.9))
+    assert STUDIES["distributed-bench"].plots == plots.__name__
+    paths = figures.build_all(results, tmp_path / "figures", studies=["distributed-bench"])
+    assert paths == [tmp_path / "figures" / "bench" / f"distributed_scaling.{ext}" for ext in ("pdf", "png")]
+    assert paths[0].read_bytes()[:5] == b"%PDF-" and paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = plots.fig_scaling(results, tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+
+    _, runs = plots._load(results)
+    panels = plots._points(runs)
+    eff = {(key, name): {p: r.get("scaling_efficiency") for p, r in pts.items()}
+           for key, series in panels.items() for name, pts in series.items()}
+    # the later run wins; the earlier run's causal "sequence" stays, as its own 2-slot line
+    assert eff[("float16", 262144, 8, True), "sequence"] == {1: 0.9, 2: 0.9, 4: 0.9}
+    assert eff[("float16", 262144, 8, True), "sequence-2"] == {1: 0.7, 2: 0.7, 4: 0.7}
+    assert eff[("float16", 262144, 8, True), "heads"] == {1: 0.9, 2: 0.9, 4: 0.9}
+    assert eff[("float16", 262144, 8, False), "sequence"] == {1: 0.9, 2: 0.9, 4: 0.9}
+    assert ("float16", 65536, 8, True) in panels and "sequence" not in panels["float16", 65536, 8, True]
+    assert ("float16", 262144, 8, False, "sequence-2") not in {(*k, n) for k, n in eff}
+    assert all("skipped" in r for r in panels["float16", 65536, 8, False]["ring"].values())
+    # the earlier run's memory records lose the O and lse shards it counted twice
+    assert [(r["strategy"], r["peak_bytes"]) for r in plots._memory(runs)] == [
+        (r["strategy"], r["peak_bytes"] - double_counted) for r in memory]
+    _, title, _ = drawn[0]
+    assert "every nkattn point bit-identical to one GPU" in title and "less the O and lse shards" in title
+
+
+def test_the_scaling_figure_counts_the_points_that_are_not_bit_identical(tmp_path, drawn):
+    from nkattn.studies import distributed_bench_plots as plots
+
+    results = tmp_path / "results"
+    _memory, _ = _memory_rows()
+    _bench_file(results, "distributed-h200-float16.json", NEW_RUN,
+                _bench_rows(65536, 8, False, 0.9) + _bench_rows(65536, 8, True, 0.9, bits=False) + _memory)
+    plots.fig_scaling(results, tmp_path / "figures")
+    _, title, _ = drawn[0]
+    assert "6 of 12 nkattn points bit-identical to one GPU (filled markers)" in title
+    assert "less the O and lse shards" not in title  # a run of b765ad5's code counts them once
+
+
+def test_the_scaling_figure_draws_a_quick_run_only_without_another_and_says_so(tmp_path, drawn):
+    from nkattn.studies import distributed_bench_plots as plots
+
+    results = tmp_path / "results"
+    quick = _bench_rows(16384, 8, False, 0.9, gpus=(1,), dtype="float32") + _bench_rows(16384, 8, True, 0.9, gpus=(1,),
+                                                                                        dtype="float32")
+    _bench_file(results, "distributed-h100-partial.json", NEW_RUN, quick, quick=True)
+    assert len(plots.fig_scaling(results, tmp_path / "quick")) == 2
+    _, title, texts = drawn[-1]
+    assert "on 1 × NVIDIA H200" in title and any(t.startswith("quick run (`nkattn bench distributed --quick`)")
+                                                 for t in texts)
+    _bench_file(results, "distributed-h200-float16.json", OLD_RUN, _bench_rows(65536, 8, True, 0.8))
+    _, runs = plots._load(results)
+    assert [r["path"].name for r in runs] == ["distributed-h200-float16.json"]
+    plots.fig_scaling(results, tmp_path / "full")
+    assert not any(t.startswith("quick run") for t in drawn[-1][2])
+
+
+def test_the_scaling_figure_names_the_missing_result(tmp_path):
+    from nkattn import figures
+    from nkattn.studies import distributed_bench_plots as plots
+
+    with pytest.raises(figures.MissingResultError) as info:
+        plots.fig_scaling(tmp_path / "empty", tmp_path / "figures")
+    message = str(info.value)
+    assert str(tmp_path / "empty" / "bench" / "distributed-h200-float16.json") in message
+    assert "`nkattn bench distributed --dtype float16 --memory-n 4194304 (on 4 GPUs)`" in message
+
+
+STORED = ["distributed-h200-float16.json", "distributed-h200-float16-partial.json"]
+
+
+@pytest.mark.skipif(not all((RESULTS_DIR / "bench" / f).exists() for f in STORED),
+                    reason=f"the stored 4-GPU float16 runs ({', '.join(STORED)}) are not in results/bench")
+def test_the_stored_runs_differ_by_what_b765ad5_changed_and_draw(tmp_path):
+    """Where both float16 runs measured a grid row, the earlier peak is the later one plus the O and lse
+    shards it counted twice, plus the K/V slots b765ad5's max(2, P) (at most one per chunk) removed or added:
+    the correction the figure applies to the earlier run's memory records, checked on bytes."""
+    from nkattn.results import read_results
+    from nkattn.studies import distributed_bench_plots as plots
+
+    old, new = (read_results(RESULTS_DIR / "bench" / f)["records"] for f in STORED)
+    key = lambda r: (r["impl"], r["strategy"], r["gpus"], r["N"], r["H"], r["causal"])
+    later = {key(r): r for r in new if "peak_bytes" in r}
+    both = [(r, later[key(r)]) for r in old if key(r) in later and "budget_bytes" not in r]
+    assert len(both) >= 20
+    for before, after in both:
+        p, causal, rows = before["gpus"], before["causal"], before["H"] * before["N"] // before["gpus"]
+        shards = rows * before["d"] * 2 + rows * 4  # one float16 O shard and its float32 lse
+        slots = 0
+        if before["strategy"] == "sequence":
+            chunks = 2 * p if causal else p
+            kv_chunk = 2 * before["H"] * (before["N"] // chunks) * before["d"] * 2
+            slots = (2 - distributed._slot_count({"zigzag": causal, "causal": causal, "kv_slots": None}, p)) * kv_chunk
+        assert before["peak_bytes"] - after["peak_bytes"] == shards + slots, key(before)
+    assert len(plots.fig_scaling(RESULTS_DIR, tmp_path)) == 2
