@@ -369,13 +369,13 @@ def _lse_dtype(call: dict) -> np.dtype:
     return call["dtype"] if call["kernel"] == "ffma" else np.dtype(np.float32)
 
 
-def _slot_count(call: dict, world: int) -> int:
-    """The key/value chunk buffers of ``"sequence"``: the caller's, or 2 (max(2, P) with a causal
-    mask), at most one per chunk (module docstring)."""
-    n_chunks = _chunks(world, call["zigzag"])
-    if call["kv_slots"] is not None:
-        return min(int(call["kv_slots"]), n_chunks)
-    return min(max(2, world) if call["causal"] else 2, n_chunks)
+def kv_slot_count(world: int, *, causal: bool, zigzag: bool | None = None, kv_slots: int | None = None) -> int:
+    """The key/value chunk buffers ``"sequence"`` allocates: ``kv_slots``, or 2 (max(2, P) with a
+    causal mask), at most one per chunk (module docstring)."""
+    n_chunks = _chunks(world, causal if zigzag is None else zigzag)
+    if kv_slots is not None:
+        return min(int(kv_slots), n_chunks)
+    return min(max(2, world) if causal else 2, n_chunks)
 
 
 def _sequence(call: dict, rank: int, world: int, group):
@@ -408,7 +408,7 @@ def _sequence(call: dict, rank: int, world: int, group):
     owners = {c: (r, j) for r in range(world) for j, c in enumerate(chunks_of(r, world, zigzag))}
     k_shape = (batch, call["kv_heads"], ck, call["head_dim"])
     v_shape = (batch, call["kv_heads"], ck, call["value_dim"])
-    depth = _slot_count(call, world)
+    depth = kv_slot_count(world, causal=causal, zigzag=zigzag, kv_slots=call["kv_slots"])
     slots = [(torch.empty(k_shape, dtype=q.dtype, device=q.device), torch.empty(v_shape, dtype=q.dtype, device=q.device))
              for _ in range(depth)]
 

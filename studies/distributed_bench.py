@@ -32,7 +32,7 @@ Memory (``memory_n``, the issue's N = 4M on 4 GPUs): after the grid, one non-cau
 each strategy at that N on every launched GPU, no warm-up beyond the grid's and no one-GPU
 reference (one GPU would take minutes): records with ``peak_bytes`` against ``budget_bytes``,
 the shards of q, k, v, O and lse plus the strategy's communication buffers (`comm_bytes`:
-"sequence" its two K/V slots; "heads" the send and receive buffers of its all-to-all of q, k
+"sequence" its K/V slots; "heads" the send and receive buffers of its all-to-all of q, k
 and v, whose receive side is the full-sequence q, k, v of its heads).
 """
 
@@ -268,7 +268,8 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats, dtype) -> 
 
             tp = _timed(torch, dist, group, call, repeats)
             same = _same_bits(torch, dist, group, call(), reference, p, causal)
-            records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, **base, "median_ms": tp,
+            slots = {"kv_slots": distributed.kv_slot_count(p, causal=causal)} if strategy == "sequence" else {}
+            records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, **base, **slots, "median_ms": tp,
                             "scaling_efficiency": scaling_efficiency(t1, p, tp), "bit_identical": same,
                             "peak_bytes": _peak(torch, dist, group, call, inputs)})
         _stage(rank, f"N={n} H={heads} causal={causal}: torch context_parallel on {p} GPUs")
@@ -293,7 +294,8 @@ def _memory_config(torch, dist, rank, groups, n, heads, dtype) -> list[dict]:
     one = shards[0].numel() * shards[0].element_size()
     lse_bytes = shards[0][..., 0].numel() * 4
     resident = 4 * one + lse_bytes  # q, k, v and O shards, and lse
-    comm = {"sequence": 4 * one,  # two slots of a K and a V chunk, a chunk being the shard (non-causal)
+    slot_count = distributed.kv_slot_count(p, causal=False)
+    comm = {"sequence": 2 * slot_count * one,  # slots of a K and a V chunk, a chunk being the shard (non-causal)
             "heads": 2 * 3 * one}  # q, k, v sent (stacked) and received (the full sequence of H/P heads)
     records = []
     for strategy in distributed.STRATEGIES:
@@ -305,8 +307,9 @@ def _memory_config(torch, dist, rank, groups, n, heads, dtype) -> list[dict]:
         slowest = torch.tensor([(time.perf_counter() - start) * 1e3], device="cuda")
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
         budget = resident + comm[strategy]
+        slots = {"kv_slots": slot_count} if strategy == "sequence" else {}
         records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, "N": n, "H": heads, "d": HEAD_DIM,
-                        "dtype": dtype, "causal": False, "ms": slowest.item(), "peak_bytes": peak,
+                        "dtype": dtype, "causal": False, **slots, "ms": slowest.item(), "peak_bytes": peak,
                         "resident_bytes": resident, "comm_bytes": comm[strategy], "budget_bytes": budget,
                         "peak_over_budget": peak / budget})
     dist.barrier()

@@ -262,11 +262,10 @@ def test_kv_slots_is_checked_before_any_communication():
         with pytest.raises(ValueError, match=match):
             distributed._local_call(shard_, shard_, shard_, WORLD, strategy=strategy, causal=False, zigzag=None,
                                     key_lengths=None, scale=None, return_lse=False, check_finite=True, kv_slots=slots)
-    call = distributed._local_call(shard_, shard_, shard_, 4, strategy="sequence", causal=True, zigzag=None,
-                                   key_lengths=None, scale=None, return_lse=False, check_finite=True)
-    assert distributed._slot_count(call, 4) == 4  # causal: one per rank
-    assert distributed._slot_count({**call, "causal": False, "zigzag": False}, 4) == 2
-    assert distributed._slot_count({**call, "kv_slots": 99}, 4) == 8  # at most one per chunk
+    assert distributed.kv_slot_count(4, causal=True) == 4  # causal: one per rank
+    assert distributed.kv_slot_count(4, causal=False) == 2
+    assert distributed.kv_slot_count(1, causal=False) == 1  # at most one per chunk
+    assert distributed.kv_slot_count(4, causal=True, kv_slots=99) == 8
 
 
 def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
@@ -476,6 +475,6 @@ def test_the_stored_runs_differ_by_what_b765ad5_changed_and_draw(tmp_path):
         if before["strategy"] == "sequence":
             chunks = 2 * p if causal else p
             kv_chunk = 2 * before["H"] * (before["N"] // chunks) * before["d"] * 2
-            slots = (2 - distributed._slot_count({"zigzag": causal, "causal": causal, "kv_slots": None}, p)) * kv_chunk
+            slots = (2 - distributed.kv_slot_count(p, causal=causal)) * kv_chunk
         assert before["peak_bytes"] - after["peak_bytes"] == shards + slots, key(before)
     assert len(plots.fig_scaling(RESULTS_DIR, tmp_path)) == 2
