@@ -7,10 +7,11 @@ beside PyTorch's own context parallelism (`context_parallel` with SDPA)?
 Data: random normal q, k, v, B = 1, d = 64, H = 8 (H = 4 at N = 1M, where one float32
 call on one GPU takes tens of seconds), float32 (the FFMA kernel) or, with ``dtype``,
 float16/bfloat16 (the tensor-core kernel); N in {64K, 256K} (quick: 16K), causal and not;
-P in {1, 2, 4} up to the processes launched.
+P in {1, 2, 4, 8} up to the processes launched; at 1M and in the memory run H = 4, or P
+when more GPUs are launched ("heads" needs H divisible by P).
 
 Method: one process per GPU under torchrun (`nkattn bench distributed` launches it
-over min(4, GPUs) when started without it); P ranks take part in a run, the others
+over min(8, GPUs) when started without it); P ranks take part in a run, the others
 wait at a barrier. T₁ is the one-GPU kernel (`exact_attention`, or `tc_attention` for the
 half dtypes) on rank 0. A call is timed with CUDA events on every rank after a barrier;
 its time is the slowest rank's; median of >= 20 calls (3 at N = 1M). ``bit_identical``:
@@ -52,9 +53,9 @@ SEQ_LENS = (65536, 262144)
 QUICK_SEQ_LENS = (16384,)
 LONG_N, LONG_HEADS = 1 << 20, 4
 HEADS, HEAD_DIM = 8, 64
-GPU_COUNTS = (1, 2, 4)
+GPU_COUNTS = (1, 2, 4, 8)
 DTYPES = ("float32", "float16", "bfloat16")
-MAX_PROCESSES = 4
+MAX_PROCESSES = 8
 _T0 = time.perf_counter()
 
 
@@ -95,19 +96,22 @@ def main(argv=None) -> None:
         long_sequence=args.long, dtype=args.dtype, memory_n=args.memory_n)
 
 
-def results_path(results_dir, device: str, partial: bool, dtype: str = "float32") -> Path:
+def results_path(results_dir, device: str, partial: bool, dtype: str = "float32", world: int = 4) -> Path:
+    """distributed-<device>[-x<world> past 4 GPUs][-<half dtype>][-partial].json"""
     from nkattn.timing import device_slug
 
-    name = f"distributed-{device_slug(device)}{'' if dtype == 'float32' else '-' + dtype}{'-partial' if partial else ''}"
+    machine = device_slug(device) + (f"-x{world}" if world > 4 else "")
+    name = f"distributed-{machine}{'' if dtype == 'float32' else '-' + dtype}{'-partial' if partial else ''}"
     return Path(results_dir) / "bench" / f"{name}.json"
 
 
-def configs(*, quick: bool, seq_lens, long_sequence) -> list[tuple[int, int, bool]]:
-    """(N, H, causal) in the order they run; N = 1M only with `long_sequence` (default: the full grid)."""
+def configs(*, quick: bool, seq_lens, long_sequence, long_heads: int = LONG_HEADS) -> list[tuple[int, int, bool]]:
+    """(N, H, causal) in the order they run; N = 1M (H = `long_heads`) only with `long_sequence`
+    (default: the full grid)."""
     lens = tuple(seq_lens) if seq_lens is not None else (QUICK_SEQ_LENS if quick else SEQ_LENS)
     long_sequence = (not quick and seq_lens is None) if long_sequence is None else long_sequence
     grid = [(n, HEADS, causal) for n in lens for causal in (False, True)]
-    return grid + ([(LONG_N, LONG_HEADS, causal) for causal in (False, True)] if long_sequence else [])
+    return grid + ([(LONG_N, long_heads, causal) for causal in (False, True)] if long_sequence else [])
 
 
 def scaling_efficiency(t1_ms: float, gpus: int, tp_ms: float) -> float:
@@ -131,7 +135,7 @@ def run(*, quick: bool = False, results_dir: Path = RESULTS_DIR, repeats: int | 
         cmd = torchrun_command(gpus=gpus, quick=quick, results_dir=results_dir, repeats=repeats, seq_lens=seq_lens,
                                long_sequence=long_sequence, dtype=dtype, memory_n=memory_n)
         subprocess.run(cmd, check=True)
-        return [results_path(results_dir, torch.cuda.get_device_name(), quick or seq_lens is not None, dtype)]
+        return [results_path(results_dir, torch.cuda.get_device_name(), quick or seq_lens is not None, dtype, gpus)]
     return _run_rank(quick=quick, results_dir=results_dir, repeats=20 if repeats is None else repeats,
                      seq_lens=seq_lens, long_sequence=long_sequence, dtype=dtype, memory_n=memory_n)
 
@@ -148,18 +152,19 @@ def _run_rank(*, quick, results_dir, repeats, seq_lens, long_sequence, dtype, me
     rank, world = dist.get_rank(), dist.get_world_size()
     counts = [p for p in GPU_COUNTS if p <= world]
     groups = {p: dist.new_group(list(range(p))) for p in counts}  # every rank creates every group
+    long_heads = max(LONG_HEADS, counts[-1])
     records = []
     name = torch.cuda.get_device_name()
-    path = results_path(results_dir, name, quick or seq_lens is not None, dtype)
+    path = results_path(results_dir, name, quick or seq_lens is not None, dtype, world)
     meta = make_meta(device=name, command="nkattn bench distributed" + (" --quick" if quick else ""),
                      config={"gpus": counts, "world": world, "B": 1, "d": HEAD_DIM, "dtype": dtype,
-                             "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": LONG_HEADS,
-                             "memory_N": memory_n, "memory_H": LONG_HEADS})
-    grid = configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence)
+                             "repeats": repeats, "quick": quick, "long_N": LONG_N, "long_H": long_heads,
+                             "memory_N": memory_n, "memory_H": long_heads})
+    grid = configs(quick=quick, seq_lens=seq_lens, long_sequence=long_sequence, long_heads=long_heads)
     stages = [(i, _one_config, (n, heads, causal, 3 if n >= LONG_N else repeats))
               for i, (n, heads, causal) in enumerate(grid)]
     if memory_n is not None:
-        stages.append((len(grid), _memory_config, (memory_n, LONG_HEADS)))
+        stages.append((len(grid), _memory_config, (memory_n, long_heads)))
     for i, stage, args in stages:
         new = stage(torch, dist, rank, groups, *args, dtype)
         records += new

@@ -286,11 +286,13 @@ def test_the_bench_passes_its_options_through_torchrun(monkeypatch, tmp_path):
     assert bench.scaling_efficiency(100.0, 4, 25.0) == 1.0
     assert bench.results_path(tmp_path, "NVIDIA H200", False, "float16").name == "distributed-h200-float16.json"
     assert bench.results_path(tmp_path, "NVIDIA H200", True).name == "distributed-h200-partial.json"
+    assert bench.results_path(tmp_path, "NVIDIA H200", False, "float16", 8).name == "distributed-h200-x8-float16.json"
+    assert bench.configs(quick=False, seq_lens=[], long_sequence=True, long_heads=8) == [(bench.LONG_N, 8, c) for c in (False, True)]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="dtype must be one of"):
         bench.run(dtype="float8")
     for bad in (0, 1000):
-        with pytest.raises(ValueError, match="memory_n must be a positive multiple of 1024"):
+        with pytest.raises(ValueError, match="memory_n must be a positive multiple of 2048"):
             bench.run(memory_n=bad)
 
 
