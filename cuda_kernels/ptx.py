@@ -21,11 +21,13 @@ them against NumPy on the GPU). A warpgroup is 128 consecutive threads; thread
   becomes the A operand of P·V without leaving registers.
 * **A from registers, tf32 m64k8** (4 x b32): register ``r`` holds
   ``A[16w + g + 8(r & 1), tq + 4(r >> 1)]``.
-* **A from registers, e4m3 m64k32** (4 x b32, four bytes each, lowest byte first): register
+* **A from registers, e4m3 and s8 m64k32** (4 x b32, four bytes each, lowest byte first): register
   ``r`` holds ``A[16w + g + 8(r & 1), 4tq + 16(r >> 1) + {0, 1, 2, 3}]`` (CUTLASS's
   ``ALayout_64x32``; the PTX ISA gives it as a figure). The accumulator holds columns
   ``2tq + {0, 1}`` of every 8, so a kernel that feeds P from registers permutes its B
   operand's keys to match (`nkattn.cuda_kernels.fp8`).
+* **s8** (``.s32.s8.s8``): the accumulator layout above with int32 registers, sums exact
+  (integer); no scale immediates (the PTX ISA's integer form takes scale-d alone).
 * **Shared-memory operands** are described by a 64-bit matrix descriptor
   (`descriptor_bits`, `smem_descriptor`): start address, leading and stride byte offsets (all
   >> 4) and the swizzle mode. A *K-major* operand (K contiguous: Q, K) is stored
@@ -69,11 +71,13 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 WARPGROUP = 128
 SWIZZLE_MODES = {128: 1, 64: 2, 32: 3}  # descriptor bits 62-63 for each swizzle width in bytes
-KINDS = ("f16", "bf16", "tf32", "e4m3")
-K_STEP = {"f16": 16, "bf16": 16, "tf32": 8, "e4m3": 32}  # K of one wgmma instruction
-ELEMENT_BYTES = {"f16": 2, "bf16": 2, "tf32": 4, "e4m3": 1}
+KINDS = ("f16", "bf16", "tf32", "e4m3", "s8")
+K_STEP = {"f16": 16, "bf16": 16, "tf32": 8, "e4m3": 32, "s8": 32}  # K of one wgmma instruction
+ELEMENT_BYTES = {"f16": 2, "bf16": 2, "tf32": 4, "e4m3": 1, "s8": 1}
 # tf32 and the 8-bit formats have no transpose immediates: wgmma reads both operands K-major
-K_MAJOR_ONLY = ("tf32", "e4m3")
+K_MAJOR_ONLY = ("tf32", "e4m3", "s8")
+BYTE_KINDS = ("e4m3", "s8")  # one-byte operands: the same A fragment layout
+INTEGER_KINDS = ("s8",)  # s32 accumulators, integer-exact
 E4M3_MAX = 448.0  # the largest finite e4m3 (e4m3fn: no infinities), where .satfinite saturates
 
 if not SIMULATOR:
@@ -101,7 +105,7 @@ def a_fragment_coords(kind: str, t: int, r: int) -> list[tuple[int, int]]:
     row = 16 * w + g + 8 * (r & 1)
     if kind == "tf32":
         return [(row, tq + 4 * (r >> 1))]
-    if kind == "e4m3":
+    if kind in BYTE_KINDS:
         return [(row, 4 * tq + 16 * (r >> 1) + e) for e in range(4)]
     k0 = 2 * tq + 8 * (r >> 1)
     return [(row, k0), (row, k0 + 1)]
@@ -174,9 +178,11 @@ def mn_major_offset(desc: int, n: int, k: int, element_bytes: int) -> int:
 
 
 def _half_values(bits, kind: str) -> np.ndarray:
-    """float64 values of 16-bit patterns (f16 or bf16), of 8-bit e4m3 patterns, or of tf32 read from
+    """float64 values of 16-bit patterns (f16 or bf16), of 8-bit e4m3 or s8 patterns, or of tf32 read from
     float32 containers."""
     bits = np.asarray(bits)
+    if kind == "s8":
+        return bits.astype(np.uint8).view(np.int8).astype(np.float64)
     if kind == "e4m3":
         import ml_dtypes
 
@@ -205,10 +211,10 @@ if not SIMULATOR:
         idx = [context.cast(builder, i, t, types.intp) for i, t in zip(indices, index_types)]
         return cgutils.get_item_pointer(context, builder, arrty, ary, idx, wraparound=False)
 
-    def _accumulate(builder, asm, constraints, operands, acc_ptrs):
-        """Run ``asm`` with the float32 accumulators at ``acc_ptrs`` tied in after ``operands``,
-        and store what it returns back into them."""
-        out = _call_asm(builder, asm, constraints, ir.LiteralStructType([_F32] * len(acc_ptrs)),
+    def _accumulate(builder, asm, constraints, operands, acc_ptrs, acc_type=None):
+        """Run ``asm`` with the accumulators (float32, or ``acc_type``) at ``acc_ptrs`` tied in after
+        ``operands``, and store what it returns back into them."""
+        out = _call_asm(builder, asm, constraints, ir.LiteralStructType([acc_type or _F32] * len(acc_ptrs)),
                         operands + [builder.load(p) for p in acc_ptrs])
         for i, p in enumerate(acc_ptrs):
             builder.store(builder.extract_value(out, i), p)
@@ -386,6 +392,27 @@ if not SIMULATOR:
         return types.float32(bits), codegen
 
     @intrinsic
+    def f16_value(typingctx, bits):
+        """The float32 value of a float16 bit pattern (``cvt.f32.f16``: exact)."""
+
+        def codegen(context, builder, sig, args):
+            half = context.cast(builder, args[0], sig.args[0], types.uint16)
+            return _call_asm(builder, "cvt.f32.f16 $0, $1;", "=f,h", _F32, [half])
+
+        return types.float32(bits), codegen
+
+    @intrinsic
+    def f16_bits_f64(typingctx, x):
+        """float64 rounded once to float16 (``cvt.rn.f16.f64``, nearest even), its bit pattern;
+        through float32 it would round twice."""
+
+        def codegen(context, builder, sig, args):
+            wide = context.cast(builder, args[0], sig.args[0], types.float64)
+            return _call_asm(builder, "cvt.rn.f16.f64 $0, $1;", "=h,d", ir.IntType(16), [wide])
+
+        return types.uint16(x), codegen
+
+    @intrinsic
     def round_tf32(typingctx, x):
         """float32 rounded to tf32 (10 mantissa bits, nearest, ties away), low 13 bits zero."""
 
@@ -434,28 +461,32 @@ if not SIMULATOR:
 
     def _wgmma_asm(kind, n, a_operand, transpose_b, first_input):
         nacc = n // 2
-        dtypes = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "tf32": "f32.tf32.tf32", "e4m3": "f32.e4m3.e4m3"}[kind]
+        dtypes = {"f16": "f32.f16.f16", "bf16": "f32.bf16.bf16", "tf32": "f32.tf32.tf32", "e4m3": "f32.e4m3.e4m3",
+                  "s8": "s32.s8.s8"}[kind]
         acc = ",".join(f"${i}" for i in range(nacc))
         scale = f"${first_input + (1 if a_operand == 'desc' else 4) + 1}"
         a = f"${first_input}" if a_operand == "desc" else "{" + ",".join(f"${first_input + r}" for r in range(4)) + "}"
         b = f"${first_input + (1 if a_operand == 'desc' else 4)}"
-        if kind in K_MAJOR_ONLY:
-            tail = ""
+        if kind in INTEGER_KINDS:
+            immediates = ""  # the integer form has no scale or transpose immediates
+        elif kind in K_MAJOR_ONLY:
+            immediates = ", 1, 1"
         elif a_operand == "desc":
-            tail = f", 0, {int(transpose_b)}"
+            immediates = f", 1, 1, 0, {int(transpose_b)}"
         else:
-            tail = f", {int(transpose_b)}"
+            immediates = f", 1, 1, {int(transpose_b)}"
         return (
             "{\n.reg .pred p;\n"
             f"setp.ne.b32 p, {scale}, 0;\n"
-            f"wgmma.mma_async.sync.aligned.m64n{n}k{K_STEP[kind]}.{dtypes} {{{acc}}}, {a}, {b}, p, 1, 1{tail};\n}}"
+            f"wgmma.mma_async.sync.aligned.m64n{n}k{K_STEP[kind]}.{dtypes} {{{acc}}}, {a}, {b}, p{immediates};\n}}"
         )
 
     @cache
     def wgmma(kind: str, n: int, a_operand: str, transpose_b: bool = False, acc_offset: int = 0):
-        """``D (+)= A·Bᵀ`` of one warpgroup, m64 n``n`` k16 (f16/bf16), k8 (tf32) or k32 (e4m3), float32 D.
+        """``D (+)= A·Bᵀ`` of one warpgroup, m64 n``n`` k16 (f16/bf16), k8 (tf32) or k32 (e4m3, s8), float32 D
+        (int32 for s8).
 
-        Returns an intrinsic ``f(acc, a, desc_b, scale_d, smem)`` updating the local float32
+        Returns an intrinsic ``f(acc, a, desc_b, scale_d, smem)`` updating the local float32 (s8: int32)
         array ``acc[acc_offset:acc_offset + n/2]`` in place (D in the accumulator layout). ``a`` is a shared-memory
         descriptor (``a_operand="desc"``, K-major) or, with ``a_operand="regs"``, a local
         uint32 array followed by an offset: ``f(acc, a_regs, a_offset, desc_b, scale_d, smem)``
@@ -470,9 +501,10 @@ if not SIMULATOR:
         if transpose_b and kind in K_MAJOR_ONLY:
             raise ValueError(f"{kind} wgmma reads both operands K-major (no transpose)")
         nacc = n // 2
+        acc_reg, acc_type = ("=r", _I32) if kind in INTEGER_KINDS else ("=f", _F32)
         if a_operand == "desc":
             asm = _wgmma_asm(kind, n, "desc", transpose_b, nacc)
-            constraints = ",".join(["=f"] * nacc + ["l", "l", "r"] + [str(i) for i in range(nacc)])
+            constraints = ",".join([acc_reg] * nacc + ["l", "l", "r"] + [str(i) for i in range(nacc)])
 
             @intrinsic
             def mma(typingctx, acc, desc_a, desc_b, scale_d, smem):
@@ -483,7 +515,7 @@ if not SIMULATOR:
                     operands = [context.cast(builder, args[1], sig.args[1], types.uint64),
                                 context.cast(builder, args[2], sig.args[2], types.uint64),
                                 context.cast(builder, args[3], sig.args[3], types.int32)]
-                    _accumulate(builder, asm, constraints, operands, ptrs)
+                    _accumulate(builder, asm, constraints, operands, ptrs, acc_type)
                     return context.get_dummy_value()
 
                 return types.void(acc, desc_a, desc_b, scale_d, smem), codegen
@@ -492,7 +524,7 @@ if not SIMULATOR:
         if a_operand != "regs":
             raise ValueError(f"a_operand must be 'desc' or 'regs', got {a_operand!r}")
         asm = _wgmma_asm(kind, n, "regs", transpose_b, nacc)
-        constraints = ",".join(["=f"] * nacc + ["r"] * 4 + ["l", "r"] + [str(i) for i in range(nacc)])
+        constraints = ",".join([acc_reg] * nacc + ["r"] * 4 + ["l", "r"] + [str(i) for i in range(nacc)])
 
         @intrinsic
         def mma_rs(typingctx, acc, a_regs, a_offset, desc_b, scale_d, smem):
@@ -509,7 +541,7 @@ if not SIMULATOR:
                     a_vals.append(word if word.type == _I32 else builder.bitcast(word, _I32))
                 operands = a_vals + [context.cast(builder, args[3], sig.args[3], types.uint64),
                                      context.cast(builder, args[4], sig.args[4], types.int32)]
-                _accumulate(builder, asm, constraints, operands, ptrs)
+                _accumulate(builder, asm, constraints, operands, ptrs, acc_type)
                 return context.get_dummy_value()
 
             return types.void(acc, a_regs, a_offset, desc_b, scale_d, smem), codegen
@@ -604,9 +636,6 @@ else:  # ------------------------------------------------------------- simulator
                 _scratch[key] = np.zeros(shape, dtype=dtype)
             return _scratch[key]
 
-    def _smem_kind(smem, kind):
-        return {np.dtype(np.uint16): kind, np.dtype(np.uint8): "e4m3"}.get(smem.dtype, "tf32")
-
     @cuda.jit(device=True)
     def shared_address(arr, idx):
         # the simulator's shared "address" is the byte offset in the block's dynamic buffer
@@ -614,14 +643,13 @@ else:  # ------------------------------------------------------------- simulator
 
     @cuda.jit(device=True)
     def cp_async16(smem, smem_idx, src, b, h, row, col, src_bytes):
-        width = 16 // smem.dtype.itemsize
-        valid = int(src_bytes) // smem.dtype.itemsize
-        for t in range(width):
-            if t < valid:
-                value = src[b, h, row, col + t]
-                smem[smem_idx + t] = value
-            else:
-                smem[smem_idx + t] = 0
+        # bytes, as the hardware copies them: the source's elements may be wider than the buffer's
+        # (f16 V in the int8 kernel's byte buffer)
+        chunk = np.zeros(16 // src.dtype.itemsize, dtype=src.dtype)
+        for t in range(int(src_bytes) // src.dtype.itemsize):
+            chunk[t] = src[b, h, row, col + t]
+        start = int(smem_idx) * smem.dtype.itemsize
+        smem.view(np.uint8)[start : start + 16] = chunk.view(np.uint8)
 
     def _no_op():
         pass
@@ -759,6 +787,16 @@ else:  # ------------------------------------------------------------- simulator
         return float(_half_values(int(bits), "bf16"))
 
     @cuda.jit(device=True)
+    def f16_value(bits):
+        return float(_half_values(int(bits), "f16"))
+
+    @cuda.jit(device=True)
+    def f16_bits_f64(x):
+        # NumPy rounds float64 to float16 directly (once); beyond 65520 it gives inf, as cvt does
+        with np.errstate(over="ignore"):
+            return _f16_bits(np.float64(x))
+
+    @cuda.jit(device=True)
     def round_tf32(x):
         # cvt.rna: nearest, ties away from zero, on the float32 bit pattern (NaN and inf kept)
         bits = int(np.array(x, dtype=np.float32).view(np.uint32))
@@ -859,10 +897,16 @@ else:  # ------------------------------------------------------------- simulator
         offset = mn_major_offset if mn_major else k_major_offset
         return np.array([[offset(desc, r, k, element_bytes) // itemsize for k in range(k_step)] for r in range(rows)])
 
+    _BITS_TYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
     def _operand(smem, kind, desc, rows, k_step, mn_major):
-        """The (rows x K) operand a descriptor points at, as float64 values."""
-        idx = _operand_index(int(desc), ELEMENT_BYTES[kind], smem.dtype.itemsize, rows, k_step, bool(mn_major))
-        return _half_values(smem[idx.ravel()].reshape(idx.shape), _smem_kind(smem, kind))
+        """The (rows x K) operand a descriptor points at, as float64 values: its bytes read whatever
+        the buffer's element type (the int8 kernel keeps s8 and f16 operands in one byte buffer)."""
+        esize = ELEMENT_BYTES[kind]
+        idx = _operand_index(int(desc), esize, 1, rows, k_step, bool(mn_major))
+        raw = smem.view(np.uint8)[idx[..., None] + np.arange(esize)]
+        bits = np.ascontiguousarray(raw).view(_BITS_TYPES[esize])[..., 0]
+        return _half_values(bits.view(np.float32) if kind == "tf32" else bits, kind)
 
     @cache
     def wgmma(kind: str, n: int, a_operand: str, transpose_b: bool = False, acc_offset: int = 0):
@@ -871,12 +915,14 @@ else:  # ------------------------------------------------------------- simulator
         if transpose_b and kind in K_MAJOR_ONLY:
             raise ValueError(f"{kind} wgmma reads both operands K-major (no transpose)")
         k_step = K_STEP[kind]
+        # s8: integer sums, exact in float64 (|products| < 2^14, 32 of them) and in int32
+        exact = int if kind in INTEGER_KINDS else float
 
         def accumulate(acc, a_matrix, b_matrix, scale_d, t):
             for i in range(n // 2):
                 row, col = accumulator_coords(t, i)
-                value = float(np.dot(a_matrix[row], b_matrix[col]))
-                acc[acc_offset + i] = value + (acc[acc_offset + i] if scale_d else 0.0)
+                value = exact(np.dot(a_matrix[row], b_matrix[col]))
+                acc[acc_offset + i] = value + (acc[acc_offset + i] if scale_d else 0)
 
         if a_operand == "desc":
 
@@ -899,7 +945,7 @@ else:  # ------------------------------------------------------------- simulator
                 coords = a_fragment_coords(kind, t, r)
                 if kind == "tf32":
                     a_matrix[coords[0]] = _half_values(np.float32(a_regs[a_offset + r]), "tf32")
-                elif kind == "e4m3":
+                elif kind in BYTE_KINDS:
                     word = int(a_regs[a_offset + r])
                     for e, value in enumerate(_half_values([(word >> (8 * e)) & 0xFF for e in range(4)], kind)):
                         a_matrix[coords[e]] = value

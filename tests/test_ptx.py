@@ -23,7 +23,11 @@ HALF_DTYPES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
 def _exact_values(rng, shape, kind):
-    """Multiples of 1/4 in [-2, 2]: exact in f16, bf16, tf32 and e4m3, and their products and sums in float32."""
+    """Multiples of 1/4 in [-2, 2]: exact in f16, bf16, tf32 and e4m3, and their products and sums in float32;
+    for s8 every int8 (-128 to 127), whose sums int32 holds exactly."""
+    if kind == "s8":
+        x = rng.integers(-128, 128, size=shape)
+        return x.astype(np.int8).view(np.uint8), x.astype(np.float64)
     x = rng.integers(-8, 9, size=shape) / 4.0
     if kind == "tf32":
         return x.astype(np.float32), x
@@ -32,7 +36,8 @@ def _exact_values(rng, shape, kind):
     return x.astype(HALF_DTYPES[kind]).view(np.uint16), x
 
 
-SMEM_TYPES = {"tf32": np.float32, "e4m3": np.uint8}  # the others: uint16
+SMEM_TYPES = {"tf32": np.float32, "e4m3": np.uint8, "s8": np.uint8}  # the others: uint16
+ACC_TYPES = {"s8": np.int32}  # the others: float32
 
 
 @cache
@@ -57,7 +62,8 @@ def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: boo
     a_starts = tuple(a_tile.k_major_start(0, s * k_step) for s in range(steps))
     b_starts = tuple(b_tile.mn_major_start(s * k_step) if transpose_b else b_tile.k_major_start(0, s * k_step)
                      for s in range(steps))
-    a_in_regs, is_tf32, is_e4m3 = a_operand == "regs", kind == "tf32", kind == "e4m3"
+    a_in_regs, is_tf32, is_byte = a_operand == "regs", kind == "tf32", kind in ptx.BYTE_KINDS
+    acc_type = ACC_TYPES.get(kind, np.float32)
     reg_type = np.float32 if is_tf32 else np.uint32
     n_regs = 4 * steps
     shared_bytes = b_tile.end + TILE_ALIGN
@@ -76,7 +82,7 @@ def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: boo
         ptx.fence_proxy_async()
         cuda.syncthreads()  # every thread's copies are in shared memory, visible to the tensor cores
 
-        acc = cuda.local.array(nacc, np.float32)
+        acc = cuda.local.array(nacc, acc_type)
         a_regs = cuda.local.array(n_regs, reg_type)
         if a_in_regs:
             w = tid // 32
@@ -87,7 +93,7 @@ def mma_kernel(kind: str, n: int, k_total: int, a_operand: str, transpose_b: boo
                     row = 16 * w + g + 8 * (r & 1)
                     if is_tf32:
                         a_regs[s * 4 + r] = a[0, 0, row, s * k_step + tq + 4 * (r >> 1)]
-                    elif is_e4m3:
+                    elif is_byte:
                         k0 = s * k_step + 4 * tq + 16 * (r >> 1)
                         a_regs[s * 4 + r] = (uint32(a[0, 0, row, k0]) | (uint32(a[0, 0, row, k0 + 1]) << 8)
                                              | (uint32(a[0, 0, row, k0 + 2]) << 16)
@@ -133,6 +139,8 @@ MMA_CASES = [
     _mma_case("tf32", 16, 16, "regs", False, gpu=False),
     _mma_case("e4m3", 16, 64, "desc", False, gpu=False),
     _mma_case("e4m3", 16, 64, "regs", False, gpu=False),
+    _mma_case("s8", 16, 64, "desc", False, gpu=False),
+    _mma_case("s8", 24, 32, "regs", False, gpu=False),
     *(_mma_case("f16", n, k, op, tb) for n, k in ((64, 64), (128, 128), (80, 96)) for op in ("desc", "regs") for tb in (False, True)),
     _mma_case("f16", 24, 16, "desc", True),
     _mma_case("f16", 256, 64, "desc", False),
@@ -141,6 +149,8 @@ MMA_CASES = [
     *(_mma_case("tf32", n, k, op, False) for n, k in ((64, 32), (128, 64), (96, 24)) for op in ("desc", "regs")),
     *(_mma_case("e4m3", n, k, "desc", False) for n, k in ((64, 64), (128, 128), (80, 32), (256, 256))),
     *(_mma_case("e4m3", n, k, "regs", False) for n, k in ((64, 64), (128, 128), (80, 32), (256, 96))),
+    *(_mma_case("s8", n, k, "desc", False) for n, k in ((64, 64), (128, 128), (80, 32), (256, 256))),
+    _mma_case("s8", 128, 96, "regs", False),
 ]
 
 
@@ -152,12 +162,13 @@ def test_wgmma_matches_numpy(kind, n, k_total, a_operand, transpose_b):
     if transpose_b:
         b_dev = np.ascontiguousarray(np.swapaxes(b_dev, 2, 3))  # K x N in memory, N contiguous
     kernel, shared_bytes = mma_kernel(kind, n, k_total, a_operand, transpose_b)
-    out = cuda.device_array((128, n // 2), dtype=np.float32)
+    acc_type = ACC_TYPES.get(kind, np.float32)
+    out = cuda.device_array((128, n // 2), dtype=acc_type)
     from nkattn.cuda_kernels.online_softmax import launch_with_shared_memory
 
     launch_with_shared_memory(kernel, 1, 128, shared_bytes, 0, cuda.to_device(a_dev), cuda.to_device(b_dev), out)
     expected = _expected_fragments(a[0, 0] @ b[0, 0].T)
-    np.testing.assert_array_equal(out.copy_to_host(), expected.astype(np.float32))
+    np.testing.assert_array_equal(out.copy_to_host(), expected.astype(acc_type))
 
 
 @cache
@@ -317,6 +328,34 @@ def test_e4m3_packing_is_ml_dtypes_saturated_and_bf16_values_are_exact():
     for e in range(4):
         np.testing.assert_array_equal((got_quads >> (8 * e)) & 0xFF, expected[e::4])
     np.testing.assert_array_equal(values.copy_to_host(), bits.view(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@cuda.jit
+def _f16_kernel(x64, bits, rounded, values):
+    i = cuda.grid(1)
+    if i < x64.size:
+        rounded[i] = ptx.f16_bits_f64(x64[i])
+    if i < bits.size:
+        values[i] = ptx.f16_value(bits[i])
+
+
+def test_f16_from_float64_rounds_once_and_f16_values_are_exact():
+    """cvt.rn.f16.f64 is NumPy's float64 -> float16 (one rounding, nearest even, overflow to inf):
+    1 + 2^-11 + 2^-40 goes up to 1 + 2^-10, where float32 first would land on the tie and then on 1.
+    A float16 pattern's value is its float32, exactly."""
+    rng = np.random.default_rng(4)
+    x64 = np.concatenate([rng.normal(size=120) * 10.0 ** rng.integers(-8, 5, size=120),
+                          [1 + 2.0**-11 + 2.0**-40, -(1 + 2.0**-11 + 2.0**-40), 65504.0, 65520.0, 2.0**-25,
+                           2.0**-25 * 1.5, 0.0, -0.0]])
+    bits = rng.integers(0, 2**16, size=64).astype(np.uint16)
+    bits = bits[np.isfinite(bits.view(np.float16))]
+    rounded = cuda.device_array(x64.size, dtype=np.uint16)
+    values = cuda.device_array(bits.size, dtype=np.float32)
+    _f16_kernel[(x64.size + 63) // 64, 64](cuda.to_device(x64), cuda.to_device(bits), rounded, values)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(rounded.copy_to_host(), x64.astype(np.float16).view(np.uint16))
+    assert rounded.copy_to_host()[120] == np.float16(1 + 2.0**-10).view(np.uint16)
+    np.testing.assert_array_equal(values.copy_to_host(), bits.view(np.float16).astype(np.float32))
 
 
 @cuda.jit
@@ -509,3 +548,5 @@ def test_descriptor_fields():
         ptx.wgmma("tf32", 16, "desc", transpose_b=True)
     with pytest.raises(ValueError, match="transpose"):
         ptx.wgmma("e4m3", 16, "desc", transpose_b=True)
+    with pytest.raises(ValueError, match="transpose"):
+        ptx.wgmma("s8", 16, "desc", transpose_b=True)
