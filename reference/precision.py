@@ -16,7 +16,7 @@ the arithmetic differs. Every format follows one pipeline, the tensor-core kerne
    from zero, as SageAttention's quantization kernel does.
 3. ``S = Q·Kᵀ`` accumulates in fp32: the products of one MMA k-step (`Format.k_step`
    operands: 16 for 16-bit wgmma, 32 for 8-bit, 1 for the FFMA kernel, i.e. an FMA
-   chain) are summed exactly and added to the fp32 accumulator with one rounding, in
+   chain; P·V's step is `Format.pv_step`, 16 for int8-fp16's fp16 P·V) are summed exactly and added to the fp32 accumulator with one rounding, in
    increasing index order. Exact here means to within float64 rounding (2^-53), far
    below fp32's; the adder of real tensor cores is not documented, and Hopper's fp8
    adder keeps fewer bits (DeepSeek-V3 reports about 14 for the H800), which this
@@ -121,6 +121,11 @@ class Format:
     v_scale: str | None = None  # "tile" (one per BLOCK_N keys) or "channel" (per column over all keys)
     p_scale: float = 1.0
     smooth_k: bool = False
+    pv_k_step: int | None = None  # products summed exactly per rounding in P·V, if not k_step
+
+    @property
+    def pv_step(self) -> int:
+        return self.pv_k_step or self.k_step
 
 
 FORMATS = {
@@ -134,7 +139,7 @@ FORMATS = {
         Format("fp8", "FlashAttention-3 FP8: e4m3 Q, K, V with one scale per 128-row/key block, P·2^8 in e4m3",
                "bf16", "e4m3", "e4m3", "bf16", 32, 0.5, q_block=128, k_block=128, v_scale="tile", p_scale=2.0**8),
         Format("int8-fp16", "SageAttention: K smoothed, int8 Q (128-row blocks) and K (64-key blocks), fp16 P·V",
-               "fp16", "int8", "fp16", "fp16", 32, 0.75, q_block=128, k_block=64, smooth_k=True),
+               "fp16", "int8", "fp16", "fp16", 32, 0.75, q_block=128, k_block=64, smooth_k=True, pv_k_step=16),
         Format("int8-fp8", "SageAttention2: int8 QK as int8-fp16, e4m3 P·448 and V scaled per channel",
                "fp16", "int8", "e4m3", "fp16", 32, 0.5, q_block=128, k_block=64, v_scale="channel",
                p_scale=E4M3_MAX, smooth_k=True),
@@ -351,10 +356,10 @@ def emulate(q, k, v, precision="bf16", *, causal=False, scale=None, key_lengths=
             acc = f32(acc * alpha[..., None])
             v_tile = ops.v.values[..., tile, :]
             if fmt.v_scale == "tile":
-                part = _mma(p_op, v_tile, fmt.k_step)
+                part = _mma(p_op, v_tile, fmt.pv_step)
                 acc = f32(acc + f32(part * ops.v.descale[..., t0 : t0 + 1, :]))
             else:
-                acc = _mma(p_op, v_tile, fmt.k_step, acc)
+                acc = _mma(p_op, v_tile, fmt.pv_step, acc)
             m = m_new
         has_keys = l != 0
         inv = f32(1.0 / f32(np.where(has_keys, l, 1.0) * fmt.p_scale))
@@ -416,7 +421,7 @@ def error_bound(q, k, v, precision, *, causal=False, scale=None, key_lengths=Non
     n_vis = counts[..., 0, None]  # (B, 1, Nq, 1)
     n_tiles = -(-n_vis // BLOCK_N)
     u_p = UNIT_ROUNDOFF[fmt.pv] + (U32 if fmt.p_scale != 1 else 0.0)
-    rho = (1 + u_p) * (1 + U32) ** (-(-n_vis // fmt.k_step) + 4 * n_tiles + 6) - 1
+    rho = (1 + u_p) * (1 + U32) ** (-(-n_vis // fmt.pv_step) + 4 * n_tiles + 6) - 1
     rho_l = (1 + U32) ** (3 * n_tiles + 2) - 1
     # P's absolute step (a subnormal) per visible key, over l >= 1 (it holds the max's p = 1)
     kernel = (rho + rho_l) / (1 - rho_l) * v_max + n_vis * SUBNORMAL_STEP[fmt.pv] / fmt.p_scale * v_max
