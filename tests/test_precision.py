@@ -1201,3 +1201,161 @@ def test_fp8_heads_on_a_gpu_without_fp8_are_a_reason(monkeypatch):
                                          r"here: cuda \(FP8 kernel\): the FP8 kernel uses Hopper's e4m3 wgmma "
                                          r"\(compute capability 9.x\), this GPU is 8.0"):
         nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------
+# the INT8 kernel (nkattn.cuda_kernels.int8) against its mirror, emulate(..., "int8-fp16")
+# --------------------------------------------------------------------------------------
+
+
+def _f16_inputs(seed, b, h, hkv, nq, nk, d, dv):
+    """Gaussian q, k, v rounded to f16 (the int8-fp16 format's input), as float64; k offset by 3 in
+    one channel (what smoothing removes) and one outlier that gives its 64-key block a scale of its own."""
+    q, k, v = _inputs(seed, b, h, hkv, nq, nk, d, dv)
+    k[..., 1] += 3.0
+    k[0, 0, min(3, nk - 1), 0] = 40.0
+    return tuple(pr.round_input(x, "fp16") for x in (q, k, v))
+
+
+def _f16_device(x):
+    return cuda.to_device(np.ascontiguousarray(x.astype(np.float16)).view(np.uint16))
+
+
+def _int8_run(q, k, v, *, causal, key_lengths=None, config=None, out=None):
+    """The INT8 kernel on float64 arrays of f16 values: (O, lse) as float64 on the host."""
+    from nkattn.cuda_kernels.int8 import int8_attention
+
+    lengths = _lengths(q.shape[0], k.shape[2], key_lengths)
+    o, lse = int8_attention(*(_f16_device(x) for x in (q, k, v)), cuda.to_device(lengths), causal=causal,
+                            scale=1 / np.sqrt(q.shape[-1]), config=config, out=out)
+    return o.copy_to_host().view(np.float16).astype(np.float64), lse.copy_to_host().astype(np.float64)
+
+
+INT8_QUANTIZE_CASES = [
+    pytest.param(2, 2, 1, 70, 150, 32, 16, [150, 0], id="B2-H2-Hkv1-Nq70-Nk150-d32-dv16-lengths150,0"),
+    pytest.param(2, 4, 2, 300, 517, 128, 64, [517, 200], id="B2-H4-Hkv2-Nq300-Nk517-d128-dv64-lengths", marks=gpu),
+    pytest.param(1, 2, 2, 129, 128, 80, 48, None, id="B1-H2-Hkv2-Nq129-Nk128-d80-dv48", marks=gpu),
+]
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "d", "dv", "lengths"), INT8_QUANTIZE_CASES)
+def test_int8_quantize_gives_the_mirrors_bits(b, h, hkv, nq, nk, d, dv, lengths):
+    """K's mean (f16), int8 Q and smoothed K (zero past key_lengths, past Nk and past d up to a multiple
+    of 32) and their float32 block scales are `operands(..., "int8-fp16")`'s, bit for bit; a K block
+    with no key (batch 1 of the first case, and past Nk) has scale 1."""
+    from nkattn.cuda_kernels.int8 import quantize
+
+    q, k, v = _f16_inputs(40, b, h, hkv, nq, nk, d, dv)
+    lengths = _lengths(b, nk, lengths)
+    scale = 1 / np.sqrt(d)
+    ops = quantize(_f16_device(q), _f16_device(k), cuda.to_device(lengths), scale=scale)
+    ref = pr.operands(q, k, v, "int8-fp16", scale=scale, key_lengths=lengths)
+    center = ops.center.copy_to_host().view(np.float16).astype(np.float64)
+    assert_bit_identical("mean of k", center, ref.k_center[:, ::h // hkv, 0])
+    k_values = ref.k.values[:, ::h // hkv]  # expanded to the query heads: one per KV head
+    for name, values, descale, block in (("q", ref.q.values, ref.q.descale, 128),
+                                         ("k", k_values, ref.k.descale[:, ::h // hkv], 64)):
+        got = getattr(ops, name).copy_to_host().view(np.int8)
+        assert_bit_identical(f"{name} int8", got[..., :d].astype(np.float64), values + 0.0)  # int8 has no -0
+        assert not got[..., d:].any(), name
+        scales = getattr(ops, f"{name}_scale").copy_to_host()
+        assert_bit_identical(f"{name} scales", scales[..., : -(-values.shape[2] // block)],
+                             descale[..., ::block, 0].astype(np.float32))
+    k_scale = ops.k_scale.copy_to_host()
+    assert (k_scale[..., -(-nk // 64):] == 1).all()
+    if lengths.min() == 0:
+        assert (k_scale[lengths == 0] == 1).all()
+
+
+def _int8_case(b, h, hkv, nq, nk, d, dv, causal, lengths=None, config=None, gpu=False):
+    ident = (f"B{b}-H{h}-Hkv{hkv}-Nq{nq}-Nk{nk}-d{d}" + (f"-dv{dv}" if dv != d else "") + ("-causal" if causal else "")
+             + (f"-lengths{','.join(map(str, lengths))}" if lengths is not None else "")
+             + (f"-BM{config.block_m}" if config is not None else ""))
+    return pytest.param(b, h, hkv, nq, nk, d, dv, causal, lengths, config, id=ident,
+                        marks=[pytest.mark.gpu] if gpu else [])
+
+
+def _int8_gpu_grid():
+    from nkattn.cuda_kernels.exact_tc import TileConfig
+
+    shapes = ((1, 2, 1, 1, 1, None), (2, 4, 2, 129, 129, [129, 0]), (1, 2, 2, 203, 127, None),
+              (1, 1, 1, 127, 1000, None), (2, 2, 1, 300, 517, [517, 200]))
+    return [_int8_case(b, h, hkv, nq, nk, d, d, causal, lengths, gpu=True)
+            for d in (64, 128) for (b, h, hkv, nq, nk, lengths) in shapes for causal in (False, True)] + [
+        _int8_case(1, 2, 1, 200, 300, d, dv, True, None, gpu=True) for d, dv in ((32, 128), (128, 64), (80, 48))] + [
+        _int8_case(1, 2, 1, 333, 400, 64, 64, True, None, TileConfig(64, 128), gpu=True)]
+
+
+def _int8_sim_grid():
+    # two key tiles (four K scales), tails of both, GQA, a partial and a short batch (causal: its first
+    # 20 rows see no key, beside rows that do)
+    return [_int8_case(2, 2, 1, 40, 150, 32, 16, True, [150, 20])]
+
+
+def _int8_lse_bound(q, k, v, *, causal, lengths):
+    """A bound on |lse - lse64| of int8-fp16: the largest score error of the row (log-sum-exp is
+    1-Lipschitz in the max norm) from the int8 operands and smoothing's f16 rounding (`Operand.err`,
+    against the smoothed k), plus 8 float32 roundings of lse."""
+    ops = pr.operands(q, k, v, "int8-fp16", key_lengths=lengths)
+    read = (np.arange(k.shape[2]) < _lengths(q.shape[0], k.shape[2], lengths)[:, None])[:, None, :, None]
+    k_moved = np.where(read, _expand_kv_heads(k, q.shape[1]) - ops.k_center, 0.0)
+    eq, ek = ops.q.err, ops.k.err
+    delta = (eq @ np.swapaxes(np.abs(k_moved), -1, -2) + np.abs(q) @ np.swapaxes(ek, -1, -2)
+             + eq @ np.swapaxes(ek, -1, -2))
+    counts = visible_key_counts(q.shape[0], q.shape[2], k.shape[2], causal, lengths)[:, None, :, None]
+    row_delta = np.where(np.arange(k.shape[2]) < counts, delta, 0.0).max(axis=-1, initial=0.0) / np.sqrt(q.shape[-1])
+    return row_delta + 8 * pr.U32 * np.maximum(1.0, np.abs(attention_ref(q, k, v, causal=causal, key_lengths=lengths)[1]))
+
+
+@pytest.mark.parametrize(("b", "h", "hkv", "nq", "nk", "d", "dv", "causal", "lengths", "config"),
+                         _int8_sim_grid() + _int8_gpu_grid())
+def test_int8_kernel_within_the_written_bound(b, h, hkv, nq, nk, d, dv, causal, lengths, config):
+    """O within `error_bound` of the float64 oracle and of the mirror (they differ by ex2.approx and the
+    row-sum order); lse within `_int8_lse_bound` of the oracle's, -inf where a row sees no key (whose O is 0).
+    In the simulator the stand-ins do the mirror's operations in its order but for the row sum's, so O
+    is the mirror's to within an f16 step and lse its float32 rounding."""
+    q, k, v = _f16_inputs(41 + nq + nk + d, b, h, hkv, nq, nk, d, dv)
+    o, lse = _int8_run(q, k, v, causal=causal, key_lengths=lengths, config=config)
+    mirror_o, mirror_lse = pr.emulate(q, k, v, "int8-fp16", causal=causal, key_lengths=lengths)
+    oracle_o, oracle_lse = attention_ref(q, k, v, causal=causal, key_lengths=lengths)
+    bound = pr.error_bound(q, k, v, "int8-fp16", causal=causal, key_lengths=lengths)
+    _assert_within_bound("O - float64", o, oracle_o, bound)
+    _assert_within_bound("O - emulate", o, mirror_o, bound)
+    empty = oracle_lse == -np.inf
+    np.testing.assert_array_equal(lse == -np.inf, empty)
+    assert (o[empty] == 0).all()
+    if not REAL_GPU:
+        _assert_within_bound("O - emulate (simulator)", o, mirror_o, 2 * pr.UNIT_ROUNDOFF["fp16"] * np.abs(mirror_o))
+        _assert_within_bound("lse - emulate (simulator)", lse[~empty], mirror_lse[~empty],
+                             4 * pr.U32 * np.abs(mirror_lse[~empty]))
+    lse_bound = _int8_lse_bound(q, k, v, causal=causal, lengths=lengths)
+    _assert_within_bound("lse - float64", lse[~empty], oracle_lse[~empty], lse_bound[~empty])
+
+
+@gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_int8_kernel_writes_every_output_and_repeats_its_bits(d):
+    """O preallocated as f16 NaN is all written (no NaN left); 50 more runs give the same bits."""
+    q, k, v = _f16_inputs(42, 2, 4, 2, 700, 900, d, d)
+    poisoned = cuda.to_device(np.full((2, 4, 700, d), 0x7E00, np.uint16))
+    first = _int8_run(q, k, v, causal=True, out=poisoned)
+    assert not np.isnan(first[0]).any()
+    for _ in range(50):
+        again = _int8_run(q, k, v, causal=True)
+        assert_bit_identical("O", again[0], first[0])
+        assert_bit_identical("lse", again[1], first[1])
+
+
+def test_int8_kernel_refuses_what_it_cannot_run():
+    from nkattn.cuda_kernels.exact_tc import TileConfig
+    from nkattn.cuda_kernels.int8 import int8_attention_kernel
+
+    for d, dv in ((24, 16), (16, 8), (144, 64), (0, 16)):
+        with pytest.raises(ValueError, match=r"the int8 kernel takes d?v? ?a multiple of 16 from 16 to 128"):
+            int8_attention_kernel(d, dv, TileConfig(128, 128))
+    for config in (TileConfig(128, 64), TileConfig(192, 128)):
+        with pytest.raises(ValueError, match="tiles of 128 keys"):
+            int8_attention_kernel(64, 64, config)
+    for config in (TileConfig(128, 128, pingpong=True), TileConfig(128, 128, blocks_per_sm=2)):
+        with pytest.raises(ValueError, match="plain wgmma schedule only"):
+            int8_attention_kernel(64, 64, config)
