@@ -107,8 +107,9 @@ def attention(
     input: on the reference, that format's float64 emulation (`nkattn.reference.precision.emulate`);
     on "cuda", the kernel a call in the format's dtype takes (fp32: FFMA; fp16, bf16: tensor
     cores), fp8 heads the FP8 kernel (`nkattn.cuda_kernels.fp8`, Hopper only: bf16-rounded heads
-    quantized to e4m3 on the GPU), and a reason naming the format and the heads for int8, which
-    has no kernel yet. O and lse come back in the input dtype. The choice is logged at INFO (logger
+    quantized to e4m3 on the GPU), int8-fp16 heads the INT8 kernel (`nkattn.cuda_kernels.int8`,
+    Hopper only, not run on a GPU yet: f16-rounded heads quantized to int8 on the GPU), and a
+    reason naming the format and the heads for int8-fp8, which has no kernel yet. O and lse come back in the input dtype. The choice is logged at INFO (logger
     "nkattn.api", one line per call) and returned with ``return_decisions=True``: a
     `nkattn.reference.precision.Decisions`, with ``formats`` (B, H) and ``predicted``
     (B, H, len(FORMATS)), the predicted error of every format.

@@ -450,11 +450,46 @@ def _fp8_run(call: Call):
     return out.copy_to_host().view(arrays.BFLOAT16), lse.copy_to_host()
 
 
-# computes the fp8 format only, for precision="auto" (a plain call in bf16 means the bf16 format)
+def _int8_reasons(req: Request) -> list[str]:
+    from nkattn.cuda_kernels.exact_tc import compute_capability
+    from nkattn.cuda_kernels.int8 import MAX_HEAD_DIM
+
+    reasons = _no_device()
+    if reasons:
+        return reasons
+    cc = compute_capability()
+    if cc[0] != 9:
+        reasons.append(f"the INT8 kernel uses Hopper's s8 wgmma (compute capability 9.x), this GPU is {cc[0]}.{cc[1]} "
+                       "(backend='reference' emulates int8-fp16)")
+    for label, dim in (("d", req.head_dim), ("dv", req.value_dim)):
+        if dim % 16 or dim > MAX_HEAD_DIM:
+            reasons.append(f"the INT8 kernel supports {label} a multiple of 16 up to {MAX_HEAD_DIM}, got {dim}")
+    return reasons
+
+
+def _int8_run(call: Call):
+    """f16 heads (rounded on the host) through the GPU quantizer and the INT8 kernel: f16 O, float32 lse."""
+    from numba import cuda
+
+    from nkattn.cuda_kernels.int8 import int8_attention
+
+    req = call.request
+    lengths = np.full(req.batch, req.nk, np.int32) if call.key_lengths is None else call.key_lengths
+    q, k, v = (cuda.to_device(arrays.kernel_host(x, np.dtype(np.float16))) for x in (call.q, call.k, call.v))
+    out, lse = int8_attention(q, k, v, cuda.to_device(lengths), causal=req.causal, scale=call.scale)
+    return out.copy_to_host().view(np.float16), lse.copy_to_host()
+
+
+# compute the fp8 and int8-fp16 formats only, for precision="auto" (a plain call in bf16 or f16 means that format)
 FP8_BACKEND = Backend(
     "cuda", "cuda (FP8 kernel)", _fp8_reasons, _fp8_run,
     arithmetic="fp8 format: e4m3 Q, K, V with per-128 block scales quantized on the GPU, P·2^8 in e4m3, float32 "
                "accumulation and softmax, bf16 O (nkattn.cuda_kernels.fp8)",
+)
+INT8_BACKEND = Backend(
+    "cuda", "cuda (INT8 kernel)", _int8_reasons, _int8_run,
+    arithmetic="int8-fp16 format: K smoothed, int8 Q (128-row scales) and K (64-key scales) quantized on the GPU, "
+               "int32 Q·Kᵀ, float32 softmax, fp16 P·V with float32 accumulation, fp16 O (nkattn.cuda_kernels.int8)",
 )
 
 
@@ -464,12 +499,13 @@ FP8_BACKEND = Backend(
 
 # the formats a CUDA kernel computes, and the dtype their heads are rounded to first: fp32, fp16 and
 # bf16 use the inputs as operands, so a plain call of that dtype computes them (fp32 on the FFMA
-# kernel, fp16 and bf16 on the tensor-core kernel); fp8 quantizes bf16 inputs on the FP8 kernel
-# (`FORMAT_BACKENDS`); int8 has no CUDA kernel yet (issue 12, item 2)
+# kernel, fp16 and bf16 on the tensor-core kernel); fp8 quantizes bf16 inputs on the FP8 kernel and
+# int8-fp16 f16 inputs on the INT8 kernel (`FORMAT_BACKENDS`); int8-fp8 has no CUDA kernel yet
 KERNEL_FORMATS = {name: dtype for name, dtype in (("fp32", np.dtype(np.float32)), ("fp16", np.dtype(np.float16)),
-                                                  ("bf16", arrays.BFLOAT16), ("fp8", arrays.BFLOAT16))
+                                                  ("bf16", arrays.BFLOAT16), ("fp8", arrays.BFLOAT16),
+                                                  ("int8-fp16", np.dtype(np.float16)))
                   if dtype is not None}
-FORMAT_BACKENDS = {"fp8": FP8_BACKEND}  # formats with a kernel of their own
+FORMAT_BACKENDS = {"fp8": FP8_BACKEND, "int8-fp16": INT8_BACKEND}  # formats with a kernel of their own
 AUTO_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # each head is rounded down from these to its format
 
 
@@ -583,7 +619,7 @@ def _auto_cuda_reasons(req: Request) -> list[str]:
 
 def _auto_cuda_run(call: Call):
     """Every format's heads rounded once from the caller's data to its dtype, on the host, and run
-    by the kernel a plain call of that dtype takes, or the format's own (fp8) (batch invariance:
+    by the kernel a plain call of that dtype takes, or the format's own (fp8, int8-fp16) (batch invariance:
     the bits of the full call)."""
 
     def launch(fmt, q, k, v, key_lengths):
@@ -618,8 +654,8 @@ EXACT = Method(
         Backend(
             "cuda", "cuda (format per head)", lambda req: _auto_cuda_reasons(req) + no_entropy(req), _auto_cuda_run,
             arithmetic="precision='auto': each head on the kernel a call in its format's dtype takes (fp32: FFMA, "
-                       "fp16/bf16: tensor cores) or on the FP8 kernel (fp8), heads rounded on the host, analyzers on "
-                       "the GPU (nkattn.precision); no kernel for int8 yet",
+                       "fp16/bf16: tensor cores), on the FP8 kernel (fp8) or the INT8 kernel (int8-fp16), heads rounded on "
+                       "the host, analyzers on the GPU (nkattn.precision); no kernel for int8-fp8 yet",
         ),
         Backend(
             "cuda", "cuda (tensor-core kernel)", _exact_tc_reasons, _exact_tc_run,

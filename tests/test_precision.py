@@ -477,7 +477,7 @@ def test_formats_without_a_kernel_are_cuda_reasons_naming_format_and_heads(monke
     message = str(info.value)
     assert ("cuda (format per head): precision='auto' chose int8-fp8 for 1 of 3 heads, (b, h) = (0, 1): no CUDA "
             "kernel computes int8-fp8 yet (backend='reference' emulates it)") in message
-    assert "chose int8-fp16 for 1 of 3 heads, (b, h) = (0, 2): no CUDA kernel computes int8-fp16 yet" in message
+    assert "chose int8-fp16" not in message  # int8-fp16 has its kernel (nkattn.cuda_kernels.int8)
     assert "chose fp16" not in message  # fp16 has its kernel
     # backend="auto" takes the emulation: host inputs quietly, device inputs with a warning
     assert plan(q, k, v, precision="auto", tolerance=1e-2)[1].label == "reference (format per head)"
@@ -1189,6 +1189,32 @@ def test_auto_on_cuda_runs_fp8_heads_on_the_fp8_kernel(monkeypatch):
                                      causal=True, scale=0.25)
     np.testing.assert_array_equal(out[0, 0], alone.copy_to_host()[0, 0].view(ml_dtypes.bfloat16).astype(np.float32))
     np.testing.assert_array_equal(lse[0, 0], alone_lse.copy_to_host()[0, 0])
+
+
+def test_auto_on_cuda_runs_int8_heads_on_the_int8_kernel(monkeypatch):
+    """An int8-fp16 head of precision='auto' is the INT8 kernel's output on the head rounded to f16, bit for bit."""
+    from nkattn.cuda_kernels.int8 import int8_attention
+
+    q, k, v = _as(_inputs(35, 1, 2, 2, 20, 24, 16, 16), np.float32)
+    _force(monkeypatch, [["int8-fp16", "fp16"]])
+    out, lse = nkattn.attention(q, k, v, causal=True, precision="auto", tolerance=1e-2, return_lse=True, backend="cuda")
+    qh, kh, vh = (pr.round_input(x[:, :1], "fp16") for x in (q, k, v))
+    alone, alone_lse = int8_attention(*(_f16_device(x) for x in (qh, kh, vh)), cuda.to_device(np.array([24], np.int32)),
+                                      causal=True, scale=0.25)
+    np.testing.assert_array_equal(out[0, 0], alone.copy_to_host()[0, 0].view(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(lse[0, 0], alone_lse.copy_to_host()[0, 0])
+
+
+def test_int8_heads_on_a_gpu_without_wgmma_are_a_reason(monkeypatch):
+    from nkattn.cuda_kernels import exact_tc
+
+    q, k, v = _as(_inputs(36, 1, 2, 2, 8, 8, 16, 16), np.float32)
+    _force(monkeypatch, [["int8-fp16", "fp16"]])
+    monkeypatch.setattr(exact_tc, "compute_capability", lambda: (8, 0))
+    with pytest.raises(ValueError, match=r"chose int8-fp16 for 1 of 2 heads, \(b, h\) = \(0, 0\), and no kernel takes "
+                                         r"int8-fp16 here: cuda \(INT8 kernel\): the INT8 kernel uses Hopper's s8 wgmma "
+                                         r"\(compute capability 9.x\), this GPU is 8.0"):
+        nkattn.attention(q, k, v, precision="auto", tolerance=1e-2, backend="cuda")
 
 
 def test_fp8_heads_on_a_gpu_without_fp8_are_a_reason(monkeypatch):
