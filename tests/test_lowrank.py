@@ -433,6 +433,51 @@ def test_bad_inputs_are_refused_with_the_argument_named():
     refuses_transpose(ValueError, "^out must be", kw={"out": cuda.to_device(np.zeros((2, 4, 5, 3)))})
 
 
+def test_outputs_written_in_place_are_checked():
+    """out= and lse= (the buffers the low-rank driver reuses across passes): device arrays of the
+    right shape and dtype that overlap nothing the kernel reads; views into a larger buffer are fine."""
+    rng = np.random.default_rng(7)
+    q, k = (cuda.to_device(rng.standard_normal(s)) for s in ((1, 2, 5, 16), (1, 1, 7, 16)))
+    times = {"causal": False, "scale": 0.25}
+    buf = cuda.to_device(rng.standard_normal((2, 1, 2, 7, 3)))  # two slots, as the driver holds them
+    x, ax = buf[0][:, :1], buf[1][:, :, :5]
+    _, lse = attention_times(q, k, x, **times, out=ax)
+    attention_transpose_times(q, k, ax, lse, **times, out=buf[0])
+
+    def refuses(error, match, fn, *args, **kw):
+        with pytest.raises(error, match=match):
+            fn(q, k, *args, **times, **kw)
+
+    refuses(TypeError, "^out must be a device array", attention_times, x, out=np.zeros((1, 2, 5, 3)))
+    refuses(TypeError, "^lse must be a device array", attention_times, x, lse=np.zeros((1, 2, 5)))
+    refuses(ValueError, r"^out must be float64 of shape \(1, 2, 5, 3\), got float32 \(1, 2, 5, 3\)",
+            attention_times, x, out=cuda.device_array((1, 2, 5, 3), dtype=np.float32))
+    refuses(ValueError, "^out must not overlap x", attention_times, x, out=buf[0][:, :, :5])
+    refuses(ValueError, "^out must not overlap q", attention_times, x, out=q.reshape(-1)[:30].reshape((1, 2, 5, 3)))
+    refuses(ValueError, "^lse must not overlap out", attention_times, x, out=ax, lse=ax[..., 0])
+    refuses(ValueError, "^out must not overlap y", attention_transpose_times, ax, lse, out=buf[1])
+    refuses(ValueError, "^out must not overlap k", attention_transpose_times, ax, lse,
+            out=k.reshape(-1)[:42].reshape((1, 2, 7, 3)))
+
+
+class DeviceViewStub:
+    """What the GPU's overlap check reads of an array: its __cuda_array_interface__ (a NumPy
+    view's, so the answer can be checked against np.may_share_memory)."""
+
+    def __init__(self, view):
+        self.view, self.size = view, view.size
+        interface = view.__array_interface__
+        self.__cuda_array_interface__ = {key: interface[key] for key in ("shape", "strides", "typestr", "data")}
+
+
+def test_overlap_by_extent_on_the_gpu_path():
+    base = np.zeros((2, 6, 8))
+    views = [base[0], base[1], base[0, :, :4], base[0, :, 4:], base[:, ::2], base[0, ::-1], base[1, 5:, 7:], base[:0]]
+    for a in views:
+        for b in views:
+            assert kernels._may_overlap(DeviceViewStub(a), DeviceViewStub(b)) == np.may_share_memory(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_max_width_is_the_widest_product_the_operators_take(dtype):
     # d = 64: on the GPU float64 runs out of shared memory below MAX_WIDTH
