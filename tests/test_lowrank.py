@@ -865,6 +865,143 @@ def test_cuda_backend_runs_wide_products_in_column_chunks(monkeypatch):
         assert_bit_identical(name, on_host(getattr(chunked, name)), on_host(getattr(whole, name)))
 
 
+GQA_CASE = {"b": 1, "h": 2, "hkv": 1, "nq": 17, "nk": 12, "d": 16, "causal": True, "key_lengths": (11,)}
+GQA_RSVD = {"rank": 4, "oversample": 2, "seed": 5, **masks(GQA_CASE)}  # width 6
+
+
+def gqa_inputs(dtype, device=True):
+    """q, k, v of GQA_CASE (an empty causal row, hidden keys) in `dtype`, on the device by default."""
+    q, k = make_qk(GQA_CASE, spread=0.7)
+    v = np.random.default_rng(1).standard_normal((1, 1, GQA_CASE["nk"], 8))
+    arrays = [x.astype(dtype) for x in (q, k, v)]
+    return [cuda.to_device(x) for x in arrays] if device else arrays
+
+
+def test_float64_driver_is_the_mirror_bit_for_bit():
+    """The float64 cuda driver (one row block) is the mirror's randomized SVD in the kernels' order,
+    its passes written into two reused work arrays: the same factors and output, bit for bit (to
+    rounding where CuPy's cuSOLVER, not LAPACK, does the linear algebra)."""
+    qd, kd, vd = gqa_inputs(np.float64)
+    q, k, v = gqa_inputs(np.float64, device=False)
+    kw = {"power_iters": 1, **GQA_RSVD}
+    f = lowrank_factors(qd, kd, **kw)
+    out, lse = lowrank_attention(qd, kd, vd, **kw)
+    u, s, vt, lse_m = lr.randomized_svd_mirror(q, k, order=kernel_order(np.float64, 16), **kw)
+    u[~np.isfinite(lse_m)] = 0.0  # the driver's rows that see no key
+    out_m = product(u, s, vt) @ np.repeat(v, 2, axis=1)
+    on_gpu_linalg = type(f.U).__module__.startswith("cupy")
+    for name, got, want in (("U", f.U, u), ("sigma", f.sigma, s), ("Vt", f.Vt, vt), ("lse", f.lse, lse_m),
+                            ("out", out.copy_to_host(), u @ (s[..., :, None] * (vt @ np.repeat(v, 2, axis=1)))),
+                            ("lse out", lse.copy_to_host(), lse_m)):
+        if on_gpu_linalg:
+            assert relative_error(on_host(got), want) <= 1e-12, name
+        else:
+            assert_bit_identical(name, on_host(got), want)
+    assert relative_error(out.copy_to_host(), out_m) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype, blocks", [(np.float64, "one-block"), (np.float32, "row-blocks")],
+                         ids=["f64-one-block", "f32-row-blocks"])
+def test_repeated_calls_are_bit_identical(monkeypatch, dtype, blocks):
+    """Work arrays are allocated per call and written before they are read: a second call (after
+    one of another shape) gives the same bits, with one row block or several: the factors with
+    probes and V riding along (float64), the output (float32)."""
+    if blocks == "row-blocks":
+        monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 4)
+        assert len(lowrank_driver._row_blocks(GQA_CASE["nk"], 6)) == 2
+    inputs = gqa_inputs(dtype)
+    kw = {"power_iters": 0, **GQA_RSVD}
+
+    def run():
+        if dtype == np.float64:
+            f = lowrank_factors(*inputs, **kw)
+            return [on_host(getattr(f, name)) for name in ("U", "sigma", "Vt", "lse", "error_estimate", "output_error")]
+        return [x.copy_to_host() for x in lowrank_attention(*inputs, **kw)]
+
+    first = run()
+    lowrank_attention(*gqa_inputs(dtype)[:2], cuda.to_device(np.ones((1, 1, GQA_CASE["nk"], 3), dtype=dtype)),
+                      rank=2, oversample=1, power_iters=0)
+    for i, (a, b) in enumerate(zip(first, run())):
+        assert_bit_identical(f"result {i}", a, b)
+
+
+def test_row_blocks_agree_with_one_block(monkeypatch):
+    """The blocked linear algebra (TSQR, the SVD through it, blocked products and residuals) gives the
+    one-block factors, estimates and output to float64 rounding, on a planted spectrum whose rank (8)
+    is below the sketch's width (14): blocks and columns with nothing in them. The driver's code is
+    the same on both backends (the cuda one runs in blocks in the test above): the reference's dense
+    products keep the simulator out of it."""
+    q, k, _ = planted(classes=8, n=96, d=16)
+    v = np.random.default_rng(0).standard_normal((1, 1, 96, 16))
+    inputs = (q, k, v)
+    kw = {"rank": 10, "oversample": 4, "power_iters": 1, "seed": 3, "causal": True, "key_lengths": [90],
+          "backend": "reference"}
+    one = lowrank_factors(*inputs, **kw)
+    out_one, _ = lowrank_attention(*inputs, **kw)
+    monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 8)
+    assert len(lowrank_driver._row_blocks(96, 14)) == 6
+    many = lowrank_factors(*inputs, **kw)
+    out_many, _ = lowrank_attention(*inputs, **kw)
+    assert relative_error(product(many.U, many.sigma, many.Vt), product(one.U, one.sigma, one.Vt)) <= 1e-13
+    for name in ("sigma", "error_estimate", "error_bound", "output_error"):
+        assert relative_error(getattr(many, name), getattr(one, name)) <= 1e-12, name
+    assert relative_error(out_many, out_one) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("rank_deficient", [False, True], ids=["full-rank", "rank-5-zero-blocks"])
+def test_blocked_qr_and_svd(monkeypatch, dtype, rank_deficient):
+    """`_qr_into` (TSQR over 12 blocks) and `_svd_rows`: Q orthonormal to the storage dtype's
+    rounding, Q R = Y, and Yᵀ = Ũ Σ Vᵀ with σ those of NumPy's float64 SVD of the stored Y."""
+    monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 16)
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((2, 3, 200, 12))
+    if rank_deficient:
+        y = y[..., :5] @ rng.standard_normal((2, 3, 5, 12))
+        y[..., 40:70, :] = 0.0
+    y = y.astype(dtype)
+    assert len(lowrank_driver._row_blocks(200, 12)) == 12
+    eps = np.finfo(dtype).eps
+    q = np.empty_like(y)
+    r = lowrank_driver._qr_into(y, q, np)
+    q64 = q.astype(np.float64)
+    assert np.abs(np.swapaxes(q64, -1, -2) @ q64 - np.eye(12)).max() <= 10 * eps
+    assert relative_error(q64 @ r, y) <= 10 * eps
+    u_small, sigma, vt = lowrank_driver._svd_rows(y.copy(), np)
+    assert vt.dtype == dtype and sigma.dtype == np.float64
+    sv = np.linalg.svd(y.astype(np.float64), compute_uv=False)
+    assert np.abs(sigma - sv).max() <= 1e-14 * sv.max()
+    # sums of 12 products with σ₁ ≈ 5 max|Y|: a few dozen ulps
+    assert relative_error(u_small @ (sigma[..., :, None] * vt.astype(np.float64)), np.swapaxes(y, -1, -2)) <= 100 * eps
+
+
+def test_the_device_holds_two_work_arrays(monkeypatch):
+    """Every device allocation of a fixed-rank lowrank_attention on device inputs, with the linear
+    algebra on the host: two work arrays of N·l values (no probes: the output needs none), the
+    lse and the key lengths, and the output and its lse; nothing per pass."""
+    monkeypatch.setattr(lowrank_driver, "_cupy_or_none", lambda p: None)
+    inputs = gqa_inputs(np.float32)
+    sizes = []
+    for name in ("device_array", "to_device"):
+        original = getattr(cuda, name)
+
+        def counted(shape_or_array, *args, _original=original, **kw):
+            array = _original(shape_or_array, *args, **kw)
+            sizes.append(int(np.prod(array.shape)))
+            return array
+
+        monkeypatch.setattr(cuda, name, counted)
+    out, _ = lowrank_attention(*inputs, power_iters=1, **GQA_RSVD)
+    b, h, nq, nk, width = 1, 2, GQA_CASE["nq"], GQA_CASE["nk"], 6
+    assert sorted(sizes) == sorted([b * h * max(nq, nk) * width] * 2 + [b * h * nq, b] + [out.size, b * h * nq])
+
+
+def test_factors_are_stored_in_the_input_dtype():
+    f = lowrank_factors(*gqa_inputs(np.float32)[:2], power_iters=0, **GQA_RSVD)
+    assert [on_host(x).dtype for x in (f.U, f.Vt, f.lse)] == [np.float32] * 3
+    assert [on_host(x).dtype for x in (f.sigma, f.error_estimate, f.error_bound)] == [np.float64] * 3
+
+
 @pytest.mark.gpu
 def test_cuda_float32_meets_the_spectral_target():
     """float32 operators, float64 linear algebra: ‖A - Â_32‖₂ <= 1.5 σ₃₃ on a MiniLM-like head."""
