@@ -1157,6 +1157,70 @@ def test_figures_come_from_results_only_and_are_byte_reproducible(quick_results,
         plots.FIGURES[0](tmp_path / "empty", tmp_path / "c")
 
 
+class FakeMemoryManager:
+    """numba's memory manager as `live_device_peak` reads it: a table of live allocations that an
+    allocation adds to and the last view's finalizer removes from (the device copy may linger,
+    deferred)."""
+
+    class Allocation:
+        def __init__(self, size):
+            self.size = size
+
+    def __init__(self):
+        self.allocations = {}
+
+    def memalloc(self, size):
+        key = object()
+        self.allocations[key] = self.Allocation(size)
+        return key
+
+    def free(self, key):
+        del self.allocations[key]
+
+
+def test_live_device_peak_samples_every_allocation(monkeypatch):
+    import types
+
+    from nkattn.studies._common import live_device_peak
+
+    manager = FakeMemoryManager()
+    monkeypatch.setattr(cuda, "current_context", lambda: types.SimpleNamespace(memory_manager=manager))
+    resident = manager.memalloc(100)
+
+    def call():
+        a = manager.memalloc(10)
+        b = manager.memalloc(1000)  # a transient: freed before anything else happens
+        manager.free(b)
+        c = manager.memalloc(50)
+        manager.free(a)
+        return c
+
+    result, peak = live_device_peak(call)
+    assert peak == 1010 and result in manager.allocations and resident in manager.allocations
+    assert "memalloc" not in vars(manager)  # the manager's own method again
+    # nested: each sees its own call's peak, and the outer sampler is back in place afterwards
+    outer = live_device_peak(lambda: (manager.memalloc(7), live_device_peak(call), vars(manager)["memalloc"]))
+    (_, (_, inner_peak), outer_sampler), outer_peak = outer
+    assert inner_peak == 1010 and outer_peak == 7 + 1010 and "memalloc" not in vars(manager)
+    assert outer_sampler.__qualname__ == "live_device_peak.<locals>.memalloc"
+
+
+@pytest.mark.gpu
+def test_live_device_peak_on_the_gpu():
+    """A transient device array and the kept result: the peak is both, whatever numba defers."""
+    from nkattn.studies._common import live_device_peak
+
+    def call():
+        transient = cuda.device_array(1 << 20, dtype=np.float32)
+        del transient
+        return cuda.device_array(1 << 18, dtype=np.float32)
+
+    _, peak = live_device_peak(call)
+    assert peak == 4 * ((1 << 20) + (1 << 18))
+    _, peak = live_device_peak(call)  # numba may still hold the first call's transient: it is not live
+    assert peak == 4 * ((1 << 20) + (1 << 18))
+
+
 def test_long_context_pipeline_on_the_cpu(tmp_path):
     """The GPU part's code path with the CPU bench: the planted spectrum is recovered exactly."""
     if not REAL_GPU:  # without a GPU (or with the simulator) the real run refuses in one line
