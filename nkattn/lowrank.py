@@ -14,27 +14,27 @@ iterations, each an attention-like pass of width l = k + p:
   dtype. The linear algebra runs with CuPy (cuSOLVER) on the GPU when CuPy is
   installed and the inputs are device arrays, otherwise with NumPy on the host (the
   N × l products cross PCIe each pass).
-
-Memory and precision: every N × l array (the operands and products of the passes, the
-basis, U and V) is stored in the input dtype (float64 on the reference backend), in two
-work arrays that one randomized SVD reuses for all its passes, and the factors are views
-of them. All arithmetic of the linear algebra is float64 (Householder QR, the SVD, the
-products with small matrices), a block of rows at a time: a QR of several blocks is a
-TSQR, so its temporaries are a block's (`LA_BLOCKS`). HMT orthonormalise in the working
-precision; here the float64 arithmetic costs only temporaries of a block, and keeps the
-spectrum itself (σ from the R factor, in float64) as exact as the products allow. On the
-GPU a call holds the two work arrays, the lse and block temporaries; at the end,
-`lowrank_attention` frees V's work array before it allocates its output, so its peak is
-about Q, K, V, lse, one N × l array and the output (N × dv). A float32 call therefore
-differs from a float64 one in its products and in the rounding of Q, U and V to float32.
 * ``backend="reference"``: float64 products with the explicit A of
   `nkattn.reference.lowrank.attention_matrix` (O(Nq·Nk) memory: the oracle of the
   operators, for tests and studies at N <= a few thousand).
 * ``backend="auto"``: "cuda" for device arrays, "reference" for NumPy arrays.
 
+Memory and precision: every N × l array (the operands and products of the passes, the
+basis, U and V) is stored in the input dtype (float64 on the reference backend), in two
+work arrays that one randomized SVD reuses for all its passes; the factors are views of
+them. The arithmetic of the linear algebra is float64 (Householder QR, the SVD, products
+with small matrices), on a block of rows at a time: a QR over several blocks is a TSQR
+(Demmel et al. 2012), so its temporaries are a block's (`LA_BLOCKS`). Orthonormalising
+in the working precision would do for the range finder; float64 costs only a block's
+temporaries here, and keeps σ (from a float64 R factor) free of float32 rounding in the
+linear algebra. On the GPU a call holds the two work arrays, the lse and block
+temporaries; `lowrank_attention` frees V's work array before it allocates its output,
+so its peak is about Q, K, V, lse, one N × l array and the output (N × dv).
+
 Randomness: Ω (B, H, Nk, l) and then the error probes (B, H, Nk, r) are drawn, in that
-order, from ``np.random.default_rng(seed)`` on the host, in float64; a fixed seed gives
-fixed factors on either backend, up to the rounding of its operators.
+order, from ``np.random.default_rng(seed)`` on the host, in float64 (the probes only where
+they are used: by `lowrank_factors` and the energy rule); a fixed seed gives fixed factors
+on either backend, up to the rounding of its operators.
 
 **rank="auto"** picks, per head, the smallest k that meets the rule, starting with the
 randomized SVD at k = 16 and doubling it (a fresh rSVD each time) for the heads that
@@ -85,9 +85,12 @@ DEFAULT_TOLERANCE = 0.01
 AUTO_FIRST_RANK = 16
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # The N × l linear algebra runs on row blocks, so that its float64 temporaries (a block cast
-# to float64, cuSOLVER's copy of it, Q: ~6 blocks' worth of float32) stay near 0.1 of one
-# N × l array at 64 blocks; below 2 · LA_MIN_ROWS rows it factors the whole array at once.
-LA_BLOCKS = 64
+# to float64, cuSOLVER's copy of it, Q: ~6 blocks' worth of float32) stay near 0.05 of one
+# N × l array at 128 blocks. At N = 1M, d = 64, l = 42 float32, lowrank_attention's last
+# step (Q, K, V, lse, U and the output) sits 24 MB under issue 11's 1.1x budget; its block
+# temporaries take 14 MB of that at 64 blocks, 7 MB at 128. Below 2 · LA_MIN_ROWS rows the
+# whole array is factored at once.
+LA_BLOCKS = 128
 LA_MIN_ROWS = 4096
 
 
