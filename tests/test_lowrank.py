@@ -1207,13 +1207,15 @@ def test_live_device_peak_samples_every_allocation(monkeypatch):
 
 @pytest.mark.gpu
 def test_live_device_peak_on_the_gpu():
-    """A transient device array and the kept result: the peak is both, whatever numba defers."""
+    """A transient device array and the result allocated while it lives: the peak is both, and
+    the transient is not live in the next call, whatever numba defers."""
     from nkattn.studies._common import live_device_peak
 
     def call():
         transient = cuda.device_array(1 << 20, dtype=np.float32)
+        kept = cuda.device_array(1 << 18, dtype=np.float32)
         del transient
-        return cuda.device_array(1 << 18, dtype=np.float32)
+        return kept
 
     _, peak = live_device_peak(call)
     assert peak == 4 * ((1 << 20) + (1 << 18))
