@@ -187,7 +187,7 @@ def _validate(q, k, v, *, rank, oversample, power_iters, seed, causal, scale, ke
 class _Operators:
     """Products with A between two work arrays ("slots") that one randomized SVD reuses for
     every pass: a pass reads one slot and writes the other, and the linear algebra works on
-    them in place, so a sketch of width l holds 2·N·l values whatever q is.
+    them in place, so a sketch of width l holds 2·N·l values however many passes it makes.
 
     A slot is one flat array viewed as the contiguous (B, H, rows, width) the pass needs:
     the first pass is wider (the error probes and V ride along), the others l wide.
@@ -253,7 +253,8 @@ class _CudaOperators(_Operators):
 
     With CuPy the slots are device arrays that the kernels and the linear algebra share;
     without it they live on the host, and two device slots of the same size take each pass's
-    operand and product across PCIe. Either way the device holds two N × l slots, never more.
+    operand and product across PCIe. Either way the device holds two N × l slots, and with
+    CuPy the temporaries of one block of rows.
 
     Their A·X takes X per key head (like V); an X per query head is applied in G = H / Hkv
     calls on the query heads ``j::G`` (see `nkattn.reference.lowrank`), writing into views
