@@ -233,7 +233,9 @@ def _check_scale(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
 
-def _output(name, arr, shape, dtype, stream):
+def _output(name, arr, shape, dtype, stream, reads):
+    """`arr` as the device array a kernel writes (a new one for None), checked against the
+    arrays the kernel reads meanwhile (``reads``: {name: device array})."""
     if arr is None:
         return cuda.device_array(shape, dtype=dtype, stream=stream)
     if not _on_device(arr):
@@ -241,7 +243,32 @@ def _output(name, arr, shape, dtype, stream):
     arr = _device(name, arr)
     if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
         raise ValueError(f"{name} must be {dtype} of shape {shape}, got {np.dtype(arr.dtype)} {tuple(arr.shape)}")
+    for other, a in reads.items():
+        if _may_overlap(arr, a):
+            raise ValueError(f"{name} must not overlap {other}: blocks read {other} while others write {name}")
     return arr
+
+
+def _byte_span(a) -> tuple[int, int]:
+    """[first, last) device addresses an array view can touch."""
+    cai = a.__cuda_array_interface__
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    strides = cai["strides"] or tuple(int(np.prod(cai["shape"][i + 1:], dtype=np.int64)) * itemsize
+                                      for i in range(len(cai["shape"])))
+    start = cai["data"][0]
+    low = start + sum(min(0, (n - 1) * s) for n, s in zip(cai["shape"], strides))
+    high = start + sum(max(0, (n - 1) * s) for n, s in zip(cai["shape"], strides)) + itemsize
+    return low, high
+
+
+def _may_overlap(a, b) -> bool:
+    """Whether two device arrays may share memory (conservative, like np.may_share_memory: by extent)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    if hasattr(a, "_ary") and hasattr(b, "_ary"):  # the simulator's device arrays wrap NumPy ones
+        return bool(np.may_share_memory(a._ary, b._ary))
+    (a_low, a_high), (b_low, b_high) = _byte_span(a), _byte_span(b)
+    return a_low < b_high and b_low < a_high
 
 
 @cache
@@ -282,14 +309,15 @@ def attention_times(q, k, x, key_lengths=None, *, causal: bool, scale: float, ou
     key visible), B integers in [0, Nk], or an int32 device array of length B
     (its values are trusted to lie in [0, Nk]). Host inputs
     are copied to the device; `out` and `lse`, when given, are device arrays
-    written in place.
+    written in place (reused buffers: neither may overlap q, k, x or the other).
     """
     q, k, x = _device("q", q, stream), _device("k", k, stream), _device("x", x, stream)
     batch, heads, _, nq, nk, head_dim, width, dtype = _validate(q, k, x, "x", transpose=False)
     _check_scale(scale)
     lengths = _key_lengths(key_lengths, batch, nk, stream)
-    out = _output("out", out, (batch, heads, nq, width), dtype, stream)
-    lse = _output("lse", lse, (batch, heads, nq), dtype, stream)
+    reads = {"q": q, "k": k, "x": x}
+    out = _output("out", out, (batch, heads, nq, width), dtype, stream, reads)
+    lse = _output("lse", lse, (batch, heads, nq), dtype, stream, reads | {"out": out})
     # the kernel exact_attention launches for this width (cached)
     _, sp = exact_attention_kernel(dtype, head_dim, **({} if width == head_dim else {"value_dim": width}))
     _check_shared(sp, dtype, head_dim, width, "x")
@@ -304,7 +332,8 @@ def attention_transpose_times(q, k, y, lse, key_lengths=None, *, causal: bool, s
     y is (B, H, Nq, l); lse (B, H, Nq) is the one `attention_times` returns for
     the same q, k, masks and scale (P is recomputed as exp(scale·q_i·k_j - lse_i)).
     Keys no row sees get zero rows. Returns a device array; `out`, when given, is
-    a device array written in place. Host inputs are copied to the device.
+    a device array written in place, overlapping none of q, k, y and lse. Host
+    inputs are copied to the device.
     """
     q, k, y = _device("q", q, stream), _device("k", k, stream), _device("y", y, stream)
     batch, heads, _, nq, nk, head_dim, width, dtype = _validate(q, k, y, "y", transpose=True)
@@ -313,7 +342,7 @@ def attention_transpose_times(q, k, y, lse, key_lengths=None, *, causal: bool, s
         raise ValueError(f"lse must be {dtype} of shape (B, H, Nq) = {(batch, heads, nq)}, got {np.dtype(lse.dtype)} {tuple(lse.shape)}")
     _check_scale(scale)
     lengths = _key_lengths(key_lengths, batch, nk, stream)
-    out = _output("out", out, (batch, heads, nk, width), dtype, stream)
+    out = _output("out", out, (batch, heads, nk, width), dtype, stream, {"q": q, "k": k, "y": y, "lse": lse})
     kernel, sp = attention_transpose_kernel(dtype, head_dim, width)
     _check_shared(sp, dtype, head_dim, width, "y")
     if out.size == 0:

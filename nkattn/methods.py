@@ -870,8 +870,9 @@ LOWRANK = Method(
         # of columns), so only d is the kernels'
         Backend("cuda", "cuda (low-rank operators)", lambda req: ffma_reasons(req, d=req.head_dim) + no_entropy(req),
                 on_cuda(_lowrank_launch),
-                arithmetic="A·X and Aᵀ·Y as the exact FFMA kernel, in the input dtype; QR and SVD in float64 "
-                           "(CuPy on the GPU when installed, else NumPy on the host)"),
+                arithmetic="A·X and Aᵀ·Y as the exact FFMA kernel, and every N × l array, in the input dtype; "
+                           "QR, SVD and small products in float64 arithmetic by row blocks (CuPy on the GPU when "
+                           "installed, else NumPy on the host)"),
         _reference_backend(_lowrank_compute("reference")),
     ),
     check=_lowrank_check,

@@ -80,3 +80,82 @@ def peak_device_bytes(fn) -> tuple[int, int]:
         torch_extra = torch.cuda.max_memory_allocated() - base
         del result
     return torch_extra, free_before - free_after
+
+
+def live_device_peak(fn):
+    """(fn(), the most device bytes live at once during the call beyond those live before it).
+
+    Live bytes: numba's allocations not yet freed (the context's memory manager keeps them in
+    ``allocations`` until their last view is gone) plus the bytes CuPy's default pool has handed
+    out, sampled after every allocation by either. Live bytes grow only at an allocation, so the
+    largest sample is the peak, however short-lived. Memory freed but still held counts as free:
+    numba's deferred deallocations and CuPy's cached blocks, which both allocators give back
+    when an allocation would otherwise fail (torch's max_memory_allocated counts the same way).
+    Not counted: what the CUDA driver and the libraries take outside these two allocators
+    (module images, cuBLAS and cuSOLVER handles; all created by a warm-up call). What `fn`
+    returns is live at the end, so it counts.
+    """
+    from numba import cuda
+
+    cuda.synchronize()
+    manager = cuda.current_context().memory_manager
+    pool, hook = _cupy_pool_and_hook()
+
+    def live() -> int:
+        while True:
+            try:
+                # MappedMemory is host memory the device can read (numba's driver module, by name:
+                # the simulator has none to import)
+                numba = sum(mem.size for mem in tuple(manager.allocations.values())
+                            if type(mem).__name__ != "MappedMemory")
+                break
+            except RuntimeError:  # a finalizer freed an allocation while the table was read
+                continue
+        return numba + (pool.used_bytes() if pool is not None else 0)
+
+    base = peak = live()
+
+    def sample():
+        nonlocal peak
+        peak = max(peak, live())
+
+    allocate, wrapped = manager.memalloc, vars(manager).get("memalloc")
+
+    def memalloc(size):
+        memory = allocate(size)
+        sample()
+        return memory
+
+    manager.memalloc = memalloc  # the context calls its manager's memalloc for every device allocation
+    try:
+        with hook(sample):
+            result = fn()
+            cuda.synchronize()
+    finally:
+        if wrapped is None:
+            del manager.memalloc
+        else:  # another sampler's, around this one
+            manager.memalloc = wrapped
+    return result, peak - base
+
+
+def _cupy_pool_and_hook():
+    """(CuPy's default memory pool, a context manager calling `sample` after each of its
+    allocations), or (None, a no-op) without CuPy."""
+    import contextlib
+
+    try:
+        import cupy
+    except ImportError:
+        return None, lambda sample: contextlib.nullcontext()
+
+    class Sampler(cupy.cuda.MemoryHook):
+        name = "nkattn_live_device_peak"
+
+        def __init__(self, sample):
+            self._sample = sample
+
+        def malloc_postprocess(self, **kwargs):
+            self._sample()
+
+    return cupy.get_default_memory_pool(), Sampler

@@ -56,6 +56,14 @@ Long context (GPU; results/lowrank/long-context-<device>.json, `run_long_context
     bit identity across runs. The GPU machine cannot run MiniLM: its pooled vectors
     travel in a file (`--save-minilm-vectors` here, `--minilm-vectors` there). Calls
     split by ``--data``, ``--lengths`` and ``--kinds`` merge into one file per device.
+    Memory (``allocated_bytes``; ``peak_over_budget`` = (it + the resident Q, K, V) /
+    budget): the peak of the first timed call's live device allocations, numba's and
+    CuPy's, sampled after every allocation so no transient escapes, the call's result
+    included; memory freed but still held (numba's deferred frees, CuPy's cached blocks)
+    counts as free, as both allocators give it back on demand. The budget is the issue's:
+    Q, K, V, lse and the two N x l factors in the input dtype. Files written before this
+    measurement stored an upper bound (every byte a call allocated, nothing freed); each
+    file's ``meta.config.memory`` says which.
 
 Plots (figures/lowrank/, `nkattn.studies.lowrank_plots`)
     spectra (exact vs matrix-free sigma_i / sigma_1 per layer), rsvd_accuracy (spectral
@@ -142,7 +150,7 @@ from nkattn.reference.lowrank import (
     randomized_svd_mirror,
 )
 from nkattn.results import RESULTS_DIR, make_meta, write_results
-from nkattn.studies._common import minilm_passages, minilm_provenance
+from nkattn.studies._common import live_device_peak, minilm_passages, minilm_provenance
 
 STUDY = "lowrank"
 COMMAND = "nkattn study lowrank"
@@ -601,16 +609,6 @@ def _timing(times_ms) -> dict:
             "max_ms": _sig(times_ms.max()), "repeats": int(times_ms.size)}
 
 
-def _release_cupy_pool():
-    """Hand CuPy's cached blocks back to the device. Blocks an earlier, larger case left in its
-    pool would serve the next call's allocations and hide them from the device's free memory."""
-    try:
-        import cupy
-    except ImportError:
-        return
-    cupy.get_default_memory_pool().free_all_blocks()
-
-
 class GpuBench:
     """CUDA-event timing, device memory, and single passes of the GPU operators and the exact kernel."""
 
@@ -638,24 +636,20 @@ class GpuBench:
         return result
 
     def timed_runs(self, fn, repeats):
-        """(timing, the first two results, bytes the first run allocated) for `repeats` warm runs.
+        """(timing, the first two results, the first run's peak device bytes) for `repeats` warm runs.
 
         Events on the default stream bracket the whole call, host QR/SVD and transfers
-        included. Memory: every byte the first run allocates, numba's and CuPy's, nothing
-        freed meanwhile (an upper bound on its peak), its result included.
+        included. Memory: the most bytes the first run's arrays held at once beyond what was
+        live before it, its result included (`live_device_peak`: numba's and CuPy's live
+        allocations, sampled at every allocation).
         """
-        cuda = self.cuda
         times = []
-        cuda.synchronize()
-        _release_cupy_pool()
-        with cuda.defer_cleanup():
-            free_before, _ = cuda.current_context().get_memory_info()
-            kept = [self._timed(fn, times)]
-            free_after, _ = cuda.current_context().get_memory_info()
+        first, allocated = live_device_peak(lambda: self._timed(fn, times))
+        kept = [first]
         for _ in range(repeats - 1):
             result = self._timed(fn, times)
             kept = (kept + [result])[:2]
-        return _timing(times), kept, int(free_before - free_after)
+        return _timing(times), kept, int(allocated)
 
     def _passes(self, q, k, width):
         """The three single passes on (q, k), each writing into its own preallocated output."""
@@ -844,8 +838,9 @@ def run_long_context(*, results_dir: Path = RESULTS_DIR, data=LONG_DATA, lengths
               "seed": SEED, "taus": list(LONG_TAUS), "seed_rank_band": list(SEED_RANK_BAND),
               "planted": {"head_dim": PLANTED_DIM, "classes": PLANTED_CLASSES, "lambda": PLANTED_LAMBDA},
               "timing": "CUDA events around the whole call (host QR/SVD and transfers included), median of repeats "
-                        "after one warm-up", "memory": "device bytes allocated by a call, deallocation deferred (an "
-                        "upper bound), plus the resident inputs", "quick": quick}
+                        "after one warm-up", "memory": "peak of the first timed call's live device allocations (numba's and "
+                        "CuPy's, sampled at every allocation; freed memory counts as free), its result included, "
+                        "plus the resident inputs", "quick": quick}
     meta = make_meta(config=config, device=bench.device, command=command)
     records, provenance, calls = [], {}, []
     if path.exists():

@@ -433,6 +433,51 @@ def test_bad_inputs_are_refused_with_the_argument_named():
     refuses_transpose(ValueError, "^out must be", kw={"out": cuda.to_device(np.zeros((2, 4, 5, 3)))})
 
 
+def test_outputs_written_in_place_are_checked():
+    """out= and lse= (the buffers the low-rank driver reuses across passes): device arrays of the
+    right shape and dtype that overlap nothing the kernel reads; views into a larger buffer are fine."""
+    rng = np.random.default_rng(7)
+    q, k = (cuda.to_device(rng.standard_normal(s)) for s in ((1, 2, 5, 16), (1, 1, 7, 16)))
+    times = {"causal": False, "scale": 0.25}
+    buf = cuda.to_device(rng.standard_normal((2, 1, 2, 7, 3)))  # two slots, as the driver holds them
+    x, ax = buf[0][:, :1], buf[1][:, :, :5]
+    _, lse = attention_times(q, k, x, **times, out=ax)
+    attention_transpose_times(q, k, ax, lse, **times, out=buf[0])
+
+    def refuses(error, match, fn, *args, **kw):
+        with pytest.raises(error, match=match):
+            fn(q, k, *args, **times, **kw)
+
+    refuses(TypeError, "^out must be a device array", attention_times, x, out=np.zeros((1, 2, 5, 3)))
+    refuses(TypeError, "^lse must be a device array", attention_times, x, lse=np.zeros((1, 2, 5)))
+    refuses(ValueError, r"^out must be float64 of shape \(1, 2, 5, 3\), got float32 \(1, 2, 5, 3\)",
+            attention_times, x, out=cuda.device_array((1, 2, 5, 3), dtype=np.float32))
+    refuses(ValueError, "^out must not overlap x", attention_times, x, out=buf[0][:, :, :5])
+    refuses(ValueError, "^out must not overlap q", attention_times, x, out=q.reshape(-1)[:30].reshape((1, 2, 5, 3)))
+    refuses(ValueError, "^lse must not overlap out", attention_times, x, out=ax, lse=ax[..., 0])
+    refuses(ValueError, "^out must not overlap y", attention_transpose_times, ax, lse, out=buf[1])
+    refuses(ValueError, "^out must not overlap k", attention_transpose_times, ax, lse,
+            out=k.reshape(-1)[:42].reshape((1, 2, 7, 3)))
+
+
+class DeviceViewStub:
+    """What the GPU's overlap check reads of an array: its __cuda_array_interface__ (a NumPy
+    view's, so the answer can be checked against np.may_share_memory)."""
+
+    def __init__(self, view):
+        self.view, self.size = view, view.size
+        interface = view.__array_interface__
+        self.__cuda_array_interface__ = {key: interface[key] for key in ("shape", "strides", "typestr", "data")}
+
+
+def test_overlap_by_extent_on_the_gpu_path():
+    base = np.zeros((2, 6, 8))
+    views = [base[0], base[1], base[0, :, :4], base[0, :, 4:], base[:, ::2], base[0, ::-1], base[1, 5:, 7:], base[:0]]
+    for a in views:
+        for b in views:
+            assert kernels._may_overlap(DeviceViewStub(a), DeviceViewStub(b)) == np.may_share_memory(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_max_width_is_the_widest_product_the_operators_take(dtype):
     # d = 64: on the GPU float64 runs out of shared memory below MAX_WIDTH
@@ -820,6 +865,143 @@ def test_cuda_backend_runs_wide_products_in_column_chunks(monkeypatch):
         assert_bit_identical(name, on_host(getattr(chunked, name)), on_host(getattr(whole, name)))
 
 
+GQA_CASE = {"b": 1, "h": 2, "hkv": 1, "nq": 17, "nk": 12, "d": 16, "causal": True, "key_lengths": (11,)}
+GQA_RSVD = {"rank": 4, "oversample": 2, "seed": 5, **masks(GQA_CASE)}  # width 6
+
+
+def gqa_inputs(dtype, device=True):
+    """q, k, v of GQA_CASE (an empty causal row, hidden keys) in `dtype`, on the device by default."""
+    q, k = make_qk(GQA_CASE, spread=0.7)
+    v = np.random.default_rng(1).standard_normal((1, 1, GQA_CASE["nk"], 8))
+    arrays = [x.astype(dtype) for x in (q, k, v)]
+    return [cuda.to_device(x) for x in arrays] if device else arrays
+
+
+def test_float64_driver_is_the_mirror_bit_for_bit():
+    """The float64 cuda driver (one row block) is the mirror's randomized SVD in the kernels' order,
+    its passes written into two reused work arrays: the same factors and output, bit for bit (to
+    rounding where CuPy's cuSOLVER, not LAPACK, does the linear algebra)."""
+    qd, kd, vd = gqa_inputs(np.float64)
+    q, k, v = gqa_inputs(np.float64, device=False)
+    kw = {"power_iters": 1, **GQA_RSVD}
+    f = lowrank_factors(qd, kd, **kw)
+    out, lse = lowrank_attention(qd, kd, vd, **kw)
+    u, s, vt, lse_m = lr.randomized_svd_mirror(q, k, order=kernel_order(np.float64, 16), **kw)
+    u[~np.isfinite(lse_m)] = 0.0  # the driver's rows that see no key
+    out_m = product(u, s, vt) @ np.repeat(v, 2, axis=1)
+    on_gpu_linalg = type(f.U).__module__.startswith("cupy")
+    for name, got, want in (("U", f.U, u), ("sigma", f.sigma, s), ("Vt", f.Vt, vt), ("lse", f.lse, lse_m),
+                            ("out", out.copy_to_host(), u @ (s[..., :, None] * (vt @ np.repeat(v, 2, axis=1)))),
+                            ("lse out", lse.copy_to_host(), lse_m)):
+        if on_gpu_linalg:
+            assert relative_error(on_host(got), want) <= 1e-12, name
+        else:
+            assert_bit_identical(name, on_host(got), want)
+    assert relative_error(out.copy_to_host(), out_m) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype, blocks", [(np.float64, "one-block"), (np.float32, "row-blocks")],
+                         ids=["f64-one-block", "f32-row-blocks"])
+def test_repeated_calls_are_bit_identical(monkeypatch, dtype, blocks):
+    """Work arrays are allocated per call and written before they are read: a second call (after
+    one of another shape) gives the same bits, with one row block or several: the factors with
+    probes and V riding along (float64), the output (float32)."""
+    if blocks == "row-blocks":
+        monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 4)
+        assert len(lowrank_driver._row_blocks(GQA_CASE["nk"], 6)) == 2
+    inputs = gqa_inputs(dtype)
+    kw = {"power_iters": 0, **GQA_RSVD}
+
+    def run():
+        if dtype == np.float64:
+            f = lowrank_factors(*inputs, **kw)
+            return [on_host(getattr(f, name)) for name in ("U", "sigma", "Vt", "lse", "error_estimate", "output_error")]
+        return [x.copy_to_host() for x in lowrank_attention(*inputs, **kw)]
+
+    first = run()
+    lowrank_attention(*gqa_inputs(dtype)[:2], cuda.to_device(np.ones((1, 1, GQA_CASE["nk"], 3), dtype=dtype)),
+                      rank=2, oversample=1, power_iters=0)
+    for i, (a, b) in enumerate(zip(first, run())):
+        assert_bit_identical(f"result {i}", a, b)
+
+
+def test_row_blocks_agree_with_one_block(monkeypatch):
+    """The blocked linear algebra (TSQR, the SVD through it, blocked products and residuals) gives the
+    one-block factors, estimates and output to float64 rounding, on a planted spectrum whose rank (8)
+    is below the sketch's width (14): blocks and columns with nothing in them. The driver's code is
+    the same on both backends (the cuda one runs in blocks in the test above): the reference's dense
+    products keep the simulator out of it."""
+    q, k, _ = planted(classes=8, n=96, d=16)
+    v = np.random.default_rng(0).standard_normal((1, 1, 96, 16))
+    inputs = (q, k, v)
+    kw = {"rank": 10, "oversample": 4, "power_iters": 1, "seed": 3, "causal": True, "key_lengths": [90],
+          "backend": "reference"}
+    one = lowrank_factors(*inputs, **kw)
+    out_one, _ = lowrank_attention(*inputs, **kw)
+    monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 8)
+    assert len(lowrank_driver._row_blocks(96, 14)) == 6
+    many = lowrank_factors(*inputs, **kw)
+    out_many, _ = lowrank_attention(*inputs, **kw)
+    assert relative_error(product(many.U, many.sigma, many.Vt), product(one.U, one.sigma, one.Vt)) <= 1e-13
+    for name in ("sigma", "error_estimate", "error_bound", "output_error"):
+        assert relative_error(getattr(many, name), getattr(one, name)) <= 1e-12, name
+    assert relative_error(out_many, out_one) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("rank_deficient", [False, True], ids=["full-rank", "rank-5-zero-blocks"])
+def test_blocked_qr_and_svd(monkeypatch, dtype, rank_deficient):
+    """`_qr_into` (TSQR over 12 blocks) and `_svd_rows`: Q orthonormal to the storage dtype's
+    rounding, Q R = Y, and Yᵀ = Ũ Σ Vᵀ with σ those of NumPy's float64 SVD of the stored Y."""
+    monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 16)
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((2, 3, 200, 12))
+    if rank_deficient:
+        y = y[..., :5] @ rng.standard_normal((2, 3, 5, 12))
+        y[..., 40:70, :] = 0.0
+    y = y.astype(dtype)
+    assert len(lowrank_driver._row_blocks(200, 12)) == 12
+    eps = np.finfo(dtype).eps
+    q = np.empty_like(y)
+    r = lowrank_driver._qr_into(y, q, np)
+    q64 = q.astype(np.float64)
+    assert np.abs(np.swapaxes(q64, -1, -2) @ q64 - np.eye(12)).max() <= 10 * eps
+    assert relative_error(q64 @ r, y) <= 10 * eps
+    u_small, sigma, vt = lowrank_driver._svd_rows(y.copy(), np)
+    assert vt.dtype == dtype and sigma.dtype == np.float64
+    sv = np.linalg.svd(y.astype(np.float64), compute_uv=False)
+    assert np.abs(sigma - sv).max() <= 1e-14 * sv.max()
+    # sums of 12 products with σ₁ ≈ 5 max|Y|: a few dozen ulps
+    assert relative_error(u_small @ (sigma[..., :, None] * vt.astype(np.float64)), np.swapaxes(y, -1, -2)) <= 100 * eps
+
+
+def test_the_device_holds_two_work_arrays(monkeypatch):
+    """Every device allocation of a fixed-rank lowrank_attention on device inputs, with the linear
+    algebra on the host: two work arrays of N·l values (no probes: the output needs none), the
+    lse and the key lengths, and the output and its lse; nothing per pass."""
+    monkeypatch.setattr(lowrank_driver, "_cupy_or_none", lambda p: None)
+    inputs = gqa_inputs(np.float32)
+    sizes = []
+    for name in ("device_array", "to_device"):
+        original = getattr(cuda, name)
+
+        def counted(shape_or_array, *args, _original=original, **kw):
+            array = _original(shape_or_array, *args, **kw)
+            sizes.append(int(np.prod(array.shape)))
+            return array
+
+        monkeypatch.setattr(cuda, name, counted)
+    out, _ = lowrank_attention(*inputs, power_iters=1, **GQA_RSVD)
+    b, h, nq, nk, width = 1, 2, GQA_CASE["nq"], GQA_CASE["nk"], 6
+    assert sorted(sizes) == sorted([b * h * max(nq, nk) * width] * 2 + [b * h * nq, b] + [out.size, b * h * nq])
+
+
+def test_factors_are_stored_in_the_input_dtype():
+    f = lowrank_factors(*gqa_inputs(np.float32)[:2], power_iters=0, **GQA_RSVD)
+    assert [on_host(x).dtype for x in (f.U, f.Vt, f.lse)] == [np.float32] * 3
+    assert [on_host(x).dtype for x in (f.sigma, f.error_estimate, f.error_bound)] == [np.float64] * 3
+
+
 @pytest.mark.gpu
 def test_cuda_float32_meets_the_spectral_target():
     """float32 operators, float64 linear algebra: ‖A - Â_32‖₂ <= 1.5 σ₃₃ on a MiniLM-like head."""
@@ -973,6 +1155,72 @@ def test_figures_come_from_results_only_and_are_byte_reproducible(quick_results,
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths[4:6]]
     with pytest.raises(figures.MissingResultError, match="nkattn study lowrank"):
         plots.FIGURES[0](tmp_path / "empty", tmp_path / "c")
+
+
+class FakeMemoryManager:
+    """numba's memory manager as `live_device_peak` reads it: a table of live allocations that an
+    allocation adds to and the last view's finalizer removes from (the device copy may linger,
+    deferred)."""
+
+    class Allocation:
+        def __init__(self, size):
+            self.size = size
+
+    def __init__(self):
+        self.allocations = {}
+
+    def memalloc(self, size):
+        key = object()
+        self.allocations[key] = self.Allocation(size)
+        return key
+
+    def free(self, key):
+        del self.allocations[key]
+
+
+def test_live_device_peak_samples_every_allocation(monkeypatch):
+    import types
+
+    from nkattn.studies._common import live_device_peak
+
+    manager = FakeMemoryManager()
+    monkeypatch.setattr(cuda, "current_context", lambda: types.SimpleNamespace(memory_manager=manager))
+    resident = manager.memalloc(100)
+
+    def call():
+        a = manager.memalloc(10)
+        b = manager.memalloc(1000)  # a transient: freed before anything else happens
+        manager.free(b)
+        c = manager.memalloc(50)
+        manager.free(a)
+        return c
+
+    result, peak = live_device_peak(call)
+    assert peak == 1010 and result in manager.allocations and resident in manager.allocations
+    assert "memalloc" not in vars(manager)  # the manager's own method again
+    # nested: each sees its own call's peak, and the outer sampler is back in place afterwards
+    outer = live_device_peak(lambda: (manager.memalloc(7), live_device_peak(call), vars(manager)["memalloc"]))
+    (_, (_, inner_peak), outer_sampler), outer_peak = outer
+    assert inner_peak == 1010 and outer_peak == 7 + 1010 and "memalloc" not in vars(manager)
+    assert outer_sampler.__qualname__ == "live_device_peak.<locals>.memalloc"
+
+
+@pytest.mark.gpu
+def test_live_device_peak_on_the_gpu():
+    """A transient device array and the result allocated while it lives: the peak is both, and
+    the transient is not live in the next call, whatever numba defers."""
+    from nkattn.studies._common import live_device_peak
+
+    def call():
+        transient = cuda.device_array(1 << 20, dtype=np.float32)
+        kept = cuda.device_array(1 << 18, dtype=np.float32)
+        del transient
+        return kept
+
+    _, peak = live_device_peak(call)
+    assert peak == 4 * ((1 << 20) + (1 << 18))
+    _, peak = live_device_peak(call)  # numba may still hold the first call's transient: it is not live
+    assert peak == 4 * ((1 << 20) + (1 << 18))
 
 
 def test_long_context_pipeline_on_the_cpu(tmp_path):
