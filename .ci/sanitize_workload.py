@@ -17,7 +17,8 @@ The resume entry of the tensor-core kernel (both schedules) was added after that
 tree of 7044736 (an H200, 2026-11-28) racecheck ran the whole workload, 24 of 24 launches, 0
 hazards (racecheck-h200.txt); memcheck and synccheck were cut by a 200 s limit after 14 and 21
 launches with 0 errors (-h200-cut.txt), and then ran the resume section alone, 0 errors
-(-h200-resume.txt). The arguments name sections to run (default: all, in this order):
+(-h200-resume.txt). The INT8 kernel's section came later (not run under the tools yet).
+The arguments name sections to run (default: all, in this order):
 
     python3 .ci/sanitize_workload.py tensor_core_resume
 """
@@ -30,6 +31,7 @@ import nkattn  # noqa: F401
 from nkattn.cuda_kernels.exact import exact_attention, exact_attention_fold
 from nkattn.cuda_kernels.exact_tc import TileConfig, mma_sync_config, tc_attention, tc_attention_fold
 from nkattn.cuda_kernels.fp8 import fp8_attention
+from nkattn.cuda_kernels.int8 import int8_attention
 from nkattn.cuda_kernels.lowrank import attention_times, attention_transpose_times
 from nkattn.cuda_kernels.precision import block_absmax, row_analyzers
 
@@ -113,6 +115,16 @@ def fp8():
         print("ran fp8 (quantize and attention)", d, dv, causal, out_kind)
 
 
+def int8():
+    # key mean, quantizers, attention and the lse shift; dv = 48 and a mask that ends mid-tile
+    for d, dv, causal in [(64, 64, True), (128, 128, False), (64, 48, True)]:
+        q, k, v = dev((1, 2, 200, d), "f16"), dev((1, 1, 333, d), "f16"), dev((1, 1, 333, dv), "f16")
+        lengths = cuda.to_device(np.array([300], np.int32))
+        int8_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5)
+        cuda.synchronize()
+        print("ran int8 (quantize and attention)", d, dv, causal)
+
+
 def tensor_core_resume():
     for kind, cfg in (("f16", TileConfig(128, 128, pingpong=True)), ("bf16", TileConfig(128, 128))):
         # two row chunks (the second ends mid-block) folding key chunks [0, 256) and [256, 333)
@@ -130,7 +142,7 @@ def tensor_core_resume():
         print("ran tensor-core resume", kind, cfg)
 
 
-SECTIONS = {f.__name__: f for f in (tensor_core, lowrank_ops, ffma, mma_sync, fp8, tensor_core_resume)}
+SECTIONS = {f.__name__: f for f in (tensor_core, lowrank_ops, ffma, mma_sync, fp8, tensor_core_resume, int8)}
 
 if __name__ == "__main__":
     unknown = [name for name in sys.argv[1:] if name not in SECTIONS]
