@@ -56,6 +56,15 @@ from its writers to its readers and back; *named barriers* (`named_barrier_sync`
 `named_barrier_arrive`, hardware barriers 1-15 over a given number of threads) order two
 warpgroups' turns without stopping the rest of the block. The stand-ins are Python condition
 variables with the same counting; the simulator's cp.async has landed when it returns.
+
+Tensor Memory Accelerator copies (`cp_async_bulk_tensor_2d`, one thread copies a whole box of a
+`tma.tensor_map`): the bytes are counted on an mbarrier as *transactions*. A phase completes when its
+arrivals have come **and** its transaction count is back to zero: the issuing thread arrives with
+`mbarrier_arrive_expect_tx` (the box's bytes, before or after issuing the copies), and each copy
+completes its bytes when it lands. The map lives in global memory, read through the tensormap proxy:
+`tensormap_acquire` before the first copy (`nkattn.cuda_kernels.tma` gives the ISA's words). The
+stand-in copies at once, applying `swizzle` to the destination's byte offsets as the hardware does to
+its shared-memory address bits, and then completes the transaction.
 """
 
 from __future__ import annotations
@@ -319,6 +328,55 @@ if not SIMULATOR:
         (``.noinc``: it is one of the ``count`` arrivals given to `mbarrier_init`)."""
         return types.void(smem, idx), lambda c, b, sig, args: _on_mbarrier(
             c, b, sig, args, "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];")
+
+    @intrinsic
+    def mbarrier_arrive_expect_tx(typingctx, smem, idx, tx_bytes):
+        """One arrival at the mbarrier that also makes its current phase wait for ``tx_bytes`` more
+        transaction bytes (``mbarrier.arrive.expect_tx``): the producer's arrival for the TMA copies
+        it issues into a slot, ``tx_bytes`` their total (`tma.TensorMap.box_bytes` each)."""
+        return types.void(smem, idx, tx_bytes), lambda c, b, sig, args: _on_mbarrier(
+            c, b, sig, args, "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;")
+
+    def _map_address(context, builder, sig_arg, arg):
+        """The generic address of a tensor map held in a device array (its first element)."""
+        ptr = _element_pointer(context, builder, sig_arg, arg, [context.get_constant(types.intp, 0)], [types.intp])
+        return builder.ptrtoint(ptr, _I64)
+
+    @intrinsic
+    def tensormap_acquire(typingctx, tmap):
+        """Make the tensor map in ``tmap`` (a `tma.TensorMap.buffer`), written before the launch,
+        visible to this thread's TMA copies (``fence.proxy.tensormap::generic.acquire``). System scope:
+        the host wrote it (the CUDA programming guide's example for a map copied by cudaMemcpy)."""
+
+        def codegen(context, builder, sig, args):
+            address = _map_address(context, builder, sig.args[0], args[0])
+            _call_asm(builder, "fence.proxy.tensormap::generic.acquire.sys [$0], 128;", "l,~{memory}", ir.VoidType(),
+                      [address])
+            return context.get_dummy_value()
+
+        return types.void(tmap), codegen
+
+    @intrinsic
+    def cp_async_bulk_tensor_2d(typingctx, smem, smem_idx, tmap, col, row, bars, bar_idx):
+        """Copy the box at element (``row``, ``col``) of the tensor map in ``tmap`` into shared memory
+        from ``smem[smem_idx]`` on (128-byte aligned), rows of one swizzle width, 16-byte chunks
+        permuted by `swizzle` of their shared-memory address; elements outside the array are zeros.
+        The copy completes its bytes on the mbarrier ``bars[bar_idx]`` when it lands
+        (``cp.async.bulk.tensor.2d ... .mbarrier::complete_tx::bytes``). One thread issues it."""
+
+        def codegen(context, builder, sig, args):
+            dst = _element_pointer(context, builder, sig.args[0], args[0], [args[1]], [sig.args[1]])
+            bar = _element_pointer(context, builder, sig.args[5], args[5], [args[6]], [sig.args[6]])
+            operands = [_shared_u32(builder, dst), _map_address(context, builder, sig.args[2], args[2]),
+                        context.cast(builder, args[3], sig.args[3], types.int32),
+                        context.cast(builder, args[4], sig.args[4], types.int32), _shared_u32(builder, bar)]
+            # a CTA launched without a cluster is a cluster of one: its shared::cta addresses are
+            # shared::cluster addresses (the form sm_90 has; .shared::cta needs PTX ISA 8.6)
+            _call_asm(builder, "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                      "[$0], [$1, {$2, $3}], [$4];", "r,l,r,r,r,~{memory}", ir.VoidType(), operands)
+            return context.get_dummy_value()
+
+        return types.void(smem, smem_idx, tmap, col, row, bars, bar_idx), codegen
 
     def _on_named_barrier(context, builder, sig, args, asm):
         """Emit ``asm`` with $0 the barrier number and $1 the thread count, as 32-bit values."""
@@ -665,20 +723,31 @@ else:  # ------------------------------------------------------------- simulator
         return cuda.jit(device=True)(_no_op)
 
     class _MBarrier:
-        """A phase counter: each phase completes when ``count`` arrivals have come."""
+        """A phase counter: each phase completes when ``count`` arrivals have come and its transaction
+        count (bytes expected less bytes completed; negative while copies outrun the expectation) is 0."""
 
         def __init__(self, count):
             self.cond = threading.Condition()
             self.count = self.pending = int(count)
             self.phase = 0
+            self.tx = 0
 
-        def arrive(self):
+        def _complete_if_done(self):
+            if self.pending == 0 and self.tx == 0:
+                self.phase += 1
+                self.pending = self.count
+                self.cond.notify_all()
+
+        def arrive(self, expect_tx=0):
             with self.cond:
+                self.tx += int(expect_tx)
                 self.pending -= 1
-                if self.pending == 0:
-                    self.phase += 1
-                    self.pending = self.count
-                    self.cond.notify_all()
+                self._complete_if_done()
+
+        def complete_tx(self, nbytes):
+            with self.cond:
+                self.tx -= int(nbytes)
+                self._complete_if_done()
 
         def wait(self, parity):
             with self.cond:
@@ -728,6 +797,36 @@ else:  # ------------------------------------------------------------- simulator
 
     # the simulator's cp.async has landed when it returns
     cp_async_mbarrier_arrive = mbarrier_arrive
+
+    @cuda.jit(device=True)
+    def mbarrier_arrive_expect_tx(smem, idx, tx_bytes):
+        _mbarrier(smem, idx).arrive(tx_bytes)
+
+    @cuda.jit(device=True)
+    def tensormap_acquire(tmap):
+        pass  # the stand-in reads the array behind the map when it copies
+
+    TMA_SMEM_ALIGN = 128  # cp.async.bulk.tensor's shared-memory destination
+
+    @cuda.jit(device=True)
+    def cp_async_bulk_tensor_2d(smem, smem_idx, tmap, col, row, bars, bar_idx):
+        view, width = tmap.view, tmap.swizzle_bytes
+        row, col = int(row), int(col)
+        box = np.zeros((tmap.box_rows, tmap.box_cols), dtype=view.dtype)
+        r0, r1 = max(row, 0), min(row + tmap.box_rows, view.shape[0])
+        c0, c1 = max(col, 0), min(col + tmap.box_cols, view.shape[1])
+        if r0 < r1 and c0 < c1:
+            box[r0 - row : r1 - row, c0 - col : c1 - col] = view[r0:r1, c0:c1]
+        start = int(smem_idx) * smem.dtype.itemsize
+        if start % TMA_SMEM_ALIGN:
+            raise ValueError(f"a TMA destination must be {TMA_SMEM_ALIGN}-byte aligned, got byte {start}")
+        chunks = box.view(np.uint8).reshape(tmap.box_rows, width // 16, 16)
+        raw = smem.view(np.uint8)
+        for r in range(tmap.box_rows):
+            for c in range(width // 16):
+                at = swizzle(start + r * width + 16 * c, width)
+                raw[at : at + 16] = chunks[r, c]
+        _mbarrier(bars, bar_idx).complete_tx(box.nbytes)
 
     def _named_barrier(barrier):
         key = (tuple(cuda.blockIdx), "named", int(barrier))
