@@ -139,14 +139,15 @@ def _encode(address, rows, cols, row_stride, itemsize, box_rows, box_cols, swizz
     from cuda.bindings import driver
     from numba import cuda
 
+    u64, u32 = driver.cuuint64_t, driver.cuuint32_t  # the bindings refuse plain ints for these arrays
     result, tmap = driver.cuTensorMapEncodeTiled(
         getattr(driver.CUtensorMapDataType, DATA_TYPES[itemsize]),
         2,
         address,
-        [cols, rows],  # innermost first
-        [row_stride],  # bytes, for every dimension but the innermost
-        [box_cols, box_rows],
-        [1, 1],
+        [u64(cols), u64(rows)],  # innermost first
+        [u64(row_stride)],  # bytes, for every dimension but the innermost
+        [u32(box_cols), u32(box_rows)],
+        [u32(1), u32(1)],
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         getattr(driver.CUtensorMapSwizzle, SWIZZLES[swizzle_bytes]),
         # 256-byte L2 fills: a box row is a whole 128-byte line or less, and neighbouring rows follow

@@ -74,6 +74,17 @@ def _numpy_tile(layout: TileLayout, block: np.ndarray) -> np.ndarray:
     return out
 
 
+def test_swizzle_is_the_tma_128_byte_pattern():
+    """TMA's 128-byte swizzle as CUTLASS models it (Swizzle<3,4,3>): in each 1024-byte atom of eight
+    128-byte rows, 16-byte chunk c of row r is stored at chunk c ^ (r % 8). `ptx.swizzle`, which TileLayout
+    and the stand-in use, is that; the GPU runs of the tile test check it against the hardware."""
+    for atom in range(3):
+        for r in range(8):
+            for c in range(8):
+                at = 1024 * atom + 128 * r
+                assert ptx.swizzle(at + 16 * c, 128) == at + 16 * (c ^ r)
+
+
 def _tma_case(rows, cols, element_bytes, n, row0, gpu=False):
     ident = f"{rows}x{cols}x{element_bytes}B-n{n}-row{row0}"
     return pytest.param(rows, cols, element_bytes, n, row0, id=ident, marks=[pytest.mark.gpu] if gpu else [])
