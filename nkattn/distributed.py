@@ -33,6 +33,14 @@ float16 and bfloat16, d and dv multiples of 8 up to 256). Two strategies:
   with two slots, 0.85 with four. Each slot holds a key and a value chunk (Nk / 2P
   positions with zigzag).
 
+  ``query_passes``: each row carries a running state between folds (float32 accumulator
+  and row sums on the tensor-core kernel: 1.06 GiB a GPU beside a 0.5 GiB float16 O at
+  N = 4M, H = 4, d = 64 on 4 GPUs, which took "sequence" to 1.26x its shards and
+  buffers). With R passes, a rank folds every key chunk into 1/R of its rows at a time,
+  each pass broadcasting the chunks again: the state shrinks R-fold, the traffic grows
+  R-fold (at 4M a call computes for ~15 s, a pass of broadcasts takes tens of ms). Rows
+  see the same tiles in the same order, so the bits do not change. Default 1.
+
 Shard layout (`shard`, `unshard`): the sequence (axis 2) of q and of k/v is cut
 into P equal chunks, rank r holding chunk r; with ``zigzag`` (the default when
 ``causal``) into 2P chunks, rank r holding chunks r and 2P-1-r, in that order,
@@ -72,7 +80,7 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *arrays.HALF_DTYPES)
 KERNELS = {"cuda (FFMA kernel)": "ffma", "cuda (tensor-core kernel)": "tensor-core"}
 # the descriptor every rank gathers: one int64 each, -1 where a field is unknown
 FIELDS = ("error", "strategy", "causal", "zigzag", "dtype", "B", "H", "Hkv", "Nq / P", "Nk / P", "d", "dv",
-          "key_lengths", "scale", "device")
+          "key_lengths", "scale", "device", "query_passes")
 
 
 def _chunks(world: int, zigzag: bool) -> int:
@@ -126,13 +134,14 @@ def chunk_multiple(dtype, head_dim: int, value_dim: int | None = None) -> int:
 
 def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool = False, zigzag: bool | None = None,
               key_lengths=None, scale: float | None = None, return_lse: bool = False, check_finite: bool = True,
-              kv_slots: int | None = None):
+              kv_slots: int | None = None, query_passes: int = 1):
     """Exact attention of this rank's rows; q, k and v are its shards (see the module docstring).
 
     q is (B, H, Nq/P, d), k (B, Hkv, Nk/P, d) and v (B, Hkv, Nk/P, dv) of one dtype (float32,
     float64, float16 or bfloat16) and device; ``zigzag`` (default: ``causal``) says how the
-    shards were cut; ``kv_slots`` is the number of key/value chunk buffers of ``"sequence"``
-    (default and trade-off: the module docstring). The other arguments are `nkattn.attention`'s,
+    shards were cut; ``kv_slots`` is the number of key/value chunk buffers of ``"sequence"`` and
+    ``query_passes`` the number of passes over this rank's rows (defaults and trade-offs: the
+    module docstring). The other arguments are `nkattn.attention`'s,
     with key_lengths counting global keys. Returns O (B, H, Nq/P, dv) in q's dtype, or (O, lse)
     with ``return_lse`` (lse in float32 for the half dtypes, as `nkattn.attention`), torch
     tensors on q's device.
@@ -148,7 +157,7 @@ def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool =
     try:
         call = _local_call(q, k, v, world, strategy=strategy, causal=causal, zigzag=zigzag,
                            key_lengths=key_lengths, scale=scale, return_lse=return_lse, check_finite=check_finite,
-                           kv_slots=kv_slots)
+                           kv_slots=kv_slots, query_passes=query_passes)
         local_error = None
     except (TypeError, ValueError) as exc:
         call, local_error = None, exc
@@ -166,7 +175,7 @@ def attention(q, k, v, *, group=None, strategy: str = "sequence", causal: bool =
 
 
 def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale, return_lse, check_finite,
-                kv_slots=None) -> dict:
+                kv_slots=None, query_passes=1) -> dict:
     """This rank's inputs checked as `nkattn.attention` checks them, as a dict of what the run needs."""
     import torch
 
@@ -183,6 +192,10 @@ def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale,
             raise ValueError(f'kv_slots is an option of strategy="sequence", got it with strategy={strategy!r}')
         if isinstance(kv_slots, bool) or not isinstance(kv_slots, (int, np.integer)) or kv_slots < 1:
             raise ValueError(f"kv_slots must be an int >= 1, got {arrays.describe_value(kv_slots)}")
+    if isinstance(query_passes, bool) or not isinstance(query_passes, (int, np.integer)) or query_passes < 1:
+        raise ValueError(f"query_passes must be an int >= 1, got {arrays.describe_value(query_passes)}")
+    if query_passes != 1 and strategy != "sequence":
+        raise ValueError(f'query_passes is an option of strategy="sequence", got it with strategy={strategy!r}')
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor (this rank's shard), got {arrays.describe_value(x)}")
@@ -216,7 +229,7 @@ def _local_call(q, k, v, world, *, strategy, causal, zigzag, key_lengths, scale,
             "kernel": KERNELS[backend.label],
             "batch": req.batch, "heads": req.heads, "kv_heads": req.kv_heads, "nq": req.nq, "nk": req.nk,
             "head_dim": req.head_dim, "value_dim": req.value_dim, "key_lengths": lengths, "scale": local.scale,
-            "kv_slots": kv_slots}
+            "kv_slots": kv_slots, "query_passes": int(query_passes)}
 
 
 def _descriptor(call: dict | None) -> list[int]:
@@ -227,7 +240,7 @@ def _descriptor(call: dict | None) -> list[int]:
         0, STRATEGIES.index(call["strategy"]), int(call["causal"]), int(call["zigzag"]), DTYPES.index(call["dtype"]),
         call["batch"], call["heads"], call["kv_heads"], call["nq"], call["nk"], call["head_dim"], call["value_dim"],
         -1 if lengths is None else zlib.crc32(lengths.astype(np.int64).tobytes()),
-        int(np.float64(call["scale"]).view(np.int64)), int(call["q"].is_cuda),
+        int(np.float64(call["scale"]).view(np.int64)), int(call["q"].is_cuda), call["query_passes"],
     ]
 
 
@@ -266,6 +279,10 @@ def _check_shards(call: dict, world: int) -> None:
         raise ValueError(f'strategy="sequence" folds whole key tiles: a key chunk of {chunk} positions (Nk/{world * parts}) '
                          f"is not a multiple of the kernel's key tile {tile} ({call['dtype'].name}, d={call['head_dim']}, "
                          f"dv={call['value_dim']})")
+    rows = call["nq"] // parts
+    if call["query_passes"] > rows:
+        raise ValueError(f"query_passes={call['query_passes']} passes over query chunks of {rows} rows would leave "
+                         "passes with no row")
 
 
 def _host_view(t):
@@ -391,19 +408,27 @@ def _sequence(call: dict, rank: int, world: int, group):
     dev = _Device(q, call["dtype"])
     lengths = dev.lengths(call, nk_total)
 
-    # the key chunks each of this rank's query chunks sees, in key order (at least one, which
-    # writes O = 0 and lse = -inf for rows that see no key); each query chunk gets contiguous
-    # q, O, lse and state arrays: views into the shard's would be strided, and the FFMA kernel
-    # specialised for strided arrays holds their strides in registers (more spills, ptxas)
+    # per pass, the key chunks each of this rank's query chunks' rows of that pass see, in key
+    # order (at least one, which writes O = 0 and lse = -inf for rows that see no key); each
+    # gets contiguous q, O, lse and state arrays: views into the shard's would be strided,
+    # and the FFMA kernel specialised for strided arrays holds their strides in registers
+    # (more spills, ptxas)
     batch = call["batch"]
     nk_b = np.full(batch, nk_total) if call["key_lengths"] is None else call["key_lengths"].astype(np.int64)
-    folds = []
-    for i, c in enumerate(mine):
-        last_row = (c + 1) * cq - 1  # sees the most keys of the chunk (bottom-right causal, as the kernel)
-        seen = int(np.minimum(nk_b, last_row + 1 + nk_b - nq_total).max()) if causal else int(nk_b.max())
-        needed = [kc for kc in range(n_chunks) if kc * ck < seen] or [0]
-        q_chunk = q if len(mine) == 1 else q[:, :, i * cq : (i + 1) * cq].contiguous()
-        folds.append((c, needed, dev.view(q_chunk), _Fold(dev, call, cq)))
+    passes = call["query_passes"]
+    bounds = [cq * p // passes for p in range(passes + 1)]
+
+    def folds_of_pass(p):
+        folds = []
+        for i, c in enumerate(mine):
+            first_row, end_row = c * cq + bounds[p], c * cq + bounds[p + 1]
+            # the last row sees the most keys (bottom-right causal, as the kernel)
+            seen = int(np.minimum(nk_b, end_row + nk_b - nq_total).max()) if causal else int(nk_b.max())
+            needed = [kc for kc in range(n_chunks) if kc * ck < seen] or [0]
+            whole = len(mine) == 1 and passes == 1
+            q_rows = q if whole else q[:, :, i * cq + bounds[p] : i * cq + bounds[p + 1]].contiguous()
+            folds.append((first_row, needed, dev.view(q_rows), _Fold(dev, call, end_row - first_row)))
+        return folds
 
     owners = {c: (r, j) for r in range(world) for j, c in enumerate(chunks_of(r, world, zigzag))}
     k_shape = (batch, call["kv_heads"], ck, call["head_dim"])
@@ -422,22 +447,31 @@ def _sequence(call: dict, rank: int, world: int, group):
         return [dist.broadcast(buf, src=src, group=group, async_op=True) for buf in (k_buf, v_buf)]
 
     scale, stream = call["scale"], dev.stream
-    in_flight = {}
-    for kc in range(n_chunks):
-        # the chunks up to depth - 1 ahead travel while this one is computed; each slot's
-        # previous chunk had its folds queued on this stream before the broadcast into it
-        for ahead in range(kc + len(in_flight), min(kc + depth, n_chunks)):
-            in_flight[ahead] = send(ahead)
-        for work in in_flight.pop(kc):
-            work.wait()
-        k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % depth])
-        for c, needed, q_view, fold in folds:
-            if kc in needed:
-                fold(q_view, k_chunk, v_chunk, lengths, causal=causal, scale=scale, row_offset=c * cq,
-                     nq_total=nq_total, key_offset=kc * ck, first=kc == needed[0], last=kc == needed[-1],
-                     stream=stream)
-    outs, lses = zip(*(fold.results(call) for *_, fold in folds), strict=True)
-    return (outs[0], lses[0]) if len(folds) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
+    parts = {}  # (query chunk, pass) -> (O, lse) of those rows
+    for p in range(passes):
+        folds = folds_of_pass(p)
+        in_flight = {}
+        for kc in range(n_chunks):
+            # the chunks up to depth - 1 ahead travel while this one is computed; each slot's
+            # previous chunk had its folds queued on this stream before the broadcast into it
+            for ahead in range(kc + len(in_flight), min(kc + depth, n_chunks)):
+                in_flight[ahead] = send(ahead)
+            for work in in_flight.pop(kc):
+                work.wait()
+            k_chunk, v_chunk = (dev.view(buf) for buf in slots[kc % depth])
+            for first_row, needed, q_view, fold in folds:
+                if kc in needed:
+                    fold(q_view, k_chunk, v_chunk, lengths, causal=causal, scale=scale, row_offset=first_row,
+                         nq_total=nq_total, key_offset=kc * ck, first=kc == needed[0], last=kc == needed[-1],
+                         stream=stream)
+        # the pass's carried states go with its folds: only O and lse stay
+        parts.update({(i, p): fold.results(call) for i, (*_, fold) in enumerate(folds)})
+        del folds
+    slots.clear()  # before the rows are joined, which holds a second O
+    if len(parts) == 1:
+        return parts[0, 0]
+    order = [parts[i, p] for i in range(len(mine)) for p in range(passes)]
+    return tuple(torch.cat([part[n] for part in order], dim=2) for n in (0, 1))
 
 
 def _all_to_all(sent: list, group) -> list:

@@ -30,7 +30,7 @@ until the last, and each record printed as it lands. Rank 0 prints each stage as
 (kernel compilation on first use takes tens of seconds and would otherwise look like a hang).
 
 Memory (``memory_n``, the issue's N = 4M on 4 GPUs): after the grid, one non-causal call of
-each strategy at that N on every launched GPU, no warm-up beyond the grid's and no one-GPU
+each strategy at that N on every launched GPU ("sequence" also with ``query_passes=4``), no warm-up beyond the grid's and no one-GPU
 reference (one GPU would take minutes): records with ``peak_bytes`` against ``budget_bytes``,
 the shards of q, k, v, O and lse plus the strategy's communication buffers (`comm_bytes`:
 "sequence" its K/V slots; "heads" the send and receive buffers of its all-to-all of q, k
@@ -56,6 +56,7 @@ HEADS, HEAD_DIM = 8, 64
 GPU_COUNTS = (1, 2, 4, 8)
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PROCESSES = 8
+MEMORY_QUERY_PASSES = 4  # the memory run's second "sequence" call: a quarter of the carried state
 _T0 = time.perf_counter()
 
 
@@ -182,7 +183,8 @@ def _progress_line(record: dict) -> str:
     """One record as the bench prints it while it runs."""
     if "skipped" in record:
         return f"{record['impl']} P={record['gpus']} N={record['N']} causal={record['causal']}: skipped ({record['skipped']})"
-    head = f"{record['impl']} {record['strategy']} P={record['gpus']} N={record['N']} causal={record['causal']}: "
+    passes = f" query_passes={record['query_passes']}" if record.get("query_passes", 1) > 1 else ""
+    head = f"{record['impl']} {record['strategy']}{passes} P={record['gpus']} N={record['N']} causal={record['causal']}: "
     if "budget_bytes" in record:
         return head + (f"{record['ms']:.1f} ms (one call), peak {record['peak_bytes'] / 2**30:.2f} GiB = "
                        f"{record['peak_over_budget']:.3f} x budget {record['budget_bytes'] / 2**30:.2f} GiB")
@@ -303,16 +305,18 @@ def _memory_config(torch, dist, rank, groups, n, heads, dtype) -> list[dict]:
     comm = {"sequence": 2 * slot_count * one,  # slots of a K and a V chunk, a chunk being the shard (non-causal)
             "heads": 2 * 3 * one}  # q, k, v sent (stacked) and received (the full sequence of H/P heads)
     records = []
-    for strategy in distributed.STRATEGIES:
-        _stage(rank, f"memory: N={n} H={heads} {strategy} on {p} GPUs (one call)")
+    # "sequence" once as it runs by default, once with the carried state in MEMORY_QUERY_PASSES passes
+    runs = [("sequence", {}), ("sequence", {"query_passes": MEMORY_QUERY_PASSES}), ("heads", {})]
+    for strategy, options in runs:
+        _stage(rank, f"memory: N={n} H={heads} {strategy} {options or ''} on {p} GPUs (one call)")
         dist.barrier(group)
         start = time.perf_counter()
-        peak = _peak(torch, dist, group, lambda strategy=strategy: distributed.attention(
-            *shards, group=group, strategy=strategy, return_lse=True, check_finite=False), 3 * one)
+        peak = _peak(torch, dist, group, lambda strategy=strategy, options=options: distributed.attention(
+            *shards, group=group, strategy=strategy, return_lse=True, check_finite=False, **options), 3 * one)
         slowest = torch.tensor([(time.perf_counter() - start) * 1e3], device="cuda")
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
         budget = resident + comm[strategy]
-        slots = {"kv_slots": slot_count} if strategy == "sequence" else {}
+        slots = {"kv_slots": slot_count, "query_passes": options.get("query_passes", 1)} if strategy == "sequence" else {}
         records.append({"impl": "nkattn-distributed", "gpus": p, "strategy": strategy, "N": n, "H": heads, "d": HEAD_DIM,
                         "dtype": dtype, "causal": False, **slots, "ms": slowest.item(), "peak_bytes": peak,
                         "resident_bytes": resident, "comm_bytes": comm[strategy], "budget_bytes": budget,

@@ -117,7 +117,8 @@ def _tokens(n: int) -> str:
 
 
 def _memory(runs):
-    """The memory records (latest run per strategy), each with peak_bytes as b765ad5's bench counts it."""
+    """The memory records (latest run per strategy and number of query passes), each with peak_bytes
+    as b765ad5's bench counts it."""
     found = {}
     for run in runs:
         for r in run["records"]:
@@ -126,8 +127,8 @@ def _memory(runs):
             peak = r["peak_bytes"]
             if _run_date(run) < B765AD5_FIRST_RUN:  # O and lse shards counted twice: one q shard and the lse shard
                 peak -= r["resident_bytes"] - 3 * _shard_bytes(r)
-            found[r["strategy"]] = {**r, "peak_bytes": peak, "corrected": peak != r["peak_bytes"]}
-    return [found[s] for s in ("sequence", "heads") if s in found]
+            found[r["strategy"], r.get("query_passes", 1)] = {**r, "peak_bytes": peak, "corrected": peak != r["peak_bytes"]}
+    return [found[key] for key in sorted(found, key=lambda key: (key[0] != "sequence", key[1]))]
 
 
 def _shard_bytes(record) -> int:
@@ -177,8 +178,9 @@ def _draw_memory(ax, records):
         ax.bar(i + 0.21, r["peak_bytes"] * gib, 0.4, color=SERIES[r["strategy"]][1]["color"])
         ax.annotate(f"{r['peak_bytes'] / r['budget_bytes']:.2f}×", (i + 0.21, r["peak_bytes"] * gib),
                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=5.5)
-        ax.text(i, -0.17, f'"{r["strategy"]}"', transform=ax.get_xaxis_transform(), ha="center", va="top",
-                fontsize=6.5)
+        passes = r.get("query_passes", 1)
+        label = f'"{r["strategy"]}"' + (f"\n{passes} query passes" if passes > 1 else "")
+        ax.text(i, -0.17, label, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=6.5)
     ax.set_xticks([i + dx for i in range(len(records)) for dx in (-0.21, 0.21)],
                   ["budget", "peak"] * len(records), fontsize=5.5)
     ax.set_ylabel("memory per GPU (GiB)")

@@ -38,19 +38,20 @@ BN = chunk_multiple(np.float32, 16)  # float32 and float64 tile alike at d = 16 
 assert BN == chunk_multiple(np.float64, 16) or REAL_GPU
 
 
-def case(strategy, causal, dtype, h, hkv, chunks, masked=0, kv_slots=None):
+def case(strategy, causal, dtype, h, hkv, chunks, masked=0, kv_slots=None, query_passes=1):
     """`chunks` key tiles of keys and of queries, cut into WORLD (or 2·WORLD, zigzag) shards;
     with `masked`, key_lengths hides the last `masked` keys."""
     n = chunks * chunk_multiple(dtype, 16)
     cid = (f"{strategy}-{'causal' if causal else 'full'}-H{h}-Hkv{hkv}-N{n}{f'-kl{n - masked}' if masked else ''}"
-           f"-f{np.dtype(dtype).itemsize * 8}{f'-slots{kv_slots}' if kv_slots else ''}")
+           f"-f{np.dtype(dtype).itemsize * 8}{f'-slots{kv_slots}' if kv_slots else ''}"
+           f"{f'-passes{query_passes}' if query_passes > 1 else ''}")
     return {"id": cid, "strategy": strategy, "causal": causal, "dtype": dtype, "h": h, "hkv": hkv, "n": n, "masked": masked,
-            "kv_slots": kv_slots}
+            "kv_slots": kv_slots, "query_passes": query_passes}
 
 
 CASES = [
-    case("sequence", False, np.float64, 2, 1, 2, masked=5),  # GQA; the mask ends inside rank 1's chunk
-    case("sequence", True, np.float32, 1, 1, 4, kv_slots=1),  # zigzag: 4 chunks over 2 ranks, one buffer
+    case("sequence", False, np.float64, 2, 1, 2, masked=5, query_passes=3),  # GQA; the mask ends inside rank 1's chunk
+    case("sequence", True, np.float32, 1, 1, 4, kv_slots=1, query_passes=2),  # zigzag: 4 chunks over 2 ranks, one buffer
     case("heads", False, np.float32, 2, 2, 2),
     case("heads", True, np.float64, 4, 2, 2, masked=3),  # GQA, zigzag shards, a mask
     # float16 on the tensor-core kernel (its resume entry for "sequence"): GQA, zigzag, a mask
@@ -75,7 +76,7 @@ def one_device(c, seed):
 
 
 def refusals(rank):
-    """name -> (strategy, causal, q, k, v) this rank passes, the call each rank must refuse."""
+    """name -> (strategy, causal, q, k, v[, options]) this rank passes, the call each rank must refuse."""
     def t(h, n, dtype=torch.float64):
         return torch.ones(1, h, n, 16, dtype=dtype)
 
@@ -86,6 +87,8 @@ def refusals(rank):
         "zigzag-odd-shard": ("sequence", True, t(1, 3), t(1, 3), t(1, 3)),
         "ranks-disagree-on-shapes": ("sequence", False, t(1, BN * (1 + rank)), t(1, BN), t(1, BN)),
         "ranks-disagree-on-strategy": (("sequence", "heads")[rank], False, t(2, BN), t(2, BN), t(2, BN)),
+        # different pass counts would broadcast the chunks a different number of times: a hang
+        "ranks-disagree-on-query-passes": ("sequence", False, t(1, BN), t(1, BN), t(1, BN), {"query_passes": 1 + rank}),
         "one-rank-bad-dtype": ("sequence", False, t(1, BN, (torch.float64, torch.float16)[rank]), t(1, BN), t(1, BN)),
     }
 
@@ -118,11 +121,12 @@ def rank_main(rank, backend, results):
         zigzag = c["causal"]
         o, lse = distributed.attention(*(shard(x, rank, WORLD, zigzag=zigzag).to(device) for x in (q, k, v)),
                                        strategy=c["strategy"], causal=c["causal"], key_lengths=lengths, return_lse=True,
-                                       kv_slots=c["kv_slots"])
+                                       kv_slots=c["kv_slots"], query_passes=c["query_passes"])
         seen[c["id"]] = (o.cpu().numpy(), lse.cpu().numpy())
-    for name, (strategy, causal, q, k, v) in refusals(rank).items():
+    for name, (strategy, causal, q, k, v, *options) in refusals(rank).items():
         try:
-            distributed.attention(q.to(device), k.to(device), v.to(device), strategy=strategy, causal=causal)
+            distributed.attention(q.to(device), k.to(device), v.to(device), strategy=strategy, causal=causal,
+                                  **(options[0] if options else {}))
             seen[name] = None
         except (TypeError, ValueError) as exc:
             seen[name] = (type(exc).__name__, str(exc))
@@ -214,6 +218,7 @@ REFUSED = {
     "zigzag-odd-shard": ("ValueError", "an odd number"),
     "ranks-disagree-on-shapes": ("ValueError", f"Nq / P: rank 0 {BN}, rank 1 {2 * BN}"),
     "ranks-disagree-on-strategy": ("ValueError", "strategy: rank 0 sequence, rank 1 heads"),
+    "ranks-disagree-on-query-passes": ("ValueError", "query_passes: rank 0 1, rank 1 2"),
 }
 
 
@@ -255,13 +260,24 @@ def test_without_a_process_group_the_error_says_how_to_make_one():
         distributed.attention(*(torch.ones(1, 1, BN, 16) for _ in range(3)))
 
 
-def test_kv_slots_is_checked_before_any_communication():
+def test_kv_slots_and_query_passes_are_checked_before_any_communication():
     shard_ = torch.ones(1, 1, BN, 16, dtype=torch.float64)
     for strategy, slots, match in (("sequence", 0, "kv_slots must be an int >= 1"), ("sequence", True, "kv_slots must be"),
                                    ("sequence", 2.0, "kv_slots must be"), ("heads", 2, 'option of strategy="sequence"')):
         with pytest.raises(ValueError, match=match):
             distributed._local_call(shard_, shard_, shard_, WORLD, strategy=strategy, causal=False, zigzag=None,
                                     key_lengths=None, scale=None, return_lse=False, check_finite=True, kv_slots=slots)
+    for strategy, passes, match in (("sequence", 0, "query_passes must be an int >= 1"),
+                                    ("heads", 2, 'query_passes is an option of strategy="sequence"')):
+        with pytest.raises(ValueError, match=match):
+            distributed._local_call(shard_, shard_, shard_, WORLD, strategy=strategy, causal=False, zigzag=None,
+                                    key_lengths=None, scale=None, return_lse=False, check_finite=True,
+                                    query_passes=passes)
+    call = distributed._local_call(shard_, shard_, shard_, WORLD, strategy="sequence", causal=False, zigzag=None,
+                                   key_lengths=None, scale=None, return_lse=False, check_finite=True,
+                                   query_passes=BN + 1)
+    with pytest.raises(ValueError, match="would leave passes with no row"):
+        distributed._check_shards(call, WORLD)
     assert distributed.kv_slot_count(4, causal=True) == 4  # causal: one per rank
     assert distributed.kv_slot_count(4, causal=False) == 2
     assert distributed.kv_slot_count(1, causal=False) == 1  # at most one per chunk
@@ -416,9 +432,14 @@ def test_the_scaling_figure_counts_the_points_that_are_not_bit_identical(tmp_pat
 
     results = tmp_path / "results"
     _memory, _ = _memory_rows()
+    passes = {**_memory[0], "query_passes": 4, "peak_bytes": _memory[0]["peak_bytes"] - 7}
     _bench_file(results, "distributed-h200-float16.json", NEW_RUN,
-                _bench_rows(65536, 8, False, 0.9) + _bench_rows(65536, 8, True, 0.9, bits=False) + _memory)
+                _bench_rows(65536, 8, False, 0.9) + _bench_rows(65536, 8, True, 0.9, bits=False) + _memory + [passes])
     plots.fig_scaling(results, tmp_path / "figures")
+    # the memory run's "sequence" with query passes is its own bar, not the latest "sequence"
+    _, runs = plots._load(results)
+    assert [(r["strategy"], r.get("query_passes", 1)) for r in plots._memory(runs)] == [
+        ("sequence", 1), ("sequence", 4), ("heads", 1)]
     _, title, _ = drawn[0]
     assert "6 of 12 nkattn points bit-identical to one GPU (filled markers)" in title
     assert "less the O and lse shards" not in title  # a run of b765ad5's code counts them once
