@@ -30,7 +30,7 @@ until the last, and each record printed as it lands. Rank 0 prints each stage as
 (kernel compilation on first use takes tens of seconds and would otherwise look like a hang).
 
 Memory (``memory_n``, the issue's N = 4M on 4 GPUs): after the grid, one non-causal call of
-each strategy at that N on every launched GPU ("sequence" also with ``query_passes=4``), no warm-up beyond the grid's and no one-GPU
+each strategy at that N on every launched GPU ("sequence" also with ``query_passes=8``), no warm-up beyond the grid's and no one-GPU
 reference (one GPU would take minutes): records with ``peak_bytes`` against ``budget_bytes``,
 the shards of q, k, v, O and lse plus the strategy's communication buffers (`comm_bytes`:
 "sequence" its K/V slots; "heads" the send and receive buffers of its all-to-all of q, k
@@ -56,7 +56,7 @@ HEADS, HEAD_DIM = 8, 64
 GPU_COUNTS = (1, 2, 4, 8)
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PROCESSES = 8
-MEMORY_QUERY_PASSES = 4  # the memory run's second "sequence" call: a quarter of the carried state
+MEMORY_QUERY_PASSES = 8  # the memory run's second "sequence" call: an eighth of the carried state
 _T0 = time.perf_counter()
 
 
