@@ -30,8 +30,9 @@ until the last, and each record printed as it lands. Rank 0 prints each stage as
 (kernel compilation on first use takes tens of seconds and would otherwise look like a hang).
 
 Memory (``memory_n``, the issue's N = 4M on 4 GPUs): after the grid, one non-causal call of
-each strategy at that N on every launched GPU ("sequence" also with ``query_passes=8``), no warm-up beyond the grid's and no one-GPU
-reference (one GPU would take minutes): records with ``peak_bytes`` against ``budget_bytes``,
+each strategy at that N on every launched GPU ("sequence" also with ``query_passes=8``), no
+warm-up beyond the grid's and no one-GPU reference (one GPU would take minutes): records
+with ``peak_bytes`` against ``budget_bytes``,
 the shards of q, k, v, O and lse plus the strategy's communication buffers (`comm_bytes`:
 "sequence" its K/V slots; "heads" the send and receive buffers of its all-to-all of q, k
 and v, whose receive side is the full-sequence q, k, v of its heads).
