@@ -295,31 +295,14 @@ def _state_functions(value_width: int):
     return load_state, store_state
 
 
-@cache
-def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q_start: int, k_start: int,
-                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int, resume: bool = False):
-    """`block_start` of a tensor-core kernel of two-byte (half) or one-byte (fp8) operands: BM rows a
-    block in warpgroups of 64, BN keys a tile, Q/K/V operand descriptors starting at byte offsets
-    ``q_start``, ``k_start``, ``v_start`` of the aligned shared buffer (with their descriptor bits),
-    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further.
-
-    ``resume``: the block start of the resume entry instead, ``block_start(q, key_lengths, causal,
-    group, row_offset, nq_total, key_offset, chunk_len)``, for a launch over one chunk of keys (k
-    holds ``chunk_len`` global keys from ``key_offset``) and of rows (q holds global rows from
-    ``row_offset`` of ``nq_total``):
-    the masks at global positions, the tiles counted within the chunk, and in place of the key
-    length the keys of the chunk that tile loads may read."""
-    BM, BN, ESIZE, SMEM_TYPE = block_m, block_n, element_bytes, smem_type
-    Q_START, K_START, V_START, Q_BITS, K_BITS, V_BITS = q_start, k_start, v_start, q_bits, k_bits, v_bits
-    WG_ROWS_BYTES = wg_rows_bytes
+def _block_origin(block_m: int, element_bytes: int, smem_type):
+    """``block_origin(q, key_lengths, causal, group)`` of every tensor-core kernel: the block's batch,
+    head, K/V head, query count, first row and key length, its dynamic shared buffer and that
+    buffer's address, and ``base``, the element index where the buffer's aligned part starts."""
+    BM, ESIZE, SMEM_TYPE = block_m, element_bytes, smem_type
 
     @cuda.jit(device=True, inline="always")
-    def block_place(q, key_lengths, causal, group):
-        tid = cuda.threadIdx.x
-        wg = tid // 128
-        t = tid % 128
-        g = (t % 32) // 4
-        tq = t % 4
+    def block_origin(q, key_lengths, causal, group):
         b = cuda.blockIdx.z
         h = cuda.blockIdx.y
         nq = q.shape[2]
@@ -331,11 +314,49 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
         smem = cuda.shared.array(0, SMEM_TYPE)
         addr0 = ptx.shared_address(smem, 0)
         base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        return b, h, kvh, nq, row0, nk_b, smem, addr0, base
+
+    return block_origin
+
+
+@cache
+def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q_start: int, k_start: int,
+                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int, resume: bool = False,
+                    g_last: bool = False):
+    """`block_start` of a wgmma kernel of four-byte (tf32), two-byte (half) or one-byte (fp8) operands: BM
+    rows a block in warpgroups of 64, BN keys a tile, Q/K/V operand descriptors starting at byte offsets
+    ``q_start``, ``k_start``, ``v_start`` of the aligned shared buffer (with their descriptor bits),
+    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further.
+
+    ``g_last`` (the tf32 kernel): the lane's row g within its 8 is computed last, inside r0, the
+    instruction order that kernel was compiled and measured with (its PTX, byte for byte); the
+    others compute it first. The rows are the same either way.
+
+    ``resume``: the block start of the resume entry instead, ``block_start(q, key_lengths, causal,
+    group, row_offset, nq_total, key_offset, chunk_len)``, for a launch over one chunk of keys (k
+    holds ``chunk_len`` global keys from ``key_offset``) and of rows (q holds global rows from
+    ``row_offset`` of ``nq_total``):
+    the masks at global positions, the tiles counted within the chunk, and in place of the key
+    length the keys of the chunk that tile loads may read."""
+    BM, BN, ESIZE = block_m, block_n, element_bytes
+    Q_START, K_START, V_START, Q_BITS, K_BITS, V_BITS = q_start, k_start, v_start, q_bits, k_bits, v_bits
+    WG_ROWS_BYTES = wg_rows_bytes
+    G_LAST = g_last
+    block_origin = _block_origin(block_m, element_bytes, smem_type)
+
+    @cuda.jit(device=True, inline="always")
+    def block_place(q, key_lengths, causal, group):
+        tid = cuda.threadIdx.x
+        wg = tid // 128
+        t = tid % 128
+        g = (t % 32) // 4
+        tq = t % 4
+        b, h, kvh, nq, row0, nk_b, smem, addr0, base = block_origin(q, key_lengths, causal, group)
         aligned = addr0 + base * ESIZE
         q_desc = ptx.smem_descriptor(aligned + Q_START + wg * WG_ROWS_BYTES, Q_BITS)
         k_desc = ptx.smem_descriptor(aligned + K_START, K_BITS)
         v_desc = ptx.smem_descriptor(aligned + V_START, V_BITS)
-        r0 = row0 + 64 * wg + 16 * (t // 32) + g  # this thread's two rows: r0 and r0 + 8
+        r0 = row0 + 64 * wg + 16 * (t // 32) + ((t % 32) // 4 if G_LAST else g)  # this thread's two rows: r0 and r0 + 8
         return tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0
 
     @cuda.jit(device=True, inline="always")
@@ -807,7 +828,7 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
     Q_IN_REGISTERS = DP <= 128
     NS, NO, NQ, NP = BN // 2, DVP // 2, DP // 4 if Q_IN_REGISTERS else 4, BN // 4
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
-    SMEM_TYPE = from_dtype(np.dtype(np.uint16))
+    block_origin = _block_origin(BM, ESIZE, from_dtype(np.dtype(np.uint16)))
     mma = ptx.mma_sync(kind)
     ldmatrix, ldmatrix_trans = ptx.ldmatrix_x4(False), ptx.ldmatrix_x4(True)
     wait_copies_all = ptx.cp_async_wait(0)
@@ -835,17 +856,7 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
         # ldmatrix.x4: this lane addresses row `mrow` of 8 x 8 matrix `mat` (its register `mat`)
         mat = lane // 8
         mrow = lane % 8
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        nq = q.shape[2]
-        # causal: the heaviest row blocks (most keys) start first, so the last wave is short
-        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
-        row0 = block * BM
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, SMEM_TYPE)
-        addr0 = ptx.shared_address(smem, 0)
-        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        b, h, kvh, nq, row0, nk_b, smem, _, base = block_origin(q, key_lengths, causal, group)
 
         warp_row0 = row0 + 16 * w
         r0 = warp_row0 + g  # this thread's two rows: r0 and r0 + 8
@@ -979,13 +990,12 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     V_DELTAS = tuple(np.uint64((vt_hi.k_major_start(0, s * K_STEP) - vt_hi.offset) >> 4) for s in range(PV_STEPS))
     V_CHUNK2 = np.uint64((vt_hi.k_major_start(N_O1, 0) - vt_hi.offset) >> 4)  # rows (head dims) N_O1 on
     Q_LO_UNITS, K_LO_UNITS, V_LO_UNITS = (np.uint64(x * ESIZE >> 4) for x in (Q_LO, K_LO, V_LO))
-    Q_BITS, K_BITS, V_BITS = q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits()
-    WG_ROWS_BYTES = 64 * q_hi.width
-    Q_OFFSET, K_OFFSET, V_OFFSET = q_hi.offset, k_hi.offset, vt_hi.offset
     NS, NO, NP = BN // 2, DVP // 2, BN // 2
     QCPR, KCPR = q_hi.chunks_per_row, k_hi.chunks_per_row
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
-    SMEM_TYPE = from_dtype(np.dtype(np.float32))
+    block_start = block_functions(BM, BN, ESIZE, from_dtype(np.dtype(np.float32)), q_hi.offset, k_hi.offset,
+                                  vt_hi.offset, q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits(),
+                                  64 * q_hi.width, g_last=True)
 
     @cuda.jit(device=True, inline="always")
     def store_split(smem, idx, x, lo_delta):
@@ -1045,31 +1055,8 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
 
     @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
     def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
-        tid = cuda.threadIdx.x
-        wg = tid // 128
-        t = tid % 128
-        tq = t % 4
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        nq = q.shape[2]
-        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
-        row0 = block * BM
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, SMEM_TYPE)
-        addr0 = ptx.shared_address(smem, 0)
-        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
-        aligned = addr0 + base * ESIZE
-        q_desc = ptx.smem_descriptor(aligned + Q_OFFSET + wg * WG_ROWS_BYTES, Q_BITS)
-        k_desc = ptx.smem_descriptor(aligned + K_OFFSET, K_BITS)
-        v_desc = ptx.smem_descriptor(aligned + V_OFFSET, V_BITS)
-
-        r0 = row0 + 64 * wg + 16 * (t // 32) + (t % 32) // 4
-        kv_end0 = visible_keys(r0, nq, nk_b, causal)
-        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
-        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)
-        block_kv_min = visible_keys(row0, nq, nk_b, causal)
-        n_tiles = (block_kv_end + BN - 1) // BN
+        (tid, _wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
+         block_kv_min, n_tiles) = block_start(q, key_lengths, causal, group)
 
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
