@@ -155,10 +155,13 @@ FUSED_EXPONENT_LIMIT = float(2**24)
 
 
 @cache
-def _row_functions(block_n: int):
-    """The online softmax of both kernels over one
-    tile of accumulator-layout scores (the thread's rows r0 = 16w + g and r0 + 8)."""
+def _row_functions(block_n: int, value_width: int):
+    """The online softmax of every kernel over one tile of accumulator-layout scores (the thread's rows
+    r0 = 16w + g and r0 + 8), and the rows' state it updates: the running max (m0, m1), this thread's
+    share of the row sums (l0, l1, quad-reduced at the end) and ``acc_o``, its columns of O (of
+    ``value_width``) in the accumulator layout."""
     NS = block_n // 2
+    NO = value_width // 2
     FUSED_LIMIT = np.float32(FUSED_EXPONENT_LIMIT)
 
     @cuda.jit(device=True, inline="always")
@@ -209,7 +212,27 @@ def _row_functions(block_n: int):
         ps1 = row_exp(acc_s, 2, mu1, qk_scale_log2)
         return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
 
-    return softmax
+    @cuda.jit(device=True, inline="always")
+    def online_update(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2):
+        """`softmax`, its row sums added to the rescaled l. Returns (m0, m1, l0, l1, alpha0, alpha1):
+        acc_o is the caller's to `rescale`, once no product writes it."""
+        m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid,
+                                                   qk_scale_log2)
+        return m0, m1, l0 * alpha0 + ps0, l1 * alpha1 + ps1, alpha0, alpha1
+
+    @cuda.jit(device=True, inline="always")
+    def rescale(acc_o, alpha0, alpha1):
+        for i in range(NO):
+            acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+
+    @cuda.jit(device=True, inline="always")
+    def empty_rows(acc_o):
+        """Zeroes acc_o; returns (m0, m1, l0, l1) of rows that have seen no key."""
+        for i in range(NO):
+            acc_o[i] = F32_ZERO
+        return NEG_INF, NEG_INF, F32_ZERO, F32_ZERO
+
+    return softmax, online_update, rescale, empty_rows
 
 
 @cuda.jit(device=True, inline="always")
@@ -520,7 +543,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
     MAX_REGISTERS = min(255, 65536 // (THREADS * config.blocks_per_sm) // 8 * 8)
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
-    softmax = _row_functions(BN)
+    softmax, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     block_start = block_functions(BM, BN, ESIZE, SMEM_TYPE, Q_STARTS[0], K_STARTS[0], V_STARTS[0], Q_BITS, K_BITS,
                                   V_BITS, WG_ROWS_BYTES, resume)
     RESUME = resume
@@ -564,8 +587,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         carried state rescaled as every later tile rescales it (a fresh state gives the same bits:
         alpha = 2^-inf = 0, l = 0·0 + ps and acc = 0·0)."""
         if RESUME:
-            for i in range(NO):
-                acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+            rescale(acc_o, alpha0, alpha1)
             return l0 * alpha0 + ps0, l1 * alpha1 + ps1
         return ps0, ps1
 
@@ -605,12 +627,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
         if RESUME and not first:
             m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
@@ -655,14 +672,11 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                 else:
                     wait_mma_all()
                 tile_start = key_offset + (j + 1) * BN
-                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
-                                                           kv_end1, m0, m1, tq, tid, qk_scale_log2)
-                l0 = l0 * alpha0 + ps0
-                l1 = l1 * alpha1 + ps1
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
             wait_mma_all()  # O += P_j V_j is done: acc_o and p_regs are free
             if more:
-                for i in range(NO):
-                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                rescale(acc_o, alpha0, alpha1)
                 pack_p(acc_s, p_regs)
 
         finish(o, lse, acc_state, l_state, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1, last)
@@ -700,12 +714,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
         if RESUME and not first:
             m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
@@ -763,12 +772,10 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                 ptx.mbarrier_arrive(smem, empty0 + (j % STAGES) * BAR_STRIDE)
                 if more:
                     tile_start = key_offset + (j + 1) * BN
-                    m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min,
-                                                               kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2)
-                    l0 = l0 * alpha0 + ps0
-                    l1 = l1 * alpha1 + ps1
-                    for i in range(NO):
-                        acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                    m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                                   kv_end0, kv_end1, m0, m1, l0, l1, tq, tid,
+                                                                   qk_scale_log2)
+                    rescale(acc_o, alpha0, alpha1)
                     pack_p(acc_s, p_regs)
             if wg == 0:
                 ptx.named_barrier_sync(TURN, THREADS)  # warpgroup 1's arrival after its last turn
@@ -832,7 +839,7 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
     mma = ptx.mma_sync(kind)
     ldmatrix, ldmatrix_trans = ptx.ldmatrix_x4(False), ptx.ldmatrix_x4(True)
     wait_copies_all = ptx.cp_async_wait(0)
-    softmax = _row_functions(BN)
+    _, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     pack_p, store_rows = _half_fragments(kind, BN, DVP)
 
     @cuda.jit(device=True, inline="always")
@@ -873,12 +880,7 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
         q_regs = cuda.local.array(NQ, np.uint32)
         p_regs = cuda.local.array(NP, np.uint32)
         b_regs = cuda.local.array(4, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
 
         if n_tiles > 0:
             load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
@@ -910,12 +912,9 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
                         mma(acc_s, 8 * n, q_regs, q_at, b_regs, 0)
                         mma(acc_s, 8 * n + 4, q_regs, q_at, b_regs, 2)
                 tile_start = j * BN
-                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > warp_kv_min, kv_end0,
-                                                           kv_end1, m0, m1, tq, tid, qk_scale_log2)
-                l0 = l0 * alpha0 + ps0
-                l1 = l1 * alpha1 + ps1
-                for i in range(NO):
-                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > warp_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
+                rescale(acc_o, alpha0, alpha1)
                 pack_p(acc_s, p_regs)
                 # O += P V_j, keys 16 s ...: V is stored keys x dv, so ldmatrix.trans; matrix `mat` is
                 # keys 8 (mat & 1), columns 16 n + 8 (mat >> 1)
@@ -970,7 +969,7 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
     k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
     vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
-    softmax = _row_functions(BN)
+    _, online_update, rescale, empty_rows = _row_functions(BN, DVP)
 
     @cuda.jit(device=True, inline="always")
     def store_pair(o, b, h, row, col, x, y):
@@ -1062,12 +1061,7 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
         acc_o = cuda.local.array(NO, np.float32)
         p_hi = cuda.local.array(NP, np.float32)
         p_lo = cuda.local.array(NP, np.float32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
 
         load_q(smem, base, q, b, h, row0, nq, tid)
         for j in range(n_tiles):
@@ -1090,12 +1084,9 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
             wait_mma_all()
 
             tile_start = j * BN
-            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
-                                                       kv_end1, m0, m1, tq, tid, qk_scale_log2)
-            l0 = l0 * alpha0 + ps0
-            l1 = l1 * alpha1 + ps1
-            for i in range(NO):
-                acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+            m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
+                                                           kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
+            rescale(acc_o, alpha0, alpha1)
             split_p(acc_s, p_hi, p_lo)
 
             ptx.wgmma_fence()  # acc_o and the P fragments were written by ordinary instructions
