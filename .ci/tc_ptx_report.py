@@ -2,22 +2,28 @@
 ``ptxas -v`` (the CUDA toolkit's, on PATH). The numbers the README and the commits quote for the
 resume entry, the two-blocks-an-SM cap and the FFMA resume kernel's strided arrays come from it.
 
-1. sha256 of each one-launch kernel's PTX with its symbol names masked (f16/bf16 at their default
-   tiles, fp8, tf32): run it on two trees to see whether a change altered a kernel's code.
-   On this tree and on the one before the resume entry (a3cdb1a, where block_functions had no
-   ``resume``) every hash agrees (2026-11-28, numba-cuda 0.30.4, ptxas of the CUDA 13 toolkit).
+1. sha256 of each kernel's PTX with its symbol names masked: run it on two trees to see whether a
+   change altered a kernel's code. The one-launch kernels (f16/bf16 at their default tiles, fp8,
+   tf32) come first: on this tree and on the one before the resume entry (a3cdb1a, where
+   block_functions had no ``resume``) every one of them agrees (2026-11-28, numba-cuda 0.30.4,
+   ptxas of the CUDA 13 toolkit). Then what those lines leave out: the plain schedule with
+   ``overlap``, fp8 with float16 output, the resume entries (part 2's PTX) and the mma.sync
+   kernels (for sm_80, the GPUs that run them).
 2. Registers and spills of the half kernels' resume entry (`tc_attention_fold`).
 3. Registers and spills of the ping-pong kernel at the caps `TileConfig.blocks_per_sm` sets.
 4. Registers and spills of the FFMA resume kernel (float32, d = 64, its 128-register cap) with
    contiguous ("C") against strided ("A") q, O, lse and l arrays.
 
-    python3 .ci/tc_ptx_report.py        # about 5 minutes on 2 cores
+    python3 .ci/tc_ptx_report.py        # all four parts, about 7 minutes (one core)
+    python3 .ci/tc_ptx_report.py 1      # the hashes alone, about 4 minutes (or any parts: 2 3)
 """
 import hashlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from functools import cache
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"  # compile_ptx needs the real target
 
@@ -25,7 +31,7 @@ import numpy as np
 from numba import cuda, types
 
 from nkattn.cuda_kernels.exact import exact_attention_kernel, tuned_register_cap
-from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention_kernel
+from nkattn.cuda_kernels.exact_tc import TileConfig, mma_sync_config, tc_attention_kernel
 from nkattn.cuda_kernels.fp8 import default_config as fp8_config
 from nkattn.cuda_kernels.fp8 import fp8_attention_kernel
 
@@ -43,6 +49,7 @@ FP8 = (arr(U8, 4), arr(U8, 4), arr(U8, 4), arr(F32, 3), arr(F32, 3), arr(F32, 3)
        types.boolean, types.int64)
 
 
+@cache
 def ptx_of(kernel, signature, cc=(9, 0, "a")):
     return cuda.compile_ptx(kernel.py_func, signature, cc=cc)[0]
 
@@ -64,34 +71,68 @@ def ptxas(ptx, cap, arch="sm_90a"):
 
 HALF = [("f16", 64, TileConfig(128, 128, pingpong=True)), ("f16", 128, TileConfig(128, 128, pingpong=True)),
         ("bf16", 128, TileConfig(128, 128)), ("bf16", 256, TileConfig(128, 32))]
-print("1. one-launch PTX, sha256 with symbols masked")
-for kind, d, config in HALF:
-    print(f"  {kind} d={d} {config}: {masked_hash(ptx_of(tc_attention_kernel(kind, d, d, config)[0], ONE_LAUNCH))}",
+
+
+def resume_ptx(kind, d, config):
+    return ptx_of(tc_attention_kernel(kind, d, d, config, resume=True)[0], RESUME)
+
+
+def part1():
+    print("1. PTX, sha256 with symbols masked; first the one-launch kernels")
+    for kind, d, config in HALF:
+        print(f"  {kind} d={d} {config}: {masked_hash(ptx_of(tc_attention_kernel(kind, d, d, config)[0], ONE_LAUNCH))}",
+              flush=True)
+    for d in (64, 128):
+        print(f"  fp8 d={d}: {masked_hash(ptx_of(fp8_attention_kernel(d, d, fp8_config())[0], FP8))}", flush=True)
+    for kind, d, dv in (("tf32x3", 64, 64), ("tf32", 96, 96), ("tf32x3", 128, 64)):
+        kernel = tc_attention_kernel(kind, d, dv, TileConfig(64, 64))[0]
+        print(f"  {kind} d={d} dv={dv}: {masked_hash(ptx_of(kernel, F32_ONE_LAUNCH))}", flush=True)
+    config = TileConfig(128, 128, overlap=True)
+    print(f"  f16 d=128 {config}: {masked_hash(ptx_of(tc_attention_kernel('f16', 128, 128, config)[0], ONE_LAUNCH))}",
           flush=True)
-for d in (64, 128):
-    print(f"  fp8 d={d}: {masked_hash(ptx_of(fp8_attention_kernel(d, d, fp8_config())[0], FP8))}", flush=True)
-for kind, d, dv in (("tf32x3", 64, 64), ("tf32", 96, 96), ("tf32x3", 128, 64)):
-    kernel = tc_attention_kernel(kind, d, dv, TileConfig(64, 64))[0]
-    print(f"  {kind} d={d} dv={dv}: {masked_hash(ptx_of(kernel, F32_ONE_LAUNCH))}", flush=True)
-
-print("2. the resume entry, at the one-launch kernel's cap (255)")
-for kind, d, config in HALF:
-    print(f"  {kind} d={d} {config}: {ptxas(ptx_of(tc_attention_kernel(kind, d, d, config, resume=True)[0], RESUME), 255)}",
+    print(f"  fp8 d=128 out f16: {masked_hash(ptx_of(fp8_attention_kernel(128, 128, fp8_config(), 'f16')[0], FP8))}",
           flush=True)
+    for kind, d, config in HALF:
+        print(f"  resume {kind} d={d} {config}: {masked_hash(resume_ptx(kind, d, config))}", flush=True)
+    for kind, d in (("f16", 64), ("f16", 128), ("bf16", 256)):
+        config = mma_sync_config(d, d)
+        kernel = tc_attention_kernel(kind, d, d, config)[0]
+        print(f"  sm_80 {kind} d={d} {config}: {masked_hash(ptx_of(kernel, ONE_LAUNCH, cc=(8, 0)))}", flush=True)
 
-print("3. the ping-pong kernel at the caps of blocks_per_sm (65536 registers / (256 threads x blocks))")
-for d, config in ((64, TileConfig(128, 64, pingpong=True)), (128, TileConfig(128, 64, pingpong=True)),
-                  (128, TileConfig(128, 32, pingpong=True))):
-    ptx = ptx_of(tc_attention_kernel("f16", d, d, config)[0], ONE_LAUNCH)
-    for blocks in (1, 2):
-        cap = min(255, 65536 // (256 * blocks) // 8 * 8)
-        print(f"  f16 d={d} {config} blocks_per_sm={blocks} (cap {cap}): {ptxas(ptx, cap)}", flush=True)
 
-print("4. the FFMA resume kernel, float32 d = 64, contiguous (C) or strided (A) q, O, lse, l")
-kernel, _ = exact_attention_kernel(np.dtype(np.float32), 64, resume=True)
-for layout in ("C", "A"):
-    signature = (arr(F32, 4, layout), arr(F32, 4, "C"), arr(F32, 4, "C"), LENGTHS, arr(F32, 4, layout),
-                 arr(F32, 3, layout), arr(F32, 3, layout), F32, types.boolean, types.int64, types.int64, types.int64,
-                 types.int64, types.boolean, types.boolean)
-    cap = tuned_register_cap(np.float32, 64)
-    print(f"  {layout}: {ptxas(ptx_of(kernel, signature, cc=(9, 0)), cap, arch='sm_90')} (cap {cap})", flush=True)
+def part2():
+    print("2. the resume entry, at the one-launch kernel's cap (255)")
+    for kind, d, config in HALF:
+        print(f"  {kind} d={d} {config}: {ptxas(resume_ptx(kind, d, config), 255)}", flush=True)
+
+
+def part3():
+    print("3. the ping-pong kernel at the caps of blocks_per_sm (65536 registers / (256 threads x blocks))")
+    for d, config in ((64, TileConfig(128, 64, pingpong=True)), (128, TileConfig(128, 64, pingpong=True)),
+                      (128, TileConfig(128, 32, pingpong=True))):
+        ptx = ptx_of(tc_attention_kernel("f16", d, d, config)[0], ONE_LAUNCH)
+        for blocks in (1, 2):
+            cap = min(255, 65536 // (256 * blocks) // 8 * 8)
+            print(f"  f16 d={d} {config} blocks_per_sm={blocks} (cap {cap}): {ptxas(ptx, cap)}", flush=True)
+
+
+def part4():
+    print("4. the FFMA resume kernel, float32 d = 64, contiguous (C) or strided (A) q, O, lse, l")
+    kernel, _ = exact_attention_kernel(np.dtype(np.float32), 64, resume=True)
+    for layout in ("C", "A"):
+        signature = (arr(F32, 4, layout), arr(F32, 4, "C"), arr(F32, 4, "C"), LENGTHS, arr(F32, 4, layout),
+                     arr(F32, 3, layout), arr(F32, 3, layout), F32, types.boolean, types.int64, types.int64, types.int64,
+                     types.int64, types.boolean, types.boolean)
+        cap = tuned_register_cap(np.float32, 64)
+        print(f"  {layout}: {ptxas(ptx_of(kernel, signature, cc=(9, 0)), cap, arch='sm_90')} (cap {cap})", flush=True)
+
+
+PARTS = {"1": part1, "2": part2, "3": part3, "4": part4}
+
+if __name__ == "__main__":
+    chosen = sys.argv[1:] or list(PARTS)
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        sys.exit(f"usage: {sys.argv[0]} [PART ...], parts {' '.join(PARTS)}; got {' '.join(unknown)}")
+    for part in chosen:
+        PARTS[part]()

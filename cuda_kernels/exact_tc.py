@@ -155,10 +155,13 @@ FUSED_EXPONENT_LIMIT = float(2**24)
 
 
 @cache
-def _row_functions(block_n: int):
-    """The online softmax of both kernels over one
-    tile of accumulator-layout scores (the thread's rows r0 = 16w + g and r0 + 8)."""
+def _row_functions(block_n: int, value_width: int):
+    """The online softmax of every kernel over one tile of accumulator-layout scores (the thread's rows
+    r0 = 16w + g and r0 + 8), and the rows' state it updates: the running max (m0, m1), this thread's
+    share of the row sums (l0, l1, quad-reduced at the end) and ``acc_o``, its columns of O (of
+    ``value_width``) in the accumulator layout."""
     NS = block_n // 2
+    NO = value_width // 2
     FUSED_LIMIT = np.float32(FUSED_EXPONENT_LIMIT)
 
     @cuda.jit(device=True, inline="always")
@@ -209,7 +212,27 @@ def _row_functions(block_n: int):
         ps1 = row_exp(acc_s, 2, mu1, qk_scale_log2)
         return mn0, mn1, ptx.ex2(m0 - mu0), ptx.ex2(m1 - mu1), ps0, ps1
 
-    return softmax
+    @cuda.jit(device=True, inline="always")
+    def online_update(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2):
+        """`softmax`, its row sums added to the rescaled l. Returns (m0, m1, l0, l1, alpha0, alpha1):
+        acc_o is the caller's to `rescale`, once no product writes it."""
+        m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, masked, kv_end0, kv_end1, m0, m1, tq, tid,
+                                                   qk_scale_log2)
+        return m0, m1, l0 * alpha0 + ps0, l1 * alpha1 + ps1, alpha0, alpha1
+
+    @cuda.jit(device=True, inline="always")
+    def rescale(acc_o, alpha0, alpha1):
+        for i in range(NO):
+            acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+
+    @cuda.jit(device=True, inline="always")
+    def empty_rows(acc_o):
+        """Zeroes acc_o; returns (m0, m1, l0, l1) of rows that have seen no key."""
+        for i in range(NO):
+            acc_o[i] = F32_ZERO
+        return NEG_INF, NEG_INF, F32_ZERO, F32_ZERO
+
+    return softmax, online_update, rescale, empty_rows
 
 
 @cuda.jit(device=True, inline="always")
@@ -295,31 +318,14 @@ def _state_functions(value_width: int):
     return load_state, store_state
 
 
-@cache
-def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q_start: int, k_start: int,
-                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int, resume: bool = False):
-    """`block_start` of a tensor-core kernel of two-byte (half) or one-byte (fp8) operands: BM rows a
-    block in warpgroups of 64, BN keys a tile, Q/K/V operand descriptors starting at byte offsets
-    ``q_start``, ``k_start``, ``v_start`` of the aligned shared buffer (with their descriptor bits),
-    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further.
-
-    ``resume``: the block start of the resume entry instead, ``block_start(q, key_lengths, causal,
-    group, row_offset, nq_total, key_offset, chunk_len)``, for a launch over one chunk of keys (k
-    holds ``chunk_len`` global keys from ``key_offset``) and of rows (q holds global rows from
-    ``row_offset`` of ``nq_total``):
-    the masks at global positions, the tiles counted within the chunk, and in place of the key
-    length the keys of the chunk that tile loads may read."""
-    BM, BN, ESIZE, SMEM_TYPE = block_m, block_n, element_bytes, smem_type
-    Q_START, K_START, V_START, Q_BITS, K_BITS, V_BITS = q_start, k_start, v_start, q_bits, k_bits, v_bits
-    WG_ROWS_BYTES = wg_rows_bytes
+def _block_origin(block_m: int, element_bytes: int, smem_type):
+    """``block_origin(q, key_lengths, causal, group)`` of every tensor-core kernel: the block's batch,
+    head, K/V head, query count, first row and key length, its dynamic shared buffer and that
+    buffer's address, and ``base``, the element index where the buffer's aligned part starts."""
+    BM, ESIZE, SMEM_TYPE = block_m, element_bytes, smem_type
 
     @cuda.jit(device=True, inline="always")
-    def block_place(q, key_lengths, causal, group):
-        tid = cuda.threadIdx.x
-        wg = tid // 128
-        t = tid % 128
-        g = (t % 32) // 4
-        tq = t % 4
+    def block_origin(q, key_lengths, causal, group):
         b = cuda.blockIdx.z
         h = cuda.blockIdx.y
         nq = q.shape[2]
@@ -331,11 +337,49 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
         smem = cuda.shared.array(0, SMEM_TYPE)
         addr0 = ptx.shared_address(smem, 0)
         base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        return b, h, kvh, nq, row0, nk_b, smem, addr0, base
+
+    return block_origin
+
+
+@cache
+def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q_start: int, k_start: int,
+                    v_start: int, q_bits, k_bits, v_bits, wg_rows_bytes: int, resume: bool = False,
+                    g_last: bool = False):
+    """`block_start` of a wgmma kernel of four-byte (tf32), two-byte (half) or one-byte (fp8) operands: BM
+    rows a block in warpgroups of 64, BN keys a tile, Q/K/V operand descriptors starting at byte offsets
+    ``q_start``, ``k_start``, ``v_start`` of the aligned shared buffer (with their descriptor bits),
+    warpgroup wg's Q rows ``wg · wg_rows_bytes`` further.
+
+    ``g_last`` (the tf32 kernel): the lane's row g within its 8 is computed last, inside r0, the
+    instruction order that kernel was compiled and measured with (its PTX, byte for byte); the
+    others compute it first. The rows are the same either way.
+
+    ``resume``: the block start of the resume entry instead, ``block_start(q, key_lengths, causal,
+    group, row_offset, nq_total, key_offset, chunk_len)``, for a launch over one chunk of keys (k
+    holds ``chunk_len`` global keys from ``key_offset``) and of rows (q holds global rows from
+    ``row_offset`` of ``nq_total``):
+    the masks at global positions, the tiles counted within the chunk, and in place of the key
+    length the keys of the chunk that tile loads may read."""
+    BM, BN, ESIZE = block_m, block_n, element_bytes
+    Q_START, K_START, V_START, Q_BITS, K_BITS, V_BITS = q_start, k_start, v_start, q_bits, k_bits, v_bits
+    WG_ROWS_BYTES = wg_rows_bytes
+    G_LAST = g_last
+    block_origin = _block_origin(block_m, element_bytes, smem_type)
+
+    @cuda.jit(device=True, inline="always")
+    def block_place(q, key_lengths, causal, group):
+        tid = cuda.threadIdx.x
+        wg = tid // 128
+        t = tid % 128
+        g = (t % 32) // 4
+        tq = t % 4
+        b, h, kvh, nq, row0, nk_b, smem, addr0, base = block_origin(q, key_lengths, causal, group)
         aligned = addr0 + base * ESIZE
         q_desc = ptx.smem_descriptor(aligned + Q_START + wg * WG_ROWS_BYTES, Q_BITS)
         k_desc = ptx.smem_descriptor(aligned + K_START, K_BITS)
         v_desc = ptx.smem_descriptor(aligned + V_START, V_BITS)
-        r0 = row0 + 64 * wg + 16 * (t // 32) + g  # this thread's two rows: r0 and r0 + 8
+        r0 = row0 + 64 * wg + 16 * (t // 32) + ((t % 32) // 4 if G_LAST else g)  # this thread's two rows: r0 and r0 + 8
         return tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0
 
     @cuda.jit(device=True, inline="always")
@@ -499,7 +543,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
     MAX_REGISTERS = min(255, 65536 // (THREADS * config.blocks_per_sm) // 8 * 8)
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
-    softmax = _row_functions(BN)
+    softmax, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     block_start = block_functions(BM, BN, ESIZE, SMEM_TYPE, Q_STARTS[0], K_STARTS[0], V_STARTS[0], Q_BITS, K_BITS,
                                   V_BITS, WG_ROWS_BYTES, resume)
     RESUME = resume
@@ -543,8 +587,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         carried state rescaled as every later tile rescales it (a fresh state gives the same bits:
         alpha = 2^-inf = 0, l = 0·0 + ps and acc = 0·0)."""
         if RESUME:
-            for i in range(NO):
-                acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+            rescale(acc_o, alpha0, alpha1)
             return l0 * alpha0 + ps0, l1 * alpha1 + ps1
         return ps0, ps1
 
@@ -584,12 +627,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
         if RESUME and not first:
             m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
@@ -634,14 +672,11 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                 else:
                     wait_mma_all()
                 tile_start = key_offset + (j + 1) * BN
-                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
-                                                           kv_end1, m0, m1, tq, tid, qk_scale_log2)
-                l0 = l0 * alpha0 + ps0
-                l1 = l1 * alpha1 + ps1
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
             wait_mma_all()  # O += P_j V_j is done: acc_o and p_regs are free
             if more:
-                for i in range(NO):
-                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                rescale(acc_o, alpha0, alpha1)
                 pack_p(acc_s, p_regs)
 
         finish(o, lse, acc_state, l_state, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1, last)
@@ -679,12 +714,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
         if RESUME and not first:
             m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
@@ -742,12 +772,10 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                 ptx.mbarrier_arrive(smem, empty0 + (j % STAGES) * BAR_STRIDE)
                 if more:
                     tile_start = key_offset + (j + 1) * BN
-                    m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min,
-                                                               kv_end0, kv_end1, m0, m1, tq, tid, qk_scale_log2)
-                    l0 = l0 * alpha0 + ps0
-                    l1 = l1 * alpha1 + ps1
-                    for i in range(NO):
-                        acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                    m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                                   kv_end0, kv_end1, m0, m1, l0, l1, tq, tid,
+                                                                   qk_scale_log2)
+                    rescale(acc_o, alpha0, alpha1)
                     pack_p(acc_s, p_regs)
             if wg == 0:
                 ptx.named_barrier_sync(TURN, THREADS)  # warpgroup 1's arrival after its last turn
@@ -807,11 +835,11 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
     Q_IN_REGISTERS = DP <= 128
     NS, NO, NQ, NP = BN // 2, DVP // 2, DP // 4 if Q_IN_REGISTERS else 4, BN // 4
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
-    SMEM_TYPE = from_dtype(np.dtype(np.uint16))
+    block_origin = _block_origin(BM, ESIZE, from_dtype(np.dtype(np.uint16)))
     mma = ptx.mma_sync(kind)
     ldmatrix, ldmatrix_trans = ptx.ldmatrix_x4(False), ptx.ldmatrix_x4(True)
     wait_copies_all = ptx.cp_async_wait(0)
-    softmax = _row_functions(BN)
+    _, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     pack_p, store_rows = _half_fragments(kind, BN, DVP)
 
     @cuda.jit(device=True, inline="always")
@@ -835,17 +863,7 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
         # ldmatrix.x4: this lane addresses row `mrow` of 8 x 8 matrix `mat` (its register `mat`)
         mat = lane // 8
         mrow = lane % 8
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        nq = q.shape[2]
-        # causal: the heaviest row blocks (most keys) start first, so the last wave is short
-        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
-        row0 = block * BM
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, SMEM_TYPE)
-        addr0 = ptx.shared_address(smem, 0)
-        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
+        b, h, kvh, nq, row0, nk_b, smem, _, base = block_origin(q, key_lengths, causal, group)
 
         warp_row0 = row0 + 16 * w
         r0 = warp_row0 + g  # this thread's two rows: r0 and r0 + 8
@@ -862,12 +880,7 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
         q_regs = cuda.local.array(NQ, np.uint32)
         p_regs = cuda.local.array(NP, np.uint32)
         b_regs = cuda.local.array(4, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
 
         if n_tiles > 0:
             load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
@@ -899,12 +912,9 @@ def _mma_sync_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfi
                         mma(acc_s, 8 * n, q_regs, q_at, b_regs, 0)
                         mma(acc_s, 8 * n + 4, q_regs, q_at, b_regs, 2)
                 tile_start = j * BN
-                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > warp_kv_min, kv_end0,
-                                                           kv_end1, m0, m1, tq, tid, qk_scale_log2)
-                l0 = l0 * alpha0 + ps0
-                l1 = l1 * alpha1 + ps1
-                for i in range(NO):
-                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > warp_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
+                rescale(acc_o, alpha0, alpha1)
                 pack_p(acc_s, p_regs)
                 # O += P V_j, keys 16 s ...: V is stored keys x dv, so ldmatrix.trans; matrix `mat` is
                 # keys 8 (mat & 1), columns 16 n + 8 (mat >> 1)
@@ -959,7 +969,7 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
     k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
     vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
-    softmax = _row_functions(BN)
+    _, online_update, rescale, empty_rows = _row_functions(BN, DVP)
 
     @cuda.jit(device=True, inline="always")
     def store_pair(o, b, h, row, col, x, y):
@@ -979,13 +989,12 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     V_DELTAS = tuple(np.uint64((vt_hi.k_major_start(0, s * K_STEP) - vt_hi.offset) >> 4) for s in range(PV_STEPS))
     V_CHUNK2 = np.uint64((vt_hi.k_major_start(N_O1, 0) - vt_hi.offset) >> 4)  # rows (head dims) N_O1 on
     Q_LO_UNITS, K_LO_UNITS, V_LO_UNITS = (np.uint64(x * ESIZE >> 4) for x in (Q_LO, K_LO, V_LO))
-    Q_BITS, K_BITS, V_BITS = q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits()
-    WG_ROWS_BYTES = 64 * q_hi.width
-    Q_OFFSET, K_OFFSET, V_OFFSET = q_hi.offset, k_hi.offset, vt_hi.offset
     NS, NO, NP = BN // 2, DVP // 2, BN // 2
     QCPR, KCPR = q_hi.chunks_per_row, k_hi.chunks_per_row
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
-    SMEM_TYPE = from_dtype(np.dtype(np.float32))
+    block_start = block_functions(BM, BN, ESIZE, from_dtype(np.dtype(np.float32)), q_hi.offset, k_hi.offset,
+                                  vt_hi.offset, q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits(),
+                                  64 * q_hi.width, g_last=True)
 
     @cuda.jit(device=True, inline="always")
     def store_split(smem, idx, x, lo_delta):
@@ -1045,42 +1054,14 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
 
     @cuda.jit(**({} if SIMULATOR else {"max_registers": MAX_REGISTERS}))
     def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
-        tid = cuda.threadIdx.x
-        wg = tid // 128
-        t = tid % 128
-        tq = t % 4
-        b = cuda.blockIdx.z
-        h = cuda.blockIdx.y
-        nq = q.shape[2]
-        block = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
-        row0 = block * BM
-        kvh = h // group
-        nk_b = key_lengths[b]
-        smem = cuda.shared.array(0, SMEM_TYPE)
-        addr0 = ptx.shared_address(smem, 0)
-        base = uint32(((TILE_ALIGN - addr0 % TILE_ALIGN) % TILE_ALIGN) // ESIZE)
-        aligned = addr0 + base * ESIZE
-        q_desc = ptx.smem_descriptor(aligned + Q_OFFSET + wg * WG_ROWS_BYTES, Q_BITS)
-        k_desc = ptx.smem_descriptor(aligned + K_OFFSET, K_BITS)
-        v_desc = ptx.smem_descriptor(aligned + V_OFFSET, V_BITS)
-
-        r0 = row0 + 64 * wg + 16 * (t // 32) + (t % 32) // 4
-        kv_end0 = visible_keys(r0, nq, nk_b, causal)
-        kv_end1 = visible_keys(r0 + 8, nq, nk_b, causal)
-        block_kv_end = visible_keys(min(row0 + BM, nq) - 1, nq, nk_b, causal)
-        block_kv_min = visible_keys(row0, nq, nk_b, causal)
-        n_tiles = (block_kv_end + BN - 1) // BN
+        (tid, _wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
+         block_kv_min, n_tiles) = block_start(q, key_lengths, causal, group)
 
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_hi = cuda.local.array(NP, np.float32)
         p_lo = cuda.local.array(NP, np.float32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
 
         load_q(smem, base, q, b, h, row0, nq, tid)
         for j in range(n_tiles):
@@ -1103,12 +1084,9 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
             wait_mma_all()
 
             tile_start = j * BN
-            m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
-                                                       kv_end1, m0, m1, tq, tid, qk_scale_log2)
-            l0 = l0 * alpha0 + ps0
-            l1 = l1 * alpha1 + ps1
-            for i in range(NO):
-                acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+            m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
+                                                           kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
+            rescale(acc_o, alpha0, alpha1)
             split_p(acc_s, p_hi, p_lo)
 
             ptx.wgmma_fence()  # acc_o and the P fragments were written by ordinary instructions

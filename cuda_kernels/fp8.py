@@ -47,7 +47,6 @@ from nkattn.cuda_kernels.exact_tc import (
     F32_ONE,
     F32_ZERO,
     LOG2E,
-    NEG_INF,
     TileConfig,
     _row_functions,
     _row_store,
@@ -246,7 +245,7 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
     V_DELTAS = tuple(np.uint64((v_tile.k_major_start(0, s * K_STEP) - v_tile.offset) >> 4) for s in range(PV_STEPS))
     NS, NO, NP = BN // 2, DVP // 2, BN // 8
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
-    softmax = _row_functions(BN)
+    softmax, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     block_start = block_functions(BM, BN, 1, from_dtype(np.dtype(np.uint8)), q_tile.offset, k_tile.offset,
                                   v_tile.offset, q_tile.k_major_bits(), k_tile.k_major_bits(), v_tile.k_major_bits(),
                                   64 * q_tile.width)
@@ -302,12 +301,7 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
         acc_pv = cuda.local.array(NO, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
 
         # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
         load_q(smem, base, q8, b, h, row0, nq, DP, tid)
@@ -348,18 +342,15 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
             wait_mma_all()
             if more:
                 tile_start = (j + 1) * BN
-                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
-                                                           kv_end1, m0, m1, tq, tid,
-                                                           tile_scale(qk_scale_log2, s_q, k_scale, b, kvh, j + 1))
-                l0 = l0 * alpha0 + ps0
-                l1 = l1 * alpha1 + ps1
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid,
+                                                               tile_scale(qk_scale_log2, s_q, k_scale, b, kvh, j + 1))
             # O += the tile's product times V_j's scale, then the rescale of tile j + 1 (emulate's order)
             s_v = v_scale[b, kvh, j]
             for i in range(NO):
                 acc_o[i] += acc_pv[i] * s_v
             if more:
-                for i in range(NO):
-                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                rescale(acc_o, alpha0, alpha1)
                 pack_p(acc_s, p_regs)
 
         store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
