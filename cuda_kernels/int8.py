@@ -249,7 +249,7 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
     FIRST_HALF = NS // 2  # accumulator registers of keys 0-63 of the tile: chunks 0-7
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
-    softmax = _row_functions(BN)
+    softmax, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     pack_p, store_rows = _half_fragments("f16", BN, DVP)
     block_start = block_functions(BM, BN, 1, from_dtype(np.dtype(np.uint8)), q_tile.offset, k_tile.offset,
                                   v_tile.offset, q_tile.k_major_bits(), k_tile.k_major_bits(), v_tile.mn_major_bits(),
@@ -291,12 +291,7 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
         acc_t = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        for i in range(NO):
-            acc_o[i] = F32_ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = F32_ZERO  # this thread's share of the row sums (quad-reduced at the end)
-        l1 = F32_ZERO
+        m0, m1, l0, l1 = empty_rows(acc_o)
 
         # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
         load_q(smem, base, q8, b, h, row0, nq, DP, tid)
@@ -339,12 +334,9 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
             if more:
                 tile_start = (j + 1) * BN
                 scaled_scores(acc_s, acc_t, s_q, k_scale, b, kvh, j + 1)
-                m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_t, tile_start, tile_start + BN > block_kv_min, kv_end0,
-                                                           kv_end1, m0, m1, tq, tid, F32_ONE)
-                l0 = l0 * alpha0 + ps0
-                l1 = l1 * alpha1 + ps1
-                for i in range(NO):
-                    acc_o[i] *= alpha0 if (i & 2) == 0 else alpha1
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_t, tile_start, tile_start + BN > block_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid, F32_ONE)
+                rescale(acc_o, alpha0, alpha1)
                 pack_p(acc_t, p_regs)
 
         store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
