@@ -48,6 +48,7 @@ NEG_INF = np.float32(-np.inf)
 F32_ZERO = np.float32(0.0)
 F32_ONE = np.float32(1.0)
 F32_LN2 = np.float32(LN2)
+STAGES = 3  # K/V ring slots of the wgmma kernels: tile j + 2 loads while tile j is computed
 
 
 @dataclass(frozen=True)
@@ -413,6 +414,73 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
     return block_start_resume if resume else block_start
 
 
+def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_tile, issue_pv):
+    """The K/V ring of the wgmma kernels that stage Q once and tile j of K and V in slot j % `STAGES`
+    (the half kernels, the fp8 kernel), around their ``load_q`` (`tile_functions`), ``load_tile(smem,
+    base, k, v, b, kvh, j, nk_b, tid)`` and ``issue_pv(smem, acc_pv, p_regs, v_desc, j)``; a slot is
+    ``slot_units`` descriptor units (16 bytes) long, ``mma_s`` the S product, ``q_deltas`` and
+    ``k_deltas`` its operands' K steps in descriptor units.
+
+    ``issue_qk(smem, acc_s, q_desc, k_desc, j)``: S = Q K_jᵀ of this warpgroup's 64 rows, issued.
+    The plain schedule's hand-over by cp.async groups and block-wide barriers, which the ping-pong
+    schedule does by mbarriers instead:
+    ``ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q_cols, nk_b, tid, acc_s, q_desc, k_desc, n_tiles)``
+    loads Q and tiles 0 and 1 and, where the block has a tile, computes S_0;
+    ``ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, n_tiles)``,
+    iteration j, waits for tile j + 1, refills tile j - 1's slot with tile j + 2 and issues S_{j+1}
+    (returned: whether tile j + 1 exists) and P_j V_j, each its own commit group.
+    """
+    QK_STEPS, Q_DELTAS, K_DELTAS, SLOT_UNITS = len(q_deltas), q_deltas, k_deltas, slot_units
+    wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
+    wait_mma_all = ptx.wgmma_wait(0)
+
+    @cuda.jit(device=True, inline="always")
+    def issue_qk(smem, acc_s, q_desc, k_desc, j):
+        # asynchronous: commit, then wait before reading; a descriptor holds the address >> 4, so
+        # adding a byte offset >> 4 moves it
+        slot = uint64((j % STAGES) * SLOT_UNITS)
+        for s in range(QK_STEPS):
+            mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
+
+    @cuda.jit(device=True, inline="always")
+    def ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q_cols, nk_b, tid, acc_s, q_desc, k_desc, n_tiles):
+        # Q and tile 0 (one group), tile 1 (the next)
+        load_q(smem, base, q, b, h, row0, nq, q_cols, tid)
+        if n_tiles > 0:
+            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
+        ptx.cp_async_commit()
+        if n_tiles > 1:
+            load_tile(smem, base, k, v, b, kvh, 1, nk_b, tid)
+        ptx.cp_async_commit()
+        wait_copies_but_one()
+        ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
+        cuda.syncthreads()  # Q and tile 0 are in shared memory
+        if n_tiles > 0:
+            ptx.wgmma_fence()
+            issue_qk(smem, acc_s, q_desc, k_desc, 0)
+            ptx.wgmma_commit()
+            wait_mma_all()
+
+    @cuda.jit(device=True, inline="always")
+    def ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, n_tiles):
+        wait_copies_all()
+        ptx.fence_proxy_async()
+        cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
+        if j + 2 < n_tiles:
+            load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
+            ptx.cp_async_commit()
+        more = j + 1 < n_tiles
+        ptx.wgmma_fence()  # acc_pv and p_regs were last written by ordinary instructions
+        if more:
+            issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
+            ptx.wgmma_commit()
+        issue_pv(smem, acc_pv, p_regs, v_desc, j)
+        ptx.wgmma_commit()
+        return more
+
+    return issue_qk, ring_start, ring_step
+
+
 def _half_fragments(kind: str, block_n: int, value_width: int):
     """What both float16/bfloat16 kernels do with their accumulators: ``pack_p(acc_s, p_regs)``
     packs P (the accumulator layout of S) into the A fragments of P·V, and ``store_rows``
@@ -501,7 +569,6 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     BM, BN, OVERLAP = config.block_m, config.block_n, config.overlap
     NWG = BM // 64
     THREADS = 128 * NWG
-    STAGES = 3
     K_STEP = 16
     DP = padded(head_dim, K_STEP)   # Q/K columns in shared memory (zero-filled past d)
     DVP = padded(value_dim, 16)     # V columns: whole 32-byte swizzle rows
@@ -525,7 +592,6 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     SPLIT_O = DVP > N_O1
     mma_o1 = ptx.wgmma(kind, N_O1, "regs", transpose_b=True)
     mma_o2 = ptx.wgmma(kind, DVP - N_O1, "regs", transpose_b=True, acc_offset=N_O1 // 2) if SPLIT_O else mma_o1
-    wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
     wait_mma_all, wait_mma_but_one = ptx.wgmma_wait(0), ptx.wgmma_wait(1)
     Q_BITS, K_BITS, V_BITS = q_tile.k_major_bits(), k_tile.k_major_bits(), v_tile.mn_major_bits()
     QK_STEPS = DP // K_STEP
@@ -565,14 +631,6 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         load_v(smem, slot, v, b, kvh, j * BN, nk_b, v.shape[3], tid)
 
     @cuda.jit(device=True, inline="always")
-    def issue_qk(smem, acc_s, q_desc, k_desc, j):
-        # S = Q K_jᵀ for this warpgroup's 64 rows (asynchronous: commit, then wait before reading);
-        # a descriptor holds the address >> 4, so adding a byte offset >> 4 moves it
-        slot = uint64((j % STAGES) * SLOT_UNITS)
-        for s in range(QK_STEPS):
-            mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
-
-    @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_o, p_regs, v_desc, j):
         slot = uint64((j % STAGES) * SLOT_UNITS)
         for s in range(PV_STEPS):
@@ -580,6 +638,8 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             mma_o1(acc_o, p_regs, 4 * s, desc, 1, smem)
             if SPLIT_O:
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
+
+    issue_qk, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv)
 
     @cuda.jit(device=True, inline="always")
     def first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1):
@@ -631,41 +691,17 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         if RESUME and not first:
             m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
 
-        # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
-        load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
+        # prologue: S_0 and its softmax
+        ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q.shape[3], nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
         if n_tiles > 0:
-            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
-        ptx.cp_async_commit()
-        if n_tiles > 1:
-            load_tile(smem, base, k, v, b, kvh, 1, nk_b, tid)
-        ptx.cp_async_commit()
-        wait_copies_but_one()
-        ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
-        cuda.syncthreads()  # Q and tile 0 are in shared memory
-        if n_tiles > 0:
-            ptx.wgmma_fence()
-            issue_qk(smem, acc_s, q_desc, k_desc, 0)
-            ptx.wgmma_commit()
-            wait_mma_all()
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, key_offset, key_offset + BN > block_kv_min, kv_end0,
                                                        kv_end1, m0, m1, tq, tid, qk_scale_log2)
             l0, l1 = first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1)
             pack_p(acc_s, p_regs)
 
         for j in range(n_tiles):
-            wait_copies_all()
-            ptx.fence_proxy_async()
-            cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
-            if j + 2 < n_tiles:
-                load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
-                ptx.cp_async_commit()
-            more = j + 1 < n_tiles
-            ptx.wgmma_fence()  # acc_o was rescaled and p_regs packed by ordinary instructions
-            if more:
-                issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
-                ptx.wgmma_commit()
-            issue_pv(smem, acc_o, p_regs, v_desc, j)
-            ptx.wgmma_commit()
+            more = ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j,
+                             n_tiles)
             if more:
                 if OVERLAP:
                     wait_mma_but_one()  # S_{j+1} is done; P_j V_j may still run during the softmax

@@ -47,7 +47,9 @@ from nkattn.cuda_kernels.exact_tc import (
     F32_ONE,
     F32_ZERO,
     LOG2E,
+    STAGES,
     TileConfig,
+    _ring_functions,
     _row_functions,
     _row_store,
     block_functions,
@@ -207,9 +209,9 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
     """Build the fused forward kernel for one (d, dv, tile shape, output type): (kernel, shared bytes).
 
     Grid ``(ceil(Nq / BM), H, B)``, BM / 64 warpgroups a block, as the half kernel
-    (`nkattn.cuda_kernels.exact_tc._half_kernel`, whose `block_start`, softmax and epilogue
-    it shares); per tile j it issues S_{j+1} and P_j·V_j back to back, waits for both, computes
-    the softmax of tile j + 1, folds P_j·V_j into O with V_j's scale and rescales O.
+    (`nkattn.cuda_kernels.exact_tc._half_kernel`, whose `block_start`, K/V ring, softmax and
+    epilogue it shares); per tile j it issues S_{j+1} and P_j·V_j back to back, waits for both,
+    computes the softmax of tile j + 1, folds P_j·V_j into O with V_j's scale and rescales O.
     """
     check_head_dims(head_dim, value_dim)
     if out_kind not in OUT_KINDS:
@@ -222,7 +224,6 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
     BM, BN = config.block_m, config.block_n
     NWG = BM // 64
     THREADS = 128 * NWG
-    STAGES = 3
     DP, DVP = padded(head_dim, K_STEP), value_dim
     q_tile = TileLayout(BM, DP, 1, 0)
     k_tile = TileLayout(BN, DP, 1, q_tile.end)
@@ -237,7 +238,6 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
     mma_s = ptx.wgmma("e4m3", BN, "desc")
     mma_o = ptx.wgmma("e4m3", DVP, "regs")
     pack = ptx.pack_bf16x2 if out_kind == "bf16" else ptx.pack_f16x2
-    wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
     wait_mma_all = ptx.wgmma_wait(0)
     QK_STEPS, PV_STEPS = DP // K_STEP, BN // K_STEP
     Q_DELTAS = tuple(np.uint64((q_tile.k_major_start(0, s * K_STEP) - q_tile.offset) >> 4) for s in range(QK_STEPS))
@@ -264,17 +264,13 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
         load_v(smem, slot, vt8, b, kvh, j * DVP, (j + 1) * DVP, BN, tid)
 
     @cuda.jit(device=True, inline="always")
-    def issue_qk(smem, acc_s, q_desc, k_desc, j):
-        slot = uint64((j % STAGES) * SLOT_UNITS)
-        for s in range(QK_STEPS):
-            mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
-
-    @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_pv, p_regs, v_desc, j):
         # the tile's product starts from zero (scale_d = 0 at its first step): V's scale is the tile's
         slot = uint64((j % STAGES) * SLOT_UNITS)
         for s in range(PV_STEPS):
             mma_o(acc_pv, p_regs, 4 * s, v_desc + slot + V_DELTAS[s], s, smem)
+
+    _, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv)
 
     @cuda.jit(device=True, inline="always")
     def pack_p(acc_s, p_regs):
@@ -303,22 +299,9 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
         p_regs = cuda.local.array(NP, np.uint32)
         m0, m1, l0, l1 = empty_rows(acc_o)
 
-        # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
-        load_q(smem, base, q8, b, h, row0, nq, DP, tid)
+        # prologue: S_0 and its softmax
+        ring_start(smem, base, q8, k8, vt8, b, h, kvh, row0, nq, DP, nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
         if n_tiles > 0:
-            load_tile(smem, base, k8, vt8, b, kvh, 0, nk_b, tid)
-        ptx.cp_async_commit()
-        if n_tiles > 1:
-            load_tile(smem, base, k8, vt8, b, kvh, 1, nk_b, tid)
-        ptx.cp_async_commit()
-        wait_copies_but_one()
-        ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
-        cuda.syncthreads()  # Q and tile 0 are in shared memory
-        if n_tiles > 0:
-            ptx.wgmma_fence()
-            issue_qk(smem, acc_s, q_desc, k_desc, 0)
-            ptx.wgmma_commit()
-            wait_mma_all()
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
                                                        tile_scale(qk_scale_log2, s_q, k_scale, b, kvh, 0))
             l0 = ps0
@@ -326,19 +309,8 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
             pack_p(acc_s, p_regs)
 
         for j in range(n_tiles):
-            wait_copies_all()
-            ptx.fence_proxy_async()
-            cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
-            if j + 2 < n_tiles:
-                load_tile(smem, base, k8, vt8, b, kvh, j + 2, nk_b, tid)
-                ptx.cp_async_commit()
-            more = j + 1 < n_tiles
-            ptx.wgmma_fence()  # acc_pv was read and p_regs packed by ordinary instructions
-            if more:
-                issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
-                ptx.wgmma_commit()
-            issue_pv(smem, acc_pv, p_regs, v_desc, j)
-            ptx.wgmma_commit()
+            more = ring_step(smem, base, k8, vt8, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j,
+                             n_tiles)
             wait_mma_all()
             if more:
                 tile_start = (j + 1) * BN
