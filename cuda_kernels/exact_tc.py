@@ -1002,8 +1002,6 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     vt_lo = TileLayout(DVP, BN, ESIZE, vt_hi.end)
     SHARED_BYTES = (vt_lo.end if SPLIT else vt_hi.end) + TILE_ALIGN
     Q_LO, K_LO, V_LO = ((lo.offset - hi.offset) // ESIZE for hi, lo in ((q_hi, q_lo), (k_hi, k_lo), (vt_hi, vt_lo)))
-    q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
-    k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
     vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
     _, online_update, rescale, empty_rows = _row_functions(BN, DVP)
 
@@ -1026,7 +1024,6 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     V_CHUNK2 = np.uint64((vt_hi.k_major_start(N_O1, 0) - vt_hi.offset) >> 4)  # rows (head dims) N_O1 on
     Q_LO_UNITS, K_LO_UNITS, V_LO_UNITS = (np.uint64(x * ESIZE >> 4) for x in (Q_LO, K_LO, V_LO))
     NS, NO, NP = BN // 2, DVP // 2, BN // 2
-    QCPR, KCPR = q_hi.chunks_per_row, k_hi.chunks_per_row
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
     block_start = block_functions(BM, BN, ESIZE, from_dtype(np.dtype(np.float32)), q_hi.offset, k_hi.offset,
                                   vt_hi.offset, q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits(),
@@ -1041,27 +1038,33 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
             # (2^-22 |x|); rounded, hi + lo is within 2^-24 |x|, float32's own rounding
             smem[idx + lo_delta] = ptx.round_tf32(x - hi)
 
-    @cuda.jit(device=True, inline="always")
-    def load_q(smem, base, q, b, h, row0, nq, tid):
-        for idx in range(tid, BM * QCPR, THREADS):
-            r = idx // QCPR
-            c = idx - r * QCPR
-            row = row0 + r
-            dst = base + q_chunk(r, c)
-            for e in range(4):
-                col = 4 * c + e
-                store_split(smem, dst + e, q[b, h, row, col] if row < nq and col < q.shape[3] else F32_ZERO, Q_LO)
+    def split_rows(layout, lo_delta):
+        """``load_rows(smem, base, x, b, h, row0, nrows, tid)``: rows [row0, row0 + rows) of x[b, h] into
+        ``layout``'s tile and its lo part ``lo_delta`` elements further (`store_split`), zeros past
+        ``nrows`` and past x's columns."""
+        ROWS, CPR = layout.rows, layout.chunks_per_row
+        chunk_index, _ = tile_functions(layout, ESIZE, THREADS)
+
+        @cuda.jit(device=True, inline="always")
+        def load_rows(smem, base, x, b, h, row0, nrows, tid):
+            for idx in range(tid, ROWS * CPR, THREADS):
+                r = idx // CPR
+                c = idx - r * CPR
+                row = row0 + r
+                dst = base + chunk_index(r, c)
+                for e in range(4):
+                    col = 4 * c + e
+                    store_split(smem, dst + e, x[b, h, row, col] if row < nrows and col < x.shape[3] else F32_ZERO,
+                                lo_delta)
+
+        return load_rows
+
+    load_q = split_rows(q_hi, Q_LO)
+    load_k = split_rows(k_hi, K_LO)
 
     @cuda.jit(device=True, inline="always")
     def load_kv(smem, base, k, v, b, kvh, kv0, nk_b, tid):
-        for idx in range(tid, BN * KCPR, THREADS):
-            r = idx // KCPR
-            c = idx - r * KCPR
-            key = kv0 + r
-            dst = base + k_chunk(r, c)
-            for e in range(4):
-                col = 4 * c + e
-                store_split(smem, dst + e, k[b, kvh, key, col] if key < nk_b and col < k.shape[3] else F32_ZERO, K_LO)
+        load_k(smem, base, k, b, kvh, kv0, nk_b, tid)
         # V transposed: consecutive threads read consecutive head dims of one key (coalesced)
         for idx in range(tid, BN * DVP, THREADS):
             j = idx // DVP
