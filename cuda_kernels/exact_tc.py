@@ -421,14 +421,16 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
     ``slot_units`` descriptor units (16 bytes) long, ``mma_s`` the S product, ``q_deltas`` and
     ``k_deltas`` its operands' K steps in descriptor units.
 
-    ``issue_qk(smem, acc_s, q_desc, k_desc, j)``: S = Q K_jᵀ of this warpgroup's 64 rows, issued.
+    ``issue_qk(smem, acc_s, q_desc, k_desc, j)``: S = Q K_jᵀ of this warpgroup's 64 rows, issued;
+    ``issue_tile(smem, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, more)``: S_{j+1} (``more``:
+    tile j + 1 exists) and P_j V_j issued, each its own commit group.
     The plain schedule's hand-over by cp.async groups and block-wide barriers, which the ping-pong
     schedule does by mbarriers instead:
     ``ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q_cols, nk_b, tid, acc_s, q_desc, k_desc, n_tiles)``
     loads Q and tiles 0 and 1 and, where the block has a tile, computes S_0;
     ``ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, n_tiles)``,
-    iteration j, waits for tile j + 1, refills tile j - 1's slot with tile j + 2 and issues S_{j+1}
-    (returned: whether tile j + 1 exists) and P_j V_j, each its own commit group.
+    iteration j, waits for tile j + 1, refills tile j - 1's slot with tile j + 2 and issues the tile's
+    products (`issue_tile`); returns whether tile j + 1 exists.
     """
     QK_STEPS, Q_DELTAS, K_DELTAS, SLOT_UNITS = len(q_deltas), q_deltas, k_deltas, slot_units
     wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
@@ -441,6 +443,15 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
         slot = uint64((j % STAGES) * SLOT_UNITS)
         for s in range(QK_STEPS):
             mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
+
+    @cuda.jit(device=True, inline="always")
+    def issue_tile(smem, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, more):
+        ptx.wgmma_fence()  # acc_pv and p_regs were last written by ordinary instructions
+        if more:
+            issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
+            ptx.wgmma_commit()
+        issue_pv(smem, acc_pv, p_regs, v_desc, j)
+        ptx.wgmma_commit()
 
     @cuda.jit(device=True, inline="always")
     def ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q_cols, nk_b, tid, acc_s, q_desc, k_desc, n_tiles):
@@ -470,15 +481,10 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
             load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
             ptx.cp_async_commit()
         more = j + 1 < n_tiles
-        ptx.wgmma_fence()  # acc_pv and p_regs were last written by ordinary instructions
-        if more:
-            issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
-            ptx.wgmma_commit()
-        issue_pv(smem, acc_pv, p_regs, v_desc, j)
-        ptx.wgmma_commit()
+        issue_tile(smem, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, more)
         return more
 
-    return issue_qk, ring_start, ring_step
+    return issue_qk, issue_tile, ring_start, ring_step
 
 
 def _half_fragments(kind: str, block_n: int, value_width: int):
@@ -639,7 +645,17 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             if SPLIT_O:
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
 
-    issue_qk, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv)
+    issue_qk, issue_tile, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q,
+                                                                  load_tile, issue_pv)
+
+    @cuda.jit(device=True, inline="always")
+    def start_rows(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, first):
+        """The rows' state at a launch's start: empty, or in the resume entry past its first launch the
+        carried one."""
+        m0, m1, l0, l1 = empty_rows(acc_o)
+        if RESUME and not first:
+            m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
+        return m0, m1, l0, l1
 
     @cuda.jit(device=True, inline="always")
     def first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1):
@@ -687,9 +703,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        m0, m1, l0, l1 = empty_rows(acc_o)
-        if RESUME and not first:
-            m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
+        m0, m1, l0, l1 = start_rows(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, first)
 
         # prologue: S_0 and its softmax
         ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q.shape[3], nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
@@ -750,9 +764,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
         p_regs = cuda.local.array(NP, np.uint32)
-        m0, m1, l0, l1 = empty_rows(acc_o)
-        if RESUME and not first:
-            m0, m1, l0, l1 = load_state(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o)
+        m0, m1, l0, l1 = start_rows(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, first)
 
         if n_tiles > 0:
             if tid == 0:
@@ -797,12 +809,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                     ptx.mbarrier_wait(smem, full0 + ((j + 1) % STAGES) * BAR_STRIDE, ((j + 1) // STAGES) & 1)
                     ptx.fence_proxy_async()
                 ptx.named_barrier_sync(TURN + wg, THREADS)  # this warpgroup's turn on the tensor cores
-                ptx.wgmma_fence()  # acc_o was rescaled and p_regs packed by ordinary instructions
-                if more:
-                    issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
-                    ptx.wgmma_commit()
-                issue_pv(smem, acc_o, p_regs, v_desc, j)
-                ptx.wgmma_commit()
+                issue_tile(smem, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j, more)
                 ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)  # the other warpgroup's turn
                 wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
                 ptx.mbarrier_arrive(smem, empty0 + (j % STAGES) * BAR_STRIDE)
@@ -1002,8 +1009,6 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     vt_lo = TileLayout(DVP, BN, ESIZE, vt_hi.end)
     SHARED_BYTES = (vt_lo.end if SPLIT else vt_hi.end) + TILE_ALIGN
     Q_LO, K_LO, V_LO = ((lo.offset - hi.offset) // ESIZE for hi, lo in ((q_hi, q_lo), (k_hi, k_lo), (vt_hi, vt_lo)))
-    q_chunk, _ = tile_functions(q_hi, ESIZE, THREADS)
-    k_chunk, _ = tile_functions(k_hi, ESIZE, THREADS)
     vt_chunk, _ = tile_functions(vt_hi, ESIZE, THREADS)
     _, online_update, rescale, empty_rows = _row_functions(BN, DVP)
 
@@ -1026,7 +1031,6 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
     V_CHUNK2 = np.uint64((vt_hi.k_major_start(N_O1, 0) - vt_hi.offset) >> 4)  # rows (head dims) N_O1 on
     Q_LO_UNITS, K_LO_UNITS, V_LO_UNITS = (np.uint64(x * ESIZE >> 4) for x in (Q_LO, K_LO, V_LO))
     NS, NO, NP = BN // 2, DVP // 2, BN // 2
-    QCPR, KCPR = q_hi.chunks_per_row, k_hi.chunks_per_row
     MAX_REGISTERS = min(255, 65536 // THREADS // 8 * 8)
     block_start = block_functions(BM, BN, ESIZE, from_dtype(np.dtype(np.float32)), q_hi.offset, k_hi.offset,
                                   vt_hi.offset, q_hi.k_major_bits(), k_hi.k_major_bits(), vt_hi.k_major_bits(),
@@ -1041,27 +1045,33 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
             # (2^-22 |x|); rounded, hi + lo is within 2^-24 |x|, float32's own rounding
             smem[idx + lo_delta] = ptx.round_tf32(x - hi)
 
-    @cuda.jit(device=True, inline="always")
-    def load_q(smem, base, q, b, h, row0, nq, tid):
-        for idx in range(tid, BM * QCPR, THREADS):
-            r = idx // QCPR
-            c = idx - r * QCPR
-            row = row0 + r
-            dst = base + q_chunk(r, c)
-            for e in range(4):
-                col = 4 * c + e
-                store_split(smem, dst + e, q[b, h, row, col] if row < nq and col < q.shape[3] else F32_ZERO, Q_LO)
+    def split_rows(layout, lo_delta):
+        """``load_rows(smem, base, x, b, h, row0, nrows, tid)``: rows [row0, row0 + rows) of x[b, h] into
+        ``layout``'s tile and its lo part ``lo_delta`` elements further (`store_split`), zeros past
+        ``nrows`` and past x's columns."""
+        ROWS, CPR = layout.rows, layout.chunks_per_row
+        chunk_index, _ = tile_functions(layout, ESIZE, THREADS)
+
+        @cuda.jit(device=True, inline="always")
+        def load_rows(smem, base, x, b, h, row0, nrows, tid):
+            for idx in range(tid, ROWS * CPR, THREADS):
+                r = idx // CPR
+                c = idx - r * CPR
+                row = row0 + r
+                dst = base + chunk_index(r, c)
+                for e in range(4):
+                    col = 4 * c + e
+                    store_split(smem, dst + e, x[b, h, row, col] if row < nrows and col < x.shape[3] else F32_ZERO,
+                                lo_delta)
+
+        return load_rows
+
+    load_q = split_rows(q_hi, Q_LO)
+    load_k = split_rows(k_hi, K_LO)
 
     @cuda.jit(device=True, inline="always")
     def load_kv(smem, base, k, v, b, kvh, kv0, nk_b, tid):
-        for idx in range(tid, BN * KCPR, THREADS):
-            r = idx // KCPR
-            c = idx - r * KCPR
-            key = kv0 + r
-            dst = base + k_chunk(r, c)
-            for e in range(4):
-                col = 4 * c + e
-                store_split(smem, dst + e, k[b, kvh, key, col] if key < nk_b and col < k.shape[3] else F32_ZERO, K_LO)
+        load_k(smem, base, k, b, kvh, kv0, nk_b, tid)
         # V transposed: consecutive threads read consecutive head dims of one key (coalesced)
         for idx in range(tid, BN * DVP, THREADS):
             j = idx // DVP

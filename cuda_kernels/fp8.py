@@ -270,7 +270,7 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
         for s in range(PV_STEPS):
             mma_o(acc_pv, p_regs, 4 * s, v_desc + slot + V_DELTAS[s], s, smem)
 
-    _, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv)
+    _, _, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv)
 
     @cuda.jit(device=True, inline="always")
     def pack_p(acc_s, p_regs):
