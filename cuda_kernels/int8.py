@@ -44,8 +44,10 @@ from nkattn.cuda_kernels.exact_tc import (
     F32_ZERO,
     LOG2E,
     NEG_INF,
+    STAGES,
     TileConfig,
     _half_fragments,
+    _ring_functions,
     _row_functions,
     block_functions,
     launch_config,
@@ -226,7 +228,6 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
     BM, BN = config.block_m, config.block_n
     NWG = BM // 64
     THREADS = 128 * NWG
-    STAGES = 3
     DP, DVP = padded(head_dim, K_STEP), value_dim
     q_tile = TileLayout(BM, DP, 1, 0)
     k_tile = TileLayout(BN, DP, 1, q_tile.end)
@@ -240,7 +241,6 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
     _, load_v = tile_functions(v_tile, 1, THREADS)
     mma_s = ptx.wgmma("s8", BN, "desc")
     mma_o = ptx.wgmma("f16", DVP, "regs", transpose_b=True)
-    wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
     wait_mma_all = ptx.wgmma_wait(0)
     QK_STEPS, PV_STEPS = DP // K_STEP, BN // 16
     Q_DELTAS = tuple(np.uint64((q_tile.k_major_start(0, s * K_STEP) - q_tile.offset) >> 4) for s in range(QK_STEPS))
@@ -262,16 +262,12 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
         load_v(smem, slot, v, b, kvh, j * BN, nk_b, v.shape[3], tid)
 
     @cuda.jit(device=True, inline="always")
-    def issue_qk(smem, acc_s, q_desc, k_desc, j):
-        slot = uint64((j % STAGES) * SLOT_UNITS)
-        for s in range(QK_STEPS):
-            mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
-
-    @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_o, p_regs, v_desc, j):
         slot = uint64((j % STAGES) * SLOT_UNITS)
         for s in range(PV_STEPS):
             mma_o(acc_o, p_regs, 4 * s, v_desc + slot + V_DELTAS[s], 1, smem)
+
+    _, _, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv)
 
     @cuda.jit(device=True, inline="always")
     def scaled_scores(acc_s, acc_t, s_q, k_scale, b, kvh, j):
@@ -293,22 +289,9 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
         p_regs = cuda.local.array(NP, np.uint32)
         m0, m1, l0, l1 = empty_rows(acc_o)
 
-        # prologue: Q and tile 0 (one group), tile 1 (the next); S_0 and its softmax
-        load_q(smem, base, q8, b, h, row0, nq, DP, tid)
+        # prologue: S_0 and its softmax
+        ring_start(smem, base, q8, k8, v, b, h, kvh, row0, nq, DP, nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
         if n_tiles > 0:
-            load_tile(smem, base, k8, v, b, kvh, 0, nk_b, tid)
-        ptx.cp_async_commit()
-        if n_tiles > 1:
-            load_tile(smem, base, k8, v, b, kvh, 1, nk_b, tid)
-        ptx.cp_async_commit()
-        wait_copies_but_one()
-        ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
-        cuda.syncthreads()  # Q and tile 0 are in shared memory
-        if n_tiles > 0:
-            ptx.wgmma_fence()
-            issue_qk(smem, acc_s, q_desc, k_desc, 0)
-            ptx.wgmma_commit()
-            wait_mma_all()
             scaled_scores(acc_s, acc_t, s_q, k_scale, b, kvh, 0)
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_t, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
                                                        F32_ONE)
@@ -317,19 +300,9 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
             pack_p(acc_t, p_regs)
 
         for j in range(n_tiles):
-            wait_copies_all()
-            ptx.fence_proxy_async()
-            cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
-            if j + 2 < n_tiles:
-                load_tile(smem, base, k8, v, b, kvh, j + 2, nk_b, tid)
-                ptx.cp_async_commit()
-            more = j + 1 < n_tiles
-            ptx.wgmma_fence()  # acc_o was rescaled and p_regs packed by ordinary instructions
-            if more:
-                issue_qk(smem, acc_s, q_desc, k_desc, j + 1)
-                ptx.wgmma_commit()
-            issue_pv(smem, acc_o, p_regs, v_desc, j)
-            ptx.wgmma_commit()
+            # acc_o was rescaled and p_regs packed by ordinary instructions: ring_step fences first
+            more = ring_step(smem, base, k8, v, b, kvh, nk_b, tid, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j,
+                             n_tiles)
             wait_mma_all()
             if more:
                 tile_start = (j + 1) * BN
