@@ -420,7 +420,8 @@ def _exact_tc_run(call: Call):
     return out.copy_to_host().view(req.dtype), lse.copy_to_host()
 
 
-def _fp8_reasons(req: Request) -> list[str]:
+def _quantized_reasons(req: Request, kernel: str, wgmma: str, fmt: str) -> list[str]:
+    """Why the Hopper-only quantized ``kernel`` (its ``wgmma`` operands) cannot run this request."""
     from nkattn.cuda_kernels.exact_tc import compute_capability
     from nkattn.cuda_kernels.fp8 import MAX_HEAD_DIM
 
@@ -429,12 +430,16 @@ def _fp8_reasons(req: Request) -> list[str]:
         return reasons
     cc = compute_capability()
     if cc[0] != 9:
-        reasons.append(f"the FP8 kernel uses Hopper's e4m3 wgmma (compute capability 9.x), this GPU is {cc[0]}.{cc[1]} "
-                       "(backend='reference' emulates fp8)")
+        reasons.append(f"the {kernel} kernel uses Hopper's {wgmma} wgmma (compute capability 9.x), this GPU is "
+                       f"{cc[0]}.{cc[1]} (backend='reference' emulates {fmt})")
     for label, dim in (("d", req.head_dim), ("dv", req.value_dim)):
         if dim % 16 or dim > MAX_HEAD_DIM:
-            reasons.append(f"the FP8 kernel supports {label} a multiple of 16 up to {MAX_HEAD_DIM}, got {dim}")
+            reasons.append(f"the {kernel} kernel supports {label} a multiple of 16 up to {MAX_HEAD_DIM}, got {dim}")
     return reasons
+
+
+def _fp8_reasons(req: Request) -> list[str]:
+    return _quantized_reasons(req, "FP8", "e4m3", "fp8")
 
 
 def _fp8_run(call: Call):
@@ -451,20 +456,7 @@ def _fp8_run(call: Call):
 
 
 def _int8_reasons(req: Request) -> list[str]:
-    from nkattn.cuda_kernels.exact_tc import compute_capability
-    from nkattn.cuda_kernels.int8 import MAX_HEAD_DIM
-
-    reasons = _no_device()
-    if reasons:
-        return reasons
-    cc = compute_capability()
-    if cc[0] != 9:
-        reasons.append(f"the INT8 kernel uses Hopper's s8 wgmma (compute capability 9.x), this GPU is {cc[0]}.{cc[1]} "
-                       "(backend='reference' emulates int8-fp16)")
-    for label, dim in (("d", req.head_dim), ("dv", req.value_dim)):
-        if dim % 16 or dim > MAX_HEAD_DIM:
-            reasons.append(f"the INT8 kernel supports {label} a multiple of 16 up to {MAX_HEAD_DIM}, got {dim}")
-    return reasons
+    return _quantized_reasons(req, "INT8", "s8", "int8-fp16")
 
 
 def _int8_run(call: Call):
