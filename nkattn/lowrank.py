@@ -359,13 +359,17 @@ def _qr_into(src, dst, xp):
         q, r = xp.linalg.qr(src.astype(np.float64, copy=False))
         dst[...] = q
         return r
-    factors = []
-    for rows in blocks:
+    width = src.shape[-1]
+    # the R factors are copied out: CuPy's R is a view of its block-sized factored matrix, so
+    # keeping the views kept every block's float64 temporary alive (2 · N × l float32 in all)
+    stacked = xp.empty(src.shape[:-2] + (len(blocks) * width, width), dtype=np.float64)
+    for i, rows in enumerate(blocks):
         q, r = xp.linalg.qr(src[..., rows, :].astype(np.float64))
         dst[..., rows, :] = q
-        factors.append(r)
-    q_r, r = xp.linalg.qr(xp.concatenate(factors, axis=-2))
-    width = src.shape[-1]
+        stacked[..., i * width : (i + 1) * width, :] = r
+        del q, r  # before the next block's QR allocates its own
+    q_r, r = xp.linalg.qr(stacked)
+    del stacked
     for i, rows in enumerate(blocks):
         dst[..., rows, :] = dst[..., rows, :].astype(np.float64) @ q_r[..., i * width : (i + 1) * width, :]
     return r

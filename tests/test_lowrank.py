@@ -975,6 +975,44 @@ def test_blocked_qr_and_svd(monkeypatch, dtype, rank_deficient):
     assert relative_error(u_small @ (sigma[..., :, None] * vt.astype(np.float64)), np.swapaxes(y, -1, -2)) <= 100 * eps
 
 
+def _cupy_like_qr(a):
+    """np.linalg.qr with R returned as CuPy's QR returns it: a view of the factored matrix, which is
+    the size of `a`, so whoever keeps R keeps a's size in float64."""
+    q, r = np.linalg.qr(a)
+    factored = np.zeros_like(a, dtype=np.float64)
+    factored[..., : r.shape[-2], :] = r
+    return q, factored[..., : r.shape[-2], :]
+
+
+def test_tsqr_holds_a_few_blocks_not_every_block(monkeypatch):
+    """`_qr_into` over 32 row blocks with a QR whose R views a block-sized array (as CuPy's does):
+    the most NumPy bytes live during the call (tracemalloc's peak) stay within the stacked R
+    factors and eight blocks' float64 temporaries. Keeping every block's R, as the driver once did,
+    kept every block's factored matrix, 2 · N × l float32 in all (issue 11's excess on the GPU)."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(lowrank_driver, "LA_MIN_ROWS", 256)
+    n, width = 8192, 16
+    blocks = len(lowrank_driver._row_blocks(n, width))
+    assert blocks == 32
+    y = np.random.default_rng(0).standard_normal((1, 1, n, width)).astype(np.float32)
+    q = np.empty_like(y)
+    xp = SimpleNamespace(linalg=SimpleNamespace(qr=_cupy_like_qr), empty=np.empty)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        r = lowrank_driver._qr_into(y, q, xp)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    stacked_r, block64 = blocks * width * width * 8, (n // blocks) * width * 8
+    assert peak <= stacked_r + 8 * block64, f"peak {peak} B, {peak / y.nbytes:.2f} N x l float32 arrays"
+    assert peak < y.nbytes
+    expected = np.empty_like(y)
+    assert np.array_equal(r, lowrank_driver._qr_into(y, expected, np)) and np.array_equal(q, expected)
+
+
 def test_the_device_holds_two_work_arrays(monkeypatch):
     """Every device allocation of a fixed-rank lowrank_attention on device inputs, with the linear
     algebra on the host: two work arrays of N·l values (no probes: the output needs none), the
