@@ -469,7 +469,9 @@ def _sketch(ops, p: _Problem, rank, oversample, power_iters, seed, v_rows, probe
     _times_small_into(basis, u_small, xp)
     u = basis
     empty = ~xp.isfinite(ops.lse)  # rows that see no key are zero rows of A and of Â_k
-    u[empty] = 0.0
+    # not u[empty] = 0: CuPy's boolean-mask assignment broadcasts the mask to u's shape and
+    # scans it, an N × l copy of the mask and an int32 N × l prefix sum
+    xp.copyto(u, u.dtype.type(0), where=empty[..., None])
     probe_norms2 = output_norms2 = output_norm2 = None
     if probes:
         probe_coeffs = sigma[..., :, None] * _project(vt, probe_rows, xp)

@@ -1013,6 +1013,18 @@ def test_tsqr_holds_a_few_blocks_not_every_block(monkeypatch):
     assert np.array_equal(r, lowrank_driver._qr_into(y, expected, np)) and np.array_equal(q, expected)
 
 
+def test_rows_that_see_no_key_are_positive_zero_rows_of_u():
+    """U's rows of queries with no visible key are +0.0, as an assignment writes them (a product
+    with a 0/1 mask would leave -0.0 where U was negative)."""
+    q, k, _ = planted(classes=8, n=32, d=16)
+    f = lowrank_factors(q, k, rank=4, oversample=2, power_iters=1, causal=True, key_lengths=[30],
+                        backend="reference")
+    empty = ~np.isfinite(f.lse[0, 0])
+    assert empty.sum() == 2
+    assert (f.U[0, 0, empty] == 0).all() and not np.signbit(f.U[0, 0, empty]).any()
+    assert (f.U[0, 0, ~empty] != 0).any(axis=-1).all()
+
+
 def test_the_device_holds_two_work_arrays(monkeypatch):
     """Every device allocation of a fixed-rank lowrank_attention on device inputs, with the linear
     algebra on the host: two work arrays of N·l values (no probes: the output needs none), the
