@@ -130,25 +130,31 @@ def numba_view(x):
     return cuda.as_cuda_array(x)
 
 
-def kernel_view(x, dtype: np.dtype):
-    """A numba device array over device array `x`'s memory as the wgmma kernel reads it: the 16-bit
-    patterns (uint16) of float16/bfloat16, float32 as it is.
-
-    The kernel's cp.async needs each row's last dim contiguous and 16-byte aligned; an array
-    that is not is copied to a contiguous one first (same values, on the device).
-    """
+def bits_view(x, dtype: np.dtype):
+    """A numba device array over device array `x`'s memory, never a copy: the 16-bit patterns (uint16)
+    of float16/bfloat16, other types as they are. What a kernel writes (O, lse, carried state) goes
+    through this, so that it lands in `x`."""
     if dtype not in HALF_DTYPES:
-        view = numba_view(x)
-    elif framework(x) == "torch":
+        return numba_view(x)
+    if framework(x) == "torch":
         import torch
 
-        view = numba_view(x.view(torch.int16)).view(np.uint16)
-    elif framework(x) == "cupy":
+        return numba_view(x.view(torch.int16)).view(np.uint16)
+    if framework(x) == "cupy":
         import cupy
 
-        view = numba_view(x.view(cupy.uint16))
-    else:
-        view = numba_view(x).view(np.uint16)
+        return numba_view(x.view(cupy.uint16))
+    return numba_view(x).view(np.uint16)
+
+
+def kernel_view(x, dtype: np.dtype):
+    """`bits_view` of device array `x` as the wgmma kernel reads its inputs.
+
+    The kernel's cp.async needs each row's last dim contiguous and 16-byte aligned; an array
+    that is not is copied to a contiguous one first (same values, on the device), so an array
+    a kernel writes must go through `bits_view` instead.
+    """
+    view = bits_view(x, dtype)
     shape, strides = tuple(view.shape), tuple(view.strides)  # plain tuples (the simulator's take no negative index)
     last_contiguous = shape[-1] == 1 or strides[-1] == view.dtype.itemsize
     aligned = all(s % 16 == 0 for s in strides[:-1]) and _device_address(view) % 16 == 0

@@ -322,7 +322,9 @@ class _Device:
 
         if self.on_gpu:
             t = torch.empty(shape, dtype=getattr(torch, dtype.name), device=self.torch_device)
-            return t, arrays.kernel_view(t, dtype)
+            # a view, never kernel_view's aligned copy: the kernel's O, lse and state must land in t
+            # (an lse of 21 float64 rows is 168 bytes a head, off kernel_view's 16-byte alignment)
+            return t, arrays.bits_view(t, dtype)
         return None, cuda.device_array(shape, dtype=np.uint16 if dtype in arrays.HALF_DTYPES else dtype,
                                        stream=self.stream)
 

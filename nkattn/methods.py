@@ -413,7 +413,7 @@ def _exact_tc_run(call: Call):
         out, _ = arrays.empty_like_framework(call.q, out_shape, req.dtype)
         lse, lse_view = arrays.empty_like_framework(call.q, out_shape[:3], np.float32)
         tc_attention(q, k, v, cuda.to_device(lengths), causal=req.causal, scale=call.scale, kind=kind,
-                     out=arrays.kernel_view(out, req.dtype), lse=lse_view)
+                     out=arrays.bits_view(out, req.dtype), lse=lse_view)
         return out, lse
     q, k, v = (cuda.to_device(arrays.kernel_host(x, req.dtype)) for x in (call.q, call.k, call.v))
     out, lse = tc_attention(q, k, v, cuda.to_device(lengths), causal=req.causal, scale=call.scale, kind=kind)

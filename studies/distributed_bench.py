@@ -246,7 +246,7 @@ def _one_config(torch, dist, rank, groups, n, heads, causal, repeats, dtype) -> 
     if rank == 0:
         out, lse = torch.empty_like(full[0]), torch.empty(shape[:3], device="cuda")
         np_dtype = arrays.dtype_of(full[0], "q")
-        views = [arrays.kernel_view(t, np_dtype) for t in (*full, out)] + [cuda.as_cuda_array(lse)]
+        views = [arrays.kernel_view(t, np_dtype) for t in full] + [arrays.bits_view(out, np_dtype), cuda.as_cuda_array(lse)]
         lengths = cuda.to_device(np.full(1, n, np.int32))
 
         def one_gpu():

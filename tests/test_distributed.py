@@ -242,6 +242,22 @@ def test_a_rank_that_never_calls_ends_in_the_groups_timeout(tmp_path):
     assert TIMEOUT_S * 0.9 <= waited <= TIMEOUT_S + 10, (waited, message)
 
 
+def test_what_a_fold_writes_goes_through_a_view_not_an_aligned_copy():
+    """`arrays.kernel_view` copies an input whose rows are off 16 bytes (cp.async needs them on 16), so a
+    kernel writing through it would write the copy: the float64 lse of a query pass of 21 rows (168
+    bytes a head) came back unwritten on the GPU. `arrays.bits_view`, which `_Device.empty` gives the
+    folds, is the array itself."""
+    from numba import cuda
+
+    from nkattn import arrays
+
+    lse = cuda.to_device(np.zeros((1, 2, 21)))
+    f64 = np.dtype(np.float64)
+    assert arrays.kernel_view(lse, f64) is not lse
+    arrays.bits_view(lse, f64)[0, 1, 20] = 1.5
+    assert lse.copy_to_host()[0, 1, 20] == 1.5
+
+
 @pytest.mark.parametrize("zigzag", [False, True])
 def test_shard_and_unshard_are_inverse(zigzag):
     x = torch.arange(2 * 3 * 16 * 2, dtype=torch.float64).reshape(2, 3, 16, 2)
