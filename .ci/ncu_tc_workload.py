@@ -1,5 +1,6 @@
 """One tensor-core kernel launch to profile (after one unprofiled warm-up launch): `kind` (f16/bf16),
-d, N from argv, B = 1, H = 8, non-causal unless a fourth argument says "causal"; default tiles.
+d, N from argv, B = 1, H = 8, non-causal unless a later argument says "causal"; default tiles, or the
+TMA-filled ping-pong ring (128 x 128 tiles) where a later argument says "tma".
 
 results/bench/ncu-pingpong-h100-d64.txt and -d128.txt (the README's profile of the ping-pong kernel)
 came from this, on an H100 80GB HBM3, 2026-11-28 (ncu of the device image, numba-cuda 0.30.4), on the
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 from numba import cuda
 import nkattn  # noqa: F401
-from nkattn.cuda_kernels.exact_tc import tc_attention
+from nkattn.cuda_kernels.exact_tc import TileConfig, tc_attention
 
 kind, d, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-causal = len(sys.argv) > 4 and sys.argv[4] == "causal"
+causal = "causal" in sys.argv[4:]
+config = TileConfig(128, 128, pingpong=True, tma=True) if "tma" in sys.argv[4:] else None
 tdt = torch.float16 if kind == "f16" else torch.bfloat16
 q, k, v = (torch.randn(1, 8, n, d, device="cuda", dtype=tdt) for _ in range(3))
 qd, kd, vd = (cuda.as_cuda_array(x.view(torch.int16)) for x in (q, k, v))
 lengths = cuda.to_device(np.full(1, n, np.int32))
 for _ in range(2):
-    tc_attention(qd, kd, vd, lengths, causal=causal, scale=d ** -0.5, kind=kind)
+    tc_attention(qd, kd, vd, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=config)
 cuda.synchronize()

@@ -17,7 +17,8 @@ The resume entry of the tensor-core kernel (both schedules) was added after that
 tree of 7044736 (an H200, 2026-11-28) racecheck ran the whole workload, 24 of 24 launches, 0
 hazards (racecheck-h200.txt); memcheck and synccheck were cut by a 200 s limit after 14 and 21
 launches with 0 errors (-h200-cut.txt), and then ran the resume section alone, 0 errors
-(-h200-resume.txt). The INT8 kernel's section came later (not run under the tools yet).
+(-h200-resume.txt). The INT8 kernel's section came later; on the tree of 7c489e6 (an H200, 2026-11-28)
+memcheck, synccheck and racecheck ran it alone: 0 errors, 0 hazards. Then the TMA-filled ring's section.
 The arguments name sections to run (default: all, in this order):
 
     python3 .ci/sanitize_workload.py tensor_core_resume
@@ -142,7 +143,31 @@ def tensor_core_resume():
         print("ran tensor-core resume", kind, cfg)
 
 
-SECTIONS = {f.__name__: f for f in (tensor_core, lowrank_ops, ffma, mma_sync, fp8, tensor_core_resume, int8)}
+def tma():
+    # the ping-pong ring filled by TMA: whole tiles from thread 0, the tile across the key length (300 of
+    # 333) by cp.async; one launch (GQA, dv != d, d = 80 of three 32-byte column blocks) and resume
+    for kind, d, dv, causal in (("f16", 64, 64, True), ("bf16", 128, 128, False), ("f16", 80, 48, True)):
+        q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
+        lengths = cuda.to_device(np.array([300], np.int32))
+        cfg = TileConfig(128, 64 if d > 64 else 128, pingpong=True, tma=True)
+        tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
+        cuda.synchronize()
+        print("ran tma", kind, d, dv, causal, cfg)
+    cfg = TileConfig(128, 128, pingpong=True, tma=True)
+    q, k, v = dev((1, 2, 200, 64), "f16"), dev((1, 1, 333, 64), "f16"), dev((1, 1, 333, 48), "f16")
+    lengths = cuda.to_device(np.array([300], np.int32))
+    shape = (1, 2, 200)
+    out, lse = cuda.device_array((*shape, 48), np.uint16), cuda.device_array(shape, np.float32)
+    acc, l_state = cuda.device_array((*shape, 48), np.float32), cuda.device_array((*shape, 4), np.float32)
+    for k0, k1 in ((0, 256), (256, 333)):
+        tc_attention_fold(q, k[:, :, k0:k1], v[:, :, k0:k1], lengths, out, lse, acc, l_state, causal=True, scale=0.125,
+                          kind="f16", row_offset=0, nq_total=200, key_offset=k0, first=k0 == 0, last=k1 == 333,
+                          config=cfg)
+    cuda.synchronize()
+    print("ran tma resume", cfg)
+
+
+SECTIONS = {f.__name__: f for f in (tensor_core, lowrank_ops, ffma, mma_sync, fp8, tensor_core_resume, int8, tma)}
 
 if __name__ == "__main__":
     unknown = [name for name in sys.argv[1:] if name not in SECTIONS]

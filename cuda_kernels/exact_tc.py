@@ -28,14 +28,18 @@ kinds, float32 for the tf32 kinds) and returns (O in the input's type, lse float
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
 from numba import cuda, from_dtype, uint32, uint64
 
-from nkattn.cuda_kernels import ptx
-from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory, visible_keys
+from nkattn.cuda_kernels import ptx, tma
+from nkattn.cuda_kernels.online_softmax import (
+    SIMULATOR,
+    launch_with_shared_memory,
+    visible_keys,
+)
 from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functions
 
 LOG2E = 1.4426950408889634
@@ -49,6 +53,19 @@ F32_ZERO = np.float32(0.0)
 F32_ONE = np.float32(1.0)
 F32_LN2 = np.float32(LN2)
 STAGES = 3  # K/V ring slots of the wgmma kernels: tile j + 2 loads while tile j is computed
+
+
+@cuda.jit(device=True, inline="always")
+def ring_slot(t):
+    """The ring slot of tile t: in 32 bits, where a division by 3 is a multiply-high and a shift (on the
+    loop's int64 it took 25 instructions, four times a tile)."""
+    return uint32(t) % uint32(STAGES)
+
+
+@cuda.jit(device=True, inline="always")
+def ring_parity(t):
+    """The parity of the mbarrier phase in which tile t fills its slot (the (t // STAGES)-th fill)."""
+    return (uint32(t) // uint32(STAGES)) & uint32(1)
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,7 @@ class TileConfig:
     of a block-wide barrier per tile, so neither waits for the other's softmax. Measured on
     the H100 at the default tiles (128, 128), fp16: 1.01-1.24x the default kernel at N = 16K,
     1.07-1.16x at 128K (438 TFLOP/s at d = 128), bits equal to the plain schedule's. It is the
-    default for the half kinds up to d = 128 (`default_config`).
+    default for the half kinds up to d = 128 (`default_config`), with ``tma``.
 
     ``mma_sync`` (half kinds): FlashAttention-2's kernel on warp-level ``mma.sync`` instead of
     wgmma (`_mma_sync_kernel`), the only one for GPUs without wgmma (compute capability 8.x,
@@ -77,7 +94,19 @@ class TileConfig:
     ``blocks_per_sm`` (wgmma half kinds): cap registers so that this many blocks fit an SM's
     65536 (the default 1 lets ptxas take up to 255). The ping-pong kernel at d = 64 with 64-key
     tiles takes 148 registers uncapped and 126 with no spill at the cap of 2 blocks (ptxas,
-    sm_90a), and 67 KB of shared memory: 16 warps an SM instead of 8. Not timed yet.
+    sm_90a), and 67 KB of shared memory: 16 warps an SM instead of 8. Timed on the H200
+    (`results/bench/tc-blocks-per-sm-h200.txt`): 1.12x the default at d = 64 without a mask,
+    slower causal and at d = 128, so not the default.
+
+    ``tma`` (the ping-pong schedule): thread 0 fills a ring slot with K and V tiles by TMA copies
+    (`tma.tensor_map`) in place of every thread's cp.async chunks, whose address arithmetic and
+    bounds checks took 378 of the 988 instructions a warp issued per tile (ncu, H200, d = 128).
+    A tile that runs past the key length still goes by cp.async, which zero-fills the rows past it:
+    the rows a TMA box would read there are the next head's or padding, which may hold non-finite
+    values that a zero P would not cancel (0·inf). The same bytes land either way, so the bits do
+    not change. Measured on the H200 (`.ci/tc_tma_timing.py`, fp16, N = 16K, H = 8): 1.21x the
+    cp.async ring at d = 128 (508 TFLOP/s, 0.77x cuDNN; causal 460, 0.81x), 0.97-1.04x at d = 64,
+    so the default (`default_config`); arrays a map cannot describe run the cp.async ring.
     """
 
     block_m: int
@@ -86,6 +115,7 @@ class TileConfig:
     pingpong: bool = False
     mma_sync: bool = False
     blocks_per_sm: int = 1
+    tma: bool = False
 
 
 def default_config(kind: str, head_dim: int, value_dim: int, compute_capability=(9, 0)) -> TileConfig:
@@ -104,7 +134,7 @@ def default_config(kind: str, head_dim: int, value_dim: int, compute_capability=
     # tiles) ran at 0.63x the plain schedule on the H100 (66 against 105 TFLOP/s at N = 16K): the
     # turn handed over every 32 keys costs more than the overlap it buys
     if widest <= 128:
-        return TileConfig(128, 128, pingpong=True)
+        return TileConfig(128, 128, pingpong=True, tma=True)
     return TileConfig(128, 32)
 
 
@@ -440,7 +470,7 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
     def issue_qk(smem, acc_s, q_desc, k_desc, j):
         # asynchronous: commit, then wait before reading; a descriptor holds the address >> 4, so
         # adding a byte offset >> 4 moves it
-        slot = uint64((j % STAGES) * SLOT_UNITS)
+        slot = uint64(ring_slot(j) * SLOT_UNITS)
         for s in range(QK_STEPS):
             mma_s(acc_s, q_desc + Q_DELTAS[s], k_desc + slot + K_DELTAS[s], s, smem)
 
@@ -525,6 +555,8 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
         raise ValueError(f"bad tile config {config}")
     if config.pingpong and (kind not in HALF_KINDS or config.block_m != 128 or config.overlap):
         raise ValueError(f"pingpong takes a half kind, two warpgroups (block_m=128) and no overlap, got {kind!r}, {config}")
+    if config.tma and not config.pingpong:
+        raise ValueError(f"tma fills the ping-pong schedule's ring (pingpong=True), got {config}")
     if config.blocks_per_sm < 1 or (config.blocks_per_sm > 1 and (kind not in HALF_KINDS or config.mma_sync)):
         raise ValueError(f"blocks_per_sm caps the registers of the wgmma half kernels, at least 1, got {kind!r}, {config}")
     if config.mma_sync:
@@ -572,7 +604,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     from a state carried in memory (`_state_functions`): masks at global positions, and
     the chunk's first tile rescales the carried state as every later tile does.
     """
-    BM, BN, OVERLAP = config.block_m, config.block_n, config.overlap
+    BM, BN, OVERLAP, TMA = config.block_m, config.block_n, config.overlap, config.tma
     NWG = BM // 64
     THREADS = 128 * NWG
     K_STEP = 16
@@ -632,13 +664,13 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k, v, b, kvh, j, nk_b, tid):
-        slot = base + (j % STAGES) * SLOT_ELEMS
+        slot = base + ring_slot(j) * SLOT_ELEMS
         load_k(smem, slot, k, b, kvh, j * BN, nk_b, k.shape[3], tid)
         load_v(smem, slot, v, b, kvh, j * BN, nk_b, v.shape[3], tid)
 
     @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_o, p_regs, v_desc, j):
-        slot = uint64((j % STAGES) * SLOT_UNITS)
+        slot = uint64(ring_slot(j) * SLOT_UNITS)
         for s in range(PV_STEPS):
             desc = v_desc + slot + V_DELTAS[s]
             mma_o1(acc_o, p_regs, 4 * s, desc, 1, smem)
@@ -678,25 +710,43 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             store_rows(o, lse, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1)
 
     def kernel_entry(body):
-        """The kernel around a schedule's body: one launch, or (``resume``) the resume entry."""
+        """The kernel around a schedule's body: one launch, or (``resume``) the resume entry; with
+        ``config.tma`` each takes the tensor maps of k and v last (`tma.tensor_map` buffers)."""
+        if RESUME and TMA:
+            @cuda.jit(**JIT)
+            def tc_attention_resume_tma(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state,
+                                        l_state, row_offset, nq_total, key_offset, first, last, k_map, v_map):
+                body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset,
+                     nq_total, key_offset, first, last, k_map, v_map)
+
+            return tc_attention_resume_tma
+
         if RESUME:
             @cuda.jit(**JIT)
             def tc_attention_resume(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state,
                                     row_offset, nq_total, key_offset, first, last):
                 body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset,
-                     nq_total, key_offset, first, last)
+                     nq_total, key_offset, first, last, lse, lse)
 
             return tc_attention_resume
 
+        if TMA:
+            @cuda.jit(**JIT)
+            def tc_attention_tma(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, k_map, v_map):
+                body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, lse, lse, 0, 0, 0, True, True, k_map,
+                     v_map)
+
+            return tc_attention_tma
+
         @cuda.jit(**JIT)
         def tc_attention_fwd(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group):
-            body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, lse, lse, 0, 0, 0, True, True)
+            body(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, lse, lse, 0, 0, 0, True, True, lse, lse)
 
         return tc_attention_fwd
 
     @cuda.jit(device=True, inline="always")
     def plain(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset, nq_total,
-              key_offset, first, last):
+              key_offset, first, last, k_map, v_map):
         (tid, _wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
          block_kv_min, n_tiles) = start(q, k, key_lengths, causal, group, row_offset, nq_total, key_offset)
 
@@ -741,9 +791,58 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     FULL0, EMPTY0, BAR_STRIDE = BAR_OFFSET // ESIZE, BAR_OFFSET // ESIZE + STAGES * 8 // ESIZE, 8 // ESIZE
     TURN = 1  # named barriers TURN (warpgroup 0's turn) and TURN + 1 (warpgroup 1's); 0 is syncthreads
 
+    K_COPY0, V_COPY0 = k_tile.offset // ESIZE, v_tile.offset // ESIZE
+    K_BLOCK_ELEMS, V_BLOCK_ELEMS = k_tile.block_bytes // ESIZE, v_tile.block_bytes // ESIZE
+    K_BOX_COLS, V_BOX_COLS = k_tile.width // ESIZE, v_tile.width // ESIZE
+    K_BLOCKS, V_BLOCKS = k_tile.blocks, v_tile.blocks
+    TILE_TX = BN * (k_tile.nbytes // k_tile.rows + v_tile.nbytes // v_tile.rows)  # a K and a V box per column block
+
+    @cuda.jit(device=True, inline="always")
+    def tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full):
+        """Thread 0: tile t of K and V into its slot by TMA, their bytes expected on ``full``; the
+        maps view k and v as rows of (b, kv head, key), so tile t of a head is one box a column block."""
+        ptx.mbarrier_expect_tx(smem, full, TILE_TX)
+        slot = base + ring_slot(t) * SLOT_ELEMS
+        row = (b * k.shape[1] + kvh) * k.shape[2] + t * BN
+        for c in range(K_BLOCKS):
+            ptx.cp_async_bulk_tensor_2d(smem, slot + K_COPY0 + c * K_BLOCK_ELEMS, k_map, c * K_BOX_COLS, row, smem,
+                                        full)
+        for c in range(V_BLOCKS):
+            ptx.cp_async_bulk_tensor_2d(smem, slot + V_COPY0 + c * V_BLOCK_ELEMS, v_map, c * V_BOX_COLS, row, smem,
+                                        full)
+
+    if TMA:
+        @cuda.jit(device=True, inline="always")
+        def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid, full0, empty0):
+            """Tile t into slot t % STAGES once both warpgroups released its tile t - STAGES (empty
+            mbarrier), then this thread's one arrival at the slot's full mbarrier, which also waits
+            for its cp.async copies before it (Q, with tile 0). A whole tile by TMA from thread 0; a
+            tile past the key length by every thread's zero-filling cp.async.
+
+            Every thread waits for the empty slot, though only thread 0 writes it by TMA: a wait
+            loop on thread 0 alone is a divergent path, on which ptxas serializes every wgmma of the
+            kernel ("program dependence on compiler-inserted WG.AR in divergent path"; measured on
+            the H200 at d = 128: 2.68 ms against the cp.async ring's 2.48, one wgmma wait each)."""
+            full = full0 + ring_slot(t) * BAR_STRIDE
+            if t >= STAGES:
+                ptx.mbarrier_wait(smem, empty0 + ring_slot(t) * BAR_STRIDE, ring_parity(t) ^ 1)
+            if (t + 1) * BN <= nk_b:
+                if tid == 0:
+                    tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
+            else:
+                load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
+            ptx.cp_async_mbarrier_arrive(smem, full)
+    else:
+        @cuda.jit(device=True, inline="always")
+        def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid, full0, empty0):
+            if t >= STAGES:
+                ptx.mbarrier_wait(smem, empty0 + ring_slot(t) * BAR_STRIDE, ring_parity(t) ^ 1)
+            load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
+            ptx.cp_async_mbarrier_arrive(smem, full0 + ring_slot(t) * BAR_STRIDE)
+
     @cuda.jit(device=True, inline="always")
     def pingpong(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset, nq_total,
-                 key_offset, first, last):
+                 key_offset, first, last, k_map, v_map):
         """The same tiles and arithmetic as `tc_attention_fwd`, so the same bits; only the order
         in which the two warpgroups reach the tensor cores, and how slots are handed over, differ.
 
@@ -772,13 +871,14 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                     ptx.mbarrier_init(smem, full0 + slot * BAR_STRIDE, THREADS)
                     ptx.mbarrier_init(smem, empty0 + slot * BAR_STRIDE, THREADS)
             cuda.syncthreads()  # the mbarriers are set before anyone arrives at them
+            if TMA and tid == 0:
+                ptx.tensormap_acquire(k_map)
+                ptx.tensormap_acquire(v_map)
             # Q rides with tile 0: a thread's arrival covers all its earlier copies
             load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
-            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
-            ptx.cp_async_mbarrier_arrive(smem, full0)
+            fill(smem, base, k, v, k_map, v_map, b, kvh, 0, nk_b, tid, full0, empty0)
             if n_tiles > 1:
-                load_tile(smem, base, k, v, b, kvh, 1, nk_b, tid)
-                ptx.cp_async_mbarrier_arrive(smem, full0 + BAR_STRIDE)
+                fill(smem, base, k, v, k_map, v_map, b, kvh, 1, nk_b, tid, full0, empty0)
             if wg == 1:
                 ptx.named_barrier_arrive(TURN, THREADS)  # warpgroup 0 takes the first turn
 
@@ -801,18 +901,15 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                 # here, not while products are in flight, where a wait loop would make ptxas
                 # serialize every wgmma (C7520)
                 if j + 2 < n_tiles:
-                    if j >= 1:
-                        ptx.mbarrier_wait(smem, empty0 + ((j - 1) % STAGES) * BAR_STRIDE, ((j - 1) // STAGES) & 1)
-                    load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
-                    ptx.cp_async_mbarrier_arrive(smem, full0 + ((j + 2) % STAGES) * BAR_STRIDE)
+                    fill(smem, base, k, v, k_map, v_map, b, kvh, j + 2, nk_b, tid, full0, empty0)
                 if more:
-                    ptx.mbarrier_wait(smem, full0 + ((j + 1) % STAGES) * BAR_STRIDE, ((j + 1) // STAGES) & 1)
+                    ptx.mbarrier_wait(smem, full0 + ring_slot(j + 1) * BAR_STRIDE, ring_parity(j + 1))
                     ptx.fence_proxy_async()
                 ptx.named_barrier_sync(TURN + wg, THREADS)  # this warpgroup's turn on the tensor cores
                 issue_tile(smem, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j, more)
                 ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)  # the other warpgroup's turn
                 wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
-                ptx.mbarrier_arrive(smem, empty0 + (j % STAGES) * BAR_STRIDE)
+                ptx.mbarrier_arrive(smem, empty0 + ring_slot(j) * BAR_STRIDE)
                 if more:
                     tile_start = key_offset + (j + 1) * BN
                     m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
@@ -1171,6 +1268,25 @@ def _runnable_config(kind: str, head_dim: int, value_dim: int, config: TileConfi
     return config
 
 
+def _kv_maps(config: TileConfig, k, v, chosen: bool):
+    """(config, the extra kernel arguments): with ``config.tma`` the TMA maps of k and v, boxes of one
+    key tile by one column block of the kernel's K and V tiles. Arrays a map cannot describe (leading
+    axes not collapsible into rows, an address or row stride off 16 bytes) raise ValueError when the
+    caller ``chosen`` TMA, and otherwise run the cp.async ring, which reads the same bytes."""
+    if not config.tma:
+        return config, ()
+    maps = []
+    for array in (k, v):
+        layout = TileLayout(config.block_n, padded(array.shape[3], 16), 2, 0)
+        try:
+            maps.append(tma.map_buffer(array, config.block_n, layout.width // 2, layout.width))
+        except ValueError as error:
+            if chosen:
+                raise ValueError(f"{config}: {error}") from None
+            return replace(config, tma=False), ()
+    return config, tuple(maps)
+
+
 def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str, out=None, lse=None, stream=0,
                  config: TileConfig | None = None):
     """Run the tensor-core kernel on device arrays; returns (O, lse).
@@ -1186,7 +1302,9 @@ def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str,
     """
     batch, heads, nq, head_dim = q.shape
     value_dim = v.shape[3]
+    chosen = config is not None
     config = _runnable_config(kind, head_dim, value_dim, config)
+    config, maps = _kv_maps(config, k, v, chosen)
     if out is None:
         out_dtype = np.uint16 if kind in HALF_KINDS else np.float32
         out = cuda.device_array((batch, heads, nq, value_dim), dtype=out_dtype, stream=stream)
@@ -1196,7 +1314,7 @@ def tc_attention(q, k, v, key_lengths, *, causal: bool, scale: float, kind: str,
     grid, block = launch_config(config, batch, heads, nq)
     launch_with_shared_memory(
         kernel, grid, block, shared_bytes, stream,
-        q, k, v, key_lengths, out, lse, np.float32(scale * LOG2E), bool(causal), heads // k.shape[1],
+        q, k, v, key_lengths, out, lse, np.float32(scale * LOG2E), bool(causal), heads // k.shape[1], *maps,
     )
     return out, lse
 
@@ -1217,7 +1335,9 @@ def tc_attention_fold(q, k, v, key_lengths, out, lse, acc_state, l_state, *, cau
     `tc_attention`'s bits for these rows. Inputs are assumed validated.
     """
     batch, heads, nq, head_dim = q.shape
+    chosen = config is not None
     config = _runnable_config(kind, head_dim, v.shape[3], config)
+    config, maps = _kv_maps(config, k, v, chosen)
     if key_offset % config.block_n:
         raise ValueError(f"a key chunk must start on a key tile: key_offset {key_offset} is not a multiple of "
                          f"{config.block_n}")
@@ -1226,6 +1346,6 @@ def tc_attention_fold(q, k, v, key_lengths, out, lse, acc_state, l_state, *, cau
     launch_with_shared_memory(
         kernel, grid, block, shared_bytes, stream,
         q, k, v, key_lengths, out, lse, np.float32(scale * LOG2E), bool(causal), heads // k.shape[1], acc_state,
-        l_state, np.int64(row_offset), np.int64(nq_total), np.int64(key_offset), bool(first), bool(last),
+        l_state, np.int64(row_offset), np.int64(nq_total), np.int64(key_offset), bool(first), bool(last), *maps,
     )
     return out, lse

@@ -55,6 +55,7 @@ from nkattn.cuda_kernels.exact_tc import (
     block_functions,
     launch_config,
     padded,
+    ring_slot,
 )
 from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory
 from nkattn.cuda_kernels.tensor_core import TILE_ALIGN, TileLayout, tile_functions
@@ -259,14 +260,14 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k8, vt8, b, kvh, j, nk_b, tid):
-        slot = base + (j % STAGES) * SLOT
+        slot = base + ring_slot(j) * SLOT
         load_k(smem, slot, k8, b, kvh, j * BN, nk_b, DP, tid)
         load_v(smem, slot, vt8, b, kvh, j * DVP, (j + 1) * DVP, BN, tid)
 
     @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_pv, p_regs, v_desc, j):
         # the tile's product starts from zero (scale_d = 0 at its first step): V's scale is the tile's
-        slot = uint64((j % STAGES) * SLOT_UNITS)
+        slot = uint64(ring_slot(j) * SLOT_UNITS)
         for s in range(PV_STEPS):
             mma_o(acc_pv, p_regs, 4 * s, v_desc + slot + V_DELTAS[s], s, smem)
 

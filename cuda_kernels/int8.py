@@ -52,6 +52,7 @@ from nkattn.cuda_kernels.exact_tc import (
     block_functions,
     launch_config,
     padded,
+    ring_slot,
 )
 from nkattn.cuda_kernels.fp8 import MAX_HEAD_DIM, QUANTIZE_THREADS
 from nkattn.cuda_kernels.online_softmax import SIMULATOR, launch_with_shared_memory
@@ -257,13 +258,13 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, base, k8, v, b, kvh, j, nk_b, tid):
-        slot = base + (j % STAGES) * SLOT
+        slot = base + ring_slot(j) * SLOT
         load_k(smem, slot, k8, b, kvh, j * BN, nk_b, DP, tid)
         load_v(smem, slot, v, b, kvh, j * BN, nk_b, v.shape[3], tid)
 
     @cuda.jit(device=True, inline="always")
     def issue_pv(smem, acc_o, p_regs, v_desc, j):
-        slot = uint64((j % STAGES) * SLOT_UNITS)
+        slot = uint64(ring_slot(j) * SLOT_UNITS)
         for s in range(PV_STEPS):
             mma_o(acc_o, p_regs, 4 * s, v_desc + slot + V_DELTAS[s], 1, smem)
 

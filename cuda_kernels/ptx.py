@@ -337,6 +337,14 @@ if not SIMULATOR:
         return types.void(smem, idx, tx_bytes), lambda c, b, sig, args: _on_mbarrier(
             c, b, sig, args, "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;")
 
+    @intrinsic
+    def mbarrier_expect_tx(typingctx, smem, idx, tx_bytes):
+        """Make the mbarrier's current phase wait for ``tx_bytes`` more transaction bytes without
+        arriving (``mbarrier.expect_tx``): for a thread whose one arrival of the phase comes later,
+        through another instruction, after it issued the TMA copies the bytes are for."""
+        return types.void(smem, idx, tx_bytes), lambda c, b, sig, args: _on_mbarrier(
+            c, b, sig, args, "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;")
+
     def _map_address(context, builder, sig_arg, arg):
         """The generic address of a tensor map held in a device array (its first element)."""
         ptr = _element_pointer(context, builder, sig_arg, arg, [context.get_constant(types.intp, 0)], [types.intp])
@@ -744,6 +752,10 @@ else:  # ------------------------------------------------------------- simulator
                 self.pending -= 1
                 self._complete_if_done()
 
+        def expect(self, nbytes):
+            with self.cond:
+                self.tx += int(nbytes)
+
         def complete_tx(self, nbytes):
             with self.cond:
                 self.tx -= int(nbytes)
@@ -801,6 +813,10 @@ else:  # ------------------------------------------------------------- simulator
     @cuda.jit(device=True)
     def mbarrier_arrive_expect_tx(smem, idx, tx_bytes):
         _mbarrier(smem, idx).arrive(tx_bytes)
+
+    @cuda.jit(device=True)
+    def mbarrier_expect_tx(smem, idx, tx_bytes):
+        _mbarrier(smem, idx).expect(tx_bytes)
 
     @cuda.jit(device=True)
     def tensormap_acquire(tmap):

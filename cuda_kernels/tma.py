@@ -24,6 +24,7 @@ the simulator passes to kernels as it is and `ptx.cp_async_bulk_tensor_2d`'s sta
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ import numpy as np
 from nkattn.cuda_kernels import ptx
 
 MAX_BOX = 256  # cuTensorMapEncodeTiled: every box dimension is at most 256 elements
+MAX_COORDINATE = 2**31 - 1  # a copy's coordinates are .s32
+CACHED_MAPS = 256
 MAP_BYTES = 128  # the fence's size operand (`ptx.tensormap_acquire`)
 MAP_ALIGN = 64  # cuTensorMapEncodeTiled: the map's address is 64-byte aligned
 GLOBAL_ALIGN = 16  # the global address and every stride are multiples of 16 bytes
@@ -126,6 +129,9 @@ def tensor_map(array, box_rows: int, box_cols: int, swizzle_bytes: int) -> Tenso
     if box_cols * itemsize != swizzle_bytes:
         raise ValueError(f"a box row of {box_cols} x {itemsize} bytes must be the swizzle width, {swizzle_bytes} bytes "
                          "(one TileLayout column block)")
+    if rows > MAX_COORDINATE:
+        raise ValueError(f"a tensor map's rows are addressed by 32-bit signed coordinates: {rows} rows is more than "
+                         f"{MAX_COORDINATE}")
     if ptx.SIMULATOR:
         view = np.lib.stride_tricks.as_strided(np.asarray(array), (rows, cols), (row_stride, itemsize))
         buffer = SimulatedMap(view, box_rows, box_cols, swizzle_bytes)
@@ -160,4 +166,30 @@ def _encode(address, rows, cols, row_stride, itemsize, box_rows, box_cols, swizz
     buffer = cuda.to_device(np.array([int(w) for w in tmap.opaque], dtype=np.uint64))
     if buffer.device_ctypes_pointer.value % MAP_ALIGN:
         raise RuntimeError(f"the device buffer of a tensor map is not {MAP_ALIGN}-byte aligned (memory manager?)")
+    return buffer
+
+
+_map_buffers: OrderedDict = OrderedDict()
+
+
+def map_buffer(array, box_rows: int, box_cols: int, swizzle_bytes: int):
+    """`tensor_map`'s ``buffer`` for ``array``, kept for the next call with an array of the same address,
+    shape, strides and element type: the map's bytes are a function of those and the box alone, so a
+    kept buffer is right for any array they describe, and a kernel called again on the same inputs
+    skips the driver's encoding and the copy of the map to the device. The last `CACHED_MAPS` are
+    kept (none under the simulator, whose maps hold the array itself). The caller keeps ``array``
+    alive while a kernel reads it."""
+    if ptx.SIMULATOR:
+        return tensor_map(array, box_rows, box_cols, swizzle_bytes).buffer
+    interface = _interface(array)
+    key = (interface["data"][0], tuple(interface["shape"]), interface.get("strides"), interface["typestr"], box_rows,
+           box_cols, swizzle_bytes)
+    buffer = _map_buffers.get(key)
+    if buffer is None:
+        buffer = tensor_map(array, box_rows, box_cols, swizzle_bytes).buffer
+        _map_buffers[key] = buffer
+        if len(_map_buffers) > CACHED_MAPS:
+            _map_buffers.popitem(last=False)
+    else:
+        _map_buffers.move_to_end(key)
     return buffer

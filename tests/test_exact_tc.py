@@ -22,6 +22,7 @@ from numba import cuda
 
 from nkattn.cuda_kernels.exact_tc import (
     TileConfig,
+    _kv_maps,
     device_reasons,
     mma_sync_config,
     tc_attention,
@@ -389,6 +390,49 @@ def test_pingpong_gives_the_default_bits(kind, nq, nk, causal):
         tc_attention_kernel(kind, 64, 64, TileConfig(64, 64, pingpong=True))
 
 
+@pytest.mark.parametrize("kind, nq, nk, causal", [
+    pytest.param("f16", 40, 100, True, id="f16-causal-7-tiles"),
+    pytest.param("bf16", 300, 517, False, id="bf16", marks=pytest.mark.gpu),
+    pytest.param("f16", 1000, 1000, True, id="f16-causal-1000", marks=pytest.mark.gpu),
+])
+def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal):
+    """TMA (``tma=True``) lands the bytes the cp.async ring does: O and lse equal the cp.async
+    ping-pong kernel's bit for bit. Batch 0's keys and values past its key length are NaN, which
+    neither kernel may read: its tile across the length goes by zero-filling cp.async (a TMA box
+    would copy the NaN rows, and 0·NaN in P·V is NaN). Batch 1 has no key at all; GQA on the GPU."""
+    rng = np.random.default_rng(9)
+    heads = (2, 1) if REAL_GPU else (1, 1)
+    q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
+    block_n = 128 if REAL_GPU else 16
+    lengths = [nk - 37, 0]
+    k[0, :, lengths[0]:] = np.nan
+    v[0, :, lengths[0]:] = np.nan
+    cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=TileConfig(128, block_n, pingpong=True))
+    by_tma = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
+                        config=TileConfig(128, block_n, pingpong=True, tma=True))
+    assert not np.isnan(from_bits(by_tma[0], kind)).any()
+    assert_bit_identical("O", by_tma[0], cp_async[0])
+    assert_bit_identical("lse", by_tma[1], cp_async[1])
+
+
+def test_tma_arrays_it_cannot_map_are_named():
+    """TMA asked for on keys whose (batch, head, key) axes do not collapse into rows is refused with the
+    map's reason; the cp.async schedule takes the same arrays."""
+    rng = np.random.default_rng(3)
+    q, k, v = half_inputs(rng, 1, 2, 2, 16, 32, 32, 16, "f16")
+    k_wide = cuda.to_device(to_bits(np.concatenate([k, k], axis=2), "f16"))[:, :, :32]  # heads 64 keys apart
+    devs = [cuda.to_device(to_bits(x, "f16")) for x in (q, v)]
+    lengths = cuda.to_device(np.full(1, 32, np.int32))
+    with pytest.raises(ValueError, match="tma=True.*collapses its leading axes"):
+        tc_attention(devs[0], k_wide, devs[1], lengths, causal=False, scale=0.125, kind="f16",
+                     config=TileConfig(128, 16, pingpong=True, tma=True))
+    with pytest.raises(ValueError, match="pingpong"):
+        tc_attention_kernel("f16", 64, 64, TileConfig(128, 64, tma=True))
+    # the default config (TMA on Hopper) runs the cp.async ring on such arrays instead, same bits
+    config, maps = _kv_maps(TileConfig(128, 16, pingpong=True, tma=True), k_wide, devs[1], chosen=False)
+    assert config == TileConfig(128, 16, pingpong=True) and maps == ()
+
+
 def run_fold(q, k, v, kind, *, causal, key_lengths, config, row_cuts, key_cuts):
     """O and lse of every query chunk (rows split at ``row_cuts``) folded over the key chunks (keys
     split at ``key_cuts``), in key order, by `tc_attention_fold`; stitched back along the rows."""
@@ -413,20 +457,21 @@ def run_fold(q, k, v, kind, *, causal, key_lengths, config, row_cuts, key_cuts):
     return np.concatenate(outs, axis=2), np.concatenate(lses, axis=2)
 
 
-@pytest.mark.parametrize("kind, pingpong, causal", [
-    pytest.param("f16", False, True, id="f16-plain-causal"),
-    pytest.param("bf16", True, False, id="bf16-pingpong"),
-    pytest.param("f16", True, True, id="f16-pingpong-causal", marks=pytest.mark.gpu),
-    pytest.param("bf16", False, False, id="bf16-plain", marks=pytest.mark.gpu),
+@pytest.mark.parametrize("kind, pingpong, causal, tma", [
+    pytest.param("f16", False, True, False, id="f16-plain-causal"),
+    pytest.param("bf16", True, False, True, id="bf16-pingpong-tma"),
+    pytest.param("f16", True, True, False, id="f16-pingpong-causal", marks=pytest.mark.gpu),
+    pytest.param("bf16", False, False, False, id="bf16-plain", marks=pytest.mark.gpu),
+    pytest.param("f16", True, True, True, id="f16-pingpong-tma-causal", marks=pytest.mark.gpu),
 ])
-def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal):
+def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal, tma):
     """The resume entry (`tc_attention_fold`): query chunks that fold the key chunks in order, each
     starting on a key tile, end with the one-launch kernel's O and lse bit for bit, with GQA, dv != d,
     key_lengths (a batch with no key at all), causal masks across chunk edges and chunks some blocks
     see nothing of."""
     rng = np.random.default_rng(11)
     block_n = 128 if REAL_GPU else 16
-    config = TileConfig(128, block_n, pingpong=pingpong) if pingpong or REAL_GPU else TileConfig(64, 16)
+    config = TileConfig(128, block_n, pingpong=pingpong, tma=tma) if pingpong or REAL_GPU else TileConfig(64, 16)
     if REAL_GPU:
         nq, nk, d, dv, heads, row_cuts, key_cuts = 700, 900, 64, 48, (4, 2), (128, 333), (256, 512, 768)
     else:  # the simulator runs every thread in Python: two query heads on one key/value head, few tiles
