@@ -329,7 +329,9 @@ def fig_long_rank(results_dir: Path, figures_dir: Path) -> list[Path]:
 
 def fig_long_cost(results_dir: Path, figures_dir: Path) -> list[Path]:
     """Time of one randomized SVD against 2(q + 1) single passes of width l and one exact pass; device
-    memory of one call (allocated, upper bound, plus the resident inputs) against the issue's budget.
+    memory of one call (``allocated_bytes``, the peak of its live allocations as ``meta.config.memory``
+    says, plus the resident inputs) against the issue's budget. Records of calls from before the study
+    measured that peak (``meta.calls`` names each call's tree) hold all bytes allocated, an upper bound.
     Colour: the case (data, dtype, kind, rank, device); line style: what was measured."""
     loaded, _ = _load_long(results_dir)
     power_iters = loaded[0]["meta"]["config"]["power_iters"]
@@ -371,7 +373,7 @@ def fig_long_cost(results_dir: Path, figures_dir: Path) -> list[Path]:
         ax_time.set_yscale("log")
         if measured_memory:
             _length_axis(ax_mem, lengths)
-            ax_mem.plot([], [], marker="o", color="0.3", label="allocated (upper bound) + resident inputs")
+            ax_mem.plot([], [], marker="o", color="0.3", label="peak of live allocations + resident inputs")
             ax_mem.plot([], [], ls="--", color="0.3", label="budget: Q, K, V, lse, N × l factors")
             ax_mem.set_yscale("log")
             ax_mem.legend(fontsize=6)
