@@ -18,7 +18,10 @@ tree of 7044736 (an H200, 2026-11-28) racecheck ran the whole workload, 24 of 24
 hazards (racecheck-h200.txt); memcheck and synccheck were cut by a 200 s limit after 14 and 21
 launches with 0 errors (-h200-cut.txt), and then ran the resume section alone, 0 errors
 (-h200-resume.txt). The INT8 kernel's section came later; on the tree of 7c489e6 (an H200, 2026-11-28)
-memcheck, synccheck and racecheck ran it alone: 0 errors, 0 hazards. Then the TMA-filled ring's section.
+memcheck, synccheck and racecheck ran it alone: 0 errors, 0 hazards. Then the TMA-filled ring's section
+(`tma`): on the tree of 7c489e6 with the TMA ring whose thread 0 alone waited for a free slot (an H200,
+2026-11-28), 0 errors and 0 hazards under the three tools, every launch; with the wait on every thread
+(2563fd0) the tools were cut by the call's limit after the one-launch cases, no error reported.
 The arguments name sections to run (default: all, in this order):
 
     python3 .ci/sanitize_workload.py tensor_core_resume

@@ -13,8 +13,15 @@ resume entry, the two-blocks-an-SM cap and the FFMA resume kernel's strided arra
 3. Registers and spills of the ping-pong kernel at the caps `TileConfig.blocks_per_sm` sets.
 4. Registers and spills of the FFMA resume kernel (float32, d = 64, its 128-register cap) with
    contiguous ("C") against strided ("A") q, O, lse and l arrays.
+5. ptxas's "wgmma.mma_async instructions are serialized due to ..." of every wgmma kernel: the
+   half kernels (both rings of the ping-pong schedule, the resume entry), fp8, int8, tf32. A
+   serialized kernel waits after every wgmma; the first TMA ring was (a wait loop on one
+   thread, a divergent path), and ran 8 % slower than the cp.async ring instead of 21 % faster.
 
-    python3 .ci/tc_ptx_report.py        # all four parts, about 7 minutes (one core)
+The 32-bit ring slot (`exact_tc.ring_slot`) and the TMA ring changed the ping-pong, FP8 and INT8
+kernels' PTX after the hashes above were compared; the plain schedule's is unchanged.
+
+    python3 .ci/tc_ptx_report.py        # all five parts, about 9 minutes (one core)
     python3 .ci/tc_ptx_report.py 1      # the hashes alone, about 4 minutes (or any parts: 2 3)
 """
 import hashlib
@@ -31,9 +38,15 @@ import numpy as np
 from numba import cuda, types
 
 from nkattn.cuda_kernels.exact import exact_attention_kernel, tuned_register_cap
-from nkattn.cuda_kernels.exact_tc import TileConfig, mma_sync_config, tc_attention_kernel
+from nkattn.cuda_kernels.exact_tc import (
+    TileConfig,
+    mma_sync_config,
+    tc_attention_kernel,
+)
 from nkattn.cuda_kernels.fp8 import default_config as fp8_config
 from nkattn.cuda_kernels.fp8 import fp8_attention_kernel
+from nkattn.cuda_kernels.int8 import default_config as int8_config
+from nkattn.cuda_kernels.int8 import int8_attention_kernel
 
 
 def arr(dtype, ndim, layout="A"):
@@ -47,6 +60,8 @@ RESUME = ONE_LAUNCH + (arr(F32, 4), arr(F32, 4), types.int64, types.int64, types
 F32_ONE_LAUNCH = tuple(arr(F32, 4) if a == arr(U16, 4) else a for a in ONE_LAUNCH)
 FP8 = (arr(U8, 4), arr(U8, 4), arr(U8, 4), arr(F32, 3), arr(F32, 3), arr(F32, 3), LENGTHS, arr(U16, 4), arr(F32, 3), F32,
        types.boolean, types.int64)
+INT8 = (arr(types.int8, 4), arr(types.int8, 4), arr(U16, 4), arr(F32, 3), arr(F32, 3), LENGTHS, arr(U16, 4), arr(F32, 3),
+        types.boolean, types.int64)
 
 
 @cache
@@ -127,7 +142,37 @@ def part4():
         print(f"  {layout}: {ptxas(ptx_of(kernel, signature, cc=(9, 0)), cap, arch='sm_90')} (cap {cap})", flush=True)
 
 
-PARTS = {"1": part1, "2": part2, "3": part3, "4": part4}
+def serialized(ptx, cap=255):
+    """ptxas's reasons for serializing the wgmmas of the PTX's kernel (empty when it does not)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        run = subprocess.run(["ptxas", "-arch=sm_90a", f"--maxrregcount={cap}", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return sorted(set(re.findall(r"serialized due to (.*?) in the function", run.stderr)))
+
+
+def part5():
+    print("5. wgmma serialization (ptxas sm_90a)")
+    tma_maps = (arr(types.uint64, 1, "C"),) * 2
+    kernels = []
+    for kind, d, config in HALF:
+        kernels.append((f"{kind} d={d} {config}", tc_attention_kernel(kind, d, d, config)[0], ONE_LAUNCH))
+        if config.pingpong:
+            tma = TileConfig(config.block_m, config.block_n, pingpong=True, tma=True)
+            kernels.append((f"{kind} d={d} {tma}", tc_attention_kernel(kind, d, d, tma)[0], ONE_LAUNCH + tma_maps))
+            kernels.append((f"resume {kind} d={d} {tma}", tc_attention_kernel(kind, d, d, tma, resume=True)[0],
+                            RESUME + tma_maps))
+    for d in (64, 128):
+        kernels.append((f"fp8 d={d}", fp8_attention_kernel(d, d, fp8_config())[0], FP8))
+        kernels.append((f"int8 d={d}", int8_attention_kernel(d, d, int8_config())[0], INT8))
+    kernels.append(("tf32x3 d=64", tc_attention_kernel("tf32x3", 64, 64, TileConfig(64, 64))[0], F32_ONE_LAUNCH))
+    for name, kernel, signature in kernels:
+        reasons = serialized(ptx_of(kernel, signature))
+        print(f"  {name}: {'SERIALIZED: ' + '; '.join(reasons) if reasons else 'not serialized'}", flush=True)
+
+
+PARTS = {"1": part1, "2": part2, "3": part3, "4": part4, "5": part5}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(PARTS)
