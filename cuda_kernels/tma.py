@@ -16,7 +16,9 @@ to the swizzle width W lands as one column block of a `tensor_core.TileLayout` (
 chunks permuted by `ptx.swizzle`), so a tile of ``cols`` elements is filled by ``TileLayout.blocks``
 copies, one per column block. Rows and columns outside the array are zero-filled (OOB fill "none");
 the 2-D view's rows run on across heads, so a box past the end of one head's N rows reads the next
-head's rows instead of zeros: a kernel masks those keys as it masks keys past ``key_lengths``.
+head's rows instead of zeros, and a box past a key length reads padding. Neither is masked away in
+P·V when it holds a NaN or an infinity (0·inf), so the ping-pong ring copies by TMA only the whole
+tiles below the key length (`exact_tc.TileConfig.tma`) and the tile across it by zero-filling cp.async.
 
 Under the simulator `TensorMap.buffer` is a `SimulatedMap` (the array's host view and the box), which
 the simulator passes to kernels as it is and `ptx.cp_async_bulk_tensor_2d`'s stand-in copies from.
@@ -174,16 +176,19 @@ _map_buffers: OrderedDict = OrderedDict()
 
 def map_buffer(array, box_rows: int, box_cols: int, swizzle_bytes: int):
     """`tensor_map`'s ``buffer`` for ``array``, kept for the next call with an array of the same address,
-    shape, strides and element type: the map's bytes are a function of those and the box alone, so a
-    kept buffer is right for any array they describe, and a kernel called again on the same inputs
-    skips the driver's encoding and the copy of the map to the device. The last `CACHED_MAPS` are
-    kept (none under the simulator, whose maps hold the array itself). The caller keeps ``array``
-    alive while a kernel reads it."""
+    shape, strides and element type on the same device: the map's bytes are a function of those and the
+    box alone, so a kept buffer is right for any array they describe, and a kernel called again on the
+    same inputs skips the driver's encoding and the copy of the map to the device. The last
+    `CACHED_MAPS` are kept (none under the simulator, whose maps hold the array itself). The caller
+    keeps ``array`` alive while a kernel reads it."""
     if ptx.SIMULATOR:
         return tensor_map(array, box_rows, box_cols, swizzle_bytes).buffer
+    from numba import cuda
+
     interface = _interface(array)
-    key = (interface["data"][0], tuple(interface["shape"]), interface.get("strides"), interface["typestr"], box_rows,
-           box_cols, swizzle_bytes)
+    # the buffer lives on the device that was current when it was made
+    key = (cuda.get_current_device().id, interface["data"][0], tuple(interface["shape"]), interface.get("strides"),
+           interface["typestr"], box_rows, box_cols, swizzle_bytes)
     buffer = _map_buffers.get(key)
     if buffer is None:
         buffer = tensor_map(array, box_rows, box_cols, swizzle_bytes).buffer

@@ -417,7 +417,7 @@ def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal):
 
 def test_tma_arrays_it_cannot_map_are_named():
     """TMA asked for on keys whose (batch, head, key) axes do not collapse into rows is refused with the
-    map's reason; the cp.async schedule takes the same arrays."""
+    map's reason; the default config, which asks for TMA on Hopper, runs the cp.async ring on them."""
     rng = np.random.default_rng(3)
     q, k, v = half_inputs(rng, 1, 2, 2, 16, 32, 32, 16, "f16")
     k_wide = cuda.to_device(to_bits(np.concatenate([k, k], axis=2), "f16"))[:, :, :32]  # heads 64 keys apart
@@ -428,7 +428,6 @@ def test_tma_arrays_it_cannot_map_are_named():
                      config=TileConfig(128, 16, pingpong=True, tma=True))
     with pytest.raises(ValueError, match="pingpong"):
         tc_attention_kernel("f16", 64, 64, TileConfig(128, 64, tma=True))
-    # the default config (TMA on Hopper) runs the cp.async ring on such arrays instead, same bits
     config, maps = _kv_maps(TileConfig(128, 16, pingpong=True, tma=True), k_wide, devs[1], chosen=False)
     assert config == TileConfig(128, 16, pingpong=True) and maps == ()
 
