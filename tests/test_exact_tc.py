@@ -485,15 +485,16 @@ def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal, tm
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, causal", [("f16", True), ("bf16", False)])
-def test_two_blocks_an_sm_give_the_same_bits(kind, causal):
+@pytest.mark.parametrize("kind, causal, tma", [("f16", True, False), ("bf16", False, False), ("f16", False, True)])
+def test_two_blocks_an_sm_give_the_same_bits(kind, causal, tma):
     """A register cap for two blocks an SM (``blocks_per_sm=2``) changes register allocation, not the
-    arithmetic: the ping-pong kernel's O and lse equal the uncapped one's bit for bit (the simulator
-    ignores register caps, so this runs on the GPU only)."""
+    arithmetic: the ping-pong kernel's O and lse equal the uncapped cp.async one's bit for bit, with the
+    ring filled by cp.async or TMA (the simulator ignores register caps, so this runs on the GPU only)."""
     rng = np.random.default_rng(5)
     q, k, v = half_inputs(rng, 1, 2, 1, 300, 517, 64, 64, kind)
     uncapped = run_kernel(q, k, v, kind, causal=causal, config=TileConfig(128, 64, pingpong=True))
-    capped = run_kernel(q, k, v, kind, causal=causal, config=TileConfig(128, 64, pingpong=True, blocks_per_sm=2))
+    capped = run_kernel(q, k, v, kind, causal=causal,
+                        config=TileConfig(128, 64, pingpong=True, blocks_per_sm=2, tma=tma))
     assert_bit_identical("O", capped[0], uncapped[0])
     assert_bit_identical("lse", capped[1], uncapped[1])
 
