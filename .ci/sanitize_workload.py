@@ -147,15 +147,15 @@ def tensor_core_resume():
 
 
 def tma():
-    # the ping-pong ring filled by TMA: whole tiles from thread 0, the tile across the key length (300 of
-    # 333) by cp.async; one launch (GQA, dv != d, d = 80 of three 32-byte column blocks) and resume
+    # the ping-pong and plain rings filled by TMA: whole tiles from thread 0, the tile across the key length
+    # (300 of 333) by cp.async; one launch (GQA, dv != d, d = 80 of five 32-byte column blocks) and resume
     for kind, d, dv, causal in (("f16", 64, 64, True), ("bf16", 128, 128, False), ("f16", 80, 48, True)):
         q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
         lengths = cuda.to_device(np.array([300], np.int32))
-        cfg = TileConfig(128, 64 if d > 64 else 128, pingpong=True, tma=True)
-        tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
-        cuda.synchronize()
-        print("ran tma", kind, d, dv, causal, cfg)
+        for cfg in (TileConfig(128, 64 if d > 64 else 128, pingpong=True, tma=True), TileConfig(128, 64, tma=True)):
+            tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
+            cuda.synchronize()
+            print("ran tma", kind, d, dv, causal, cfg)
     cfg = TileConfig(128, 128, pingpong=True, tma=True)
     q, k, v = dev((1, 2, 200, 64), "f16"), dev((1, 1, 333, 64), "f16"), dev((1, 1, 333, 48), "f16")
     lengths = cuda.to_device(np.array([300], np.int32))

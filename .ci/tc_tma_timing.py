@@ -1,6 +1,6 @@
 """The ping-pong kernel with its ring filled by TMA (``tma=True``) against the cp.async ring, beside
 torch's FlashAttention-2 and cuDNN backends in the same process: fp16, B = 1, H = 8, N from argv
-(default 16384), d = 64 and 128, causal and not; TFLOP/s from the median of 10 timed calls after
+(default 16384), d = 64, 128 (ping-pong) and 256 (plain schedule), causal and not; TFLOP/s from the median of 10 timed calls after
 warm-up, outputs preallocated and NaN-filled (so "written" checks every element), and whether the
 TMA kernel's O and lse equal the cp.async kernel's bit for bit. One line per case, and a JSON record
 under $OUT (or results/bench/) with device, versions, date and configuration.
@@ -8,7 +8,7 @@ under $OUT (or results/bench/) with device, versions, date and configuration.
     python3 .ci/tc_tma_timing.py [N]
 
 results/bench/tc-tma-h200-n16384.json came from this on an H200 (2026-11-28, tree of 2563fd0 less
-the default flip), before the d = 64 two-blocks row was added (not run yet).
+the default flip), before the d = 64 two-blocks row and the d = 256 rows were added (not run yet).
 """
 import datetime
 import json
@@ -28,22 +28,26 @@ from nkattn.timing import attention_flops, cuda_time_ms
 
 B, H = 1, 8
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 16384
-CONFIGS = {"cp.async": TileConfig(128, 128, pingpong=True), "tma": TileConfig(128, 128, pingpong=True, tma=True)}
-# d = 64 also with two blocks an SM (64-key tiles, 126 registers, no spill): its bits differ from the
-# 128-key tiles' (another summation order), so it is timed and checked for written elements only
-TWO_BLOCKS = TileConfig(128, 64, pingpong=True, blocks_per_sm=2, tma=True)
+PINGPONG = {"cp.async": TileConfig(128, 128, pingpong=True), "tma": TileConfig(128, 128, pingpong=True, tma=True)}
+CONFIGS = {
+    # d = 64 also with two blocks an SM (64-key tiles, 126 registers, no spill): its bits differ from the
+    # 128-key tiles' (another summation order), so it is timed and checked for written elements only
+    64: dict(PINGPONG, **{"tma-2-blocks": TileConfig(128, 64, pingpong=True, blocks_per_sm=2, tma=True)}),
+    128: PINGPONG,
+    # d = 256's default, the plain schedule with 32-key tiles
+    256: {"cp.async": TileConfig(128, 32), "tma": TileConfig(128, 32, tma=True)},
+}
 torch.manual_seed(0)
 device = torch.cuda.get_device_name()
 print(device, flush=True)
 records = []
-for d in (64, 128):
+for d, configs in CONFIGS.items():
     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.float16) for _ in range(3))
     qa, ka, va = (cuda.as_cuda_array(x.view(torch.int16)) for x in (q, k, v))
     lengths = cuda.to_device(np.full(B, N, np.int32))
     for causal in (False, True):
         flops = attention_flops(B, H, N, N, d, causal)
         row, outs = {}, {}
-        configs = dict(CONFIGS, **({"tma-2-blocks": TWO_BLOCKS} if d == 64 else {}))
         for name, config in configs.items():
             o, lse = torch.full_like(q, float("nan")), torch.full((B, H, N), float("nan"), device="cuda")
             od, ld = cuda.as_cuda_array(o.view(torch.int16)), cuda.as_cuda_array(lse)
@@ -63,10 +67,10 @@ for d in (64, 128):
         print(f"d={d:3d} causal={causal!s:5}: tma {row['tma']:6.1f} cp.async {row['cp.async']:6.1f} flash {row['flash']:6.1f} "
               f"cudnn {row['cudnn']:6.1f} TFLOP/s | tma/cp.async {row['tma'] / row['cp.async']:.2f} "
               f"/flash {row['tma'] / row['flash']:.2f} /cudnn {row['tma'] / row['cudnn']:.2f} | bits equal {same} "
-              f"| all written {written}" + (f" | tma-2-blocks {row['tma-2-blocks']:6.1f}" if d == 64 else ""), flush=True)
+              f"| all written {written}" + (f" | tma-2-blocks {row['tma-2-blocks']:6.1f}" if "tma-2-blocks" in row else ""), flush=True)
 meta = {"device": device, "date": datetime.date.today().isoformat(), "numba": numba.__version__,
         "numba_cuda": numba_cuda.__version__, "torch": torch.__version__, "B": B, "H": H, "N": N, "dtype": "float16",
-        "configs": {name: repr(c) for name, c in dict(CONFIGS, **{"tma-2-blocks (d = 64)": TWO_BLOCKS}).items()}, "timing": "CUDA events, median of 10 after 3 warm-up"}
+        "configs": {d: {name: repr(c) for name, c in configs.items()} for d, configs in CONFIGS.items()}, "timing": "CUDA events, median of 10 after 3 warm-up"}
 out_dir = os.environ.get("OUT") or "results/bench"
 slug = "h200" if "H200" in device else "h100" if "H100" in device else "gpu"
 with open(os.path.join(out_dir, f"tc-tma-{slug}-n{N}.json"), "w") as f:

@@ -98,15 +98,17 @@ class TileConfig:
     (`results/bench/tc-blocks-per-sm-h200.txt`): 1.12x the default at d = 64 without a mask,
     slower causal and at d = 128, so not the default.
 
-    ``tma`` (the ping-pong schedule): thread 0 fills a ring slot with K and V tiles by TMA copies
-    (`tma.tensor_map`) in place of every thread's cp.async chunks, whose address arithmetic and
-    bounds checks took 378 of the 988 instructions a warp issued per tile (ncu, H200, d = 128).
+    ``tma`` (the wgmma half kernels, either schedule): thread 0 fills a ring slot with K and V tiles
+    by TMA copies (`tma.tensor_map`) in place of every thread's cp.async chunks, whose address
+    arithmetic and bounds checks took 378 of the 988 instructions a warp issued per tile (ncu, H200,
+    d = 128, ping-pong).
     A tile that runs past the key length still goes by cp.async, which zero-fills the rows past it:
     the rows a TMA box would read there are the next head's or padding, which may hold non-finite
     values that a zero P would not cancel (0·inf). The same bytes land either way, so the bits do
     not change. Measured on the H200 (`.ci/tc_tma_timing.py`, fp16, N = 16K, H = 8): 1.21x the
     cp.async ring at d = 128 (508 TFLOP/s, 0.77x cuDNN; causal 460, 0.81x), 0.97-1.04x at d = 64,
-    so the default (`default_config`); arrays a map cannot describe run the cp.async ring.
+    so the default (`default_config`); arrays a map cannot describe run the cp.async ring. The plain
+    schedule's TMA ring (d = 256's default schedule; `_ring_functions`) has not run on a GPU.
     """
 
     block_m: int
@@ -444,7 +446,7 @@ def block_functions(block_m: int, block_n: int, element_bytes: int, smem_type, q
     return block_start_resume if resume else block_start
 
 
-def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_tile, issue_pv):
+def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_tile, issue_pv, tma=None):
     """The K/V ring of the wgmma kernels that stage Q once and tile j of K and V in slot j % `STAGES`
     (the half kernels, the fp8 kernel), around their ``load_q`` (`tile_functions`), ``load_tile(smem,
     base, k, v, b, kvh, j, nk_b, tid)`` and ``issue_pv(smem, acc_pv, p_regs, v_desc, j)``; a slot is
@@ -460,9 +462,20 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
     loads Q and tiles 0 and 1 and, where the block has a tile, computes S_0;
     ``ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, n_tiles)``,
     iteration j, waits for tile j + 1, refills tile j - 1's slot with tile j + 2 and issues the tile's
-    products (`issue_tile`); returns whether tile j + 1 exists.
+    products (`issue_tile`); returns whether tile j + 1 exists. Both take the TMA maps of k and v
+    last (``k_map, v_map``; anything when ``tma`` is None).
+
+    ``tma = (tma_tile, full0, bar_stride, block_n)``: thread 0 fills a slot with a whole tile (one
+    below the key length) by ``tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)``, which
+    expects its bytes on the slot's mbarrier (at shared index ``full0 + slot · bar_stride``, one
+    arrival a phase: thread 0's), and every thread waits for that mbarrier where it waited for its
+    cp.async group; a tile across the key length goes by ``load_tile`` (`TileConfig.tma`). Only
+    the tiles before the first such tile fill by TMA, so tile t is the (t // STAGES)-th fill of its
+    slot's mbarrier.
     """
     QK_STEPS, Q_DELTAS, K_DELTAS, SLOT_UNITS = len(q_deltas), q_deltas, k_deltas, slot_units
+    TMA = tma is not None
+    tma_tile, FULL0, BAR_STRIDE, BN = tma if TMA else (None, 0, 0, 0)
     wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
     wait_mma_all = ptx.wgmma_wait(0)
 
@@ -483,17 +496,56 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
         issue_pv(smem, acc_pv, p_regs, v_desc, j)
         ptx.wgmma_commit()
 
+    if TMA:
+        @cuda.jit(device=True, inline="always")
+        def by_tma(t, nk_b):
+            return (t + 1) * BN <= nk_b
+
+        @cuda.jit(device=True, inline="always")
+        def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid):
+            if by_tma(t, nk_b):
+                if tid == 0:
+                    full = FULL0 + ring_slot(t) * BAR_STRIDE
+                    tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
+                    ptx.mbarrier_arrive(smem, full)
+            else:
+                load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
+
+        @cuda.jit(device=True, inline="always")
+        def wait_tile(smem, t, nk_b):
+            # every thread, not thread 0 alone: a wait loop on a divergent path serializes every wgmma
+            if by_tma(t, nk_b):
+                ptx.mbarrier_wait(smem, FULL0 + ring_slot(t) * BAR_STRIDE, ring_parity(t))
+    else:
+        @cuda.jit(device=True, inline="always")
+        def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid):
+            load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
+
+        @cuda.jit(device=True, inline="always")
+        def wait_tile(smem, t, nk_b):
+            pass
+
     @cuda.jit(device=True, inline="always")
-    def ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q_cols, nk_b, tid, acc_s, q_desc, k_desc, n_tiles):
+    def ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q_cols, nk_b, tid, acc_s, q_desc, k_desc, n_tiles, k_map,
+                   v_map):
+        if TMA:
+            if tid == 0:
+                for slot in range(STAGES):
+                    ptx.mbarrier_init(smem, FULL0 + slot * BAR_STRIDE, 1)
+                ptx.tensormap_acquire(k_map)
+                ptx.tensormap_acquire(v_map)
+            cuda.syncthreads()  # the mbarriers are set before a copy completes on one or anyone waits
         # Q and tile 0 (one group), tile 1 (the next)
         load_q(smem, base, q, b, h, row0, nq, q_cols, tid)
         if n_tiles > 0:
-            load_tile(smem, base, k, v, b, kvh, 0, nk_b, tid)
+            fill(smem, base, k, v, k_map, v_map, b, kvh, 0, nk_b, tid)
         ptx.cp_async_commit()
         if n_tiles > 1:
-            load_tile(smem, base, k, v, b, kvh, 1, nk_b, tid)
+            fill(smem, base, k, v, k_map, v_map, b, kvh, 1, nk_b, tid)
         ptx.cp_async_commit()
         wait_copies_but_one()
+        if n_tiles > 0:
+            wait_tile(smem, 0, nk_b)
         ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
         cuda.syncthreads()  # Q and tile 0 are in shared memory
         if n_tiles > 0:
@@ -503,12 +555,15 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
             wait_mma_all()
 
     @cuda.jit(device=True, inline="always")
-    def ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, n_tiles):
+    def ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, n_tiles, k_map,
+                  v_map):
         wait_copies_all()
+        if j + 1 < n_tiles:
+            wait_tile(smem, j + 1, nk_b)
         ptx.fence_proxy_async()
         cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
         if j + 2 < n_tiles:
-            load_tile(smem, base, k, v, b, kvh, j + 2, nk_b, tid)
+            fill(smem, base, k, v, k_map, v_map, b, kvh, j + 2, nk_b, tid)
             ptx.cp_async_commit()
         more = j + 1 < n_tiles
         issue_tile(smem, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j, more)
@@ -555,8 +610,8 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
         raise ValueError(f"bad tile config {config}")
     if config.pingpong and (kind not in HALF_KINDS or config.block_m != 128 or config.overlap):
         raise ValueError(f"pingpong takes a half kind, two warpgroups (block_m=128) and no overlap, got {kind!r}, {config}")
-    if config.tma and not config.pingpong:
-        raise ValueError(f"tma fills the ping-pong schedule's ring (pingpong=True), got {config}")
+    if config.tma and (kind not in HALF_KINDS or config.mma_sync):
+        raise ValueError(f"tma fills the ring of the wgmma half kernels, got {kind!r}, {config}")
     if config.blocks_per_sm < 1 or (config.blocks_per_sm > 1 and (kind not in HALF_KINDS or config.mma_sync)):
         raise ValueError(f"blocks_per_sm caps the registers of the wgmma half kernels, at least 1, got {kind!r}, {config}")
     if config.mma_sync:
@@ -677,8 +732,37 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             if SPLIT_O:
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
 
-    issue_qk, issue_tile, ring_start, ring_step = _ring_functions(SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q,
-                                                                  load_tile, issue_pv)
+    # mbarriers after the ring, 8 bytes each: full[s] (the slot's tile has landed) and, in the
+    # ping-pong schedule, empty[s] (both warpgroups are done with it)
+    BAR_OFFSET = padded(k_tile.offset + STAGES * SLOT, 8)
+    PINGPONG_SHARED_BYTES = BAR_OFFSET + 2 * STAGES * 8 + TILE_ALIGN
+    FULL0, EMPTY0, BAR_STRIDE = BAR_OFFSET // ESIZE, BAR_OFFSET // ESIZE + STAGES * 8 // ESIZE, 8 // ESIZE
+    if TMA and not config.pingpong:
+        SHARED_BYTES = BAR_OFFSET + STAGES * 8 + TILE_ALIGN
+
+    K_COPY0, V_COPY0 = k_tile.offset // ESIZE, v_tile.offset // ESIZE
+    K_BLOCK_ELEMS, V_BLOCK_ELEMS = k_tile.block_bytes // ESIZE, v_tile.block_bytes // ESIZE
+    K_BOX_COLS, V_BOX_COLS = k_tile.width // ESIZE, v_tile.width // ESIZE
+    K_BLOCKS, V_BLOCKS = k_tile.blocks, v_tile.blocks
+    TILE_TX = BN * (k_tile.nbytes // k_tile.rows + v_tile.nbytes // v_tile.rows)  # a K and a V box per column block
+
+    @cuda.jit(device=True, inline="always")
+    def tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full):
+        """Thread 0: tile t of K and V into its slot by TMA, their bytes expected on ``full``; the
+        maps view k and v as rows of (b, kv head, key), so tile t of a head is one box a column block."""
+        ptx.mbarrier_expect_tx(smem, full, TILE_TX)
+        slot = base + ring_slot(t) * SLOT_ELEMS
+        row = (b * k.shape[1] + kvh) * k.shape[2] + t * BN
+        for c in range(K_BLOCKS):
+            ptx.cp_async_bulk_tensor_2d(smem, slot + K_COPY0 + c * K_BLOCK_ELEMS, k_map, c * K_BOX_COLS, row, smem,
+                                        full)
+        for c in range(V_BLOCKS):
+            ptx.cp_async_bulk_tensor_2d(smem, slot + V_COPY0 + c * V_BLOCK_ELEMS, v_map, c * V_BOX_COLS, row, smem,
+                                        full)
+
+    issue_qk, issue_tile, ring_start, ring_step = _ring_functions(
+        SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv,
+        (tma_tile, FULL0, BAR_STRIDE, BN) if TMA else None)
 
     @cuda.jit(device=True, inline="always")
     def start_rows(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, first):
@@ -756,7 +840,8 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         m0, m1, l0, l1 = start_rows(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, first)
 
         # prologue: S_0 and its softmax
-        ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q.shape[3], nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
+        ring_start(smem, base, q, k, v, b, h, kvh, row0, nq, q.shape[3], nk_b, tid, acc_s, q_desc, k_desc, n_tiles,
+                   k_map, v_map)
         if n_tiles > 0:
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, key_offset, key_offset + BN > block_kv_min, kv_end0,
                                                        kv_end1, m0, m1, tq, tid, qk_scale_log2)
@@ -765,7 +850,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
 
         for j in range(n_tiles):
             more = ring_step(smem, base, k, v, b, kvh, nk_b, tid, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j,
-                             n_tiles)
+                             n_tiles, k_map, v_map)
             if more:
                 if OVERLAP:
                     wait_mma_but_one()  # S_{j+1} is done; P_j V_j may still run during the softmax
@@ -784,32 +869,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     if not config.pingpong:
         return kernel_entry(plain), SHARED_BYTES
 
-    # mbarriers after the ring, 8 bytes each: full[s] (the slot's tile has landed) and empty[s]
-    # (both warpgroups are done with it), every thread arriving at each once per tile
-    BAR_OFFSET = padded(k_tile.offset + STAGES * SLOT, 8)
-    PINGPONG_SHARED_BYTES = BAR_OFFSET + 2 * STAGES * 8 + TILE_ALIGN
-    FULL0, EMPTY0, BAR_STRIDE = BAR_OFFSET // ESIZE, BAR_OFFSET // ESIZE + STAGES * 8 // ESIZE, 8 // ESIZE
     TURN = 1  # named barriers TURN (warpgroup 0's turn) and TURN + 1 (warpgroup 1's); 0 is syncthreads
-
-    K_COPY0, V_COPY0 = k_tile.offset // ESIZE, v_tile.offset // ESIZE
-    K_BLOCK_ELEMS, V_BLOCK_ELEMS = k_tile.block_bytes // ESIZE, v_tile.block_bytes // ESIZE
-    K_BOX_COLS, V_BOX_COLS = k_tile.width // ESIZE, v_tile.width // ESIZE
-    K_BLOCKS, V_BLOCKS = k_tile.blocks, v_tile.blocks
-    TILE_TX = BN * (k_tile.nbytes // k_tile.rows + v_tile.nbytes // v_tile.rows)  # a K and a V box per column block
-
-    @cuda.jit(device=True, inline="always")
-    def tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full):
-        """Thread 0: tile t of K and V into its slot by TMA, their bytes expected on ``full``; the
-        maps view k and v as rows of (b, kv head, key), so tile t of a head is one box a column block."""
-        ptx.mbarrier_expect_tx(smem, full, TILE_TX)
-        slot = base + ring_slot(t) * SLOT_ELEMS
-        row = (b * k.shape[1] + kvh) * k.shape[2] + t * BN
-        for c in range(K_BLOCKS):
-            ptx.cp_async_bulk_tensor_2d(smem, slot + K_COPY0 + c * K_BLOCK_ELEMS, k_map, c * K_BOX_COLS, row, smem,
-                                        full)
-        for c in range(V_BLOCKS):
-            ptx.cp_async_bulk_tensor_2d(smem, slot + V_COPY0 + c * V_BLOCK_ELEMS, v_map, c * V_BOX_COLS, row, smem,
-                                        full)
 
     if TMA:
         @cuda.jit(device=True, inline="always")

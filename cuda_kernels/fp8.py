@@ -300,8 +300,8 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
         p_regs = cuda.local.array(NP, np.uint32)
         m0, m1, l0, l1 = empty_rows(acc_o)
 
-        # prologue: S_0 and its softmax
-        ring_start(smem, base, q8, k8, vt8, b, h, kvh, row0, nq, DP, nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
+        # prologue: S_0 and its softmax (k8 twice in place of TMA maps: this ring fills by cp.async)
+        ring_start(smem, base, q8, k8, vt8, b, h, kvh, row0, nq, DP, nk_b, tid, acc_s, q_desc, k_desc, n_tiles, k8, k8)
         if n_tiles > 0:
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
                                                        tile_scale(qk_scale_log2, s_q, k_scale, b, kvh, 0))
@@ -311,7 +311,7 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
 
         for j in range(n_tiles):
             more = ring_step(smem, base, k8, vt8, b, kvh, nk_b, tid, acc_s, acc_pv, p_regs, q_desc, k_desc, v_desc, j,
-                             n_tiles)
+                             n_tiles, k8, k8)
             wait_mma_all()
             if more:
                 tile_start = (j + 1) * BN

@@ -290,8 +290,8 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
         p_regs = cuda.local.array(NP, np.uint32)
         m0, m1, l0, l1 = empty_rows(acc_o)
 
-        # prologue: S_0 and its softmax
-        ring_start(smem, base, q8, k8, v, b, h, kvh, row0, nq, DP, nk_b, tid, acc_s, q_desc, k_desc, n_tiles)
+        # prologue: S_0 and its softmax (k8 twice in place of TMA maps: this ring fills by cp.async)
+        ring_start(smem, base, q8, k8, v, b, h, kvh, row0, nq, DP, nk_b, tid, acc_s, q_desc, k_desc, n_tiles, k8, k8)
         if n_tiles > 0:
             scaled_scores(acc_s, acc_t, s_q, k_scale, b, kvh, 0)
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_t, 0, BN > block_kv_min, kv_end0, kv_end1, m0, m1, tq, tid,
@@ -303,7 +303,7 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
         for j in range(n_tiles):
             # acc_o was rescaled and p_regs packed by ordinary instructions: ring_step fences first
             more = ring_step(smem, base, k8, v, b, kvh, nk_b, tid, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j,
-                             n_tiles)
+                             n_tiles, k8, k8)
             wait_mma_all()
             if more:
                 tile_start = (j + 1) * BN

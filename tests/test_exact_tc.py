@@ -390,26 +390,30 @@ def test_pingpong_gives_the_default_bits(kind, nq, nk, causal):
         tc_attention_kernel(kind, 64, 64, TileConfig(64, 64, pingpong=True))
 
 
-@pytest.mark.parametrize("kind, nq, nk, causal", [
-    pytest.param("f16", 40, 100, True, id="f16-causal-7-tiles"),
-    pytest.param("bf16", 300, 517, False, id="bf16", marks=pytest.mark.gpu),
-    pytest.param("f16", 1000, 1000, True, id="f16-causal-1000", marks=pytest.mark.gpu),
+@pytest.mark.parametrize("kind, nq, nk, causal, pingpong", [
+    pytest.param("f16", 40, 100, True, True, id="f16-causal-7-tiles"),
+    pytest.param("f16", 40, 100, True, False, id="f16-causal-7-tiles-plain"),
+    pytest.param("bf16", 300, 517, False, True, id="bf16", marks=pytest.mark.gpu),
+    pytest.param("f16", 1000, 1000, True, True, id="f16-causal-1000", marks=pytest.mark.gpu),
+    pytest.param("bf16", 300, 517, True, False, id="bf16-causal-plain", marks=pytest.mark.gpu),
 ])
-def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal):
+def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal, pingpong):
     """TMA (``tma=True``) lands the bytes the cp.async ring does: O and lse equal the cp.async
-    ping-pong kernel's bit for bit. Batch 0's keys and values past its key length are NaN, which
-    neither kernel may read: its tile across the length goes by zero-filling cp.async (a TMA box
-    would copy the NaN rows, and 0·NaN in P·V is NaN). Batch 1 has no key at all; GQA on the GPU."""
+    kernel's of the same schedule bit for bit. Batch 0's keys and values past its key length are
+    NaN, which neither kernel may read: its tile across the length goes by zero-filling cp.async (a
+    TMA box would copy the NaN rows, and 0·NaN in P·V is NaN). Batch 1 has no key at all; GQA on the
+    GPU. The plain schedule runs one warpgroup in the simulator."""
     rng = np.random.default_rng(9)
     heads = (2, 1) if REAL_GPU else (1, 1)
     q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
-    block_n = 128 if REAL_GPU else 16
+    block_m, block_n = (128, 128) if REAL_GPU else (128 if pingpong else 64, 16)
     lengths = [nk - 37, 0]
     k[0, :, lengths[0]:] = np.nan
     v[0, :, lengths[0]:] = np.nan
-    cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=TileConfig(128, block_n, pingpong=True))
+    cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
+                          config=TileConfig(block_m, block_n, pingpong=pingpong))
     by_tma = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
-                        config=TileConfig(128, block_n, pingpong=True, tma=True))
+                        config=TileConfig(block_m, block_n, pingpong=pingpong, tma=True))
     assert not np.isnan(from_bits(by_tma[0], kind)).any()
     assert_bit_identical("O", by_tma[0], cp_async[0])
     assert_bit_identical("lse", by_tma[1], cp_async[1])
@@ -426,8 +430,9 @@ def test_tma_arrays_it_cannot_map_are_named():
     with pytest.raises(ValueError, match="tma=True.*collapses its leading axes"):
         tc_attention(devs[0], k_wide, devs[1], lengths, causal=False, scale=0.125, kind="f16",
                      config=TileConfig(128, 16, pingpong=True, tma=True))
-    with pytest.raises(ValueError, match="pingpong"):
-        tc_attention_kernel("f16", 64, 64, TileConfig(128, 64, tma=True))
+    for kind, config in (("tf32", TileConfig(64, 64, tma=True)), ("f16", TileConfig(128, 64, mma_sync=True, tma=True))):
+        with pytest.raises(ValueError, match="tma fills the ring of the wgmma half kernels"):
+            tc_attention_kernel(kind, 64, 64, config)
     config, maps = _kv_maps(TileConfig(128, 16, pingpong=True, tma=True), k_wide, devs[1], chosen=False)
     assert config == TileConfig(128, 16, pingpong=True) and maps == ()
 
@@ -462,6 +467,7 @@ def run_fold(q, k, v, kind, *, causal, key_lengths, config, row_cuts, key_cuts):
     pytest.param("f16", True, True, False, id="f16-pingpong-causal", marks=pytest.mark.gpu),
     pytest.param("bf16", False, False, False, id="bf16-plain", marks=pytest.mark.gpu),
     pytest.param("f16", True, True, True, id="f16-pingpong-tma-causal", marks=pytest.mark.gpu),
+    pytest.param("bf16", False, True, True, id="bf16-plain-tma-causal", marks=pytest.mark.gpu),
 ])
 def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal, tma):
     """The resume entry (`tc_attention_fold`): query chunks that fold the key chunks in order, each
