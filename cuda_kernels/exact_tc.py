@@ -467,7 +467,7 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
 
     ``tma = (tma_tile, full0, bar_stride, block_n)``: thread 0 fills a slot with a whole tile (one
     below the key length) by ``tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)``, which
-    expects its bytes on the slot's mbarrier (at shared index ``full0 + slot · bar_stride``, one
+    expects its bytes on the slot's mbarrier (at shared index ``base + full0 + slot · bar_stride``, one
     arrival a phase: thread 0's), and every thread waits for that mbarrier where it waited for its
     cp.async group; a tile across the key length goes by ``load_tile`` (`TileConfig.tma`). Only
     the tiles before the first such tile fill by TMA, so tile t is the (t // STAGES)-th fill of its
@@ -505,24 +505,24 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
         def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid):
             if by_tma(t, nk_b):
                 if tid == 0:
-                    full = FULL0 + ring_slot(t) * BAR_STRIDE
+                    full = base + FULL0 + ring_slot(t) * BAR_STRIDE
                     tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
                     ptx.mbarrier_arrive(smem, full)
             else:
                 load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
 
         @cuda.jit(device=True, inline="always")
-        def wait_tile(smem, t, nk_b):
+        def wait_tile(smem, base, t, nk_b):
             # every thread, not thread 0 alone: a wait loop on a divergent path serializes every wgmma
             if by_tma(t, nk_b):
-                ptx.mbarrier_wait(smem, FULL0 + ring_slot(t) * BAR_STRIDE, ring_parity(t))
+                ptx.mbarrier_wait(smem, base + FULL0 + ring_slot(t) * BAR_STRIDE, ring_parity(t))
     else:
         @cuda.jit(device=True, inline="always")
         def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid):
             load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
 
         @cuda.jit(device=True, inline="always")
-        def wait_tile(smem, t, nk_b):
+        def wait_tile(smem, base, t, nk_b):
             pass
 
     @cuda.jit(device=True, inline="always")
@@ -531,7 +531,7 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
         if TMA:
             if tid == 0:
                 for slot in range(STAGES):
-                    ptx.mbarrier_init(smem, FULL0 + slot * BAR_STRIDE, 1)
+                    ptx.mbarrier_init(smem, base + FULL0 + slot * BAR_STRIDE, 1)
                 ptx.tensormap_acquire(k_map)
                 ptx.tensormap_acquire(v_map)
             cuda.syncthreads()  # the mbarriers are set before a copy completes on one or anyone waits
@@ -545,7 +545,7 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
         ptx.cp_async_commit()
         wait_copies_but_one()
         if n_tiles > 0:
-            wait_tile(smem, 0, nk_b)
+            wait_tile(smem, base, 0, nk_b)
         ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
         cuda.syncthreads()  # Q and tile 0 are in shared memory
         if n_tiles > 0:
@@ -559,7 +559,7 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
                   v_map):
         wait_copies_all()
         if j + 1 < n_tiles:
-            wait_tile(smem, j + 1, nk_b)
+            wait_tile(smem, base, j + 1, nk_b)
         ptx.fence_proxy_async()
         cuda.syncthreads()  # tile j + 1 is in shared memory; every warpgroup is done with tile j - 1's slot
         if j + 2 < n_tiles:
