@@ -702,10 +702,15 @@ else:  # ------------------------------------------------------------- simulator
                 _scratch[key] = np.zeros(shape, dtype=dtype)
             return _scratch[key]
 
+    # The simulator's shared "address" is the byte offset in the block's dynamic buffer plus this, so
+    # that, as on a GPU, the buffer does not start on a 1024-byte boundary: a kernel that indexes a
+    # tile, a TMA destination or an mbarrier from the buffer's start instead of its aligned `base`
+    # lands off the swizzle atoms the stand-ins check (the stand-ins swizzle absolute addresses).
+    SHARED_BASE = 528
+
     @cuda.jit(device=True)
     def shared_address(arr, idx):
-        # the simulator's shared "address" is the byte offset in the block's dynamic buffer
-        return int(idx) * arr.dtype.itemsize
+        return int(idx) * arr.dtype.itemsize + SHARED_BASE
 
     @cuda.jit(device=True)
     def cp_async16(smem, smem_idx, src, b, h, row, col, src_bytes):
@@ -790,12 +795,25 @@ else:  # ------------------------------------------------------------- simulator
         # by address: the simulator may hand each thread its own view of the block's shared memory
         return tuple(cuda.blockIdx), "mbarrier", smem.__array_interface__["data"][0] + int(idx) * smem.dtype.itemsize
 
+    # an mbarrier's 8 bytes hold this from its init on: a tile copied over them shows at its next use
+    _MBARRIER_STAMP = np.frombuffer(b"mbarrier", dtype=np.uint8)
+
+    def _mbarrier_bytes(smem, idx):
+        start = int(idx) * smem.dtype.itemsize
+        return smem.view(np.uint8)[start : start + 8]
+
     def _mbarrier(smem, idx):
+        if not np.array_equal(_mbarrier_bytes(smem, idx), _MBARRIER_STAMP):
+            raise RuntimeError(f"the 8 bytes of the mbarrier at shared address {shared_address(smem, idx)} were "
+                               "overwritten: the shared-memory layout puts it under a tile")
         with _scratch_lock:
             return _barriers[_mbarrier_key(smem, idx)]
 
     @cuda.jit(device=True)
     def mbarrier_init(smem, idx, count):
+        if shared_address(smem, idx) % 8:
+            raise ValueError(f"an mbarrier is 8-byte aligned, got shared address {shared_address(smem, idx)}")
+        _mbarrier_bytes(smem, idx)[:] = _MBARRIER_STAMP
         with _scratch_lock:
             _barriers[_mbarrier_key(smem, idx)] = _MBarrier(count)
 
@@ -833,14 +851,14 @@ else:  # ------------------------------------------------------------- simulator
         c0, c1 = max(col, 0), min(col + tmap.box_cols, view.shape[1])
         if r0 < r1 and c0 < c1:
             box[r0 - row : r1 - row, c0 - col : c1 - col] = view[r0:r1, c0:c1]
-        start = int(smem_idx) * smem.dtype.itemsize
+        start = int(smem_idx) * smem.dtype.itemsize + SHARED_BASE  # the address the hardware sees
         if start % TMA_SMEM_ALIGN:
-            raise ValueError(f"a TMA destination must be {TMA_SMEM_ALIGN}-byte aligned, got byte {start}")
+            raise ValueError(f"a TMA destination must be {TMA_SMEM_ALIGN}-byte aligned, got address {start}")
         chunks = box.view(np.uint8).reshape(tmap.box_rows, width // 16, 16)
         raw = smem.view(np.uint8)
         for r in range(tmap.box_rows):
             for c in range(width // 16):
-                at = swizzle(start + r * width + 16 * c, width)
+                at = swizzle(start + r * width + 16 * c, width) - SHARED_BASE
                 raw[at : at + 16] = chunks[r, c]
         _mbarrier(bars, bar_idx).complete_tx(box.nbytes)
 
@@ -1018,7 +1036,7 @@ else:  # ------------------------------------------------------------- simulator
         """The (rows x K) operand a descriptor points at, as float64 values: its bytes read whatever
         the buffer's element type (the int8 kernel keeps s8 and f16 operands in one byte buffer)."""
         esize = ELEMENT_BYTES[kind]
-        idx = _operand_index(int(desc), esize, 1, rows, k_step, bool(mn_major))
+        idx = _operand_index(int(desc), esize, 1, rows, k_step, bool(mn_major)) - SHARED_BASE
         raw = smem.view(np.uint8)[idx[..., None] + np.arange(esize)]
         bits = np.ascontiguousarray(raw).view(_BITS_TYPES[esize])[..., 0]
         return _half_values(bits.view(np.float32) if kind == "tf32" else bits, kind)
