@@ -220,8 +220,9 @@ def fp8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig, out_
     if config.block_n != SCALE_BLOCK or config.block_m % 64 or not 64 <= config.block_m <= 192:
         raise ValueError(f"the fp8 kernel takes tiles of {SCALE_BLOCK} keys (one K and V scale each) and 64, 128 or "
                          f"192 rows, got {config}")
-    if config.overlap or config.pingpong or config.mma_sync or config.blocks_per_sm != 1:
-        raise ValueError(f"the fp8 kernel has the plain wgmma schedule only, uncapped, got {config}")
+    if config.overlap or config.pingpong or config.mma_sync or config.blocks_per_sm != 1 or config.tma:
+        raise ValueError(f"the fp8 kernel has the plain wgmma schedule only, uncapped, its ring filled by cp.async, "
+                         f"got {config}")
     BM, BN = config.block_m, config.block_n
     NWG = BM // 64
     THREADS = 128 * NWG

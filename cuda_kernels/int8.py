@@ -224,8 +224,9 @@ def int8_attention_kernel(head_dim: int, value_dim: int, config: TileConfig):
     if config.block_n != TILE_N or config.block_m not in (64, 128):
         raise ValueError(f"the int8 kernel takes tiles of {TILE_N} keys (two K scales each) and 64 or 128 rows "
                          f"(a warpgroup's rows in one Q scale block), got {config}")
-    if config.overlap or config.pingpong or config.mma_sync or config.blocks_per_sm != 1:
-        raise ValueError(f"the int8 kernel has the plain wgmma schedule only, uncapped, got {config}")
+    if config.overlap or config.pingpong or config.mma_sync or config.blocks_per_sm != 1 or config.tma:
+        raise ValueError(f"the int8 kernel has the plain wgmma schedule only, uncapped, its ring filled by cp.async, "
+                         f"got {config}")
     BM, BN = config.block_m, config.block_n
     NWG = BM // 64
     THREADS = 128 * NWG

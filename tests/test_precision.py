@@ -1170,7 +1170,7 @@ def test_fp8_kernel_refuses_what_it_cannot_run():
             fp8_attention_kernel(d, dv, TileConfig(128, 128))
     with pytest.raises(ValueError, match="tiles of 128 keys"):
         fp8_attention_kernel(64, 64, TileConfig(128, 64))
-    for config in (TileConfig(128, 128, pingpong=True), TileConfig(128, 128, blocks_per_sm=2)):
+    for config in (TileConfig(128, 128, pingpong=True), TileConfig(128, 128, blocks_per_sm=2), TileConfig(128, 128, tma=True)):
         with pytest.raises(ValueError, match="plain wgmma schedule only"):
             fp8_attention_kernel(64, 64, config)
     with pytest.raises(ValueError, match="out_kind must be one of"):
@@ -1382,6 +1382,6 @@ def test_int8_kernel_refuses_what_it_cannot_run():
     for config in (TileConfig(128, 64), TileConfig(192, 128)):
         with pytest.raises(ValueError, match="tiles of 128 keys"):
             int8_attention_kernel(64, 64, config)
-    for config in (TileConfig(128, 128, pingpong=True), TileConfig(128, 128, blocks_per_sm=2)):
+    for config in (TileConfig(128, 128, pingpong=True), TileConfig(128, 128, blocks_per_sm=2), TileConfig(128, 128, tma=True)):
         with pytest.raises(ValueError, match="plain wgmma schedule only"):
             int8_attention_kernel(64, 64, config)
