@@ -1151,12 +1151,17 @@ def test_fp8_kernel_within_the_written_bound(b, h, hkv, nq, nk, d, dv, causal, l
 @pytest.mark.parametrize("d", [64, 128])
 def test_fp8_kernel_writes_every_output_and_repeats_its_bits(d):
     """O preallocated as bf16 NaN is all written (no NaN left); 50 more runs give the same bits."""
-    q, k, v = _bf16_inputs(32, 2, 4, 2, 700, 900, d, d)
-    poisoned = cuda.to_device(np.full((2, 4, 700, d), 0x7FC0, np.uint16))
-    first = _fp8_run(q, k, v, causal=True, out=poisoned)
+    _assert_writes_every_output_and_repeats(_fp8_run, *_bf16_inputs(32, 2, 4, 2, 700, 900, d, d), nan_bits=0x7FC0)
+
+
+def _assert_writes_every_output_and_repeats(run, q, k, v, *, nan_bits):
+    """``run`` (causal) into an O preallocated as the NaN ``nan_bits`` leaves no NaN, and 50 more runs
+    give its O and lse bit for bit."""
+    poisoned = cuda.to_device(np.full((*q.shape[:3], v.shape[3]), nan_bits, np.uint16))
+    first = run(q, k, v, causal=True, out=poisoned)
     assert not np.isnan(first[0]).any()
     for _ in range(50):
-        again = _fp8_run(q, k, v, causal=True)
+        again = run(q, k, v, causal=True)
         assert_bit_identical("O", again[0], first[0])
         assert_bit_identical("lse", again[1], first[1])
 
@@ -1362,14 +1367,7 @@ def test_int8_kernel_within_the_written_bound(b, h, hkv, nq, nk, d, dv, causal, 
 @pytest.mark.parametrize("d", [64, 128])
 def test_int8_kernel_writes_every_output_and_repeats_its_bits(d):
     """O preallocated as f16 NaN is all written (no NaN left); 50 more runs give the same bits."""
-    q, k, v = _f16_inputs(42, 2, 4, 2, 700, 900, d, d)
-    poisoned = cuda.to_device(np.full((2, 4, 700, d), 0x7E00, np.uint16))
-    first = _int8_run(q, k, v, causal=True, out=poisoned)
-    assert not np.isnan(first[0]).any()
-    for _ in range(50):
-        again = _int8_run(q, k, v, causal=True)
-        assert_bit_identical("O", again[0], first[0])
-        assert_bit_identical("lse", again[1], first[1])
+    _assert_writes_every_output_and_repeats(_int8_run, *_f16_inputs(42, 2, 4, 2, 700, 900, d, d), nan_bits=0x7E00)
 
 
 def test_int8_kernel_refuses_what_it_cannot_run():
