@@ -52,13 +52,19 @@ def dev(shape, kind):
     return cuda.to_device(x.astype(np.float32))
 
 
+def kernel_inputs(kind, d, dv):
+    """q (1, 2, 200, d), k and v (1, 1, 333, d / dv) of ``kind`` (two query heads on one key/value head),
+    and a key length of 300 that ends inside a key tile."""
+    q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
+    return q, k, v, cuda.to_device(np.array([300], np.int32))
+
+
 def tensor_core():
     for kind, d, dv, causal, cfg in [("f16", 64, 64, True, None), ("bf16", 128, 128, False, None), ("f16", 80, 48, True, None),
                                      ("f16", 64, 64, True, TileConfig(64, 128)), ("f16", 64, 64, True, TileConfig(128, 128)), ("f16", 64, 48, True, TileConfig(128, 64, pingpong=True)),
                                      ("bf16", 128, 128, False, TileConfig(128, 128, pingpong=True)), ("tf32x3", 64, 64, True, None),
                                      ("tf32", 96, 96, False, None), ("bf16", 256, 256, True, None)]:
-        q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
-        lengths = cuda.to_device(np.array([300], np.int32))
+        q, k, v, lengths = kernel_inputs(kind, d, dv)
         tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
         cuda.synchronize()
         print("ran", kind, d, dv, causal, cfg)
@@ -103,8 +109,7 @@ def mma_sync():
     for kind, d, dv, causal, cfg in [("f16", 64, 64, True, mma_sync_config(64, 64)), ("bf16", 128, 128, False, mma_sync_config(128, 128)),
                                      ("f16", 80, 48, True, mma_sync_config(80, 48)), ("bf16", 256, 256, True, mma_sync_config(256, 256)),
                                      ("f16", 64, 64, True, TileConfig(64, 64, mma_sync=True))]:
-        q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
-        lengths = cuda.to_device(np.array([300], np.int32))
+        q, k, v, lengths = kernel_inputs(kind, d, dv)
         tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
         cuda.synchronize()
         print("ran mma.sync", kind, d, dv, causal, cfg)
@@ -112,8 +117,7 @@ def mma_sync():
 
 def fp8():
     for d, dv, causal, out_kind in [(64, 64, True, "bf16"), (128, 128, False, "bf16"), (80, 48, True, "f16")]:
-        q, k, v = dev((1, 2, 200, d), "bf16"), dev((1, 1, 333, d), "bf16"), dev((1, 1, 333, dv), "bf16")
-        lengths = cuda.to_device(np.array([300], np.int32))
+        q, k, v, lengths = kernel_inputs("bf16", d, dv)
         fp8_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, out_kind=out_kind)
         cuda.synchronize()
         print("ran fp8 (quantize and attention)", d, dv, causal, out_kind)
@@ -122,27 +126,30 @@ def fp8():
 def int8():
     # key mean, quantizers, attention and the lse shift; dv = 48 and a mask that ends mid-tile
     for d, dv, causal in [(64, 64, True), (128, 128, False), (64, 48, True)]:
-        q, k, v = dev((1, 2, 200, d), "f16"), dev((1, 1, 333, d), "f16"), dev((1, 1, 333, dv), "f16")
-        lengths = cuda.to_device(np.array([300], np.int32))
+        q, k, v, lengths = kernel_inputs("f16", d, dv)
         int8_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5)
         cuda.synchronize()
         print("ran int8 (quantize and attention)", d, dv, causal)
 
 
+def fold(kind, cfg):
+    """The resume entry over two row chunks (the second ends mid-block), each folding key chunks [0, 256)
+    and [256, 333)."""
+    q, k, v, lengths = kernel_inputs(kind, 64, 48)
+    for r0, r1 in ((0, 128), (128, 200)):
+        shape = (1, 2, r1 - r0)
+        out, lse = cuda.device_array((*shape, 48), np.uint16), cuda.device_array(shape, np.float32)
+        acc, l_state = cuda.device_array((*shape, 48), np.float32), cuda.device_array((*shape, 4), np.float32)
+        for k0, k1 in ((0, 256), (256, 333)):
+            tc_attention_fold(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], lengths, out, lse, acc, l_state,
+                              causal=True, scale=0.125, kind=kind, row_offset=r0, nq_total=200, key_offset=k0,
+                              first=k0 == 0, last=k1 == 333, config=cfg)
+    cuda.synchronize()
+
+
 def tensor_core_resume():
     for kind, cfg in (("f16", TileConfig(128, 128, pingpong=True)), ("bf16", TileConfig(128, 128))):
-        # two row chunks (the second ends mid-block) folding key chunks [0, 256) and [256, 333)
-        q, k, v = dev((1, 2, 200, 64), kind), dev((1, 1, 333, 64), kind), dev((1, 1, 333, 48), kind)
-        lengths = cuda.to_device(np.array([300], np.int32))
-        for r0, r1 in ((0, 128), (128, 200)):
-            shape = (1, 2, r1 - r0)
-            out, lse = cuda.device_array((*shape, 48), np.uint16), cuda.device_array(shape, np.float32)
-            acc, l_state = cuda.device_array((*shape, 48), np.float32), cuda.device_array((*shape, 4), np.float32)
-            for k0, k1 in ((0, 256), (256, 333)):
-                tc_attention_fold(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], lengths, out, lse, acc, l_state,
-                                  causal=True, scale=0.125, kind=kind, row_offset=r0, nq_total=200, key_offset=k0,
-                                  first=k0 == 0, last=k1 == 333, config=cfg)
-        cuda.synchronize()
+        fold(kind, cfg)
         print("ran tensor-core resume", kind, cfg)
 
 
@@ -150,24 +157,14 @@ def tma():
     # the ping-pong and plain rings filled by TMA: whole tiles from thread 0, the tile across the key length
     # (300 of 333) by cp.async; one launch (GQA, dv != d, d = 80 of five 32-byte column blocks) and resume
     for kind, d, dv, causal in (("f16", 64, 64, True), ("bf16", 128, 128, False), ("f16", 80, 48, True)):
-        q, k, v = dev((1, 2, 200, d), kind), dev((1, 1, 333, d), kind), dev((1, 1, 333, dv), kind)
-        lengths = cuda.to_device(np.array([300], np.int32))
+        q, k, v, lengths = kernel_inputs(kind, d, dv)
         for cfg in (TileConfig(128, 64 if d > 64 else 128, pingpong=True, tma=True), TileConfig(128, 64, tma=True)):
             tc_attention(q, k, v, lengths, causal=causal, scale=d ** -0.5, kind=kind, config=cfg)
             cuda.synchronize()
             print("ran tma", kind, d, dv, causal, cfg)
-    cfg = TileConfig(128, 128, pingpong=True, tma=True)
-    q, k, v = dev((1, 2, 200, 64), "f16"), dev((1, 1, 333, 64), "f16"), dev((1, 1, 333, 48), "f16")
-    lengths = cuda.to_device(np.array([300], np.int32))
-    shape = (1, 2, 200)
-    out, lse = cuda.device_array((*shape, 48), np.uint16), cuda.device_array(shape, np.float32)
-    acc, l_state = cuda.device_array((*shape, 48), np.float32), cuda.device_array((*shape, 4), np.float32)
-    for k0, k1 in ((0, 256), (256, 333)):
-        tc_attention_fold(q, k[:, :, k0:k1], v[:, :, k0:k1], lengths, out, lse, acc, l_state, causal=True, scale=0.125,
-                          kind="f16", row_offset=0, nq_total=200, key_offset=k0, first=k0 == 0, last=k1 == 333,
-                          config=cfg)
-    cuda.synchronize()
-    print("ran tma resume", cfg)
+    for kind, cfg in (("f16", TileConfig(128, 128, pingpong=True, tma=True)), ("bf16", TileConfig(128, 128, tma=True))):
+        fold(kind, cfg)
+        print("ran tma resume", kind, cfg)
 
 
 SECTIONS = {f.__name__: f for f in (tensor_core, lowrank_ops, ffma, mma_sync, fp8, tensor_core_resume, int8, tma)}
