@@ -55,7 +55,7 @@ filling shared-memory slots while consumer warpgroups compute; FlashAttention-3'
 from its writers to its readers and back; *named barriers* (`named_barrier_sync`,
 `named_barrier_arrive`, hardware barriers 1-15 over a given number of threads) order two
 warpgroups' turns without stopping the rest of the block. The stand-ins are Python condition
-variables with the same counting; the simulator's cp.async has landed when it returns.
+variables with the same counting; the simulator's cp.async lands when its thread waits for it.
 
 Tensor Memory Accelerator copies (`cp_async_bulk_tensor_2d`, one thread copies a whole box of a
 `tma.tensor_map`): the bytes are counted on an mbarrier as *transactions*. A phase completes when its
@@ -77,6 +77,12 @@ from numba import cuda, uint64
 from numba.core import config
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+
+def _check_setmaxnreg(action: str, count: int):
+    if action not in ("inc", "dec") or count % 8 or not 24 <= count <= 256:
+        raise ValueError(f"setmaxnreg takes 'inc' or 'dec' and a multiple of 8 in 24..256, got {action!r}, {count}")
+
 
 WARPGROUP = 128
 SWIZZLE_MODES = {128: 1, 64: 2, 32: 3}  # descriptor bits 62-63 for each swizzle width in bytes
@@ -288,6 +294,16 @@ if not SIMULATOR:
     def wgmma_wait(pending: int):
         """Wait until at most ``pending`` of the warpgroup's wgmma groups are in flight."""
         return _statement(f"wgmma.wait_group.sync.aligned {pending};")
+
+    @cache
+    def setmaxnreg(action: str, count: int):
+        """``setmaxnreg.{inc,dec}``: this warpgroup's registers a thread become ``count`` (a multiple
+        of 8 in 24..256), taken from or given back to the block's pool; every warp of the
+        warpgroup runs it. ptxas allocates the code it dominates within ``count``, so a producer
+        warpgroup that gives registers back (``"dec"``) lets consumers take more (``"inc"``) than
+        the launch's 65536 / threads."""
+        _check_setmaxnreg(action, count)
+        return _statement(f"setmaxnreg.{action}.sync.aligned.u32 {count};")
 
     def _on_mbarrier(context, builder, sig, args, asm):
         """Emit ``asm`` with $0 the shared::cta address of the mbarrier at ``args[0][args[1]]``
@@ -712,6 +728,22 @@ else:  # ------------------------------------------------------------- simulator
     def shared_address(arr, idx):
         return int(idx) * arr.dtype.itemsize + SHARED_BASE
 
+    # A thread's cp.async copies land when the thread waits for them, not before: at a group wait
+    # (`cp_async_wait`) those of its committed groups the wait covers, at `cp_async_mbarrier_arrive`
+    # all of them; a copy never committed is never covered by a group wait (on a GPU it may land in
+    # time or not). Each copy keeps the buffer it writes, so one left pending by a thread that
+    # ended cannot land in a later launch's.
+    _copies = threading.local()
+
+    def _thread_copies():
+        if not hasattr(_copies, "groups"):
+            _copies.uncommitted, _copies.groups = [], []
+        return _copies
+
+    def _land(copies):
+        for raw, start, data in copies:
+            raw[start : start + 16] = data
+
     @cuda.jit(device=True)
     def cp_async16(smem, smem_idx, src, b, h, row, col, src_bytes):
         # bytes, as the hardware copies them: the source's elements may be wider than the buffer's
@@ -719,21 +751,40 @@ else:  # ------------------------------------------------------------- simulator
         chunk = np.zeros(16 // src.dtype.itemsize, dtype=src.dtype)
         for t in range(int(src_bytes) // src.dtype.itemsize):
             chunk[t] = src[b, h, row, col + t]
-        start = int(smem_idx) * smem.dtype.itemsize
-        smem.view(np.uint8)[start : start + 16] = chunk.view(np.uint8)
+        _thread_copies().uncommitted.append((smem.view(np.uint8), int(smem_idx) * smem.dtype.itemsize,
+                                             chunk.view(np.uint8)))
 
     def _no_op():
         pass
 
-    cp_async_commit = fence_proxy_async = wgmma_fence = wgmma_commit = cuda.jit(device=True)(_no_op)
+    fence_proxy_async = wgmma_fence = wgmma_commit = cuda.jit(device=True)(_no_op)
+
+    @cuda.jit(device=True)
+    def cp_async_commit():
+        copies = _thread_copies()
+        copies.groups.append(copies.uncommitted)
+        copies.uncommitted = []
 
     @cache
     def cp_async_wait(pending: int):
-        return cuda.jit(device=True)(_no_op)
+        def wait():
+            copies = _thread_copies()
+            done = len(copies.groups) - pending
+            if done > 0:
+                for group in copies.groups[:done]:
+                    _land(group)
+                copies.groups = copies.groups[done:]
+
+        return cuda.jit(device=True)(wait)
 
     @cache
     def wgmma_wait(pending: int):
         return cuda.jit(device=True)(_no_op)
+
+    @cache
+    def setmaxnreg(action: str, count: int):
+        _check_setmaxnreg(action, count)
+        return cuda.jit(device=True)(_no_op)  # registers are Python's
 
     class _MBarrier:
         """A phase counter: each phase completes when ``count`` arrivals have come and its transaction
@@ -825,8 +876,14 @@ else:  # ------------------------------------------------------------- simulator
     def mbarrier_wait(smem, idx, parity):
         _mbarrier(smem, idx).wait(parity)
 
-    # the simulator's cp.async has landed when it returns
-    cp_async_mbarrier_arrive = mbarrier_arrive
+    @cuda.jit(device=True)
+    def cp_async_mbarrier_arrive(smem, idx):
+        copies = _thread_copies()
+        for group in copies.groups:
+            _land(group)
+        _land(copies.uncommitted)
+        copies.uncommitted, copies.groups = [], []
+        _mbarrier(smem, idx).arrive()
 
     @cuda.jit(device=True)
     def mbarrier_arrive_expect_tx(smem, idx, tx_bytes):

@@ -446,6 +446,46 @@ def test_cp_async_arrives_at_an_mbarrier_when_its_copies_land():
     np.testing.assert_array_equal(out.copy_to_host(), np.roll(src.ravel(), -128))
 
 
+_wait_all_groups = ptx.cp_async_wait(0)
+
+
+@cuda.jit
+def _cp_async_groups_kernel(src, out):
+    data = cuda.shared.array(12, np.float32)  # 8 and room to align to 16 bytes (cp.async)
+    base = ((16 - ptx.shared_address(data, 0) % 16) % 16) // 4
+    for e in range(8):
+        data[base + e] = -1.0
+    ptx.cp_async16(data, base, src, 0, 0, 0, 0, 16)
+    ptx.cp_async_commit()
+    ptx.cp_async16(data, base + 4, src, 0, 0, 0, 4, 16)
+    _wait_all_groups()  # the first group's; the second copy was never committed
+    for e in range(8):
+        out[0, e] = data[base + e]
+    ptx.cp_async_commit()
+    _wait_all_groups()
+    for e in range(8):
+        out[1, e] = data[base + e]
+
+
+@pytest.mark.skipif(REAL_GPU, reason="on a GPU an uncommitted copy may land before the read or not")
+def test_simulator_copies_land_at_the_wait_that_covers_them():
+    """The stand-in's cp.async lands when its thread waits for it: a group wait covers committed
+    groups only, so a kernel that reads a copy it never committed fails in the simulator (the GPU
+    would give wrong bits only now and then)."""
+    src = np.arange(8, dtype=np.float32).reshape(1, 1, 1, 8)
+    out = cuda.device_array((2, 8), dtype=np.float32)
+    _cp_async_groups_kernel[1, 1](cuda.to_device(src), out)
+    np.testing.assert_array_equal(out.copy_to_host(), [[0, 1, 2, 3, -1, -1, -1, -1], np.arange(8)])
+
+
+def test_setmaxnreg_takes_a_multiple_of_8_from_24_to_256():
+    for action, count in (("inc", 240), ("dec", 24)):
+        ptx.setmaxnreg(action, count)
+    for action, count in (("inc", 20), ("dec", 244), ("add", 64), ("inc", 264)):
+        with pytest.raises(ValueError, match="setmaxnreg"):
+            ptx.setmaxnreg(action, count)
+
+
 PINGPONG_ROUNDS = 4
 PINGPONG_LOG = 2 * PINGPONG_ROUNDS + 1  # a constant: numba sizes shared arrays from literals only
 
