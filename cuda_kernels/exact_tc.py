@@ -78,13 +78,14 @@ class TileConfig:
     instructions are serialized" report); measured on the H100 it is 10 % slower (322 against
     357 TFLOP/s at N = 16K, d = 128, fp16).
 
-    ``pingpong`` (half kinds, two warpgroups): the warpgroups take turns on the tensor cores
-    (FlashAttention-3's inter-warpgroup schedule, through two named barriers), so one's softmax
-    runs while the other's products do, and the K/V ring hands slots over by mbarriers instead
-    of a block-wide barrier per tile, so neither waits for the other's softmax. Measured on
-    the H100 at the default tiles (128, 128), fp16: 1.01-1.24x the default kernel at N = 16K,
-    1.07-1.16x at 128K (438 TFLOP/s at d = 128), bits equal to the plain schedule's. It is the
-    default for the half kinds up to d = 128 (`default_config`), with ``tma``.
+    ``pingpong`` (half kinds, two or three warpgroups: ``block_m`` 128 or 192): the warpgroups
+    take turns on the tensor cores (FlashAttention-3's inter-warpgroup schedule, through named
+    barriers, round the warpgroups), so one's softmax runs while another's products do, and the
+    K/V ring hands slots over by mbarriers instead of a block-wide barrier per tile, so none
+    waits for another's softmax. Measured on the H100 at the default tiles (128, 128), fp16:
+    1.01-1.24x the default kernel at N = 16K, 1.07-1.16x at 128K (438 TFLOP/s at d = 128), bits
+    equal to the plain schedule's. It is the default for the half kinds up to d = 128
+    (`default_config`), with ``tma``: three warpgroups at d <= 64, two and ``producer`` above.
 
     ``mma_sync`` (half kinds): FlashAttention-2's kernel on warp-level ``mma.sync`` instead of
     wgmma (`_mma_sync_kernel`), the only one for GPUs without wgmma (compute capability 8.x,
@@ -109,6 +110,12 @@ class TileConfig:
     cp.async ring at d = 128 (508 TFLOP/s, 0.77x cuDNN; causal 460, 0.81x), 0.97-1.04x at d = 64,
     so the default (`default_config`); arrays a map cannot describe run the cp.async ring. The plain
     schedule's TMA ring (d = 256's default schedule; `_ring_functions`) has not run on a GPU.
+
+    ``producer`` (ping-pong with ``tma``): one more warpgroup, whose first warp fills the ring
+    (FlashAttention-3's warp specialization), so a consumer never waits for a free slot: without it
+    each warpgroup refills a slot before its turn, which waits until the other warpgroup's products
+    of the tile before have finished, and the tensor cores idle from then until this warpgroup's
+    products are issued. The producer gives its registers back (``setmaxnreg``) for the consumers.
     """
 
     block_m: int
@@ -118,6 +125,7 @@ class TileConfig:
     mma_sync: bool = False
     blocks_per_sm: int = 1
     tma: bool = False
+    producer: bool = False
 
 
 def default_config(kind: str, head_dim: int, value_dim: int, compute_capability=(9, 0)) -> TileConfig:
@@ -135,8 +143,16 @@ def default_config(kind: str, head_dim: int, value_dim: int, compute_capability=
     # three K/V slots must fit beside Q in 227 KB of shared memory. Ping-pong at d = 256 (32-key
     # tiles) ran at 0.63x the plain schedule on the H100 (66 against 105 TFLOP/s at N = 16K): the
     # turn handed over every 32 keys costs more than the overlap it buys
+    # Measured on the H200 (`.ci/tc_schedule_timing.py`, fp16, N = 16K, H = 8, results/bench/tc-schedules-*):
+    # at d = 128 the producer warpgroup ran at 571 / 494 TFLOP/s (non-causal / causal), 1.27x / 1.15x
+    # the ping-pong ring without it; at d = 64 it gained nothing non-causal (303 against 303; causal
+    # 307 against 276), and three consumer warpgroups without one did better (336 / 296): at d = 64 a
+    # tile's products take about as long as its softmax, so two warpgroups computing softmax keep the
+    # tensor cores busier. Every one of these gives the same bits (128-key tiles)
+    if widest <= 64:
+        return TileConfig(192, 128, pingpong=True, tma=True)
     if widest <= 128:
-        return TileConfig(128, 128, pingpong=True, tma=True)
+        return TileConfig(128, 128, pingpong=True, tma=True, producer=True)
     return TileConfig(128, 32)
 
 
@@ -608,10 +624,14 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
     if (config.block_m % rows_per_group or not 0 < config.block_m <= 512 or config.block_n % 16
             or not 16 <= config.block_n <= 256):
         raise ValueError(f"bad tile config {config}")
-    if config.pingpong and (kind not in HALF_KINDS or config.block_m != 128 or config.overlap):
-        raise ValueError(f"pingpong takes a half kind, two warpgroups (block_m=128) and no overlap, got {kind!r}, {config}")
+    if config.pingpong and (kind not in HALF_KINDS or config.block_m not in (128, 192) or config.overlap):
+        raise ValueError(f"pingpong takes a half kind, two or three warpgroups (block_m=128 or 192) and no overlap, "
+                         f"got {kind!r}, {config}")
     if config.tma and (kind not in HALF_KINDS or config.mma_sync):
         raise ValueError(f"tma fills the ring of the wgmma half kernels, got {kind!r}, {config}")
+    if config.producer and not (config.pingpong and config.tma):
+        raise ValueError(f"a producer warpgroup fills the ping-pong schedule's TMA ring (pingpong=True, tma=True), "
+                         f"got {config}")
     if config.blocks_per_sm < 1 or (config.blocks_per_sm > 1 and (kind not in HALF_KINDS or config.mma_sync)):
         raise ValueError(f"blocks_per_sm caps the registers of the wgmma half kernels, at least 1, got {kind!r}, {config}")
     if config.mma_sync:
@@ -659,9 +679,10 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     from a state carried in memory (`_state_functions`): masks at global positions, and
     the chunk's first tile rescales the carried state as every later tile does.
     """
-    BM, BN, OVERLAP, TMA = config.block_m, config.block_n, config.overlap, config.tma
+    BM, BN, OVERLAP, TMA, PRODUCER = config.block_m, config.block_n, config.overlap, config.tma, config.producer
     NWG = BM // 64
-    THREADS = 128 * NWG
+    THREADS = 128 * NWG  # the consumers': the producer warpgroup (``config.producer``) comes after them
+    BLOCK_THREADS = THREADS + (128 if PRODUCER else 0)
     K_STEP = 16
     DP = padded(head_dim, K_STEP)   # Q/K columns in shared memory (zero-filled past d)
     DVP = padded(value_dim, 16)     # V columns: whole 32-byte swizzle rows
@@ -678,6 +699,8 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     _, load_q = tile_functions(q_tile, ESIZE, THREADS)
     _, load_k = tile_functions(k_tile, ESIZE, THREADS)
     _, load_v = tile_functions(v_tile, ESIZE, THREADS)
+    _, load_k_warp = tile_functions(k_tile, ESIZE, 32)
+    _, load_v_warp = tile_functions(v_tile, ESIZE, 32)
     mma_s = ptx.wgmma(kind, BN, "desc")
     # P·V in column chunks of at most 128 (one wgmma of N = 256 with 128 accumulators takes
     # ptxas minutes to schedule, two of N = 128 seconds); the second chunk starts on a column block
@@ -686,6 +709,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     mma_o1 = ptx.wgmma(kind, N_O1, "regs", transpose_b=True)
     mma_o2 = ptx.wgmma(kind, DVP - N_O1, "regs", transpose_b=True, acc_offset=N_O1 // 2) if SPLIT_O else mma_o1
     wait_mma_all, wait_mma_but_one = ptx.wgmma_wait(0), ptx.wgmma_wait(1)
+    wait_copies_all = ptx.cp_async_wait(0)
     Q_BITS, K_BITS, V_BITS = q_tile.k_major_bits(), k_tile.k_major_bits(), v_tile.mn_major_bits()
     QK_STEPS = DP // K_STEP
     PV_STEPS = BN // K_STEP
@@ -700,7 +724,11 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     V_DELTAS = tuple(np.uint64((x - V_STARTS[0]) >> 4) for x in V_STARTS)
     V_CHUNK2 = np.uint64((N_O1 * ESIZE // v_tile.width) * v_tile.block_bytes >> 4)
     NS, NO, NP = BN // 2, DVP // 2, BN // 4
-    MAX_REGISTERS = min(255, 65536 // (THREADS * config.blocks_per_sm) // 8 * 8)
+    MAX_REGISTERS = min(255, 65536 // (BLOCK_THREADS * config.blocks_per_sm) // 8 * 8)
+    # the producer's loop spills at 24 and 32 registers (ptxas, sm_90a); the consumers share the rest of
+    # what the launch gave the block: 232 a thread for two warpgroups, 152 for three
+    PRODUCER_REGISTERS = 40
+    CONSUMER_REGISTERS = (BLOCK_THREADS * MAX_REGISTERS - 128 * PRODUCER_REGISTERS) // THREADS // 8 * 8
     SMEM_TYPE = from_dtype(np.dtype(np.uint16))
     softmax, online_update, rescale, empty_rows = _row_functions(BN, DVP)
     block_start = block_functions(BM, BN, ESIZE, SMEM_TYPE, Q_STARTS[0], K_STARTS[0], V_STARTS[0], Q_BITS, K_BITS,
@@ -869,12 +897,47 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     if not config.pingpong:
         return kernel_entry(plain), SHARED_BYTES
 
-    TURN = 1  # named barriers TURN (warpgroup 0's turn) and TURN + 1 (warpgroup 1's); 0 is syncthreads
+    # named barrier TURN + wg is warpgroup wg's turn (0 is syncthreads); its threads are the warpgroup
+    # that hands the turn over (arrives) and the one that takes it (syncs)
+    TURN, TURN_THREADS = 1, 2 * 128
+    Q_LANDED = TURN + NWG  # named barrier of the consumers (producer schedule): every part of Q has landed
+    FULL_ARRIVALS = 32 if PRODUCER else THREADS  # the producer warp's, or every consumer's
+    producer_registers = ptx.setmaxnreg("dec", PRODUCER_REGISTERS) if PRODUCER else None
+    consumer_registers = ptx.setmaxnreg("inc", CONSUMER_REGISTERS) if PRODUCER else None
+
+    @cuda.jit(device=True, inline="always")
+    def wait_free(smem, empty0, t):
+        """Wait until the consumers released tile t - STAGES, the last one in tile t's slot."""
+        if t >= STAGES:
+            ptx.mbarrier_wait(smem, empty0 + ring_slot(t) * BAR_STRIDE, ring_parity(t) ^ 1)
+
+    @cuda.jit(device=True, inline="always")
+    def produce(smem, base, k, v, k_map, v_map, b, kvh, nk_b, lane, n_tiles, full0, empty0):
+        """The producer warp (``config.producer``): tile t into slot t % STAGES once the consumers
+        released its tile t - STAGES, a whole tile by TMA from lane 0 and one across the key length by
+        the warp's zero-filling cp.async; each lane arrives once a fill (the full mbarrier's 32)."""
+        if lane == 0:
+            ptx.tensormap_acquire(k_map)
+            ptx.tensormap_acquire(v_map)
+        for t in range(n_tiles):
+            full = full0 + ring_slot(t) * BAR_STRIDE
+            wait_free(smem, empty0, t)
+            if (t + 1) * BN <= nk_b:
+                if lane == 0:
+                    tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
+                ptx.mbarrier_arrive(smem, full)
+            else:
+                slot = base + ring_slot(t) * SLOT_ELEMS
+                load_k_warp(smem, slot, k, b, kvh, t * BN, nk_b, k.shape[3], lane)
+                load_v_warp(smem, slot, v, b, kvh, t * BN, nk_b, v.shape[3], lane)
+                ptx.cp_async_mbarrier_arrive(smem, full)
+        ptx.cp_async_commit()
+        wait_copies_all()  # nothing of this warp's left in flight when it exits
 
     if TMA:
         @cuda.jit(device=True, inline="always")
         def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid, full0, empty0):
-            """Tile t into slot t % STAGES once both warpgroups released its tile t - STAGES (empty
+            """Tile t into slot t % STAGES once every warpgroup released its tile t - STAGES (empty
             mbarrier), then this thread's one arrival at the slot's full mbarrier, which also waits
             for its cp.async copies before it (Q, with tile 0). A whole tile by TMA from thread 0; a
             tile past the key length by every thread's zero-filling cp.async.
@@ -884,8 +947,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             kernel ("program dependence on compiler-inserted WG.AR in divergent path"; measured on
             the H200 at d = 128: 2.68 ms against the cp.async ring's 2.48, one wgmma wait each)."""
             full = full0 + ring_slot(t) * BAR_STRIDE
-            if t >= STAGES:
-                ptx.mbarrier_wait(smem, empty0 + ring_slot(t) * BAR_STRIDE, ring_parity(t) ^ 1)
+            wait_free(smem, empty0, t)
             if (t + 1) * BN <= nk_b:
                 if tid == 0:
                     tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
@@ -895,8 +957,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     else:
         @cuda.jit(device=True, inline="always")
         def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid, full0, empty0):
-            if t >= STAGES:
-                ptx.mbarrier_wait(smem, empty0 + ring_slot(t) * BAR_STRIDE, ring_parity(t) ^ 1)
+            wait_free(smem, empty0, t)
             load_tile(smem, base, k, v, b, kvh, t, nk_b, tid)
             ptx.cp_async_mbarrier_arrive(smem, full0 + ring_slot(t) * BAR_STRIDE)
 
@@ -904,21 +965,25 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     def pingpong(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset, nq_total,
                  key_offset, first, last, k_map, v_map):
         """The same tiles and arithmetic as `tc_attention_fwd`, so the same bits; only the order
-        in which the two warpgroups reach the tensor cores, and how slots are handed over, differ.
+        in which the warpgroups reach the tensor cores, and how slots are handed over, differ.
 
-        Per tile j, warpgroup wg refills the slot of tile j - 1 with tile j + 2 once both
-        warpgroups have released it (empty mbarrier), waits for tile j + 1 (full mbarrier) and for
-        its turn (named barrier TURN + wg), issues S_{j+1} and P_j V_j, passes the turn on
-        (TURN + 1 - wg), waits for its products, releases tile j's slot and computes the softmax
-        of tile j + 1 while the other warpgroup's products run. Each warpgroup arrives once after
-        every turn, so the turns alternate and every arrival is consumed. A slot's full mbarrier
-        completes when every thread's copies into it have landed (cp.async arrivals); tile t is
-        the (t // 3)-th fill of slot t % 3, so phases are waited by the parity of t // 3.
+        Per tile j, warpgroup wg refills the slot of tile j - 1 with tile j + 2 once every
+        warpgroup has released it (empty mbarrier), waits for tile j + 1 (full mbarrier) and for
+        its turn (named barrier TURN + wg), issues S_{j+1} and P_j V_j, passes the turn on to
+        warpgroup (wg + 1) % NWG, waits for its products, releases tile j's slot and computes the
+        softmax of tile j + 1 while the other warpgroups' products run. Each warpgroup arrives once
+        after every turn, so the turns go round and every arrival is consumed. A slot's full
+        mbarrier completes when every thread's copies into it have landed (cp.async arrivals);
+        tile t is the (t // 3)-th fill of slot t % 3, so phases are waited by the parity of t // 3.
+
+        With ``config.producer`` the consumers load Q alone and never refill: the producer warp
+        (`produce`) fills every slot, and a full mbarrier counts its 32 lanes.
         """
         (tid, wg, tq, b, h, kvh, nq, row0, nk_b, smem, base, q_desc, k_desc, v_desc, r0, kv_end0, kv_end1,
          block_kv_min, n_tiles) = start(q, k, key_lengths, causal, group, row_offset, nq_total, key_offset)
         full0 = base + FULL0
         empty0 = base + EMPTY0
+        next_wg = (wg + 1) % NWG
 
         acc_s = cuda.local.array(NS, np.float32)
         acc_o = cuda.local.array(NO, np.float32)
@@ -928,27 +993,41 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         if n_tiles > 0:
             if tid == 0:
                 for slot in range(STAGES):
-                    ptx.mbarrier_init(smem, full0 + slot * BAR_STRIDE, THREADS)
+                    ptx.mbarrier_init(smem, full0 + slot * BAR_STRIDE, FULL_ARRIVALS)
                     ptx.mbarrier_init(smem, empty0 + slot * BAR_STRIDE, THREADS)
             cuda.syncthreads()  # the mbarriers are set before anyone arrives at them
-            if TMA and tid == 0:
-                ptx.tensormap_acquire(k_map)
-                ptx.tensormap_acquire(v_map)
-            # Q rides with tile 0: a thread's arrival covers all its earlier copies
+        if PRODUCER:
+            if wg == NWG:
+                producer_registers()
+                if n_tiles > 0 and tid < THREADS + 32:
+                    produce(smem, base, k, v, k_map, v_map, b, kvh, nk_b, tid - THREADS, n_tiles, full0, empty0)
+                return
+            consumer_registers()
+        if n_tiles > 0:
             load_q(smem, base, q, b, h, row0, nq, q.shape[3], tid)
-            fill(smem, base, k, v, k_map, v_map, b, kvh, 0, nk_b, tid, full0, empty0)
-            if n_tiles > 1:
-                fill(smem, base, k, v, k_map, v_map, b, kvh, 1, nk_b, tid, full0, empty0)
-            if wg == 1:
-                ptx.named_barrier_arrive(TURN, THREADS)  # warpgroup 0 takes the first turn
+            if PRODUCER:
+                ptx.cp_async_commit()  # a group wait covers committed copies only
+                wait_copies_all()
+                ptx.fence_proxy_async()  # the tensor cores read what cp.async wrote
+                ptx.named_barrier_sync(Q_LANDED, THREADS)  # every consumer's part of Q has landed
+            else:
+                if TMA and tid == 0:
+                    ptx.tensormap_acquire(k_map)
+                    ptx.tensormap_acquire(v_map)
+                # Q rides with tile 0: a thread's arrival covers all its earlier copies
+                fill(smem, base, k, v, k_map, v_map, b, kvh, 0, nk_b, tid, full0, empty0)
+                if n_tiles > 1:
+                    fill(smem, base, k, v, k_map, v_map, b, kvh, 1, nk_b, tid, full0, empty0)
+            if wg == NWG - 1:
+                ptx.named_barrier_arrive(TURN, TURN_THREADS)  # warpgroup 0 takes the first turn
 
             ptx.mbarrier_wait(smem, full0, 0)
             ptx.fence_proxy_async()  # the tensor cores read what the other threads' cp.async wrote
-            ptx.named_barrier_sync(TURN + wg, THREADS)
+            ptx.named_barrier_sync(TURN + wg, TURN_THREADS)
             ptx.wgmma_fence()
             issue_qk(smem, acc_s, q_desc, k_desc, 0)
             ptx.wgmma_commit()
-            ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)
+            ptx.named_barrier_arrive(TURN + next_wg, TURN_THREADS)
             wait_mma_all()
             m0, m1, alpha0, alpha1, ps0, ps1 = softmax(acc_s, key_offset, key_offset + BN > block_kv_min, kv_end0,
                                                        kv_end1, m0, m1, tq, tid, qk_scale_log2)
@@ -957,17 +1036,17 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
 
             for j in range(n_tiles):
                 more = j + 1 < n_tiles
-                # refill the slot of tile j - 1 with tile j + 2 once both warpgroups released it;
+                # refill the slot of tile j - 1 with tile j + 2 once every warpgroup released it;
                 # here, not while products are in flight, where a wait loop would make ptxas
                 # serialize every wgmma (C7520)
-                if j + 2 < n_tiles:
+                if not PRODUCER and j + 2 < n_tiles:
                     fill(smem, base, k, v, k_map, v_map, b, kvh, j + 2, nk_b, tid, full0, empty0)
                 if more:
                     ptx.mbarrier_wait(smem, full0 + ring_slot(j + 1) * BAR_STRIDE, ring_parity(j + 1))
                     ptx.fence_proxy_async()
-                ptx.named_barrier_sync(TURN + wg, THREADS)  # this warpgroup's turn on the tensor cores
+                ptx.named_barrier_sync(TURN + wg, TURN_THREADS)  # this warpgroup's turn on the tensor cores
                 issue_tile(smem, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j, more)
-                ptx.named_barrier_arrive(TURN + 1 - wg, THREADS)  # the other warpgroup's turn
+                ptx.named_barrier_arrive(TURN + next_wg, TURN_THREADS)  # the next warpgroup's turn
                 wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
                 ptx.mbarrier_arrive(smem, empty0 + ring_slot(j) * BAR_STRIDE)
                 if more:
@@ -978,7 +1057,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                     rescale(acc_o, alpha0, alpha1)
                     pack_p(acc_s, p_regs)
             if wg == 0:
-                ptx.named_barrier_sync(TURN, THREADS)  # warpgroup 1's arrival after its last turn
+                ptx.named_barrier_sync(TURN, TURN_THREADS)  # the last warpgroup's arrival after its last turn
 
         finish(o, lse, acc_state, l_state, b, h, r0, nq, tq, tid, acc_o, l0, l1, m0, m1, last)
 
@@ -1309,8 +1388,8 @@ def _float32_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig
 
 def launch_config(config: TileConfig, batch: int, heads: int, nq: int):
     """(grid, block): one block per BM query rows of one (b, h); a warp per 16 rows (a
-    warpgroup per 64 for wgmma)."""
-    return (math.ceil(nq / config.block_m), heads, batch), 2 * config.block_m
+    warpgroup per 64 for wgmma), and the producer warpgroup last (``config.producer``)."""
+    return (math.ceil(nq / config.block_m), heads, batch), 2 * config.block_m + (128 if config.producer else 0)
 
 
 def compute_capability() -> tuple[int, int]:
@@ -1343,7 +1422,7 @@ def _kv_maps(config: TileConfig, k, v, chosen: bool):
         except ValueError as error:
             if chosen:
                 raise ValueError(f"{config}: {error}") from None
-            return replace(config, tma=False), ()
+            return replace(config, tma=False, producer=False), ()
     return config, tuple(maps)
 
 

@@ -419,6 +419,46 @@ def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal, pingpong):
     assert_bit_identical("lse", by_tma[1], cp_async[1])
 
 
+@pytest.mark.parametrize("kind, nq, nk, causal, block_m", [
+    pytest.param("f16", 40, 100, True, 128, id="f16-causal-7-tiles"),
+    pytest.param("bf16", 40, 70, False, 192, id="bf16-three-warpgroups"),
+    pytest.param("bf16", 300, 517, False, 128, id="bf16", marks=pytest.mark.gpu),
+    pytest.param("f16", 1000, 1000, True, 192, id="f16-causal-three-warpgroups", marks=pytest.mark.gpu),
+    pytest.param("bf16", 700, 900, True, 128, id="bf16-causal", marks=pytest.mark.gpu),
+])
+def test_a_producer_warpgroup_gives_the_cp_async_bits(kind, nq, nk, causal, block_m):
+    """A producer warpgroup filling the TMA ring (``producer=True``), and the ping-pong schedule of
+    three warpgroups (``block_m=192``, round-robin turns), change who loads and when, not the
+    arithmetic: O and lse equal the two-warpgroup cp.async kernel's bit for bit. The keys and values
+    past batch 0's length are NaN (the producer warp fills the tile across it by zero-filling
+    cp.async); batch 1 has no key; GQA on the GPU."""
+    rng = np.random.default_rng(13)
+    heads = (2, 1) if REAL_GPU else (1, 1)
+    q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
+    block_n = 128 if REAL_GPU else 16
+    lengths = [nk - 37, 0]
+    k[0, :, lengths[0]:] = np.nan
+    v[0, :, lengths[0]:] = np.nan
+    cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
+                          config=TileConfig(128, block_n, pingpong=True))
+    configs = [TileConfig(block_m, block_n, pingpong=True, tma=True, producer=True)]
+    if block_m == 192:
+        configs.append(TileConfig(192, block_n, pingpong=True, tma=True))
+    for config in configs:
+        out, lse = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=config)
+        assert not np.isnan(from_bits(out, kind)).any(), config
+        assert_bit_identical("O", out, cp_async[0])
+        assert_bit_identical("lse", lse, cp_async[1])
+
+
+def test_a_producer_needs_the_tma_ring_of_the_pingpong_schedule():
+    for config in (TileConfig(128, 64, pingpong=True, producer=True), TileConfig(128, 64, tma=True, producer=True)):
+        with pytest.raises(ValueError, match="producer warpgroup fills the ping-pong schedule's TMA ring"):
+            tc_attention_kernel("f16", 64, 64, config)
+    with pytest.raises(ValueError, match="two or three warpgroups"):
+        tc_attention_kernel("f16", 64, 64, TileConfig(256, 64, pingpong=True))
+
+
 def test_tma_arrays_it_cannot_map_are_named():
     """TMA asked for on keys whose (batch, head, key) axes do not collapse into rows is refused with the
     map's reason; the default config, which asks for TMA on Hopper, runs the cp.async ring on them."""
@@ -461,22 +501,25 @@ def run_fold(q, k, v, kind, *, causal, key_lengths, config, row_cuts, key_cuts):
     return np.concatenate(outs, axis=2), np.concatenate(lses, axis=2)
 
 
-@pytest.mark.parametrize("kind, pingpong, causal, tma", [
-    pytest.param("f16", False, True, False, id="f16-plain-causal"),
-    pytest.param("bf16", True, False, True, id="bf16-pingpong-tma"),
-    pytest.param("f16", True, True, False, id="f16-pingpong-causal", marks=pytest.mark.gpu),
-    pytest.param("bf16", False, False, False, id="bf16-plain", marks=pytest.mark.gpu),
-    pytest.param("f16", True, True, True, id="f16-pingpong-tma-causal", marks=pytest.mark.gpu),
-    pytest.param("bf16", False, True, True, id="bf16-plain-tma-causal", marks=pytest.mark.gpu),
+@pytest.mark.parametrize("kind, pingpong, causal, tma, producer, block_m", [
+    pytest.param("f16", False, True, False, False, 128, id="f16-plain-causal"),
+    pytest.param("bf16", True, False, True, False, 128, id="bf16-pingpong-tma"),
+    pytest.param("f16", True, True, False, False, 128, id="f16-pingpong-causal", marks=pytest.mark.gpu),
+    pytest.param("bf16", False, False, False, False, 128, id="bf16-plain", marks=pytest.mark.gpu),
+    pytest.param("f16", True, True, True, False, 128, id="f16-pingpong-tma-causal", marks=pytest.mark.gpu),
+    pytest.param("bf16", False, True, True, False, 128, id="bf16-plain-tma-causal", marks=pytest.mark.gpu),
+    pytest.param("f16", True, True, True, True, 128, id="f16-producer-causal", marks=pytest.mark.gpu),
+    pytest.param("bf16", True, False, True, False, 192, id="bf16-three-warpgroups", marks=pytest.mark.gpu),
 ])
-def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal, tma):
+def test_folding_key_chunks_gives_the_one_launch_bits(kind, pingpong, causal, tma, producer, block_m):
     """The resume entry (`tc_attention_fold`): query chunks that fold the key chunks in order, each
     starting on a key tile, end with the one-launch kernel's O and lse bit for bit, with GQA, dv != d,
     key_lengths (a batch with no key at all), causal masks across chunk edges and chunks some blocks
     see nothing of."""
     rng = np.random.default_rng(11)
     block_n = 128 if REAL_GPU else 16
-    config = TileConfig(128, block_n, pingpong=pingpong, tma=tma) if pingpong or REAL_GPU else TileConfig(64, 16)
+    config = (TileConfig(block_m, block_n, pingpong=pingpong, tma=tma, producer=producer) if pingpong or REAL_GPU
+              else TileConfig(64, 16))
     if REAL_GPU:
         nq, nk, d, dv, heads, row_cuts, key_cuts = 700, 900, 64, 48, (4, 2), (128, 333), (256, 512, 768)
     else:  # the simulator runs every thread in Python: two query heads on one key/value head, few tiles
