@@ -73,10 +73,15 @@ class TileConfig:
     """Rows per block (64 per warpgroup), keys per tile, and whether the softmax of tile j+1
     runs while P_j·V_j is on the tensor cores (FlashAttention-3's intra-warpgroup overlap).
 
-    The overlap is off by default: ptxas cannot prove that the softmax reads only the finished
-    group's accumulators and serializes every wgmma of the kernel (its C7514 "wgmma.mma_async
-    instructions are serialized" report); measured on the H100 it is 10 % slower (322 against
-    357 TFLOP/s at N = 16K, d = 128, fp16).
+    The overlap is off by default. In the plain schedule ptxas cannot prove that the softmax reads
+    only the finished group's accumulators and serializes every wgmma of the kernel (its C7514
+    "wgmma.mma_async instructions are serialized" report); measured on the H100 it is 10 % slower
+    (322 against 357 TFLOP/s at N = 16K, d = 128, fp16). The cause is that S_{j+1} is issued
+    under a condition (tile j + 1 exists): with S issued unconditionally ptxas serializes nothing.
+    The ping-pong schedule with ``overlap`` runs its last tile apart (`turn`), so every wgmma it
+    issues in the loop is unconditional: FlashAttention-3's whole schedule (turns and overlap),
+    serialized nowhere (ptxas, sm_90a; no spill with a producer at d = 128 or three warpgroups at
+    d = 64), same bits in the simulator; it has not run on a GPU.
 
     ``pingpong`` (half kinds, two or three warpgroups: ``block_m`` 128 or 192): the warpgroups
     take turns on the tensor cores (FlashAttention-3's inter-warpgroup schedule, through named
@@ -624,9 +629,9 @@ def tc_attention_kernel(kind: str, head_dim: int, value_dim: int, config: TileCo
     if (config.block_m % rows_per_group or not 0 < config.block_m <= 512 or config.block_n % 16
             or not 16 <= config.block_n <= 256):
         raise ValueError(f"bad tile config {config}")
-    if config.pingpong and (kind not in HALF_KINDS or config.block_m not in (128, 192) or config.overlap):
-        raise ValueError(f"pingpong takes a half kind, two or three warpgroups (block_m=128 or 192) and no overlap, "
-                         f"got {kind!r}, {config}")
+    if config.pingpong and (kind not in HALF_KINDS or config.block_m not in (128, 192)):
+        raise ValueError(f"pingpong takes a half kind and two or three warpgroups (block_m=128 or 192), got {kind!r}, "
+                         f"{config}")
     if config.tma and (kind not in HALF_KINDS or config.mma_sync):
         raise ValueError(f"tma fills the ring of the wgmma half kernels, got {kind!r}, {config}")
     if config.producer and not (config.pingpong and config.tma):
@@ -962,6 +967,47 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             ptx.cp_async_mbarrier_arrive(smem, full0 + ring_slot(t) * BAR_STRIDE)
 
     @cuda.jit(device=True, inline="always")
+    def turn(smem, base, k, v, k_map, v_map, b, kvh, tid, wg, next_wg, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc,
+             j, more, ring, rows, state):
+        """Tile j of the ping-pong schedule (`pingpong`), ``more``: tile j + 1 exists; ``ring`` = (full0,
+        empty0, n_tiles, nk_b), ``rows`` = (key_offset, block_kv_min, kv_end0, kv_end1, tq,
+        qk_scale_log2), ``state`` = the rows' running (m0, m1, l0, l1), which it returns updated (a
+        call of more than 30 arguments is one of *args to numba, which cannot inline it). With
+        ``config.overlap`` the softmax of tile j + 1 runs while P_j V_j is still on the tensor cores
+        (FlashAttention-3's intra-warpgroup overlap, besides the turns)."""
+        full0, empty0, n_tiles, nk_b = ring
+        key_offset, block_kv_min, kv_end0, kv_end1, tq, qk_scale_log2 = rows
+        m0, m1, l0, l1 = state
+        # refill the slot of tile j - 1 with tile j + 2 once every warpgroup released it; here, not
+        # while products are in flight, where a wait loop would make ptxas serialize every wgmma (C7520)
+        if not PRODUCER and j + 2 < n_tiles:
+            fill(smem, base, k, v, k_map, v_map, b, kvh, j + 2, nk_b, tid, full0, empty0)
+        if more:
+            ptx.mbarrier_wait(smem, full0 + ring_slot(j + 1) * BAR_STRIDE, ring_parity(j + 1))
+            ptx.fence_proxy_async()
+        ptx.named_barrier_sync(TURN + wg, TURN_THREADS)  # this warpgroup's turn on the tensor cores
+        issue_tile(smem, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j, more)
+        ptx.named_barrier_arrive(TURN + next_wg, TURN_THREADS)  # the next warpgroup's turn
+        tile_start = key_offset + (j + 1) * BN
+        if OVERLAP and more:
+            wait_mma_but_one()  # S_{j+1} is done; P_j V_j may still run during the softmax
+            m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min, kv_end0,
+                                                           kv_end1, m0, m1, l0, l1, tq, tid, qk_scale_log2)
+            wait_mma_all()
+            ptx.mbarrier_arrive(smem, empty0 + ring_slot(j) * BAR_STRIDE)  # tile j's slot is free
+        else:
+            wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
+            ptx.mbarrier_arrive(smem, empty0 + ring_slot(j) * BAR_STRIDE)
+            if more:
+                m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
+                                                               kv_end0, kv_end1, m0, m1, l0, l1, tq, tid,
+                                                               qk_scale_log2)
+        if more:
+            rescale(acc_o, alpha0, alpha1)
+            pack_p(acc_s, p_regs)
+        return m0, m1, l0, l1
+
+    @cuda.jit(device=True, inline="always")
     def pingpong(q, k, v, key_lengths, o, lse, qk_scale_log2, causal, group, acc_state, l_state, row_offset, nq_total,
                  key_offset, first, last, k_map, v_map):
         """The same tiles and arithmetic as `tc_attention_fwd`, so the same bits; only the order
@@ -1034,28 +1080,23 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             l0, l1 = first_tile_sums(acc_o, l0, l1, alpha0, alpha1, ps0, ps1)
             pack_p(acc_s, p_regs)
 
-            for j in range(n_tiles):
-                more = j + 1 < n_tiles
-                # refill the slot of tile j - 1 with tile j + 2 once every warpgroup released it;
-                # here, not while products are in flight, where a wait loop would make ptxas
-                # serialize every wgmma (C7520)
-                if not PRODUCER and j + 2 < n_tiles:
-                    fill(smem, base, k, v, k_map, v_map, b, kvh, j + 2, nk_b, tid, full0, empty0)
-                if more:
-                    ptx.mbarrier_wait(smem, full0 + ring_slot(j + 1) * BAR_STRIDE, ring_parity(j + 1))
-                    ptx.fence_proxy_async()
-                ptx.named_barrier_sync(TURN + wg, TURN_THREADS)  # this warpgroup's turn on the tensor cores
-                issue_tile(smem, acc_s, acc_o, p_regs, q_desc, k_desc, v_desc, j, more)
-                ptx.named_barrier_arrive(TURN + next_wg, TURN_THREADS)  # the next warpgroup's turn
-                wait_mma_all()  # S_{j+1} and O += P_j V_j are done: tile j's slot is free here
-                ptx.mbarrier_arrive(smem, empty0 + ring_slot(j) * BAR_STRIDE)
-                if more:
-                    tile_start = key_offset + (j + 1) * BN
-                    m0, m1, l0, l1, alpha0, alpha1 = online_update(acc_s, tile_start, tile_start + BN > block_kv_min,
-                                                                   kv_end0, kv_end1, m0, m1, l0, l1, tq, tid,
-                                                                   qk_scale_log2)
-                    rescale(acc_o, alpha0, alpha1)
-                    pack_p(acc_s, p_regs)
+            ring = (full0, empty0, n_tiles, nk_b)
+            rows = (key_offset, block_kv_min, kv_end0, kv_end1, tq, qk_scale_log2)
+            state = (m0, m1, l0, l1)
+            if OVERLAP:
+                # the last tile on its own, so that in the loop S_{j+1} is always issued: ptxas cannot
+                # tell that a conditionally issued S is retired by the wait for all but one group, and
+                # serializes every wgmma (C7514)
+                for j in range(n_tiles - 1):
+                    state = turn(smem, base, k, v, k_map, v_map, b, kvh, tid, wg, next_wg, acc_s, acc_o, p_regs,
+                                 q_desc, k_desc, v_desc, j, True, ring, rows, state)
+                state = turn(smem, base, k, v, k_map, v_map, b, kvh, tid, wg, next_wg, acc_s, acc_o, p_regs, q_desc,
+                             k_desc, v_desc, n_tiles - 1, False, ring, rows, state)
+            else:
+                for j in range(n_tiles):
+                    state = turn(smem, base, k, v, k_map, v_map, b, kvh, tid, wg, next_wg, acc_s, acc_o, p_regs,
+                                 q_desc, k_desc, v_desc, j, j + 1 < n_tiles, ring, rows, state)
+            m0, m1, l0, l1 = state
             if wg == 0:
                 ptx.named_barrier_sync(TURN, TURN_THREADS)  # the last warpgroup's arrival after its last turn
 

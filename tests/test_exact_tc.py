@@ -427,9 +427,10 @@ def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal, pingpong):
     pytest.param("bf16", 700, 900, True, 128, id="bf16-causal", marks=pytest.mark.gpu),
 ])
 def test_a_producer_warpgroup_gives_the_cp_async_bits(kind, nq, nk, causal, block_m):
-    """A producer warpgroup filling the TMA ring (``producer=True``), and the ping-pong schedule of
-    three warpgroups (``block_m=192``, round-robin turns), change who loads and when, not the
-    arithmetic: O and lse equal the two-warpgroup cp.async kernel's bit for bit. The keys and values
+    """A producer warpgroup filling the TMA ring (``producer=True``), the ping-pong schedule of
+    three warpgroups (``block_m=192``, round-robin turns) and the softmax overlapped with P·V
+    (``overlap=True``, the last tile peeled) change who loads and when, not the arithmetic: O and
+    lse equal the cp.async kernel's bit for bit. The keys and values
     past batch 0's length are NaN (the producer warp fills the tile across it by zero-filling
     cp.async); batch 1 has no key; GQA on the GPU."""
     rng = np.random.default_rng(13)
@@ -439,11 +440,15 @@ def test_a_producer_warpgroup_gives_the_cp_async_bits(kind, nq, nk, causal, bloc
     lengths = [nk - 37, 0]
     k[0, :, lengths[0]:] = np.nan
     v[0, :, lengths[0]:] = np.nan
-    cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
-                          config=TileConfig(128, block_n, pingpong=True))
-    configs = [TileConfig(block_m, block_n, pingpong=True, tma=True, producer=True)]
-    if block_m == 192:
-        configs.append(TileConfig(192, block_n, pingpong=True, tma=True))
+    # in the simulator the one-warpgroup plain kernel, whose bits the ping-pong kernel's equal
+    # (`test_pingpong_gives_the_default_bits`) and which runs in a fraction of the Python threads' time
+    reference = TileConfig(128, block_n, pingpong=True) if REAL_GPU else TileConfig(64, block_n)
+    cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=reference)
+    three = [TileConfig(192, block_n, pingpong=True, tma=True)] if block_m == 192 else []
+    producers = [TileConfig(block_m, block_n, pingpong=True, tma=True, producer=True, overlap=overlap)
+                 for overlap in (False, True)]
+    # the simulator runs every thread in Python: at 192 rows the d <= 64 default alone (384 threads, not 512)
+    configs = three + (producers if REAL_GPU or block_m == 128 else [])
     for config in configs:
         out, lse = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths, config=config)
         assert not np.isnan(from_bits(out, kind)).any(), config
