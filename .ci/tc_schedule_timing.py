@@ -26,6 +26,9 @@ SCHEDULES = {
     "3wg-producer-bn112": "TileConfig(192, 112, pingpong=True, tma=True, producer=True)",
     "2-blocks-bn64": "TileConfig(128, 64, pingpong=True, blocks_per_sm=2, tma=True)",
     "producer-bn64": "TileConfig(128, 64, pingpong=True, tma=True, producer=True)",
+    "producer-overlap": "TileConfig(128, 128, pingpong=True, tma=True, producer=True, overlap=True)",
+    "3wg-overlap": "TileConfig(192, 128, pingpong=True, tma=True, overlap=True)",
+    "3wg-producer-overlap": "TileConfig(192, 128, pingpong=True, tma=True, producer=True, overlap=True)",
 }
 
 
