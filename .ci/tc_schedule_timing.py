@@ -1,11 +1,12 @@
 """The wgmma half kernel's schedules side by side at one head dim, beside torch's FlashAttention-2 and
-cuDNN backends in the same process: fp16, B = 1, H = 8, N and d from argv, causal and not; TFLOP/s
+cuDNN backends in the same process: fp16 (or bf16, KIND=bf16), B = 1, H = 8, N and d from argv, causal and not; TFLOP/s
 from the median of 10 timed calls after 3 warm-up, outputs preallocated and NaN-filled (so
 "written" checks every element), and whether each schedule's O and lse equal the first schedule's
 of the same key tile bit for bit (a different key tile sums in another order). One line per case,
 and a JSON record under $OUT (or results/bench/) with device, versions, date and configurations.
 
     python3 .ci/tc_schedule_timing.py N D [NAME ...]     # names from SCHEDULES; all when none
+    KIND=bf16 python3 .ci/tc_schedule_timing.py ...      # bfloat16 inputs (default f16)
 
 results/bench/tc-schedules-h200-n16384-d128.json and -d64.json came from this on an H200 (2026-11-28,
 the kernels of the commit that added the producer warpgroup), the d = 128 run first on the same GPU,
@@ -45,11 +46,13 @@ def main():
 
     B, H = 1, 8
     N, D = int(sys.argv[1]), int(sys.argv[2])
+    kind = os.environ.get("KIND", "f16")
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[kind]
     names = sys.argv[3:] or list(SCHEDULES)
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     print(device, flush=True)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
     qa, ka, va = (cuda.as_cuda_array(x.view(torch.int16)) for x in (q, k, v))
     lengths = cuda.to_device(np.full(B, N, np.int32))
     records = []
@@ -60,7 +63,7 @@ def main():
             config = eval(SCHEDULES[name])
             o, lse = torch.full_like(q, float("nan")), torch.full((B, H, N), float("nan"), device="cuda")
             od, ld = cuda.as_cuda_array(o.view(torch.int16)), cuda.as_cuda_array(lse)
-            call = partial(tc_attention, qa, ka, va, lengths, causal=causal, scale=D ** -0.5, kind="f16", out=od,
+            call = partial(tc_attention, qa, ka, va, lengths, causal=causal, scale=D ** -0.5, kind=kind, out=od,
                            lse=ld, config=config)
             row[name] = flops / cuda_time_ms(call, warmup=3, repeats=10)["median_ms"] / 1e9
             outs[name] = (config.block_n, o, lse)
@@ -88,11 +91,12 @@ def main():
         print(f"d={D:3d} causal={causal!s:5} flash {row['flash']:6.1f} cudnn {row['cudnn']:6.1f}", flush=True)
     meta = {"device": device, "date": datetime.date.today().isoformat(), "numba": numba.__version__,
             "numba_cuda": numba_cuda.__version__, "torch": torch.__version__, "B": B, "H": H, "N": N, "d": D,
-            "dtype": "float16", "configs": {name: SCHEDULES[name] for name in names},
+            "dtype": str(dtype).removeprefix("torch."), "configs": {name: SCHEDULES[name] for name in names},
             "timing": "CUDA events, median of 10 after 3 warm-up"}
     out_dir = os.environ.get("OUT") or "results/bench"
     slug = "h200" if "H200" in device else "h100" if "H100" in device else "gpu"
-    with open(os.path.join(out_dir, f"tc-schedules-{slug}-n{N}-d{D}.json"), "w") as f:
+    suffix = "" if kind == "f16" else f"-{kind}"
+    with open(os.path.join(out_dir, f"tc-schedules-{slug}-n{N}-d{D}{suffix}.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
