@@ -766,7 +766,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
                 mma_o2(acc_o, p_regs, 4 * s, desc + V_CHUNK2, 1, smem)
 
     # mbarriers after the ring, 8 bytes each: full[s] (the slot's tile has landed) and, in the
-    # ping-pong schedule, empty[s] (both warpgroups are done with it)
+    # ping-pong schedule, empty[s] (every consumer warpgroup is done with it)
     BAR_OFFSET = padded(k_tile.offset + STAGES * SLOT, 8)
     PINGPONG_SHARED_BYTES = BAR_OFFSET + 2 * STAGES * 8 + TILE_ALIGN
     FULL0, EMPTY0, BAR_STRIDE = BAR_OFFSET // ESIZE, BAR_OFFSET // ESIZE + STAGES * 8 // ESIZE, 8 // ESIZE
