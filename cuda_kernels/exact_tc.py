@@ -486,8 +486,8 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
     products (`issue_tile`); returns whether tile j + 1 exists. Both take the TMA maps of k and v
     last (``k_map, v_map``; anything when ``tma`` is None).
 
-    ``tma = (tma_tile, full0, bar_stride, block_n)``: thread 0 fills a slot with a whole tile (one
-    below the key length) by ``tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)``, which
+    ``tma = (tma_tile, whole_tile, full0, bar_stride)``: thread 0 fills a slot with a whole tile (one
+    below the key length: ``whole_tile(t, nk_b)``) by ``tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)``, which
     expects its bytes on the slot's mbarrier (at shared index ``base + full0 + slot · bar_stride``, one
     arrival a phase: thread 0's), and every thread waits for that mbarrier where it waited for its
     cp.async group; a tile across the key length goes by ``load_tile`` (`TileConfig.tma`). Only
@@ -496,7 +496,7 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
     """
     QK_STEPS, Q_DELTAS, K_DELTAS, SLOT_UNITS = len(q_deltas), q_deltas, k_deltas, slot_units
     TMA = tma is not None
-    tma_tile, FULL0, BAR_STRIDE, BN = tma if TMA else (None, 0, 0, 0)
+    tma_tile, by_tma, FULL0, BAR_STRIDE = tma if TMA else (None, None, 0, 0)
     wait_copies_all, wait_copies_but_one = ptx.cp_async_wait(0), ptx.cp_async_wait(1)
     wait_mma_all = ptx.wgmma_wait(0)
 
@@ -518,10 +518,6 @@ def _ring_functions(slot_units: int, mma_s, q_deltas, k_deltas, load_q, load_til
         ptx.wgmma_commit()
 
     if TMA:
-        @cuda.jit(device=True, inline="always")
-        def by_tma(t, nk_b):
-            return (t + 1) * BN <= nk_b
-
         @cuda.jit(device=True, inline="always")
         def fill(smem, base, k, v, k_map, v_map, b, kvh, t, nk_b, tid):
             if by_tma(t, nk_b):
@@ -780,6 +776,11 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
     TILE_TX = BN * (k_tile.nbytes // k_tile.rows + v_tile.nbytes // v_tile.rows)  # a K and a V box per column block
 
     @cuda.jit(device=True, inline="always")
+    def whole_tile(t, nk_b):
+        """Whether key tile t lies below the key length (TMA fills it; the one across goes by cp.async)."""
+        return (t + 1) * BN <= nk_b
+
+    @cuda.jit(device=True, inline="always")
     def tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full):
         """Thread 0: tile t of K and V into its slot by TMA, their bytes expected on ``full``; the
         maps view k and v as rows of (b, kv head, key), so tile t of a head is one box a column block."""
@@ -795,7 +796,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
 
     issue_qk, issue_tile, ring_start, ring_step = _ring_functions(
         SLOT_UNITS, mma_s, Q_DELTAS, K_DELTAS, load_q, load_tile, issue_pv,
-        (tma_tile, FULL0, BAR_STRIDE, BN) if TMA else None)
+        (tma_tile, whole_tile, FULL0, BAR_STRIDE) if TMA else None)
 
     @cuda.jit(device=True, inline="always")
     def start_rows(acc_state, lse, l_state, b, h, r0, nq, tq, acc_o, first):
@@ -927,7 +928,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
         for t in range(n_tiles):
             full = full0 + ring_slot(t) * BAR_STRIDE
             wait_free(smem, empty0, t)
-            if (t + 1) * BN <= nk_b:
+            if whole_tile(t, nk_b):
                 if lane == 0:
                     tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
                 ptx.mbarrier_arrive(smem, full)
@@ -953,7 +954,7 @@ def _half_kernel(kind: str, head_dim: int, value_dim: int, config: TileConfig, r
             the H200 at d = 128: 2.68 ms against the cp.async ring's 2.48, one wgmma wait each)."""
             full = full0 + ring_slot(t) * BAR_STRIDE
             wait_free(smem, empty0, t)
-            if (t + 1) * BN <= nk_b:
+            if whole_tile(t, nk_b):
                 if tid == 0:
                     tma_tile(smem, base, k, k_map, v_map, b, kvh, t, full)
             else:
