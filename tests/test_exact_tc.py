@@ -390,6 +390,18 @@ def test_pingpong_gives_the_default_bits(kind, nq, nk, causal):
         tc_attention_kernel(kind, 64, 64, TileConfig(64, 64, pingpong=True))
 
 
+def nan_past_the_key_length(seed, kind, nq, nk):
+    """q, k, v of two batches (GQA on the GPU) and their key lengths: batch 0 sees nk - 37 keys and its
+    keys and values past them are NaN, which no kernel may read; batch 1 sees none."""
+    rng = np.random.default_rng(seed)
+    heads = (2, 1) if REAL_GPU else (1, 1)
+    q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
+    lengths = [nk - 37, 0]
+    k[0, :, lengths[0]:] = np.nan
+    v[0, :, lengths[0]:] = np.nan
+    return q, k, v, lengths
+
+
 @pytest.mark.parametrize("kind, nq, nk, causal, pingpong", [
     pytest.param("f16", 40, 100, True, True, id="f16-causal-7-tiles"),
     pytest.param("f16", 40, 100, True, False, id="f16-causal-7-tiles-plain"),
@@ -403,13 +415,8 @@ def test_tma_gives_the_cp_async_bits(kind, nq, nk, causal, pingpong):
     NaN, which neither kernel may read: its tile across the length goes by zero-filling cp.async (a
     TMA box would copy the NaN rows, and 0·NaN in P·V is NaN). Batch 1 has no key at all; GQA on the
     GPU. The plain schedule runs one warpgroup in the simulator."""
-    rng = np.random.default_rng(9)
-    heads = (2, 1) if REAL_GPU else (1, 1)
-    q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
+    q, k, v, lengths = nan_past_the_key_length(9, kind, nq, nk)
     block_m, block_n = (128, 128) if REAL_GPU else (128 if pingpong else 64, 16)
-    lengths = [nk - 37, 0]
-    k[0, :, lengths[0]:] = np.nan
-    v[0, :, lengths[0]:] = np.nan
     cp_async = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
                           config=TileConfig(block_m, block_n, pingpong=pingpong))
     by_tma = run_kernel(q, k, v, kind, causal=causal, key_lengths=lengths,
@@ -433,13 +440,8 @@ def test_a_producer_warpgroup_gives_the_cp_async_bits(kind, nq, nk, causal, bloc
     lse equal the cp.async kernel's bit for bit. The keys and values
     past batch 0's length are NaN (the producer warp fills the tile across it by zero-filling
     cp.async); batch 1 has no key; GQA on the GPU."""
-    rng = np.random.default_rng(13)
-    heads = (2, 1) if REAL_GPU else (1, 1)
-    q, k, v = half_inputs(rng, 2, *heads, nq, nk, 64 if REAL_GPU else 32, 48 if REAL_GPU else 16, kind)
+    q, k, v, lengths = nan_past_the_key_length(13, kind, nq, nk)
     block_n = 128 if REAL_GPU else 16
-    lengths = [nk - 37, 0]
-    k[0, :, lengths[0]:] = np.nan
-    v[0, :, lengths[0]:] = np.nan
     # in the simulator the one-warpgroup plain kernel, whose bits the ping-pong kernel's equal
     # (`test_pingpong_gives_the_default_bits`) and which runs in a fraction of the Python threads' time
     reference = TileConfig(128, block_n, pingpong=True) if REAL_GPU else TileConfig(64, block_n)
