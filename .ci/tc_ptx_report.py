@@ -76,13 +76,20 @@ def masked_hash(ptx):
     return hashlib.sha256(masked.encode()).hexdigest()[:16]
 
 
-def ptxas(ptx, cap, arch="sm_90a"):
+@cache
+def ptxas_log(ptx, cap, arch="sm_90a"):
+    """What ``ptxas -v`` says of the PTX at a register cap (its stderr)."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
         run = subprocess.run(["ptxas", f"-arch={arch}", f"--maxrregcount={cap}", "-v", f.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True)
-    return " ".join(re.findall(r"(Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads)", run.stderr))
+    return run.stderr
+
+
+def ptxas(ptx, cap, arch="sm_90a"):
+    return " ".join(re.findall(r"(Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads)",
+                               ptxas_log(ptx, cap, arch)))
 
 
 HALF = [("f16", 64, TileConfig(128, 128, pingpong=True)), ("f16", 128, TileConfig(128, 128, pingpong=True)),
@@ -145,12 +152,7 @@ def part4():
 
 def serialized(ptx, cap=255):
     """ptxas's reasons for serializing the wgmmas of the PTX's kernel (empty when it does not)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        run = subprocess.run(["ptxas", "-arch=sm_90a", f"--maxrregcount={cap}", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
-    return sorted(set(re.findall(r"serialized due to (.*?) in the function", run.stderr)))
+    return sorted(set(re.findall(r"serialized due to (.*?) in the function", ptxas_log(ptx, cap))))
 
 
 def part5():
